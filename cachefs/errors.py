@@ -15,3 +15,7 @@ class UnsupportedImage(CachefsError):
 
 class ImageLocked(CachefsError):
     """Another process (QEMU, or another cachefs) holds the image."""
+
+
+class DamagedMetadata(CachefsError):
+    """One table entry is invalid: only the guest range behind it fails (EIO)."""

@@ -1,0 +1,55 @@
+"""A new, empty qcow2 v3 image as bytes to write (no I/O here).
+
+Layout as qemu-img lays it out: header cluster, refcount table, refcount
+blocks, then the L1 table; every one of those clusters has refcount 1.
+"""
+
+from __future__ import annotations
+
+from cachefs.qcow2 import format as fmt
+
+
+def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
+              lazy_refcounts: bool = False) -> list[tuple[int, bytes]]:
+    """(offset, bytes) pieces of a fresh image; the last piece ends at the file's size."""
+    if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
+        raise ValueError("cluster size must be a power of two from 512 B to 2 MiB")
+    if not 0 <= refcount_order <= 6:
+        raise ValueError("refcount bits must be a power of two from 1 to 64")
+    size = -(-size // 512) * 512
+    cs = 1 << cluster_bits
+    l1_entries = fmt.max_l1_entries(size, cluster_bits)
+    if l1_entries * 8 > fmt.MAX_L1_BYTES:
+        raise ValueError("size too large for this cluster size (L1 table over 32 MiB)")
+    l1_clusters = max(1, -(-l1_entries * 8 // cs))
+    per_block = cs * 8 >> refcount_order
+    rt_clusters, blocks = 1, 1
+    while True:  # the refcount structures must count themselves
+        total = 1 + rt_clusters + blocks + l1_clusters
+        need_blocks = -(-total // per_block)
+        need_rt = -(-need_blocks * 8 // cs)
+        if (need_blocks, need_rt) == (blocks, rt_clusters):
+            break
+        blocks, rt_clusters = need_blocks, need_rt
+    rt_off = cs
+    block_off = rt_off + rt_clusters * cs
+    l1_off = block_off + blocks * cs
+    hdr = fmt.Header(
+        version=3, cluster_bits=cluster_bits, size=size, l1_size=l1_entries,
+        l1_table_offset=l1_off, refcount_table_offset=rt_off,
+        refcount_table_clusters=rt_clusters, refcount_order=refcount_order,
+        compatible=fmt.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        header_length=112,
+    )
+    reftable = [block_off + i * cs for i in range(blocks)]
+    reftable += [0] * (rt_clusters * cs // 8 - len(reftable))
+    counts = [1] * total + [0] * (blocks * per_block - total)
+    refblocks = b"".join(
+        fmt.RefcountBlock.encode(counts[i * per_block:(i + 1) * per_block], refcount_order)
+        for i in range(blocks))
+    return [
+        (0, hdr.encode().ljust(cs, b"\0")[:cs]),
+        (rt_off, fmt.encode_table(reftable)),
+        (block_off, refblocks),
+        (l1_off, bytes(l1_clusters * cs)),
+    ]

@@ -1,0 +1,221 @@
+"""Host cluster refcounts: lookup, allocation, deferred frees, table growth.
+
+spec "Host cluster management": a two-level structure. The refcount table
+(kept whole in memory, written back in cluster-sized chunks) points at
+refcount blocks (cached, see meta.TableCache).
+
+Allocation raises a refcount in memory and marks the block dirty; whoever then
+points at the cluster records a dependency on that block (invariant 1).
+Frees are *deferred*: :meth:`Refcounts.defer_free` records the item whose
+durability must come first, and :meth:`Refcounts.apply_frees` lowers the
+refcount only after that item is clean (invariant 2). Until then the cluster
+stays allocated, so it cannot be handed out again while old metadata on disk
+may still point at it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from cachefs.errors import CorruptImage, DamagedMetadata
+from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.meta import MetaItem, State, Table, TableCache, TableChunk
+from cachefs.qcow2.plan import ReadRequest
+
+
+@attrs.frozen
+class PendingFree:
+    cluster: int
+    after: MetaItem  # must be durable before the refcount may drop
+
+
+class Refcounts:
+    def __init__(self, hdr: fmt.Header, reftable: list[int], cache: TableCache, file_size: int):
+        self.cluster_bits = hdr.cluster_bits
+        self.cs = hdr.cluster_size
+        self.order = hdr.refcount_order
+        self.max_refcount = (1 << hdr.refcount_bits) - 1
+        self.per_block = hdr.refblock_entries
+        self.table = reftable
+        self.table_offset = hdr.refcount_table_offset
+        self.table_clusters = hdr.refcount_table_clusters
+        self.chunks: dict[int, TableChunk] = {}
+        self.block_clusters = {e >> hdr.cluster_bits for e in reftable if e and not e & fmt.REFTABLE_RESERVED}
+        self.cache = cache
+        # Invariant: no cluster at or past end_cluster is referenced or allocated.
+        self.end_cluster = -(-file_size // self.cs)
+        self.free_hint = 0
+        self.pending: list[PendingFree] = []
+        # Clusters being handed out as one contiguous run: a refcount block
+        # created meanwhile must not land inside them.
+        self.reserved = range(0)
+        # callback(deps, old_clusters) set by the engine: the header must follow a moved table.
+        self.on_table_moved = None
+
+    # ------------------------------------------------------------ lookup
+
+    def block_offset(self, block_idx: int) -> int:
+        if block_idx >= len(self.table):
+            return 0
+        entry = self.table[block_idx]
+        if entry & fmt.REFTABLE_RESERVED or (entry & (self.cs - 1)):
+            raise DamagedMetadata(f"refcount table entry {block_idx} is invalid ({entry:#x})")
+        if entry >= self.end_cluster * self.cs:
+            raise DamagedMetadata(f"refcount block {block_idx} lies beyond the end of the file")
+        return entry
+
+    def load_block(self, offset: int):
+        table = self.cache.get(offset)
+        if table is None:
+            buf = yield ReadRequest(offset, self.cs)
+            table = self.cache.get(offset)  # another task may have loaded it meanwhile
+            if table is None:
+                buf = bytes(buf).ljust(self.cs, b"\0")
+                table = Table(name=f"refblock@{offset:#x}", kind="refblock", offset=offset,
+                              entries=fmt.RefcountBlock.decode(buf, self.order), order=self.order)
+                self.cache.put(table)
+        return table
+
+    def get(self, cluster: int):
+        off = self.block_offset(cluster // self.per_block)
+        if off == 0:
+            return 0
+        block = yield from self.load_block(off)
+        return block.entries[cluster % self.per_block]
+
+    # ------------------------------------------------------------ changes
+
+    def _block_for(self, cluster: int):
+        """The block holding cluster's refcount, created if missing (self-describing)."""
+        block_idx = cluster // self.per_block
+        off = self.block_offset(block_idx)
+        if off:
+            return (yield from self.load_block(off))
+        # A missing block means every cluster it covers is free (refcount 0),
+        # so the block can live in the first cluster it covers that the
+        # caller is not about to use, describing itself (as QEMU does).
+        first = block_idx * self.per_block
+        at = next(c for c in range(first, first + self.per_block)
+                  if c != cluster and c not in self.reserved)
+        block = Table(name=f"refblock@{at * self.cs:#x}", kind="refblock", offset=at * self.cs,
+                      entries=[0] * self.per_block, order=self.order, state=State.DIRTY)
+        block.entries[at % self.per_block] = 1
+        self.cache.put(block)
+        self.block_clusters.add(at)
+        self.end_cluster = max(self.end_cluster, at + 1)
+        yield from self._set_table_entry(block_idx, at * self.cs, block)
+        return block
+
+    def _set_table_entry(self, block_idx: int, offset: int, block: Table):
+        if block_idx >= len(self.table):
+            yield from self._grow_table(block_idx + 1)
+        self.table[block_idx] = offset
+        self.chunk(block_idx * 8 // self.cs).touch(block)
+
+    def chunk(self, index: int) -> TableChunk:
+        c = self.chunks.get(index)
+        if c is None:
+            c = self.chunks[index] = TableChunk(name=f"reftable[{index}]", kind="reftable", index=index)
+        return c
+
+    def change(self, cluster: int, delta: int):
+        """Add delta to a refcount. Returns the block item that now holds it."""
+        block = yield from self._block_for(cluster)
+        idx = cluster % self.per_block
+        new = block.entries[idx] + delta
+        if not 0 <= new <= self.max_refcount:
+            raise CorruptImage(f"refcount of cluster {cluster} would become {new}")
+        block.entries[idx] = new
+        block.touch()
+        self.cache.put(block)  # re-insert in case it was evicted while clean
+        if new == 0:
+            self.free_hint = min(self.free_hint, cluster)
+        return block
+
+    def alloc(self):
+        """One free cluster, its refcount raised to 1. Returns (index, block item)."""
+        while True:
+            cluster = yield from self._find_free(self.free_hint)
+            block_off = self.block_offset(cluster // self.per_block)
+            if block_off == 0:
+                # Creating the block occupies one cluster of its range; search again.
+                yield from self._block_for(cluster)
+                continue
+            block = yield from self.change(cluster, 1)
+            if block.entries[cluster % self.per_block] != 1:
+                raise CorruptImage(f"cluster {cluster} was allocated twice")
+            self.free_hint = cluster + 1
+            self.end_cluster = max(self.end_cluster, cluster + 1)
+            return cluster, block
+
+    def _find_free(self, start: int):
+        cluster = start
+        while cluster < self.end_cluster:
+            block_idx = cluster // self.per_block
+            off = self.block_offset(block_idx)
+            if off == 0:
+                return cluster
+            block = yield from self.load_block(off)
+            entries = block.entries
+            base = block_idx * self.per_block
+            for i in range(cluster - base, self.per_block):
+                if entries[i] == 0:
+                    return base + i
+            cluster = base + self.per_block
+        return max(cluster, self.end_cluster)
+
+    def alloc_at_end(self, count: int):
+        """count contiguous clusters past the end of the file (for relocated tables).
+
+        Returns (first cluster, the refcount blocks that now count them).
+        """
+        first = self.end_cluster
+        self.reserved = range(first, first + count)
+        self.end_cluster = first + count
+        try:
+            blocks = []
+            for cluster in self.reserved:
+                blocks.append((yield from self.change(cluster, 1)))
+        finally:
+            self.reserved = range(0)
+        return first, blocks
+
+    def defer_free(self, cluster: int, after: MetaItem) -> None:
+        self.pending.append(PendingFree(cluster, after))
+
+    def apply_frees(self):
+        """Drop the refcounts whose dropping reference is now durable."""
+        ready = [p for p in self.pending if p.after.durable]
+        self.pending = [p for p in self.pending if not p.after.durable]
+        for p in ready:
+            yield from self.change(p.cluster, -1)
+        return len(ready)
+
+    # ------------------------------------------------------------ growth
+
+    def _grow_table(self, min_entries: int):
+        """Move the refcount table to the end of the file, larger.
+
+        The header switch depends on every chunk of the new table and on the
+        blocks counting its clusters; the old table is freed only after the
+        header is durable (invariants 1 and 2).
+        """
+        per_cluster = self.cs // 8
+        want = max(min_entries, len(self.table) + 1) * 3 // 2
+        # Size the table to also cover the blocks its own clusters may need.
+        need = (self.end_cluster + 2 * (want // per_cluster + 2)) // self.per_block + 1
+        clusters = -(-max(want, need) // per_cluster)
+        old = range(self.table_offset // self.cs, self.table_offset // self.cs + self.table_clusters)
+        self.table.extend([0] * (clusters * per_cluster - len(self.table)))
+        first, blocks = yield from self.alloc_at_end(clusters)
+        self.table_offset, self.table_clusters = first * self.cs, clusters
+        for i in range(clusters):
+            pointed = (self.cache.get(o) for o in self.table[i * per_cluster:(i + 1) * per_cluster] if o)
+            self.chunk(i).touch(*[b for b in pointed if b is not None])
+        if self.on_table_moved is not None:
+            self.on_table_moved([self.chunk(i) for i in range(clusters)] + blocks, old)
+
+    def encode_chunk(self, index: int) -> tuple[int, bytes]:
+        per = self.cs // 8
+        entries = self.table[index * per:(index + 1) * per]
+        return self.table_offset + index * self.cs, fmt.encode_table(entries)
