@@ -88,28 +88,38 @@ class Refcounts:
     def _block_for(self, cluster: int):
         """The block holding cluster's refcount, created if missing (self-describing)."""
         block_idx = cluster // self.per_block
+        if block_idx >= len(self.table):
+            # Grow first: growth allocates clusters (and maybe this very block),
+            # so the slot must exist before we decide anything about it.
+            yield from self._grow_table(block_idx + 1)
         off = self.block_offset(block_idx)
         if off:
             return (yield from self.load_block(off))
         # A missing block means every cluster it covers is free (refcount 0),
-        # so the block can live in the first cluster it covers that the
-        # caller is not about to use, describing itself (as QEMU does).
+        # so the block can live in one of them and describe itself, as in QEMU.
         first = block_idx * self.per_block
-        at = next(c for c in range(first, first + self.per_block)
-                  if c != cluster and c not in self.reserved)
-        block = Table(name=f"refblock@{at * self.cs:#x}", kind="refblock", offset=at * self.cs,
+        at = next((c for c in range(first, first + self.per_block)
+                   if c != cluster and c not in self.reserved), None)
+        block = Table(name="refblock", kind="refblock",
                       entries=[0] * self.per_block, order=self.order, state=State.DIRTY)
+        if at is None:
+            # Its whole range is being handed out (a tiny block under a big
+            # relocated table): put it past the end and count it elsewhere.
+            at = self.end_cluster
+            self.end_cluster += 1
+            self._register(block_idx, block, at)
+            yield from self.change(at, 1)
+            return block
         block.entries[at % self.per_block] = 1
-        self.cache.put(block)
-        self.block_clusters.add(at)
+        self._register(block_idx, block, at)
         self.end_cluster = max(self.end_cluster, at + 1)
-        yield from self._set_table_entry(block_idx, at * self.cs, block)
         return block
 
-    def _set_table_entry(self, block_idx: int, offset: int, block: Table):
-        if block_idx >= len(self.table):
-            yield from self._grow_table(block_idx + 1)
-        self.table[block_idx] = offset
+    def _register(self, block_idx: int, block: Table, at: int) -> None:
+        block.offset, block.name = at * self.cs, f"refblock@{at * self.cs:#x}"
+        self.cache.put(block)
+        self.block_clusters.add(at)
+        self.table[block_idx] = at * self.cs
         self.chunk(block_idx * 8 // self.cs).touch(block)
 
     def chunk(self, index: int) -> TableChunk:
@@ -202,9 +212,10 @@ class Refcounts:
         """
         per_cluster = self.cs // 8
         want = max(min_entries, len(self.table) + 1) * 3 // 2
-        # Size the table to also cover the blocks its own clusters may need.
-        need = (self.end_cluster + 2 * (want // per_cluster + 2)) // self.per_block + 1
-        clusters = -(-max(want, need) // per_cluster)
+        clusters = -(-want // per_cluster)
+        for _ in range(3):  # the table must also cover the blocks that count its own clusters
+            end = self.end_cluster + clusters + clusters // self.per_block + 4
+            clusters = -(-max(want, end // self.per_block + 1) // per_cluster)
         old = range(self.table_offset // self.cs, self.table_offset // self.cs + self.table_clusters)
         self.table.extend([0] * (clusters * per_cluster - len(self.table)))
         first, blocks = yield from self.alloc_at_end(clusters)
