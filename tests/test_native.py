@@ -1,0 +1,156 @@
+"""The compiled cffi module: aligned buffers and posix_fadvise."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cachefs import native
+
+
+def test_native_module_is_built():
+    # `pip install` / `make venv` compile it; without it everything still
+    # works, but the install step is broken and should be fixed.
+    assert native.available(), native.unavailable_reason()
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native module not built")
+
+
+def address(buf) -> int:
+    return int(native.ffi.cast("uintptr_t", native.ffi.from_buffer(buf)))
+
+
+@needs_native
+@pytest.mark.parametrize("size", [0, 1, 511, 4096, 12345, 1 << 20])
+@pytest.mark.parametrize("align", [512, 4096, 65536])
+def test_aligned_buffer_is_aligned_zeroed_and_writable(size, align):
+    buf = native.aligned_buffer(size, align)
+    mv = memoryview(buf)
+    assert len(mv) == size and mv.format == "B" and not mv.readonly
+    assert mv.c_contiguous
+    assert address(buf) % align == 0
+    assert native.address_of(mv) == address(buf)
+    assert bytes(mv) == bytes(size)
+    mv[:] = b"\xab" * size
+    assert buf[:] == b"\xab" * size
+
+
+@needs_native
+def test_aligned_buffer_default_alignment_and_lifetime():
+    mv = memoryview(native.aligned_buffer(3 * 4096))  # only the view survives
+    gc.collect()
+    assert address(mv) % 4096 == 0
+    mv[-5:] = b"alive"
+    assert bytes(mv[-5:]) == b"alive"
+
+
+@needs_native
+@pytest.mark.parametrize("align", [0, 3, 4097, 2])
+def test_aligned_buffer_rejects_bad_alignment(align):
+    with pytest.raises(ValueError):
+        native.aligned_buffer(4096, align)
+
+
+@needs_native
+def test_aligned_buffer_usable_for_odirect(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8192))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        pytest.skip("tmp_path filesystem does not support O_DIRECT")
+    try:
+        buf = native.aligned_buffer(8192)
+        assert os.preadv(fd, [buf], 0) == 8192
+        assert bytes(buf) == path.read_bytes()
+    finally:
+        os.close(fd)
+
+
+def test_fadvise_constants_match_os():
+    for name in ("NORMAL", "RANDOM", "SEQUENTIAL", "WILLNEED", "DONTNEED", "NOREUSE"):
+        assert getattr(native, f"POSIX_FADV_{name}") == getattr(os, f"POSIX_FADV_{name}")
+
+
+def resident_bytes(path) -> int | None:
+    if shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True, text=True, check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def test_fadvise_on_a_real_file(tmp_path):
+    path = tmp_path / "data"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, os.urandom(1 << 20))
+        os.fdatasync(fd)  # DONTNEED only drops clean pages
+        native.fadvise(fd, 0, 0, native.POSIX_FADV_DONTNEED)
+        before = resident_bytes(path)
+        native.fadvise(fd, 0, 1 << 20, native.POSIX_FADV_WILLNEED)
+        native.fadvise(fd, 0, 0, native.POSIX_FADV_SEQUENTIAL)
+        native.fadvise(fd, 4096, 4096, native.POSIX_FADV_RANDOM)
+        native.fadvise(fd, 0, 0, native.POSIX_FADV_NORMAL)
+        os.pread(fd, 1 << 20, 0)
+        after = resident_bytes(path)
+        if before is not None and after is not None:
+            assert before == 0, "DONTNEED should have dropped the clean pages"
+            assert after == 1 << 20
+        with pytest.raises(OSError) as info:
+            native.fadvise(fd, 0, 0, 12345)
+        assert info.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        native.fadvise(fd, 0, 0, native.POSIX_FADV_NORMAL)
+    assert info.value.errno == errno.EBADF
+
+
+def test_package_works_without_the_compiled_module(tmp_path):
+    """A missing or broken module: available() is False, the rest still runs."""
+    code = r"""
+import sys, os, errno, trio
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cachefs.native._cachefs_native":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+from cachefs import native
+from cachefs.backend import FileBackend
+assert not native.available() and "blocked" in native.unavailable_reason()
+try:
+    native.aligned_buffer(4096)
+except native.NativeUnavailable:
+    pass
+else:
+    raise AssertionError("aligned_buffer without the module")
+path = sys.argv[1]
+fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+native.fadvise(fd, 0, 0, native.POSIX_FADV_DONTNEED)  # os.posix_fadvise fallback
+os.close(fd)
+async def main():
+    try:
+        be = FileBackend.open(path, writable=True, direct=True)
+    except Exception:
+        be = FileBackend.open(path, writable=True)  # filesystem without O_DIRECT
+    with be:
+        await be.pwrite(3, b"fallback")
+        assert await be.pread(0, 11) == b"\0\0\0fallback"
+trio.run(main)
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "f")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
