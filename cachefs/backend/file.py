@@ -1,0 +1,381 @@
+"""FileBackend: the backing file, with blocking syscalls off the trio thread.
+
+pyfuse3 runs every handler on the trio thread, so a blocking pread there
+would stall every request of every image (DESIGN.md section 5). Each syscall
+therefore runs in a worker thread via ``trio.to_thread.run_sync``, under a
+CapacityLimiter wide enough for a deep guest queue (64, like a typical
+virtio queue depth) but bounded so a flood cannot spawn unbounded threads.
+
+O_DIRECT (cache modes none and directsync) needs the file offset, the length
+and the buffer address all aligned to the device's logical block size
+(``ALIGN``). Callers may ask for anything, so:
+
+- reads go into a freshly allocated aligned buffer covering the aligned
+  range, and the caller's slice is copied out;
+- writes whose offset and length are aligned but whose buffer is not are
+  copied into an aligned buffer;
+- other writes are read-modify-write: read the partial head and tail
+  blocks, patch the caller's bytes in, write the whole aligned range.
+
+Two invariants make read-modify-write safe under concurrency:
+
+- Invariant: every O_DIRECT write holds ``_ranges`` for its aligned range
+  while it runs. Without it, two writes to different bytes of one block
+  could each read the old block and the second would undo the first.
+- Invariant: every O_DIRECT write that may move end-of-file holds
+  ``_eof_lock``. Padding the tail block grows the file past the caller's
+  end, so we truncate back afterwards; that is only correct if no other
+  write extended the file meanwhile.
+
+A filesystem that refuses O_DIRECT (ramfs; tmpfs before Linux 6.6) gets a
+one-line UnsupportedImage naming the filesystem, never a silent fallback to
+buffered I/O (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import AsyncIterator
+
+import trio
+
+from .. import native
+from ..errors import UnsupportedImage
+from . import ALIGN, IOCounters
+
+#: Worker threads that may be in a syscall at once, per backend.
+MAX_THREADS = 64
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _down(x: int) -> int:
+    return x & ~(ALIGN - 1)
+
+
+def _up(x: int) -> int:
+    return (x + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def aligned_memory(size: int) -> memoryview:
+    """Zeroed writable memory at an ALIGN-aligned address.
+
+    Uses the native posix_memalign buffer when the compiled module exists,
+    else an anonymous mmap (page-aligned, and pages are multiples of 4096).
+    """
+    if native.available():
+        return memoryview(native.aligned_buffer(size, ALIGN))
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+
+
+def buffer_address(mv: memoryview) -> int | None:
+    """Address of a contiguous buffer, or None if it cannot be known."""
+    if native.available():
+        return native.address_of(mv)
+    if mv.readonly:
+        return None  # ctypes only maps writable buffers; bounce instead
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+
+
+def _as_bytes_view(data: Buffer) -> memoryview:
+    mv = memoryview(data)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+# ---------------------------------------------------------------- blocking calls
+# These run in worker threads only.
+
+
+def _read_into(fd: int, buf: memoryview, offset: int, direct: bool) -> int:
+    """Fill ``buf`` from ``offset``; return bytes read (short only at EOF)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+        if direct and n % ALIGN:
+            break  # O_DIRECT stops at EOF mid-block; the next offset is unaligned
+    return done
+
+
+def _read_bytes(fd: int, offset: int, length: int) -> bytes:
+    first = os.pread(fd, length, offset)
+    if len(first) == length or not first:
+        return first
+    parts, done = [first], len(first)
+    while done < length:
+        more = os.pread(fd, length - done, offset + done)
+        if not more:
+            break
+        parts.append(more)
+        done += len(more)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, buf: memoryview, offset: int, direct: bool) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.pwritev(fd, [buf[done:]], offset + done)
+        if n == 0 or (direct and n % ALIGN):
+            # Continuing would need an unaligned O_DIRECT write; a short write
+            # here means the device ran out of something it did not name.
+            raise OSError(errno.EIO, f"short write at offset {offset + done}")
+        done += n
+
+
+# ---------------------------------------------------------------- range locks
+
+
+class _RangeLocks:
+    """Exclusive locks on byte ranges [lo, hi); disjoint ranges do not wait."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, trio.Event]] = []
+
+    @contextlib.asynccontextmanager
+    async def hold(self, lo: int, hi: int) -> AsyncIterator[None]:
+        while True:
+            clash = next((ev for a, b, ev in self._held if a < hi and lo < b), None)
+            if clash is None:
+                break
+            await clash.wait()
+        entry = (lo, hi, trio.Event())
+        self._held.append(entry)
+        try:
+            yield
+        finally:
+            self._held.remove(entry)
+            entry[2].set()
+
+
+# ---------------------------------------------------------------- filesystem type
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str:
+    """The type (ext4, xfs, tmpfs, ...) of the filesystem holding ``path``.
+
+    Matches /proc/self/mountinfo by device number first, then by the longest
+    mount point that prefixes the resolved path. "unknown" if neither works.
+    """
+    real = os.path.realpath(path)
+    probe = real if os.path.exists(real) else os.path.dirname(real)
+    try:
+        dev = os.stat(probe).st_dev
+        devid = f"{os.major(dev)}:{os.minor(dev)}"
+    except OSError:
+        devid = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "unknown"
+    best: tuple[int, int, str] | None = None  # (device matches, prefix length, type)
+    for line in lines:
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            mountpoint, majmin, fstype = _unescape_mountinfo(fields[4]), fields[2], fields[sep + 1]
+        except (ValueError, IndexError):
+            continue
+        prefix = mountpoint.rstrip("/") + "/"
+        if not (probe + "/").startswith(prefix):
+            continue
+        key = (int(majmin == devid), len(mountpoint), fstype)
+        if best is None or key[:2] >= best[:2]:  # later lines are mounted on top
+            best = key
+    return best[2] if best else "unknown"
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class FileBackend:
+    """A backing file opened for the backend protocol (see cachefs.backend)."""
+
+    def __init__(self, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
+        self.fd: int | None = fd
+        self.path = path
+        self.direct = direct
+        self.sync = sync
+        self.writable = writable
+        self.align = ALIGN
+        self.counters = IOCounters()
+        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        self._ranges = _RangeLocks()
+        self._eof_lock = trio.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool,
+        direct: bool = False,
+        sync: bool = False,
+        create: bool = False,
+    ) -> FileBackend:
+        """Open ``path`` (O_RDWR or O_RDONLY, plus O_DIRECT / O_DSYNC).
+
+        ``create`` makes a new empty file (O_CREAT | O_EXCL, so an existing
+        image is never clobbered). Raises OSError, or UnsupportedImage when
+        the filesystem refuses O_DIRECT. Synchronous: it is called once per
+        image at mount or command start, not per request.
+        """
+        path = os.fspath(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        if sync:
+            flags |= os.O_DSYNC
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if not (direct and exc.errno == errno.EINVAL):
+                raise
+            if create:
+                # Linux creates the file before refusing O_DIRECT; we made it.
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise UnsupportedImage(
+                f"{path}: the backing filesystem ({filesystem_type(path)}) does not "
+                "support O_DIRECT; use --cache writeback"
+            ) from None
+        return cls(fd, path, direct=direct, sync=sync, writable=writable)
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "ro"
+        extra = "".join([",direct" if self.direct else "", ",sync" if self.sync else ""])
+        return f"<FileBackend {self.path!r} fd={self.fd} {mode}{extra}>"
+
+    def __enter__(self) -> FileBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- helpers
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
+        return self.fd
+
+    async def _run(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -------------------------------------------------------------- protocol
+
+    def size(self) -> int:
+        return os.fstat(self._fd()).st_size
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    async def fdatasync(self) -> None:
+        await self._run(os.fdatasync, self._fd())
+        self.counters.fdatasyncs += 1
+
+    async def truncate(self, size: int) -> None:
+        fd = self._fd()
+        async with self._eof_lock:
+            await self._run(os.ftruncate, fd, size)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        fd = self._fd()
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"bad read range {offset}+{length}")
+        if length == 0:
+            data = b""
+        elif not self.direct:
+            data = await self._run(_read_bytes, fd, offset, length)
+        else:
+            data = await self._pread_direct(fd, offset, length)
+        self.counters.reads += 1
+        self.counters.bytes_read += len(data)
+        return data
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        fd = self._fd()
+        mv = _as_bytes_view(data)
+        if offset < 0:
+            raise OSError(errno.EINVAL, f"bad write offset {offset}")
+        if len(mv) and not self.direct:
+            await self._run(_write_all, fd, mv, offset, False)
+        elif len(mv):
+            await self._pwrite_direct(fd, offset, mv)
+        self.counters.writes += 1
+        self.counters.bytes_written += len(mv)
+
+    # -------------------------------------------------------------- O_DIRECT
+
+    async def _pread_direct(self, fd: int, offset: int, length: int) -> bytes:
+        lo, hi = _down(offset), _up(offset + length)
+        if (lo, hi) != (offset, offset + length):
+            self.counters.bounce_requests += 1
+        buf = aligned_memory(hi - lo)
+        n = await self._run(_read_into, fd, buf, lo, True)
+        self.counters.direct_bytes += n
+        start = offset - lo
+        return bytes(buf[start : min(n, start + length)]) if n > start else b""
+
+    async def _pwrite_direct(self, fd: int, offset: int, mv: memoryview) -> None:
+        end = offset + len(mv)
+        lo, hi = _down(offset), _up(end)
+        async with self._ranges.hold(lo, hi):
+            if hi <= self.size():
+                await self._write_aligned(fd, offset, mv, lo, hi)
+                return
+            async with self._eof_lock:
+                old_size = self.size()
+                await self._write_aligned(fd, offset, mv, lo, hi)
+                # Padding the tail block moved EOF past the caller's end.
+                want = max(old_size, end)
+                if hi > want:
+                    await self._run(os.ftruncate, fd, want)
+
+    async def _write_aligned(self, fd: int, offset: int, mv: memoryview, lo: int, hi: int) -> None:
+        end = offset + len(mv)
+        if (lo, hi) == (offset, end):
+            addr = buffer_address(mv)
+            if addr is not None and addr % ALIGN == 0:
+                await self._run(_write_all, fd, mv, offset, True)
+                self.counters.direct_bytes += len(mv)
+                return
+        self.counters.bounce_requests += 1
+        buf = aligned_memory(hi - lo)
+        head_read = offset != lo
+        if head_read:  # partial head block: read it (zeros past EOF)
+            self.counters.direct_bytes += await self._run(
+                _read_into, fd, buf[:ALIGN], lo, True
+            )
+        tail_is_head = hi - ALIGN == lo
+        if end != hi and not (tail_is_head and head_read):  # partial tail block
+            self.counters.direct_bytes += await self._run(
+                _read_into, fd, buf[hi - lo - ALIGN :], hi - ALIGN, True
+            )
+        buf[offset - lo : end - lo] = mv
+        await self._run(_write_all, fd, buf, lo, True)
+        self.counters.direct_bytes += hi - lo
