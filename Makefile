@@ -1,0 +1,60 @@
+# cachefs developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# apt as root, sudo otherwise.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# fuse3: fusermount3 and /dev/fuse; libfuse3-dev + pkg-config + gcc: pyfuse3
+# and the cffi module build; qemu-*: qemu-img/qemu-io/qemu-storage-daemon for
+# interop tests and benchmarks; fio/strace/attr/util-linux: benches and tests
+# (fio jobs, fdatasync counting, getfattr/setfattr, fincore/findmnt/mount).
+DEB_PKGS := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-common fio \
+            strace attr util-linux gcc
+
+.PHONY: deps venv test demo bench clean
+
+# Install only what is missing; `apt-get update` only when something is.
+# python3 itself is never apt-installed (pyenv or /usr/local provides it);
+# a Debian /usr/bin/python3 without ensurepip also gets python3-venv.
+deps:
+	@missing=""; \
+	for p in $(DEB_PKGS); do \
+	  dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then missing="$$missing python3-venv"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# Rebuilt when the packaging or the native module's build script changes.
+$(STAMP): pyproject.toml setup.py cachefs/native/build.py | deps
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+test: deps venv
+	$(VPY) -m pytest -q
+
+demo: deps venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
+
+$(VENV)/.bench: $(STAMP)
+	$(VPY) -m pip install -q -e '.[bench]'
+	@touch $@
+
+bench: deps venv $(VENV)/.bench
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp
+	rm -f cachefs/native/_cachefs_native.c cachefs/native/_cachefs_native*.so cachefs/native/_cachefs_native*.o
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
