@@ -341,8 +341,13 @@ async def open_image(path: str, *, writable: bool, direct: bool = False,
         kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
         engine = await run_async(open_engine(backend.size(), writable=writable, **kw), backend.pread)
         if engine.needs_repair and writable and engine.writable:
-            from cachefs.repair import repair_dirty  # the checker lives beside the CLI
-            await repair_dirty(engine, backend)
+            # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
+            from cachefs.checkcmd import repair_dirty_sync
+            log.warning("%s: dirty lazy-refcounts image, rebuilding refcounts", path)
+            await trio.to_thread.run_sync(repair_dirty_sync, backend.fd)
+            engine = await run_async(open_engine(backend.size(), writable=writable, **kw), backend.pread)
+            if engine.needs_repair:
+                raise CorruptImage("dirty lazy-refcounts image could not be repaired")
         return Qcow2Image(path, backend, lock, writable, engine)
     except BaseException:
         if lock is not None:
