@@ -13,8 +13,9 @@ import struct
 import subprocess
 
 import pytest
+from hypothesis import event, given, settings, strategies as st
 
-from cachefs.errors import CorruptImage
+from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.check import check_image, exit_code, rebuild_refcounts, repair
 from cachefs.qcow2.plan import run_sync
@@ -370,3 +371,75 @@ def test_driven_by_run_async(tmp_path):
 
     result = trio.run(run_async, check_image(len(buf)), pread)
     assert result == our_check(path) and result.clean
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_refcount_patch_matches_the_codec(order):
+    import random
+
+    from cachefs.qcow2.check import _set_refcount
+
+    rnd = random.Random(order)
+    n = 4096 * 8 >> order
+    entries = [rnd.randrange(1 << (1 << order)) for _ in range(n)]
+    block = bytearray(fmt.RefcountBlock.encode(entries, order))
+    for _ in range(200):
+        i, v = rnd.randrange(n), rnd.randrange(1 << (1 << order))
+        entries[i] = v
+        _set_refcount(block, i, v, order)
+    assert bytes(block) == fmt.RefcountBlock.encode(entries, order)
+
+
+# ---------------------------------------------------------------- random damage, same verdict
+
+@pytest.fixture(scope="module")
+def fuzz_images(tmp_path_factory):
+    """Small images with snapshots, compression and bitmaps, and their metadata clusters."""
+    d = tmp_path_factory.mktemp("fuzz")
+    out = []
+    for name, opts in [("snap", "cluster_size=4k,refcount_bits=2"), ("v2", "compat=0.10,cluster_size=4k")]:
+        path = str(d / f"{name}.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, "4M")
+        run("qemu-io", "-c", "write -P 1 0 300k", path)
+        run("qemu-img", "snapshot", "-c", "s1", path)
+        run("qemu-io", "-c", "write -P 2 100k 100k", "-c", "write -P 3 1M 64k", path)
+        out.append(path)
+    comp = str(d / "comp.qcow2")
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k,compression_type=zstd", out[0], comp)
+    run("qemu-img", "bitmap", "--add", comp, "b0")
+    out.append(comp)
+    images = []
+    for path in out:
+        img = Image(path)
+        h = img.hdr
+        meta = {h.refcount_table_offset, h.l1_table_offset, h.snapshots_offset} | {e for e in img.reftable if e}
+        for l1e in fmt.decode_table(bytes(img.buf[h.l1_table_offset:h.l1_table_offset + h.l1_size * 8])):
+            if l1e & fmt.OFFSET_MASK:
+                meta.add(l1e & fmt.OFFSET_MASK)
+        images.append((bytes(img.buf), sorted(m for m in meta if m)))
+    return images
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(which=st.integers(0, 2),
+       flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 511), st.integers(0, 7)),
+                      min_size=1, max_size=3))
+def test_random_metadata_damage_gets_qemus_verdict(fuzz_images, tmp_path_factory, which, flips):
+    """Flip bits in tables: both checkers open it or both refuse, and report the same counts."""
+    src, meta = fuzz_images[which]
+    buf = bytearray(src)
+    for table, byte, bit in flips:
+        buf[meta[table % len(meta)] + byte] ^= 1 << bit
+    path = str(tmp_path_factory.getbasetemp() / "damaged.qcow2")
+    with open(path, "wb") as f:
+        f.write(buf)
+    rc, q = qemu_check(path)
+    event(f"qemu-img check exit {rc}")
+    try:
+        ours = our_check(path)
+    except (CorruptImage, UnsupportedImage):
+        assert rc == 1  # neither could open it
+        return
+    assert q, "qemu-img printed no verdict"
+    assert (exit_code(ours), len(ours.corruptions), ours.leaked_clusters, ours.errors) == \
+        (rc, q.get("corruptions", 0), q.get("leaks", 0), q.get("check-errors", 0)), ours.corruptions[:5]

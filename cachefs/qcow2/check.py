@@ -41,6 +41,7 @@ EXIT_CORRUPT = 2
 EXIT_LEAKS = 3
 
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00  # QEMU: a reftable entry's offset bits
+MAX_REQUEST_END = (1 << 63) - (1 << 31)    # about QEMU's BDRV_MAX_LENGTH: reads past it fail (EIO)
 BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00   # spec "Bitmap table": bits 9-55
 BME_RESERVED = 0xFF00_0000_0000_01FE
 BME_ALL_ONES = 1
@@ -218,11 +219,12 @@ class _Walk:
             off = entry & REFT_OFFSET_MASK
             if not off:
                 continue
-            if off & (self.cs - 1):
-                self.bad_blocks.add(idx)  # qcow2_get_refcount: EIO for each cluster it covers
+            if off & (self.cs - 1) or off + self.cs > MAX_REQUEST_END:
+                self.bad_blocks.add(idx)  # qemu-img check: EIO for each cluster it covers
                 continue
-            buf = bytes((yield ReadRequest(off, self.cs))).ljust(self.cs, b"\0")
             count = min(per, n - base)
+            need = -(-(count << self.hdr.refcount_order) // 8)  # decode only the entries in use
+            buf = bytes((yield ReadRequest(off, need))).ljust(need, b"\0")
             self.stored[base:base + count] = array(code, fmt.RefcountBlock.decode(buf, self.hdr.refcount_order)[:count])
 
     # ------------------------------------------------------------ L1 / L2
@@ -242,17 +244,17 @@ class _Walk:
             self.inc(l2_off, self.cs)
             if l2_off & (self.cs - 1):
                 self.corrupt(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted")
-            if not l2_off:
-                continue  # QEMU would walk the header as an L2 table; the reference above already fails
-            if active:
+            # An entry with flags but offset 0 makes QEMU walk the header as an
+            # L2 table; so do we, so that both report the same corruptions.
+            if active and l2_off:
                 refcount = self.stored_refcount(l2_off >> self.cb)
                 if refcount is not None and (refcount == 1) != bool(entry & fmt.L1_COPIED):
                     self.corrupt(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} "
                                  f"refcount={refcount}", structural=False)
-            yield from self.walk_l2(l2_off, active=active)
+            yield from self.walk_l2(l2_off, active=active, copied=active and bool(l2_off))
 
-    def walk_l2(self, l2_off: int, *, active: bool):
-        """check_refcounts_l2 (+ the data half of check_oflag_copied when active)."""
+    def walk_l2(self, l2_off: int, *, active: bool, copied: bool):
+        """check_refcounts_l2; with copied, also the data half of check_oflag_copied."""
         cs, cb = self.cs, self.cb
         buf = bytes((yield ReadRequest(l2_off, cs))).ljust(cs, b"\0")
         for entry in fmt.decode_table(buf):
@@ -277,6 +279,7 @@ class _Walk:
                 self.corrupt(f"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.")
             if active:
                 self.allocated += 1
+            if copied:
                 refcount = self.stored_refcount(off >> cb)
                 if refcount is not None and (refcount == 1) != bool(entry & fmt.L2_COPIED):
                     self.corrupt(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}",
@@ -336,6 +339,9 @@ class _Walk:
                 return
             table_off, table_size, _, _, _, name_len, extra = BITMAP_ENTRY.unpack_from(directory, pos)
             pos += -(-(BITMAP_ENTRY.size + extra + name_len) // 8) * 8
+            if table_off + table_size * 8 > self.file_size:
+                self.corrupt(f"ERROR bitmap table at {table_off:#x} lies outside the file")
+                continue
             self.inc(table_off, table_size * 8)
             table = fmt.decode_table(bytes((yield ReadRequest(table_off, table_size * 8))).ljust(table_size * 8, b"\0"))
             for entry in table:
@@ -468,12 +474,23 @@ def _refblock_writes(result: CheckResult, targets: dict[int, int]):
         if not off:
             raise CorruptImage(f"repairing cluster {idx * per + min(by_block[idx])} needs a new refcount block; "
                                "cachefs cannot allocate one during repair: run 'qemu-img check -r all'")
-        buf = bytes((yield ReadRequest(off, cs))).ljust(cs, b"\0")
-        entries = fmt.RefcountBlock.decode(buf, hdr.refcount_order)
+        block = bytearray((yield ReadRequest(off, cs))).ljust(cs, b"\0")
         for i, value in by_block[idx].items():
-            entries[i] = value
-        writes.append((off, fmt.RefcountBlock.encode(entries, hdr.refcount_order)))
+            _set_refcount(block, i, value, hdr.refcount_order)
+        writes.append((off, bytes(block)))
     return writes
+
+
+def _set_refcount(block: bytearray, index: int, value: int, order: int) -> None:
+    """Patch one entry in place, with format.RefcountBlock's packing (LSB first below 8 bits)."""
+    bits = 1 << order
+    if bits >= 8:
+        width = bits // 8
+        block[index * width:(index + 1) * width] = value.to_bytes(width, "big")
+        return
+    byte, shift = divmod(index * bits, 8)
+    mask = ((1 << bits) - 1) << shift
+    block[byte] = block[byte] & ~mask & 0xFF | value << shift
 
 
 def _copied_writes(result: CheckResult, final):
