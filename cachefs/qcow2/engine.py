@@ -377,7 +377,11 @@ class Engine:
                     self.refs.block_offset(u.new_cluster // self.refs.per_block))))
             table.touch(*deps)
             self.cache.put(table)
-            self._free_entry(u.old_entry, table)
+            if u.old_entry & fmt.L2_COMPRESSED or \
+                    (u.old_entry & fmt.OFFSET_MASK) != (u.new_entry & fmt.OFFSET_MASK):
+                # A preallocated zero cluster written in place keeps its host
+                # cluster: only a reference the new entry no longer holds is dropped.
+                self._free_entry(u.old_entry, table)
 
     def _free_entry(self, entry: int, after: MetaItem) -> None:
         """Drop the references an L2 entry held, once `after` (its replacement) is durable."""
