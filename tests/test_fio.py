@@ -1,0 +1,101 @@
+"""fio through a mount: verified random and sequential I/O on a qcow2 image, then qemu-img check.
+
+fio's crc32c verification writes a checksummed header into every block and
+reads everything back, so a lost, misplaced or torn write fails the job.
+The throughput lines are printed (run pytest with -s to see them); they are
+not asserted: this is a correctness test, benchmarks live in bench/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from conftest import qemu_img, run
+
+pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+
+MiB = 1 << 20
+
+
+def fio(filename, *args) -> str:
+    # fio may drop a verify-state file into its working directory: keep it in the test dir.
+    r = run("fio", "--name=job", f"--filename={filename}", "--ioengine=psync", "--verify=crc32c",
+            "--verify_state_save=0", "--output-format=normal", *args, check=False, timeout=120,
+            cwd=os.path.dirname(os.path.dirname(filename)))  # the mountpoint's parent
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"fio exited {r.returncode}:\n{out}"
+    assert not re.search(r"verify.*(fail|bad|error)|bad (magic|header)", out, re.IGNORECASE), out
+    assert re.search(r"err= *0", out), out
+    for line in out.splitlines():
+        if re.match(r"\s+(read|write): IOPS=", line):
+            print(f"fio {' '.join(args)}:{line}")
+    return out
+
+
+@pytest.fixture
+def image(workdir):
+    d = workdir / "images"
+    d.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", d / "vm.qcow2", "256M")
+    return d
+
+
+def check_clean(img):
+    r = qemu_img("check", img, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fio_randwrite_4k_verify(mounted, image):
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=4000", "--do_verify=1")
+    stats = m.stats()["images"]["vm.raw"]
+    assert int(stats["stats.guest_writes"]) >= 4000
+    m.umount()
+    check_clean(image / "vm.qcow2")
+
+    # The same job (fio's default randrepeat) verifies what the first mount wrote.
+    # (fio opens a write job's file O_RDWR even with --verify_only, so not -o ro.)
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=4000", "--verify_only")
+    m.umount()
+    check_clean(image / "vm.qcow2")
+
+
+def test_fio_seqwrite_1m_verify(mounted, image):
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=write", "--bs=1M", "--size=128M", "--do_verify=1")
+    m.umount()
+    check_clean(image / "vm.qcow2")
+
+
+def test_fio_direct_randrw_with_fsync(mounted, image):
+    """O_DIRECT, mixed reads and unaligned-to-cluster 4k writes, an fsync every 16 writes."""
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=randwrite", "--bs=4k", "--size=32M", "--offset=100M", "--number_ios=2000",
+        "--direct=1", "--fsync=16", "--do_verify=1")
+    stats = m.stats()["images"]["vm.raw"]
+    assert int(stats["stats.guest_flushes"]) >= 2000 // 16
+    m.umount()
+    check_clean(image / "vm.qcow2")
+
+
+def test_fio_overwrite_then_verify(mounted, image):
+    """Sequential fill, then random 16k overwrites of the filled (now allocated) range, verified."""
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=write", "--bs=1M", "--size=32M", "--do_verify=0")
+    fio(m / "vm.raw", "--rw=randwrite", "--bs=16k", "--size=32M", "--number_ios=1000", "--do_verify=1")
+    m.umount()
+    check_clean(image / "vm.qcow2")
+
+
+def test_fio_concurrent_jobs_verify(mounted, image):
+    """Four writers on disjoint 32 MiB ranges, allocating concurrently, each verified."""
+    m = mounted(image)
+    fio(m / "vm.raw", "--rw=randwrite", "--bs=4k", "--size=32M", "--numjobs=4", "--offset_increment=32M",
+        "--number_ios=1500", "--do_verify=1", "--group_reporting")
+    m.umount()
+    check_clean(image / "vm.qcow2")
