@@ -134,9 +134,10 @@ class CoreModel(RuleBasedStateMachine):
             return
         self.img.flush()
         check_clean(bytes(self.img.buf), "at teardown")
-        assert self.img.read(0, len(self.model)) == bytes(self.model)
         if HAVE_QEMU:
-            qemu_verdict(bytes(self.img.buf), bytes(self.model))
+            qemu_verdict(bytes(self.img.buf), bytes(self.model))  # includes the full compare, fast
+        else:
+            assert self.img.read(0, len(self.model)) == bytes(self.model)
 
 
 CoreModel.TestCase.settings = settings(
@@ -146,9 +147,9 @@ CoreModel.TestCase.settings = settings(
 TestCoreModel = CoreModel.TestCase
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: TableCache.put evicts the clean table it is "
-                   "inserting when every other cached table is dirty, so one plan gets two Table objects "
-                   "for one L2 table and commit loses the first one's update")
+@pytest.mark.xfail(strict=True, reason="engine bug: a plan holds L2 Table objects while TableCache may "
+                   "evict them (clean) and a later lookup makes a second object for the same table; commit "
+                   "updates both and the last cache.put wins, so the other update is lost")
 def test_evicted_l2_table_keeps_its_update():
     cs = 512
     img = MemImage.create(MiB, cluster_bits=9, cache_bytes=4 * cs)  # TableCache capacity 4
@@ -156,7 +157,10 @@ def test_evicted_l2_table_keeps_its_update():
     img.flush()                    # T0 and the refcount block are clean now
     for t in (1, 2, 3):            # three new dirty L2 tables (+ the dirty refcount block): T0 is evicted
         img.write(t * 32 * 1024, b"y")
-    img.write(10 * cs - 1, b"AB")  # two new clusters under T0: each lookup reloads T0 as a new object
+    # Two new clusters under T0. Loading T0 overfills the cache, which evicts
+    # T0 itself (the only clean table); so does the refcount block's put after
+    # the first allocation. The second cluster's lookup reloads T0 as a new object.
+    img.write(10 * cs - 1, b"AB")
     assert img.read(10 * cs - 1, 2) == b"AB"  # today: b"\x00B", the first cluster's L2 update is lost
     img.flush()
     check_clean(bytes(img.buf), "after flush")  # today: the first new cluster is leaked
@@ -196,27 +200,25 @@ def test_qemu_created_images_take_random_writes(tmp_path, opts):
     rnd = random.Random(opts)
     for step in range(120):
         kind = rnd.random()
-        if kind < 0.35:  # partial writes: into preallocated zero clusters they must zero the rest
+        if kind < 0.45:  # partial writes: into preallocated zero clusters they must zero the rest
             n = rnd.randrange(1, 3 * cs if cs < 65536 else 100_000)
             off = rnd.randrange(0, size - n)
             data = pattern(step, n)
-        elif kind < 0.6:
+        elif kind < 0.75:
             n = cs * rnd.randrange(1, 3)
             off = rnd.randrange(0, max(1, size // cs - 2)) * cs
             data = pattern(step, n)
-        elif kind < 0.75:
+        else:
             n = cs
             off = rnd.randrange(0, size // cs) * cs
             data = bytes(n)
-        else:
-            n = 0
-            img.flush()
-            off = rnd.randrange(0, size - 4096)
-            assert img.read(off, 4096) == bytes(model[off:off + 4096])
-            continue
         n = min(n, size - off)
         img.write(off, data[:n])
         model[off:off + n] = data[:n]
+        if step % 20 == 19:  # seldom: encoding a 2 MiB block of 1-bit refcounts takes ~1 s today
+            img.flush()
+            off = rnd.randrange(0, size - 4096)
+            assert img.read(off, 4096) == bytes(model[off:off + 4096])
     img.flush()
     assert img.read(0, size) == bytes(model)
     check_clean(bytes(img.buf), opts)

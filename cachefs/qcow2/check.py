@@ -355,6 +355,8 @@ class _Walk:
 
     def check_refblocks(self) -> None:
         for i, entry in enumerate(self.reftable):
+            if not entry:
+                continue
             off = entry & REFT_OFFSET_MASK
             if entry & fmt.REFTABLE_RESERVED:
                 self.corrupt(f"ERROR refcount table entry {i} has reserved bits set")
