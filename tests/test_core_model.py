@@ -59,7 +59,7 @@ def qemu_verdict(image: bytes, model: bytes) -> None:
 # Table-cache capacities to run with. Small ones (4, 64) evict tables mid-plan
 # and lose L2 updates today: see test_evicted_l2_table_keeps_its_update. Add
 # them back here once that test passes.
-CACHE_TABLES = [1 << 16]
+CACHE_TABLES = [4, 64, 1 << 16]
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -147,9 +147,6 @@ CoreModel.TestCase.settings = settings(
 TestCoreModel = CoreModel.TestCase
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a plan holds L2 Table objects while TableCache may "
-                   "evict them (clean) and a later lookup makes a second object for the same table; commit "
-                   "updates both and the last cache.put wins, so the other update is lost")
 def test_evicted_l2_table_keeps_its_update():
     cs = 512
     img = MemImage.create(MiB, cluster_bits=9, cache_bytes=4 * cs)  # TableCache capacity 4

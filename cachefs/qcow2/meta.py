@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import weakref
 
 import attrs
 
@@ -89,6 +90,10 @@ class TableCache:
     def __init__(self, capacity: int):
         self.capacity = max(4, capacity)
         self._tables: collections.OrderedDict[int, Table] = collections.OrderedDict()
+        # Invariant: at most one live Table object per offset. A plan may still
+        # hold a table the LRU dropped; a later lookup must find that same
+        # object, not load a second copy whose update would be lost.
+        self._live: weakref.WeakValueDictionary[int, Table] = weakref.WeakValueDictionary()
         self.hits = 0
         self.misses = 0
 
@@ -97,6 +102,10 @@ class TableCache:
 
     def get(self, offset: int) -> Table | None:
         table = self._tables.get(offset)
+        if table is None:
+            table = self._live.get(offset)
+            if table is not None:
+                self.put(table)
         if table is None:
             self.misses += 1
         else:
@@ -108,8 +117,9 @@ class TableCache:
         """Insert (or re-insert after an eviction) and trim clean tables."""
         self._tables[table.offset] = table
         self._tables.move_to_end(table.offset)
+        self._live[table.offset] = table
         if len(self._tables) > self.capacity:
-            for off in [o for o, t in self._tables.items() if t.durable]:
+            for off in [o for o, t in self._tables.items() if t.durable and t is not table]:
                 if len(self._tables) <= self.capacity:
                     break
                 del self._tables[off]
@@ -117,6 +127,7 @@ class TableCache:
 
     def drop(self, offset: int) -> None:
         self._tables.pop(offset, None)
+        self._live.pop(offset, None)
 
     @property
     def over_budget(self) -> bool:
