@@ -32,6 +32,7 @@ import attrs
 
 from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.engine import read_header as engine_read_header
 from cachefs.qcow2.plan import ReadRequest
 
 # qemu-img check's exit codes (qemu-img.c img_check).
@@ -105,16 +106,7 @@ def _typecode(refcount_order: int) -> str:
 
 def read_header(file_size: int):
     """Generator: the validated header. Raises CorruptImage/UnsupportedImage (qemu-img: exit 1)."""
-    if file_size < fmt.V2_HEADER_LENGTH:
-        raise CorruptImage("file too small to be a qcow2 image")
-    head = bytes((yield ReadRequest(0, min(file_size, 512))))
-    if head[:4] != fmt.MAGIC:
-        raise CorruptImage("not a qcow2 image (bad magic)")
-    cluster_bits = int.from_bytes(head[20:24], "big")
-    if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
-        raise CorruptImage(f"cluster_bits {cluster_bits} out of range 9..21")
-    first = yield ReadRequest(0, min(file_size, 1 << cluster_bits))
-    hdr = fmt.parse_header_untrusted(bytes(first), file_size)
+    hdr = yield from engine_read_header(file_size)
     if hdr.incompatible & fmt.INCOMPAT_EXTL2:
         raise UnsupportedImage("checking images with extended L2 entries is not supported")
     if hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
