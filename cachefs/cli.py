@@ -17,6 +17,7 @@ import time
 import click
 
 from cachefs.errors import CachefsError
+from cachefs.policy import MODES
 
 log = logging.getLogger("cachefs")
 
@@ -161,7 +162,7 @@ def check(image, repair, as_json):
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--cache", "cache_mode", default="writeback", show_default=True,
-              type=click.Choice(["writeback", "writethrough", "none", "directsync", "unsafe", "auto"]))
+              type=click.Choice(list(MODES)), help="Cache mode of every image (see docs/cache-modes.md).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other).")
 @click.option("-o", "options", multiple=True, help="Mount options; 'ro' serves every image read-only.")
@@ -220,8 +221,44 @@ def _mounted(mnt: str) -> bool:
         return any(line.split()[1] == mnt for line in f)
 
 
+# ------------------------------------------------------------------ cache
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("mode", required=False, type=click.Choice(list(MODES)))
+def cache(file, mode):
+    """Show or change the cache mode of one mounted image, live.
+
+    The image is flushed, then its backing file is reopened with the new
+    mode's flags. Without MODE, prints the current one.
+    """
+    key = "user.cachefs.cache"
+    try:
+        current = os.getxattr(file, key).decode()
+    except OSError:
+        raise CachefsError(f"{file} is not an image of a cachefs mount") from None
+    if mode is None:
+        click.echo(current)
+        return
+    try:
+        os.setxattr(file, key, mode.encode())
+    except OSError as exc:
+        why = _xattr_or_none(file, "user.cachefs.cache_error") or os.strerror(exc.errno)
+        raise CachefsError(f"{os.path.basename(file)}: cache mode stays {current}: {why}") from None
+    click.echo(f"{os.path.basename(file)}: cache mode {current} -> {os.getxattr(file, key).decode()}")
+
+
+def _xattr_or_none(path: str, name: str) -> str | None:
+    try:
+        return os.getxattr(path, name).decode()
+    except OSError:
+        return None
+
+
 # ------------------------------------------------------------------ stats
 
+MODE_STAT_KEYS = ("guest_writes", "guest_flushes", "flushes_ignored", "fdatasyncs", "direct_bytes",
+                  "bounce_requests")
 STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes", "stats.guest_flushes",
              "stats.backend_fdatasyncs", "stats.metadata_writes")
 
@@ -244,6 +281,10 @@ def stats(mountpoint, as_json):
     click.echo(f"{'image':<20} " + " ".join(f"{k.split('.')[-1]:>18}" for k in STAT_KEYS))
     for name, x in images.items():
         click.echo(f"{name:<20} " + " ".join(f"{x.get(k, '-'):>18}" for k in STAT_KEYS))
+        for mode in MODES:
+            if f"stats.{mode}.guest_flushes" in x:
+                per = " ".join(f"{k}={x.get(f'stats.{mode}.{k}', '-')}" for k in MODE_STAT_KEYS)
+                click.echo(f"{'':<20}   {mode}: {per}")
     for name, why in skipped.items():
         click.echo(f"{name:<20} not served: {why}")
 

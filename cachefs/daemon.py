@@ -114,16 +114,26 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
     import pyfuse3
     import trio
 
+    from cachefs.errors import DirectIOUnsupported
     from cachefs.fs import CachefsOperations
     from cachefs.image import open_image
+    from cachefs.policy import mode_named
 
+    mode = mode_named(cfg.cache_mode)
     images, skipped = {}, {}
-    for name, path in discover_images(cfg.image_dir).items():
-        try:
-            images[name] = await open_image(path, writable=not cfg.read_only)
-        except (CachefsError, OSError) as exc:
-            skipped[name] = str(exc)
-            log.warning("not serving %s: %s", path, exc)
+    try:
+        for name, path in discover_images(cfg.image_dir).items():
+            try:
+                images[name] = await open_image(path, writable=not cfg.read_only, mode=mode)
+            except DirectIOUnsupported:
+                raise  # the whole directory is on that filesystem: refuse the mount, no fallback
+            except (CachefsError, OSError) as exc:
+                skipped[name] = str(exc)
+                log.warning("not serving %s: %s", path, exc)
+    except BaseException:
+        for img in images.values():
+            await img.close()
+        raise
     ops = CachefsOperations(images, skipped=skipped, read_only=cfg.read_only)
     options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs"}
     if cfg.allow_other:

@@ -13,6 +13,10 @@ class UnsupportedImage(CachefsError):
     """A valid image that uses something cachefs cannot serve (or cannot write)."""
 
 
+class DirectIOUnsupported(UnsupportedImage):
+    """The backing filesystem refuses O_DIRECT, which cache modes none and directsync need."""
+
+
 class ImageLocked(CachefsError):
     """Another process (QEMU, or another cachefs) holds the image."""
 

@@ -7,6 +7,16 @@ an image belongs to image.py.
 
 Handlers never block the trio thread: all backend I/O goes through the
 backend's worker threads.
+
+Cache modes reach this layer at two points (policy.py). At open, the
+handle's concrete mode comes from the image's mode and the opener's flags,
+and a ``direct`` mode opens the handle ``direct_io`` so the kernel keeps no
+page cache of guest data. After a write through a direct handle, the
+kernel's cached pages of that inode are dropped if a cached handle is open:
+otherwise that reader would keep seeing the old bytes (seed 000, coherence).
+The mode is looked up again on every request, so a live switch
+(``setfattr -n user.cachefs.cache``) applies to handles already open; only
+their ``direct_io`` bit, fixed by the kernel at open, stays as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import trio
 
 from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, UnsupportedImage
 from cachefs.image import Image
+from cachefs.policy import CacheMode, mode_named
 
 log = logging.getLogger("cachefs.fs")
 
@@ -33,7 +44,14 @@ XATTR_PREFIX = "user.cachefs."
 @attrs.define
 class Handle:
     image: Image
+    inode: int
+    flags: int       # the opener's open(2) flags, for ``auto``
+    direct_io: bool  # fixed by the kernel for the life of the handle
     wrote: bool = False
+
+    @property
+    def mode(self) -> CacheMode:
+        return self.image.mode.for_open(self.flags)
 
 
 def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
@@ -80,6 +98,7 @@ class CachefsOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.started = time.time()
+        self.invalidations = 0
 
     # -------------------------------------------------------------- attributes
 
@@ -96,7 +115,7 @@ class CachefsOperations(pyfuse3.Operations):
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
             return a
         img = self._image(inode)
-        st = os.fstat(img.backend.fd)
+        st = os.fstat(img.backends.fd)
         a.st_mode = stat.S_IFREG | (0o644 if img.writable and not self.read_only else 0o444)
         a.st_nlink = 1
         a.st_size = img.size
@@ -136,7 +155,7 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def statfs(self, ctx):
         any_img = next(iter(self.by_inode.values()), None)
-        sv = os.fstatvfs(any_img.backend.fd) if any_img else os.statvfs("/")
+        sv = os.fstatvfs(any_img.backends.fd) if any_img else os.statvfs("/")
         out = pyfuse3.StatvfsData()
         out.f_bsize, out.f_frsize = sv.f_bsize, sv.f_frsize
         out.f_blocks, out.f_bfree, out.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
@@ -170,8 +189,10 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(img)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        direct = img.mode.for_open(flags).direct
+        self.handles[fh] = Handle(img, inode, flags, direct)
+        # keep_cache=False: a cached open starts from what the image holds now.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
     def _handle(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -181,14 +202,25 @@ class CachefsOperations(pyfuse3.Operations):
 
     @translated
     async def read(self, fh, off, size):
-        return await self._handle(fh).image.read(off, size)
+        h = self._handle(fh)
+        return await h.image.read(off, size, h.mode)
 
     @translated
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        await h.image.write(off, buf)
+        await h.image.write(off, buf, h.mode)
         h.wrote = True
+        if h.direct_io:
+            await self._invalidate_cached(h.inode)
         return len(buf)
+
+    async def _invalidate_cached(self, inode: int) -> None:
+        """Drop the kernel's cached pages of ``inode`` if a cached handle could read them."""
+        if any(not o.direct_io and o.inode == inode for o in self.handles.values()):
+            self.invalidations += 1
+            # In a thread: the kernel waits for page locks that a cached read
+            # holds until this very loop answers it.
+            await trio.to_thread.run_sync(_invalidate, inode)
 
     @translated
     async def flush(self, fh):
@@ -197,13 +229,13 @@ class CachefsOperations(pyfuse3.Operations):
         h = self._handle(fh)
         if h.wrote:
             h.wrote = False
-            await h.image.flush()
+            await h.image.flush(h.mode)
 
     @translated
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         h.wrote = False
-        await h.image.flush()
+        await h.image.flush(h.mode)
 
     async def release(self, fh):
         self.handles.pop(fh, None)
@@ -213,11 +245,13 @@ class CachefsOperations(pyfuse3.Operations):
     def _xattrs(self, inode: int) -> dict[str, str]:
         if inode == pyfuse3.ROOT_INODE:
             return {"pid": str(os.getpid()), "images": str(len(self.by_inode)),
-                    "skipped": json.dumps(self.skipped)}
+                    "skipped": json.dumps(self.skipped), "invalidations": str(self.invalidations)}
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}
-        out["cache"] = getattr(img, "cache_mode", "writeback")
+        out["cache"] = img.mode.name
         out["path"] = img.path
+        if img.switch_error:
+            out["cache_error"] = img.switch_error
         out.update({f"stats.{k}": str(v) for k, v in img.stats().items()})
         return out
 
@@ -237,8 +271,24 @@ class CachefsOperations(pyfuse3.Operations):
 
     @translated
     async def setxattr(self, inode, name, value, ctx):
-        # user.cachefs.cache (live mode switch) arrives with the cache-mode policies.
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        key = os.fsdecode(name)
+        if inode == pyfuse3.ROOT_INODE or key != XATTR_PREFIX + "cache":
+            raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode can be set
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            mode = mode_named(value.decode(errors="replace"))
+        except ValueError as exc:
+            log.warning("setxattr cache: %s", exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        img = self._image(inode)
+        try:
+            await img.switch_mode(mode)
+        except UnsupportedImage as exc:
+            log.error("%s: %s", img.path, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        # Whatever the kernel cached under the old mode is dropped.
+        await trio.to_thread.run_sync(_invalidate, inode)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -254,3 +304,10 @@ class CachefsOperations(pyfuse3.Operations):
                 problems.append(f"{name}: {exc}")
                 log.error("closing %s failed: %s", name, exc)
         return problems
+
+
+def _invalidate(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=False)
+    except OSError as exc:  # ENOENT: the kernel has forgotten the inode; nothing is cached
+        log.debug("invalidate_inode(%d): %s", inode, exc)

@@ -13,6 +13,15 @@ afterwards and go out with the next flush.
 A failed fdatasync is sticky (DESIGN.md section 2): the kernel may have
 dropped the dirty pages it could not write, so no later flush of this image
 may report success until it is opened again.
+
+Every guest request carries the concrete cache mode of the handle it came
+through (policy.py). The mode picks the backend descriptor (backendset.py)
+and answers the three questions asked here, each in one place:
+``write_through`` after a write (``_after_write``), ``honour_flush`` at a
+flush (``flush``), ``direct`` only through the descriptor's flags. An
+fdatasync is skipped when no completed write needs one (writes through an
+O_DSYNC descriptor are durable already), which is how writethrough and
+directsync cost no fdatasync at all.
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ import os
 import attrs
 import trio
 
-from cachefs.backend.file import FileBackend
-from cachefs.errors import CorruptImage, DamagedMetadata, UnsupportedImage
+from cachefs.backendset import BackendSet, file_opener
+from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage
 from cachefs.locking import ImageLock
+from cachefs.policy import WRITEBACK, CacheMode, Mode
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.engine import Engine, open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async
@@ -42,6 +52,14 @@ class GuestCounters:
     bytes_read: int = 0
     bytes_written: int = 0
     flush_failures: int = 0
+
+
+@attrs.define
+class ModeCounters:
+    """What guests asked of one concrete mode (the backend's IOCounters say what it cost)."""
+    writes: int = 0
+    flushes: int = 0
+    flushes_ignored: int = 0
 
 
 def image_format(path: str) -> str:
@@ -60,16 +78,32 @@ class Image:
 
     format = "raw"
 
-    def __init__(self, path: str, backend: FileBackend, lock: ImageLock | None, writable: bool):
+    def __init__(self, path: str, backends: BackendSet, lock: ImageLock | None, writable: bool,
+                 mode: Mode = WRITEBACK):
         self.path = path
-        self.backend = backend
+        self.backends = backends
         self.lock = lock
         self.writable = writable
+        self.mode = mode
         self.guest = GuestCounters()
+        self.by_mode: dict[str, ModeCounters] = {}
         self.sync_error: int | None = None  # errno of the failed fdatasync, forever after
+        self.switch_error: str | None = None  # why the last live mode switch was refused
         self.inflight = 0                   # data I/O running outside the write lock
+        self.backends.get(mode.default)     # fail now (e.g. no O_DIRECT here), not at first I/O
 
     # -------------------------------------------------------------- common
+
+    @property
+    def backend(self):
+        """The descriptor for image-level work: the mode's default (writeback under auto)."""
+        return self.backends.get(self.mode.default)
+
+    def _concrete(self, mode: CacheMode | None) -> CacheMode:
+        return self.mode.default if mode is None else mode
+
+    def _mode_counters(self, mode: CacheMode) -> ModeCounters:
+        return self.by_mode.setdefault(mode.name, ModeCounters())
 
     @property
     def size(self) -> int:
@@ -80,13 +114,19 @@ class Image:
         return 512
 
     def allocated_bytes(self) -> int:
-        return os.fstat(self.backend.fd).st_blocks * 512
+        return os.fstat(self.backends.fd).st_blocks * 512
 
-    async def _sync(self) -> None:
+    def _check_sync_error(self) -> None:
         if self.sync_error is not None:
-            raise OSError(self.sync_error, "an earlier fdatasync of this image failed")
+            raise OSError(self.sync_error, "an earlier fdatasync of this image failed; remount it")
+
+    async def _sync(self, be) -> None:
+        """fdatasync, unless every completed write is durable already. A failure is sticky."""
+        self._check_sync_error()
+        if not self.backends.unsynced:
+            return
         try:
-            await self.backend.fdatasync()
+            await be.fdatasync()
         except OSError as exc:
             self.sync_error = exc.errno or errno.EIO
             self.guest.flush_failures += 1
@@ -95,15 +135,26 @@ class Image:
             raise
 
     def stats(self) -> dict:
-        b = self.backend.counters
-        return {
+        b = self.backends.counters
+        total = lambda field: sum(getattr(c, field) for c in b.values())  # noqa: E731
+        out = {
             "guest_reads": self.guest.reads, "guest_writes": self.guest.writes,
             "guest_flushes": self.guest.flushes, "guest_bytes_read": self.guest.bytes_read,
             "guest_bytes_written": self.guest.bytes_written,
-            "backend_reads": b.reads, "backend_writes": b.writes,
-            "backend_bytes_written": b.bytes_written, "backend_fdatasyncs": b.fdatasyncs,
+            "backend_reads": total("reads"), "backend_writes": total("writes"),
+            "backend_bytes_written": total("bytes_written"), "backend_fdatasyncs": total("fdatasyncs"),
+            "direct_bytes": total("direct_bytes"), "bounce_requests": total("bounce_requests"),
             "flush_failures": self.guest.flush_failures,
+            "descriptors": ",".join(self.backends.modes_open()),
         }
+        for name in sorted(set(self.by_mode) | set(b)):
+            g, io = self.by_mode.get(name, ModeCounters()), b.get(name)
+            out.update({f"{name}.guest_writes": g.writes, f"{name}.guest_flushes": g.flushes,
+                        f"{name}.flushes_ignored": g.flushes_ignored})
+            if io is not None:
+                out.update({f"{name}.fdatasyncs": io.fdatasyncs, f"{name}.direct_bytes": io.direct_bytes,
+                            f"{name}.bounce_requests": io.bounce_requests})
+        return out
 
     def info(self) -> dict:
         return {"format": self.format, "cluster_size": self.cluster_size, "virtual_size": self.size,
@@ -115,14 +166,89 @@ class Image:
         if offset + length > self.size:
             raise OSError(errno.ENOSPC, "write beyond the end of the virtual disk")
 
+    # -------------------------------------------------------------- requests
+
+    async def read(self, offset: int, length: int, mode: CacheMode | None = None) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        self.guest.reads += 1
+        async with self.backends.in_use():
+            data = await self._read(self.backends.get(self._concrete(mode)), offset, length)
+        self.guest.bytes_read += length
+        return data
+
+    async def write(self, offset: int, data, mode: CacheMode | None = None) -> None:
+        mode = self._concrete(mode)
+        self._check_range(offset, len(data))
+        self.guest.writes += 1
+        self._mode_counters(mode).writes += 1
+        async with self.backends.in_use():
+            be = self.backends.get(mode)
+            await self._write(be, offset, data)
+            if mode.write_through:
+                # Acknowledged means durable, metadata included (seed 002).
+                await self._make_durable(be)
+        self.guest.bytes_written += len(data)
+
+    async def flush(self, mode: CacheMode | None = None) -> None:
+        mode = self._concrete(mode)
+        self.guest.flushes += 1
+        counters = self._mode_counters(mode)
+        counters.flushes += 1
+        self._check_sync_error()
+        if not mode.honour_flush:
+            counters.flushes_ignored += 1  # unsafe: acknowledged, nothing done (seed 001)
+            return
+        async with self.backends.in_use():
+            await self._make_durable(self.backends.get(mode))
+
+    async def switch_mode(self, new: Mode) -> None:
+        """Change the image's mode live: flush, then reopen the descriptors with the new flags.
+
+        Nothing else runs meanwhile. If the new flags are refused (no O_DIRECT
+        on this filesystem) the old mode stays, and the reason is kept in
+        ``switch_error`` for ``getfattr`` and ``cachefs cache``.
+        """
+        if new == self.mode:
+            return
+        async with self.backends.quiesced():
+            old = self.mode
+            if self.writable:
+                await self._make_durable(self.backends.get(old.default))
+            self.backends.close_all()
+            try:
+                be = self.backends.get(new.default)
+            except (CachefsError, OSError) as exc:
+                self.switch_error = str(exc)
+                self.backends.get(old.default)
+                raise
+            if new.default.direct and hasattr(be.inner, "drop_page_cache"):
+                be.inner.drop_page_cache()  # nothing of this image stays in the host page cache
+            self.mode, self.switch_error = new, None
+            log.info("%s: cache mode %s -> %s", self.path, old.name, new.name)
+
     async def close(self) -> None:
+        """Write everything (whatever the mode: unsafe too), sync, release the lock."""
         try:
             if self.writable:
-                await self.flush()
+                async with self.backends.in_use():
+                    await self._close_writeout(self.backends.get(self.mode.default))
         finally:
             if self.lock is not None:
                 self.lock.release()
-            self.backend.close()
+            self.backends.close()
+
+    # Format hooks.
+    async def _read(self, be, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    async def _write(self, be, offset: int, data) -> None:
+        raise NotImplementedError
+
+    async def _make_durable(self, be) -> None:
+        await self._sync(be)
+
+    async def _close_writeout(self, be) -> None:
+        await self._make_durable(be)
 
 
 class RawImage(Image):
@@ -138,29 +264,20 @@ class RawImage(Image):
     def size(self) -> int:
         return self._size
 
-    async def read(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        self.guest.reads += 1
-        data = await self.backend.pread(offset, length)
-        self.guest.bytes_read += length
+    async def _read(self, be, offset: int, length: int) -> bytes:
+        data = await be.pread(offset, length)
         return data.ljust(length, b"\0")
 
-    async def write(self, offset: int, data) -> None:
-        self._check_range(offset, len(data))
-        self.guest.writes += 1
-        await self.backend.pwrite(offset, data)
-        self.guest.bytes_written += len(data)
-
-    async def flush(self) -> None:
-        self.guest.flushes += 1
-        await self._sync()
+    async def _write(self, be, offset: int, data) -> None:
+        await be.pwrite(offset, data)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
         if size < self.size:
             raise OSError(errno.EOPNOTSUPP, "shrinking an image is refused")
-        await self.backend.truncate(size)
+        async with self.backends.in_use():
+            await self.backend.truncate(size)
         self._size = size
 
 
@@ -169,9 +286,9 @@ class Qcow2Image(Image):
 
     format = "qcow2"
 
-    def __init__(self, path, backend, lock, writable, engine: Engine):
-        super().__init__(path, backend, lock, writable and engine.writable)
+    def __init__(self, path, backends, lock, writable, engine: Engine, mode: Mode = WRITEBACK):
         self.engine = engine
+        super().__init__(path, backends, lock, writable and engine.writable, mode)
         self.write_lock = trio.Lock()
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
 
@@ -193,69 +310,59 @@ class Qcow2Image(Image):
                    cached_tables=len(self.engine.cache))
         return out
 
-    def _meta_read(self, offset: int, length: int):
-        return self.backend.pread(offset, length)
-
     # -------------------------------------------------------------- reads
 
-    async def read(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        self.guest.reads += 1
-        extents = await run_async(self.engine.plan_read(offset, length), self._meta_read)
+    async def _read(self, be, offset: int, length: int) -> bytes:
+        extents = await run_async(self.engine.plan_read(offset, length), be.pread)
         self.inflight += 1
         try:
-            parts = [await self._read_extent(ext) for ext in extents]
+            parts = [await self._read_extent(be, ext) for ext in extents]
         finally:
             self.inflight -= 1
-        self.guest.bytes_read += length
         return b"".join(parts)
 
-    async def _read_extent(self, ext) -> bytes:
+    async def _read_extent(self, be, ext) -> bytes:
         if ext.kind is ExtentKind.ZERO:
             return bytes(ext.length)
         if ext.kind is ExtentKind.DATA:
-            data = await self.backend.pread(ext.host_offset, ext.length)
+            data = await be.pread(ext.host_offset, ext.length)
             return data.ljust(ext.length, b"\0")
         if ext.kind is ExtentKind.COMPRESSED:
             desc = ext.compressed
             if self._zcache is None or self._zcache[0] != desc.offset:
-                raw = await self.backend.pread(desc.offset, desc.max_length)
+                raw = await be.pread(desc.offset, desc.max_length)
                 self._zcache = (desc.offset, self.engine.decompress(desc, raw))
             return self._zcache[1][ext.in_cluster:ext.in_cluster + ext.length]
         raise OSError(errno.EIO, "damaged image metadata for this range")
 
     # -------------------------------------------------------------- writes
 
-    async def write(self, offset: int, data) -> None:
-        self._check_range(offset, len(data))
-        self.guest.writes += 1
+    async def _write(self, be, offset: int, data) -> None:
         eng = self.engine
         async with self.write_lock:
-            plan = await run_async(eng.plan_write(offset, data), self._meta_read)
+            plan = await run_async(eng.plan_write(offset, data), be.pread)
             if plan.needs_commit:
                 try:
-                    await self._data_writes(plan)
+                    await self._data_writes(be, plan)
                 except BaseException:
                     with trio.CancelScope(shield=True):
-                        await run_async(eng.abort(plan), self._meta_read)
+                        await run_async(eng.abort(plan), be.pread)
                     raise
-                await run_async(eng.commit(plan), self._meta_read)
+                await run_async(eng.commit(plan), be.pread)
                 self._zcache = None
                 if eng.cache.over_budget:
-                    await self._writeout()
-                self.guest.bytes_written += len(data)
+                    await self._writeout(be)
                 return
             self.inflight += 1
         try:
-            await self._data_writes(plan)
+            await self._data_writes(be, plan)
         finally:
             self.inflight -= 1
-        self.guest.bytes_written += len(data)
 
-    async def _data_writes(self, plan) -> None:
+    async def _data_writes(self, be, plan) -> None:
         try:
             for host, payload in _merge(plan.data_writes):
-                await self.backend.pwrite(host, payload)
+                await be.pwrite(host, payload)
         finally:
             if plan.data_writes:
                 self.engine.data_written()
@@ -263,24 +370,28 @@ class Qcow2Image(Image):
     async def truncate(self, size: int) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
-        async with self.write_lock:
+        async with self.backends.in_use(), self.write_lock:
             try:
-                await run_async(self.engine.resize(size), self._meta_read)
+                await run_async(self.engine.resize(size), self.backend.pread)
             except UnsupportedImage as exc:
                 raise OSError(errno.EOPNOTSUPP, str(exc)) from None
 
     # -------------------------------------------------------------- flush
 
-    async def flush(self) -> None:
-        self.guest.flushes += 1
+    async def _make_durable(self, be) -> None:
         async with self.write_lock:
-            await self._writeout()
+            if self.engine.dirty:
+                await self._writeout(be)
+            else:
+                await self._sync(be)
 
-    async def _writeout(self) -> None:
-        """Write every dirty item in dependency order, one fdatasync per round.
+    async def _writeout(self, be) -> None:
+        """Write every dirty item in dependency order, one sync per round.
 
         Caller holds write_lock. A round whose writes fail leaves the items
         dirty, so a later flush retries them; only a failed sync is sticky.
+        Through an O_DSYNC descriptor each round's writes are durable when
+        they complete, so the rounds cost no fdatasync (``_sync``).
         """
         eng = self.engine
         for _ in range(64):
@@ -289,29 +400,23 @@ class Qcow2Image(Image):
                 break
             for item, offset, payload in batch:
                 if payload:
-                    await self.backend.pwrite(offset, payload)
+                    await be.pwrite(offset, payload)
             eng.written(batch)
-            await self._sync()
-            await run_async(eng.synced(apply_frees=False), self._meta_read)
+            await self._sync(be)
+            await run_async(eng.synced(apply_frees=False), be.pread)
         else:
             raise CorruptImage("metadata writeout does not converge")
         if self.inflight == 0:
             # The L2 changes that dropped these references are durable now and
             # no I/O that looked them up is still running (invariant 2).
-            await run_async(eng.refs.apply_frees(), self._meta_read)
+            await run_async(eng.refs.apply_frees(), be.pread)
 
-    async def close(self) -> None:
-        try:
-            if self.writable:
-                async with self.write_lock:
-                    for _ in range(8):  # frees applied in one round dirty refblocks for the next
-                        await self._writeout()
-                        if not self.engine.dirty:
-                            break
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-            self.backend.close()
+    async def _close_writeout(self, be) -> None:
+        async with self.write_lock:
+            for _ in range(8):  # frees applied in one round dirty refblocks for the next
+                await self._writeout(be)
+                if not self.engine.dirty:
+                    break
 
 
 def _merge(writes):
@@ -328,29 +433,39 @@ def _merge(writes):
         yield run_start, parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def open_image(path: str, *, writable: bool, direct: bool = False,
+def _repair_buffered(path: str) -> None:
+    from cachefs.checkcmd import repair_dirty_sync
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # the repair does unaligned I/O: never O_DIRECT
+    try:
+        repair_dirty_sync(fd)
+    finally:
+        os.close(fd)
+
+
+async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
                      cache_bytes: int | None = None) -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
     kind = image_format(path)
-    backend = FileBackend.open(path, writable=writable, direct=direct)
+    lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    backends = BackendSet(file_opener(path, writable), lock_fd)
     lock = None
     try:
-        lock = ImageLock.acquire(backend.fd, path, writable)
+        lock = ImageLock.acquire(lock_fd, path, writable)
         if kind == "raw":
-            return RawImage(path, backend, lock, writable)
+            return RawImage(path, backends, lock, writable, mode)
+        be = backends.get(mode.default)
         kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
-        engine = await run_async(open_engine(backend.size(), writable=writable, **kw), backend.pread)
+        engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
         if engine.needs_repair and writable and engine.writable:
             # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
-            from cachefs.checkcmd import repair_dirty_sync
             log.warning("%s: dirty lazy-refcounts image, rebuilding refcounts", path)
-            await trio.to_thread.run_sync(repair_dirty_sync, backend.fd)
-            engine = await run_async(open_engine(backend.size(), writable=writable, **kw), backend.pread)
+            await trio.to_thread.run_sync(_repair_buffered, path)
+            engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
             if engine.needs_repair:
                 raise CorruptImage("dirty lazy-refcounts image could not be repaired")
-        return Qcow2Image(path, backend, lock, writable, engine)
+        return Qcow2Image(path, backends, lock, writable, engine, mode)
     except BaseException:
         if lock is not None:
             lock.release()
-        backend.close()
+        backends.close()
         raise

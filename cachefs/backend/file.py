@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .. import native
-from ..errors import UnsupportedImage
+from ..errors import DirectIOUnsupported
 from . import ALIGN, IOCounters
 
 #: Worker threads that may be in a syscall at once, per backend.
@@ -257,9 +257,10 @@ class FileBackend:
                 # Linux creates the file before refusing O_DIRECT; we made it.
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            raise UnsupportedImage(
+            raise DirectIOUnsupported(
                 f"{path}: the backing filesystem ({filesystem_type(path)}) does not "
-                "support O_DIRECT; use --cache writeback"
+                "support O_DIRECT (cache modes none and directsync need it); "
+                "use --cache writeback or put the images on ext4/xfs"
             ) from None
         return cls(fd, path, direct=direct, sync=sync, writable=writable)
 
@@ -297,6 +298,10 @@ class FileBackend:
     async def fdatasync(self) -> None:
         await self._run(os.fdatasync, self._fd())
         self.counters.fdatasyncs += 1
+
+    def drop_page_cache(self) -> None:
+        """Ask the kernel to drop this file's clean cached pages (a switch to a direct mode)."""
+        native.fadvise(self._fd(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     async def truncate(self, size: int) -> None:
         fd = self._fd()

@@ -1,0 +1,152 @@
+"""The open descriptors of one image file: one backend per cache mode in use.
+
+Under ``auto`` one image can be open in several modes at once (QEMU with
+cache=none opens it O_DIRECT while ``cat`` reads it buffered), and a live
+switch replaces the mode of the whole image. Each concrete mode therefore
+gets its own backend, opened on first use with that mode's flags (O_DIRECT
+for ``direct``, O_DSYNC for ``write_through``). Linux keeps an O_DIRECT and a
+buffered descriptor of one file coherent: a direct write invalidates the
+cached pages it covers, a direct read first writes back dirty ones.
+
+Two facts live here because every backend of the image shares them:
+
+- ``unsynced``: some completed pwrite may not be durable yet. Writes through
+  an O_DSYNC backend are durable when they complete, so they leave it alone;
+  anything else sets it. An fdatasync clears it *before* it starts, so a
+  write completing during the sync sets it again (invariant below).
+- per-mode counters, kept across switches and reopenings, for stats.
+
+The image's lock is held on a descriptor of its own (``lock_fd``), so a
+switch can close and reopen every I/O descriptor without dropping the lock
+QEMU would look for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+import trio
+
+from cachefs.backend import Backend, IOCounters
+from cachefs.backend.file import FileBackend
+from cachefs.policy import CacheMode
+
+
+def file_opener(path: str, writable: bool) -> Callable[[CacheMode], Backend]:
+    """Open ``path`` with the flags a mode asks for (UnsupportedImage if O_DIRECT is refused)."""
+    def open_for(mode: CacheMode) -> Backend:
+        return FileBackend.open(path, writable=writable, direct=mode.direct, sync=mode.write_through)
+    return open_for
+
+
+class ModeBackend:
+    """A backend seen through one mode: records whether its writes still need a sync."""
+
+    def __init__(self, inner: Backend, mode: CacheMode, owner: BackendSet) -> None:
+        self.inner = inner
+        self.mode = mode
+        self._owner = owner
+
+    fd = property(lambda self: self.inner.fd)
+    direct = property(lambda self: self.inner.direct)
+    counters = property(lambda self: self.inner.counters)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.inner.pread(offset, length)
+
+    async def pwrite(self, offset: int, data) -> None:
+        await self.inner.pwrite(offset, data)
+        if not self.mode.write_through:
+            self._owner.unsynced = True
+
+    async def truncate(self, size: int) -> None:
+        await self.inner.truncate(size)
+        self._owner.unsynced = True  # O_DSYNC covers writes, not ftruncate
+
+    async def fdatasync(self) -> None:
+        # Invariant: ``unsynced`` is False only while every completed write is
+        # covered by a completed or running fdatasync. Clearing it first keeps
+        # that true for writes that complete while this one runs.
+        self._owner.unsynced = False
+        try:
+            await self.inner.fdatasync()
+        except BaseException:
+            self._owner.unsynced = True
+            raise
+
+
+class BackendSet:
+    def __init__(self, opener: Callable[[CacheMode], Backend], lock_fd: int | None = None) -> None:
+        self._opener = opener
+        self.lock_fd = lock_fd
+        self._open: dict[str, ModeBackend] = {}
+        self.counters: dict[str, IOCounters] = {}
+        self.unsynced = False
+        # Invariant: ``_users`` counts calls that may touch a backend right
+        # now; ``close_all`` runs only when it is zero and ``_closed`` keeps
+        # new calls out meanwhile, so no worker thread ever uses a closed fd.
+        self._users = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._reopened: trio.Event | None = None
+
+    def get(self, mode: CacheMode) -> ModeBackend:
+        be = self._open.get(mode.name)
+        if be is None:
+            inner = self._opener(mode)
+            inner.counters = self.counters.setdefault(mode.name, inner.counters)
+            be = self._open[mode.name] = ModeBackend(inner, mode, self)
+        return be
+
+    def modes_open(self) -> list[str]:
+        return sorted(self._open)
+
+    @property
+    def fd(self) -> int | None:
+        """A descriptor for fstat: the lock's, or any open backend's."""
+        if self.lock_fd is not None:
+            return self.lock_fd
+        return next((b.fd for b in self._open.values() if b.fd is not None), None)
+
+    @contextlib.asynccontextmanager
+    async def in_use(self):
+        """Hold this around anything that may call a backend (see ``quiesced``)."""
+        while self._reopened is not None:
+            await self._reopened.wait()
+        self._users += 1
+        self._idle = trio.Event() if self._users == 1 else self._idle
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self):
+        """Keep new I/O out and wait for running I/O, e.g. to swap descriptors."""
+        while self._reopened is not None:
+            await self._reopened.wait()
+        self._reopened = trio.Event()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            ev, self._reopened = self._reopened, None
+            ev.set()
+
+    def close_all(self) -> None:
+        backends, self._open = list(self._open.values()), {}
+        for be in backends:
+            be.inner.close()
+
+    def close(self) -> None:
+        self.close_all()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
