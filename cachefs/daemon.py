@@ -91,6 +91,10 @@ def run_mount(cfg: MountConfig) -> int:
                 told = True
         try:
             code = _serve(cfg, ready)
+        except CachefsError as exc:  # a user error (e.g. no O_DIRECT here): one line, no traceback
+            log.error("not mounting: %s", exc)
+            ready(f"error: {exc}")
+            code = 1
         except BaseException as exc:  # the parent must hear about it, whatever it is
             log.exception("daemon failed")
             ready(f"error: {exc}")

@@ -32,7 +32,7 @@ import attrs
 import pyfuse3
 import trio
 
-from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, UnsupportedImage
+from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
 from cachefs.image import Image
 from cachefs.policy import CacheMode, mode_named
 
@@ -189,7 +189,13 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        direct = img.mode.for_open(flags).direct
+        mode = img.mode.for_open(flags)
+        try:
+            img.backends.get(mode)  # open its descriptor now: a refusal fails open(2), not every read
+        except DirectIOUnsupported as exc:
+            log.warning("open of %s: %s", img.path, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None  # what the filesystem itself would say
+        direct = mode.direct
         self.handles[fh] = Handle(img, inode, flags, direct)
         # keep_cache=False: a cached open starts from what the image holds now.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)

@@ -62,11 +62,16 @@ class ModeCounters:
     flushes_ignored: int = 0
 
 
-def image_format(path: str) -> str:
-    """qcow2 when the file says so; otherwise raw (by name, never by probing a raw file's content)."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == fmt.MAGIC:
+def image_format(path: str, magic: bytes | None = None) -> str:
+    """qcow2 when the file says so; otherwise raw (by name, never by probing a raw file's content).
+
+    ``magic``: the file's first bytes, when the caller read them itself (a
+    direct mode reads them O_DIRECT, so no guest data enters the page cache).
+    """
+    if magic is None:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    if magic[:4] == fmt.MAGIC:
         return "qcow2"
     if path.endswith(".qcow2"):
         raise CorruptImage("not a qcow2 image (bad magic)")
@@ -445,15 +450,15 @@ def _repair_buffered(path: str) -> None:
 async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
                      cache_bytes: int | None = None) -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
-    kind = image_format(path)
     lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     backends = BackendSet(file_opener(path, writable), lock_fd)
     lock = None
     try:
         lock = ImageLock.acquire(lock_fd, path, writable)
+        be = backends.get(mode.default)
+        kind = image_format(path, await be.pread(0, 4))
         if kind == "raw":
             return RawImage(path, backends, lock, writable, mode)
-        be = backends.get(mode.default)
         kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
         engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
         if engine.needs_repair and writable and engine.writable:

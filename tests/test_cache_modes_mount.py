@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import errno
 import os
 import random
 import re
@@ -463,6 +464,24 @@ def test_direct_mode_refused_on_ramfs_at_mount(mode, ramfs, workdir):
     assert line.startswith("cachefs: ") and "ramfs" in line and "O_DIRECT" in line, line
     assert not mounted_now, "a refused mount left something mounted"
     assert holders(ramfs) == [], "the refused daemon is still holding the images"
+    log = (workdir / "refused.log").read_text()
+    assert "ramfs" in log and "Traceback" not in log, log  # a user error, not a crash
+
+
+def test_auto_direct_open_on_ramfs_fails_like_the_filesystem_would(ramfs, mounted):
+    """QEMU and dd probe O_DIRECT by opening with it: the refusal must come at open, as EINVAL."""
+    make_images(ramfs, "16M")
+    m = mounted(ramfs, "--cache", "auto")
+    f = m / "vm.raw"
+    with pytest.raises(OSError) as info:
+        os.open(f, os.O_RDWR | os.O_DIRECT)
+    assert info.value.errno == errno.EINVAL
+    with open(f, "r+b") as g:  # a plain open gets writeback and works
+        g.write(b"P" * 4096)
+        g.flush()
+        os.fsync(g.fileno())
+        g.seek(0)
+        assert g.read(4096) == b"P" * 4096
 
 
 def test_switch_to_none_refused_on_ramfs(ramfs, mounted, workdir):
