@@ -95,6 +95,12 @@ class Image:
         self.sync_error: int | None = None  # errno of the failed fdatasync, forever after
         self.switch_error: str | None = None  # why the last live mode switch was refused
         self.inflight = 0                   # data I/O running outside the write lock
+        # Group commit: flushes are numbered as they start; a flush that
+        # arrives while one runs waits for the next, and all waiters share it.
+        self._flush_started = 0
+        self._flush_done = 0
+        self._flush_running: trio.Event | None = None
+        self.flushes_merged = 0
         self.backends.get(mode.default)     # fail now (e.g. no O_DIRECT here), not at first I/O
 
     # -------------------------------------------------------------- common
@@ -149,7 +155,7 @@ class Image:
             "backend_reads": total("reads"), "backend_writes": total("writes"),
             "backend_bytes_written": total("bytes_written"), "backend_fdatasyncs": total("fdatasyncs"),
             "direct_bytes": total("direct_bytes"), "bounce_requests": total("bounce_requests"),
-            "flush_failures": self.guest.flush_failures,
+            "flush_failures": self.guest.flush_failures, "flushes_merged": self.flushes_merged,
             "descriptors": ",".join(self.backends.modes_open()),
         }
         for name in sorted(set(self.by_mode) | set(b)):
@@ -204,7 +210,29 @@ class Image:
             counters.flushes_ignored += 1  # unsafe: acknowledged, nothing done (seed 001)
             return
         async with self.backends.in_use():
-            await self._make_durable(self.backends.get(mode))
+            await self._shared_flush(self.backends.get(mode), reserve=mode.queue_metadata)
+
+    async def _shared_flush(self, be, *, reserve: bool) -> None:
+        """Make everything acknowledged before this call durable, sharing the work with other flushes.
+
+        Invariant: flush number N starts after every flush numbered below N
+        has ended, so a caller that arrived while N-1 ran is covered by N.
+        """
+        ticket = self._flush_started + 1
+        started_own = False
+        while self._flush_done < ticket:
+            if self._flush_running is not None:
+                await self._flush_running.wait()
+                continue
+            self._flush_started += 1
+            gen, self._flush_running, started_own = self._flush_started, trio.Event(), True
+            try:
+                await self._flush_durable(be, reserve=reserve)
+            finally:
+                done, self._flush_running = self._flush_running, None
+                done.set()
+            self._flush_done = gen
+        self.flushes_merged += not started_own
 
     async def switch_mode(self, new: Mode) -> None:
         """Change the image's mode live: flush, then reopen the descriptors with the new flags.
@@ -251,6 +279,9 @@ class Image:
 
     async def _make_durable(self, be) -> None:
         await self._sync(be)
+
+    async def _flush_durable(self, be, *, reserve: bool) -> None:
+        await self._make_durable(be)
 
     async def _close_writeout(self, be) -> None:
         await self._make_durable(be)
@@ -312,7 +343,10 @@ class Qcow2Image(Image):
                    metadata_batches=c.batches, allocations=c.allocations, frees=c.frees,
                    zero_writes=c.zero_writes, cow_reads=c.cow_reads,
                    queue_depth=len(self.engine._dirty_items()), pending_frees=len(self.engine.refs.pending),
-                   cached_tables=len(self.engine.cache))
+                   cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
+                   from_reservation=c.from_reservation, data_first=c.data_first)
+        honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
+        out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         return out
 
     # -------------------------------------------------------------- reads
@@ -390,6 +424,23 @@ class Qcow2Image(Image):
             else:
                 await self._sync(be)
 
+    async def _flush_durable(self, be, *, reserve: bool) -> None:
+        """A guest flush: reserve clusters for the next interval, then write out and sync.
+
+        The reservation's refcount raise rides in this flush's one fdatasync
+        (refcount.py), so the next flush's L2 updates wait for nothing. Modes
+        that never queue metadata (writethrough) have no fdatasync to save.
+        """
+        async with self.write_lock:
+            if reserve:
+                await run_async(self.engine.prepare_flush(), be.pread)
+            if be.size() < self.engine.min_file_size:
+                await be.truncate(self.engine.min_file_size)  # a hole: no disk space
+            if self.engine.dirty:
+                await self._writeout(be)
+            else:
+                await self._sync(be)
+
     async def _writeout(self, be) -> None:
         """Write every dirty item in dependency order, one sync per round.
 
@@ -418,6 +469,9 @@ class Qcow2Image(Image):
 
     async def _close_writeout(self, be) -> None:
         async with self.write_lock:
+            await run_async(self.engine.release_reservation(), be.pread)
+            if be.size() > self.engine.allocated_end >= self.engine.min_file_size:
+                await be.truncate(self.engine.allocated_end)  # the reservation's hole goes too
             for _ in range(8):  # frees applied in one round dirty refblocks for the next
                 await self._writeout(be)
                 if not self.engine.dirty:

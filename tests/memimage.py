@@ -68,7 +68,10 @@ class MemImage:
         run_sync(self.engine.resize(size), self.pread)
 
     def flush(self) -> int:
-        """Write out everything, syncing between dependent batches. Returns syncs used."""
+        """Reserve ahead, write out everything, syncing between dependent batches. Returns syncs used."""
+        run_sync(self.engine.prepare_flush(), self.pread)
+        if len(self.buf) < self.engine.min_file_size:
+            self._put(self.buf, len(self.buf), bytes(self.engine.min_file_size - len(self.buf)))
         used = 0
         while self.engine.dirty:
             batch = self.engine.writeout_batch()
@@ -83,3 +86,22 @@ class MemImage:
                 raise AssertionError("flush does not converge")
         self.syncs += used
         return used
+
+    def close(self) -> int:
+        """A clean close: give the reservation back, then write everything out."""
+        run_sync(self.engine.release_reservation(), self.pread)
+        if len(self.buf) > self.engine.allocated_end:
+            del self.buf[self.engine.allocated_end:]
+        used = 0
+        for _ in range(8):
+            used += self.flush_no_reserve()
+            if not self.engine.dirty:
+                break
+        return used
+
+    def flush_no_reserve(self) -> int:
+        saved, self.engine._allocs_since_flush = self.engine._allocs_since_flush, 0
+        try:
+            return self.flush()
+        finally:
+            self.engine._allocs_since_flush = saved

@@ -32,10 +32,15 @@ MiB = 1 << 20
 MAX_SIZE = 17 * MiB
 
 
-def check_clean(buf: bytes, where: str) -> None:
+def check_clean(buf: bytes, where: str, reserved=()) -> None:
+    """No corruption; the only leaks are clusters reserved ahead (refcount.py).
+
+    (Reserved clusters past EOF are not even counted as leaks: like qemu-img,
+    the checker looks at the clusters the file holds.)
+    """
     result = run_sync(check_image(len(buf)), lambda off, n: buf[off:off + n])
     assert not result.corruptions, f"{where}: {result.corruptions[:5]}"
-    assert not result.leaks, f"{where}: leaked clusters {result.leaks[:10]}"
+    assert set(result.leaks) <= set(reserved), f"{where}: leaked clusters {result.leaks[:10]}"
     assert not result.errors, f"{where}: {result.errors} check errors"
 
 
@@ -115,7 +120,7 @@ class CoreModel(RuleBasedStateMachine):
         self.img.flush()
         self.flushes += 1
         assert not self.img.engine.dirty
-        check_clean(bytes(self.img.buf), f"after flush {self.flushes}")
+        check_clean(bytes(self.img.buf), f"after flush {self.flushes}", self.img.engine.refs.reservation)
         if reopen:
             # Everything acknowledged by the flush is on "disk": a fresh open sees it.
             fresh = MemImage(bytearray(self.img.buf), writable=False)
@@ -130,7 +135,7 @@ class CoreModel(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "img"):
             return
-        self.img.flush()
+        self.img.close()  # gives the reservation back: a clean close leaves no leaks
         check_clean(bytes(self.img.buf), "at teardown")
         qemu_verdict(bytes(self.img.buf), bytes(self.model))  # includes the full compare, fast
 
@@ -154,7 +159,7 @@ def test_evicted_l2_table_keeps_its_update():
     # the first allocation. The second cluster's lookup reloads T0 as a new object.
     img.write(10 * cs - 1, b"AB")
     assert img.read(10 * cs - 1, 2) == b"AB"  # today: b"\x00B", the first cluster's L2 update is lost
-    img.flush()
+    img.close()
     check_clean(bytes(img.buf), "after flush")  # today: the first new cluster is leaked
 
 
@@ -210,7 +215,7 @@ def test_qemu_created_images_take_random_writes(tmp_path, opts):
             img.flush()
             off = rnd.randrange(0, size - 4096)
             assert img.read(off, 4096) == bytes(model[off:off + 4096])
-    img.flush()
+    img.close()
     assert img.read(0, size) == bytes(model)
     check_clean(bytes(img.buf), opts)
     qemu_verdict(bytes(img.buf), bytes(model))
@@ -239,9 +244,9 @@ def test_compressed_images_take_random_writes(tmp_path, opts):
         img.write(off, data)
         model[off:off + n] = data
         if step % 10 == 9:
-            img.flush()
+            img.close()
             check_clean(bytes(img.buf), f"{opts} step {step}")
-    img.flush()
+    img.close()
     assert img.read(0, size) == bytes(model)
     check_clean(bytes(img.buf), opts)
     qemu_verdict(bytes(img.buf), bytes(model))

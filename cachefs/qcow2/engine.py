@@ -33,8 +33,16 @@ from cachefs.qcow2.refcount import Refcounts
 DEFAULT_CACHE_BYTES = 32 << 20
 
 
+#: Reservation bounds (clusters are reserved in bytes' worth, see prepare_flush).
+MIN_RESERVE_BYTES = 1 << 20
+MAX_RESERVE_BYTES = 256 << 20
+
+
 @attrs.define
 class EngineCounters:
+    reserved: int = 0           # clusters taken into reservations
+    from_reservation: int = 0   # allocations served by one
+    data_first: int = 0         # L2 updates that had to wait for their data (an extra sync)
     metadata_writes: int = 0
     metadata_bytes: int = 0
     batches: int = 0
@@ -56,6 +64,8 @@ def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CA
         raise CorruptImage("L1 or refcount table is truncated")
     eng = Engine(hdr, fmt.decode_table(bytes(l1_buf)), fmt.decode_table(bytes(rt_buf)), file_size,
                  writable=writable, cache_bytes=cache_bytes)
+    if eng.writable:
+        yield from eng.refs.scan_end()
     return eng
 
 
@@ -119,6 +129,7 @@ class Engine:
         # Invariant: no host byte at or past written_high was ever written, so
         # such clusters read as zeros (a hole or past EOF) without COW.
         self.written_high = file_size
+        self._allocs_since_flush = 0
         self.read_only_reason = None if writable else "opened read-only"
         if writable:
             self.read_only_reason = _read_only_reason(hdr)
@@ -273,8 +284,9 @@ class Engine:
             if not self.l1[l1_idx] & fmt.L1_COPIED:
                 raise UnsupportedImage("shared L2 tables (internal snapshots) cannot be written")
             return (yield from self._load_l2(off)), idx
-        cluster, block = yield from self.refs.alloc()
-        self.counters.allocations += 1
+        a = yield from self.refs.alloc()
+        cluster, block = a.cluster, a.block
+        self._count_alloc(a)
         off = cluster << self.cb
         self._claim(cluster, "l2")
         # A new table is unreachable until its L1 entry is written, so it needs
@@ -329,7 +341,7 @@ class Engine:
             # no fallocate, so a full zero cluster becomes a zero cluster.
             if not is_zero:
                 self.counters.zero_writes += 1
-                updates.append(L2Update(vcl, fmt.L2_ZERO, entry, None, table, idx))
+                updates.append(L2Update(vcl, fmt.L2_ZERO, entry, None, table, idx, data_first=False))
             return
         if full and off == 0 and not compressed and chunk == self.zero_cluster:
             return  # v2: an unallocated cluster already reads as zeros
@@ -355,13 +367,14 @@ class Engine:
         elif off and not entry & fmt.L2_ZERO:
             source = bytes((yield ReadRequest(off, cs)))
             self.counters.cow_reads += 1
-        cluster, _block = yield from self.refs.alloc()
-        self.counters.allocations += 1
+        a = yield from self.refs.alloc()
+        cluster = a.cluster
+        self._count_alloc(a)
         self._claim(cluster, "data")
         host = cluster << self.cb
         if full:
             writes.append(DataWrite(host, chunk))
-        elif source is None and host >= self.written_high:
+        elif source is None and (a.fresh or host >= self.written_high):
             # Never written: the rest of the cluster already reads as zeros.
             writes.append(DataWrite(host + inc, chunk))
         else:
@@ -369,7 +382,57 @@ class Engine:
             body[inc:inc + len(chunk)] = chunk
             writes.append(DataWrite(host, body))
         self.written_high = max(self.written_high, host + cs)
-        updates.append(L2Update(vcl, host | fmt.L2_COPIED, entry, cluster, table, idx))
+        # Invariant 3 needs the data durable before the entry unless a crash
+        # cannot expose wrong bytes. A reserved cluster is a hole inside the
+        # file (prepare_flush made the file cover it, durably, before anything
+        # could point at it), so it reads as zeros: what an unallocated
+        # cluster held. Old data copied in (compressed or shared source), a
+        # recycled cluster's stale bytes, or a cluster past EOF (qemu-img check
+        # calls a reference past EOF corruption) all need the data first.
+        data_first = source is not None or not a.fresh
+        self.counters.data_first += data_first
+        updates.append(L2Update(vcl, host | fmt.L2_COPIED, entry, cluster, table, idx, data_first))
+
+    def _count_alloc(self, a) -> None:
+        self.counters.allocations += 1
+        self.counters.from_reservation += a.fresh
+        self._allocs_since_flush += 1
+
+    def prepare_flush(self):
+        """Generator: reserve clusters for the next interval, so its flush needs one sync.
+
+        Sized from the allocations since the last flush (twice that, within
+        MIN/MAX_RESERVE_BYTES): a guest that allocated nothing reserves
+        nothing, so an idle flush writes nothing.
+        """
+        recent, self._allocs_since_flush = self._allocs_since_flush, 0
+        if not recent or self.read_only_reason:
+            return
+        lo, hi = max(1, MIN_RESERVE_BYTES >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
+        want = min(max(2 * recent, lo), hi)
+        before = len(self.refs.reservation)
+        yield from self.refs.reserve(want)
+        self.counters.reserved += len(self.refs.reservation) - before
+
+    @property
+    def min_file_size(self) -> int:
+        """The file must be at least this long before the next sync: it covers the reservation.
+
+        Reserved clusters must be inside the file by the time an L2 entry can
+        point at them (a reference past EOF is corruption to qemu-img check);
+        extending the file in the flush that raises their refcounts does it.
+        """
+        return self.refs.reservation[-1] + 1 << self.cb if self.refs.reservation else 0
+
+    @property
+    def allocated_end(self) -> int:
+        """Bytes up to the end of the last cluster with a refcount (for trimming at close)."""
+        return self.refs.end_cluster << self.cb
+
+    def release_reservation(self):
+        """Generator: a clean close gives unused reserved clusters back (no leaks)."""
+        if self.read_only_reason is None:
+            yield from self.refs.release_reservation()
 
     def data_written(self) -> None:
         """Guest data reached the backend: the next flush must sync it."""
@@ -380,7 +443,7 @@ class Engine:
         for u in plan.updates:
             table = u.table
             table.entries[u.index] = u.new_entry
-            deps = [self.data_item]
+            deps = [self.data_item] if u.data_first else []
             if u.new_cluster is not None:
                 deps.append((yield from self.refs.load_block(
                     self.refs.block_offset(u.new_cluster // self.refs.per_block))))

@@ -82,6 +82,9 @@ class L2Update:
     new_cluster: int | None   # host cluster index allocated for it (refcount already raised)
     table: Any = attrs.field(eq=False, repr=False)  # the L2 meta.Table holding the entry
     index: int = 0
+    # The new entry may be written only once the data is durable (invariant
+    # 3): the cluster held stale bytes, or the copied head/tail hold old data.
+    data_first: bool = True
 
 
 @attrs.frozen

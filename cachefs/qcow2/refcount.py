@@ -11,9 +11,23 @@ durability must come first, and :meth:`Refcounts.apply_frees` lowers the
 refcount only after that item is clean (invariant 2). Until then the cluster
 stays allocated, so it cannot be handed out again while old metadata on disk
 may still point at it.
+
+Reserve ahead (DESIGN.md section 3, "One fdatasync per guest flush"): at each
+flush the engine raises the refcounts of a run of clusters past the end of the
+file *before* anything points at them; that raise becomes durable with the
+flush's one fdatasync. Allocations then come from the reservation, so the L2
+entry that uses such a cluster has no refcount block to wait for (invariant 1
+already holds) and the next flush needs one fdatasync, not two. Reserved
+clusters were never written, so after a crash they read as zeros (a hole, or
+past EOF): a reserved cluster is *fresh*. Unused reserved clusters after a
+crash are leaks (allowed); a clean close gives them back. Because they may
+lie past EOF, the end of the allocated space is taken from the refcounts, not
+only from the file size (:meth:`Refcounts.scan_end`).
 """
 
 from __future__ import annotations
+
+import collections
 
 import attrs
 
@@ -21,6 +35,13 @@ from cachefs.errors import CorruptImage, DamagedMetadata
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.meta import MetaItem, State, Table, TableCache, TableChunk
 from cachefs.qcow2.plan import ReadRequest
+
+
+@attrs.frozen
+class Allocation:
+    cluster: int
+    block: Table     # the refcount block counting it (durable already if from a reservation)
+    fresh: bool      # never written since it entered the file: reads as zeros after a crash
 
 
 @attrs.frozen
@@ -51,6 +72,9 @@ class Refcounts:
         self.reserved = range(0)
         # callback(deps, old_clusters) set by the engine: the header must follow a moved table.
         self.on_table_moved = None
+        # Invariant: every cluster here has refcount 1, nothing points at it,
+        # and nothing was ever written to it (so it is fresh); ascending.
+        self.reservation: collections.deque[int] = collections.deque()
 
     # ------------------------------------------------------------ lookup
 
@@ -142,8 +166,53 @@ class Refcounts:
             self.free_hint = min(self.free_hint, cluster)
         return block
 
+    def scan_end(self):
+        """Generator: move end_cluster past the last cluster with a refcount.
+
+        Clusters reserved before a crash keep refcount 1 past EOF; without
+        this the allocator would hand them out again (refcount 2).
+        """
+        for block_idx in range(len(self.table) - 1, -1, -1):
+            off = self.block_offset(block_idx)
+            if not off:
+                continue
+            block = yield from self.load_block(off)
+            last = next((i for i in range(len(block.entries) - 1, -1, -1) if block.entries[i]), None)
+            if last is not None:
+                self.end_cluster = max(self.end_cluster, block_idx * self.per_block + last + 1)
+                return
+
     def alloc(self):
-        """One free cluster, its refcount raised to 1. Returns (index, block item)."""
+        """One cluster for a new reference: from the reservation if any. Returns an Allocation."""
+        if self.reservation:
+            cluster = self.reservation.popleft()
+            block = yield from self._block_for(cluster)
+            return Allocation(cluster, block, True)
+        cluster, block = yield from self._alloc_free()
+        return Allocation(cluster, block, False)
+
+    def reserve(self, count: int):
+        """Generator: top the reservation up to ``count`` fresh clusters past the end.
+
+        Returns the refcount blocks that changed (dirty until the next sync).
+        """
+        need = count - len(self.reservation)
+        if need <= 0:
+            return []
+        first, blocks = yield from self.alloc_at_end(need)
+        self.reservation.extend(range(first, first + need))
+        return blocks
+
+    def release_reservation(self):
+        """Generator: give the unused reserved clusters back (a clean close leaves no leaks)."""
+        while self.reservation:
+            cluster = self.reservation.pop()
+            yield from self.change(cluster, -1)
+            if cluster == self.end_cluster - 1:
+                self.end_cluster -= 1
+
+    def _alloc_free(self):
+        """The lowest free cluster, its refcount raised to 1. Returns (index, block item)."""
         while True:
             cluster = yield from self._find_free(self.free_hint)
             block_off = self.block_offset(cluster // self.per_block)
