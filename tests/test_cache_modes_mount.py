@@ -407,7 +407,9 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, mounted, images, workdir):
         assert stat_of(m / "vm.raw", "queue_depth") > 0
     else:
         assert not lost, f"{mode}: after the last guest flush {len(lost)} blocks are not in the image file"
-        qemu_img("check", "-U", snap)
+        # Leaks at most: clusters reserved ahead for the next flush (refcount.py).
+        rc = qemu_img("check", "-U", snap, check=False).returncode
+        assert rc in (0, 3), rc
     assert not missing(backing(images, "disk.img"), written["disk.img"])
 
     # A clean unmount writes and syncs everything, whatever the mode (unsafe included).
