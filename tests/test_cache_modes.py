@@ -200,8 +200,12 @@ def guaranteed(ops: list[Op], cut: int, mode: CacheMode) -> set[int]:
     return safe
 
 
-def allowed_by_sector(ops: list[Op], safe: set[int], sectors: int) -> dict[int, set[bytes]]:
-    """For each written sector: its newest guaranteed content, or anything written later."""
+def allowed_by_sector(ops: list[Op], safe: set[int], sectors: int,
+                      initial: bytes | None = None) -> dict[int, set[bytes]]:
+    """For each written sector: its newest guaranteed content, or anything written later.
+
+    ``initial``: the guest view before the workload (zeros if None).
+    """
     history: dict[int, list[tuple[int, bytes]]] = {}
     for i, op in enumerate(ops):
         if op.kind != "write":
@@ -213,7 +217,8 @@ def allowed_by_sector(ops: list[Op], safe: set[int], sectors: int) -> dict[int, 
         if s >= sectors:
             continue
         last_safe = max((j for j, (i, _) in enumerate(writes) if i in safe), default=None)
-        base = {bytes(SECTOR)} if last_safe is None else set()
+        before = bytes(SECTOR) if initial is None else initial[s * SECTOR:(s + 1) * SECTOR]
+        base = {before} if last_safe is None else set()
         out[s] = base | {v for _, v in writes[last_safe or 0:]}
     return out
 

@@ -250,3 +250,33 @@ def test_compressed_images_take_random_writes(tmp_path, opts):
     assert img.read(0, size) == bytes(model)
     check_clean(bytes(img.buf), opts)
     qemu_verdict(bytes(img.buf), bytes(model))
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_reservation_growing_the_refcount_table_keeps_one_block_per_cluster(seed):
+    """Regressions: reserving a run that needs a new refcount block placed past the end, whose
+    counting grows the refcount table, put a second block on that same cluster (the flush never
+    converged), or let the nested run forget the outer one (a block inside handed-out clusters)."""
+    rng = random.Random(seed)
+    size, cs = 16 * MiB, 512
+    img = MemImage.create(size, cluster_bits=9)
+    model = bytearray(size)
+    for i in range(200):
+        kind = rng.random()
+        if kind < 0.15:
+            n = rng.randint(1, 600)
+            off, data = rng.randrange(0, size // cs - n + 1) * cs, bytes(n * cs)
+        elif kind < 0.4:
+            length = min(rng.randint(1, 600) * cs, 300 * 1024)
+            off, data = rng.randrange(0, (size - length) // cs + 1) * cs, rng.randbytes(length)
+        else:
+            length = rng.randint(1, 3000)
+            off, data = rng.randrange(0, size - length), rng.randbytes(length)
+        img.write(off, data)
+        model[off:off + len(data)] = data
+        if i % 10 == 9:
+            img.flush()
+            check_clean(bytes(img.buf), f"after write {i}", img.engine.refs.reservation)
+    img.close()
+    check_clean(bytes(img.buf), "after close")
+    assert img.read(0, size) == bytes(model)

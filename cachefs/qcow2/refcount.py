@@ -67,9 +67,10 @@ class Refcounts:
         self.end_cluster = -(-file_size // self.cs)
         self.free_hint = 0
         self.pending: list[PendingFree] = []
-        # Clusters being handed out as one contiguous run: a refcount block
-        # created meanwhile must not land inside them.
-        self.reserved = range(0)
+        # Clusters being handed out as contiguous runs: a refcount block
+        # created meanwhile must not land inside them. A list, because a run
+        # can trigger refcount-table growth, which hands out a run of its own.
+        self.handing_out: list[range] = []
         # callback(deps, old_clusters) set by the engine: the header must follow a moved table.
         self.on_table_moved = None
         # Invariant: every cluster here has refcount 1, nothing points at it,
@@ -123,7 +124,8 @@ class Refcounts:
         # so the block can live in one of them and describe itself, as in QEMU.
         first = block_idx * self.per_block
         at = next((c for c in range(first, first + self.per_block)
-                   if c != cluster and c not in self.reserved), None)
+                   if c != cluster and c not in self.block_clusters
+                   and not any(c in r for r in self.handing_out)), None)
         block = Table(name="refblock", kind="refblock",
                       entries=[0] * self.per_block, order=self.order, state=State.DIRTY)
         if at is None:
@@ -132,7 +134,13 @@ class Refcounts:
             at = self.end_cluster
             self.end_cluster += 1
             self._register(block_idx, block, at)
-            yield from self.change(at, 1)
+            # Counting it may grow the table, whose blocks must not land on it.
+            run = range(at, at + 1)
+            self.handing_out.append(run)
+            try:
+                yield from self.change(at, 1)
+            finally:
+                self.handing_out.remove(run)
             return block
         block.entries[at % self.per_block] = 1
         self._register(block_idx, block, at)
@@ -249,14 +257,15 @@ class Refcounts:
         Returns (first cluster, the refcount blocks that now count them).
         """
         first = self.end_cluster
-        self.reserved = range(first, first + count)
+        run = range(first, first + count)
+        self.handing_out.append(run)
         self.end_cluster = first + count
         try:
             blocks = []
-            for cluster in self.reserved:
+            for cluster in run:
                 blocks.append((yield from self.change(cluster, 1)))
         finally:
-            self.reserved = range(0)
+            self.handing_out.remove(run)
         return first, blocks
 
     def defer_free(self, cluster: int, after: MetaItem) -> None:
