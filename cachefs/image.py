@@ -326,6 +326,7 @@ class Qcow2Image(Image):
         self.engine = engine
         super().__init__(path, backends, lock, writable and engine.writable, mode)
         self.write_lock = trio.Lock()
+        self.early_writeouts = 0
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
 
     @property
@@ -344,7 +345,8 @@ class Qcow2Image(Image):
                    zero_writes=c.zero_writes, cow_reads=c.cow_reads,
                    queue_depth=len(self.engine._dirty_items()), pending_frees=len(self.engine.refs.pending),
                    cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
-                   from_reservation=c.from_reservation, data_first=c.data_first)
+                   from_reservation=c.from_reservation, data_first=c.data_first,
+                   early_writeouts=self.early_writeouts)
         honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
         out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         return out
@@ -390,7 +392,7 @@ class Qcow2Image(Image):
                 await run_async(eng.commit(plan), be.pread)
                 self._zcache = None
                 if eng.cache.over_budget:
-                    await self._writeout(be)
+                    await self._writeout_early(be)
                 return
             self.inflight += 1
         try:
@@ -466,6 +468,26 @@ class Qcow2Image(Image):
             # The L2 changes that dropped these references are durable now and
             # no I/O that looked them up is still running (invariant 2).
             await run_async(eng.refs.apply_frees(), be.pread)
+
+    async def _writeout_early(self, be) -> None:
+        """Too much of the table cache is dirty: write what is ready now, without a sync.
+
+        DESIGN.md section 3: the queue writes out early when its memory fills,
+        and does not sync. Written tables may be evicted (meta.TableCache), so
+        memory stays bounded. Only if nothing was ready (every dirty table
+        waits for a sync) does a full writeout with syncs run. Caller holds
+        write_lock.
+        """
+        eng = self.engine
+        batch = eng.writeout_batch()
+        for item, offset, payload in batch:
+            if payload:
+                await be.pwrite(offset, payload)
+        eng.written(batch)
+        self.early_writeouts += 1
+        eng.cache.trim()
+        if eng.cache.over_budget:
+            await self._writeout(be)
 
     async def _close_writeout(self, be) -> None:
         async with self.write_lock:

@@ -63,6 +63,13 @@ class MemImage:
         if plan.data_writes:
             self.engine.data_written()
         run_sync(self.engine.commit(plan), self.pread)
+        if self.engine.cache.over_budget:  # as Qcow2Image._writeout_early: no sync
+            batch = self.engine.writeout_batch()
+            for item, off, payload in batch:
+                if payload:
+                    self.pwrite(off, payload)
+            self.engine.written(batch)
+            self.engine.cache.trim()
 
     def resize(self, size: int) -> None:
         run_sync(self.engine.resize(size), self.pread)

@@ -144,7 +144,8 @@ def fresh_qcow2(size: int, cluster_bits: int = 16) -> bytearray:
     return buf
 
 
-async def open_recorded(buf: bytearray, mode, *, faulty: bool = False, raw: bool = False):
+async def open_recorded(buf: bytearray, mode, *, faulty: bool = False, raw: bool = False,
+                        cache_bytes: int | None = None):
     store = MemoryBackend(buf)
     inner = FaultyBackend(store) if faulty else store
     rec = RecordingBackend(inner)
@@ -152,7 +153,8 @@ async def open_recorded(buf: bytearray, mode, *, faulty: bool = False, raw: bool
     if raw:
         return RawImage("mem.raw", backends, None, True, mode), rec, inner
     be = backends.get(mode.default)
-    engine = await run_async(open_engine(len(buf), writable=True), be.pread)
+    kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    engine = await run_async(open_engine(len(buf), writable=True, **kw), be.pread)
     return Qcow2Image("mem.qcow2", backends, None, True, engine, mode), rec, inner
 
 

@@ -103,8 +103,9 @@ def compressed_qcow2(tmp_path, size: int, cluster_bits: int) -> bytes:
 
 @pytest.mark.parametrize("mode", [WRITEBACK, NONE], ids=lambda m: m.name)
 @pytest.mark.parametrize("cluster_bits,seed,source", [(16, 1, "fresh"), (16, 2, "compressed"), (12, 3, "fresh"),
-                                                      (9, 4, "fresh")])
+                                                      (9, 4, "fresh"), (12, 5, "tiny-cache")])
 async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, cluster_bits, seed, source, tmp_path):
+    """tiny-cache: 4 tables, so the queue writes out early (no sync) and evicts written tables."""
     cs = 1 << cluster_bits
     size = 8 << 20 if cluster_bits > 9 else 2 << 20
     if source == "compressed":
@@ -115,7 +116,8 @@ async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, clu
         base = bytes(fresh_qcow2(size, cluster_bits))
     initial, _ = guest_after_cut(bytearray(base))
     initial = initial.ljust(size + (8 << 20), b"\0")  # the grown tail reads as zeros
-    img, rec, _ = await open_recorded(bytearray(base), mode)
+    cache = 4 * cs if source == "tiny-cache" else None
+    img, rec, _ = await open_recorded(bytearray(base), mode, cache_bytes=cache)
     rng = random.Random(seed)
     ops, grown = await workload(img, rec, rng, 220, size, cs)
     events = list(rec.events)
@@ -153,6 +155,8 @@ async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, clu
             assert r.returncode in (0, 3), f"qemu-img check exit {r.returncode} at cut {cut}:\n{r.stdout}"
             path.unlink()
     assert states >= 2 * min(100, len(events) + 1)
+    if source == "tiny-cache":
+        assert img.early_writeouts > 0
     print(f"power-cut states checked: {states} ({len(cuts)} cuts of {len(events)} events)")
 
     await img.close()

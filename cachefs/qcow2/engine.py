@@ -130,6 +130,8 @@ class Engine:
         # such clusters read as zeros (a hole or past EOF) without COW.
         self.written_high = file_size
         self._allocs_since_flush = 0
+        # Invariant: every WRITTEN item is in this list (a sync makes them all CLEAN).
+        self._awaiting_sync: list[MetaItem] = []
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
         self.read_only_reason = None if writable else "opened read-only"
         if writable:
@@ -557,7 +559,7 @@ class Engine:
 
     @property
     def needs_sync(self) -> bool:
-        return any(i.state is State.WRITTEN for i in self._all_items())
+        return bool(self._awaiting_sync)
 
     def _all_items(self):
         yield from self.cache.values()
@@ -603,6 +605,7 @@ class Engine:
         for item, offset, payload in batch:
             item.state = State.WRITTEN
             item.deps.clear()
+            self._awaiting_sync.append(item)
             if payload:
                 self.counters.metadata_writes += 1
                 self.counters.metadata_bytes += len(payload)
@@ -612,8 +615,10 @@ class Engine:
 
     def synced(self, *, apply_frees: bool = True):
         """Generator: a backend sync completed; WRITTEN items are durable. Applies due frees."""
-        for item in list(self._all_items()):
+        # The list, not the cache: a WRITTEN table may have been evicted (writeout_early).
+        for item in self._awaiting_sync:
             if item.state is State.WRITTEN:
                 item.state = State.CLEAN
+        self._awaiting_sync.clear()
         if apply_frees:
             yield from self.refs.apply_frees()

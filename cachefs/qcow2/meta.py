@@ -82,9 +82,10 @@ class TableChunk(MetaItem):
 class TableCache:
     """Bounded LRU of L2 tables and refcount blocks, keyed by host offset.
 
-    Only clean tables are evicted; dirty ones stay until written. The image
-    layer watches :attr:`over_budget` and writes metadata out when too much of
-    the cache is dirty, so memory stays bounded whatever the image size.
+    Only tables that are not dirty are evicted; dirty ones stay until
+    written. The image layer watches :attr:`over_budget` and writes the ready
+    metadata out early, without a sync, when too much of the cache is dirty,
+    so memory stays bounded whatever the image size.
     """
 
     def __init__(self, capacity: int):
@@ -118,12 +119,21 @@ class TableCache:
         self._tables[table.offset] = table
         self._tables.move_to_end(table.offset)
         self._live[table.offset] = table
+        self._trim(keep=table)
+        return table
+
+    def _trim(self, keep: Table | None = None) -> None:
+        # A WRITTEN table may go too: its bytes are in the file, and the engine
+        # keeps it (awaiting the sync) so a reload finds this same object.
         if len(self._tables) > self.capacity:
-            for off in [o for o, t in self._tables.items() if t.durable and t is not table]:
+            for off in [o for o, t in self._tables.items() if t.state is not State.DIRTY and t is not keep]:
                 if len(self._tables) <= self.capacity:
                     break
                 del self._tables[off]
-        return table
+
+    def trim(self) -> None:
+        """Evict what may be evicted now (after an early writeout)."""
+        self._trim()
 
     def drop(self, offset: int) -> None:
         self._tables.pop(offset, None)
