@@ -671,9 +671,8 @@ NEW_BLOCK_MOVED_TABLE = Scenario("new-block-moved-table", 4 * MiB, 9, 6, 0, 0, (
 ))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="cachefs bug: an L2/L1 write is not ordered after the refcount-table entry "
-                          "(or header) that makes a new refcount block reachable")
+# Regression: an L2/L1 write was not ordered after the refcount-table entry (or the
+# header) that makes a new refcount block reachable (engine._counted).
 @pytest.mark.parametrize("sc", [NEW_BLOCK_IN_PLACE, NEW_BLOCK_MOVED_TABLE], ids=lambda sc: sc.name)
 def test_new_refcount_block_is_reachable_before_an_entry_that_needs_it(sc, tmp_path):
     async def fault_free():
@@ -681,4 +680,4 @@ def test_new_refcount_block_is_reachable_before_an_entry_that_needs_it(sc, tmp_p
         await run.run_until(len(sc.steps))
         await run.assert_reads()
         run.audit_history()
-    trio.run(fault_free)  # not a trio-mode test: an AssertionError, not a group, for xfail(raises=)
+    trio.run(fault_free)

@@ -132,6 +132,7 @@ class Engine:
         self._allocs_since_flush = 0
         # Invariant: every WRITTEN item is in this list (a sync makes them all CLEAN).
         self._awaiting_sync: list[MetaItem] = []
+        self._moved_reftable = False
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
         self.read_only_reason = None if writable else "opened read-only"
         if writable:
@@ -288,7 +289,7 @@ class Engine:
                 raise UnsupportedImage("shared L2 tables (internal snapshots) cannot be written")
             return (yield from self._load_l2(off)), idx
         a = yield from self.refs.alloc()
-        cluster, block = a.cluster, a.block
+        cluster = a.cluster
         self._count_alloc(a)
         off = cluster << self.cb
         self._claim(cluster, "l2")
@@ -298,7 +299,8 @@ class Engine:
                                      entries=[0] * self.l2_entries, state=State.DIRTY))
         self.written_high = max(self.written_high, off + self.cs)
         self.l1[l1_idx] = off | fmt.L1_COPIED
-        self._l1_chunk(l1_idx * 8 // self.cs).touch(table, block)
+        table.new = True
+        self._l1_chunk(l1_idx * 8 // self.cs).touch(table, *(yield from self._counted(cluster)))
         return table, idx
 
     def _claim(self, cluster: int, owner: str) -> None:
@@ -468,8 +470,7 @@ class Engine:
             table.entries[u.index] = u.new_entry
             deps = [self.data_item] if u.data_first else []
             if u.new_cluster is not None:
-                deps.append((yield from self.refs.load_block(
-                    self.refs.block_offset(u.new_cluster // self.refs.per_block))))
+                deps.extend((yield from self._counted(u.new_cluster)))
             table.touch(*deps)
             self.cache.put(table)
             if u.old_entry & fmt.L2_COMPRESSED or \
@@ -524,14 +525,39 @@ class Engine:
         self.header_item.touch(*deps)
 
     def _pointed_l2(self, chunk_index: int):
+        """The L2 tables a relocated L1 chunk points at that are not on disk yet."""
         per = self.cs // 8
         for e in self.l1[chunk_index * per:(chunk_index + 1) * per]:
             t = self.cache.get(e & fmt.OFFSET_MASK) if e & fmt.OFFSET_MASK else None
-            if t is not None:
+            if t is not None and t.new:
                 yield t
+
+    def _counted(self, cluster: int):
+        """Generator: what must be durable before anything may point at ``cluster`` (invariant 1).
+
+        Not just the refcount block that counts it: a new block counts only
+        once it is reachable, through its refcount-table entry, and through
+        the header if the table moved. (Found by tests/test_fault_matrix.py:
+        an L2 entry durable before the reftable entry of its new block is
+        "refcount=0 reference=1" to qemu-img check.)
+        """
+        block_idx = cluster // self.refs.per_block
+        block = yield from self.refs.load_block(self.refs.block_offset(block_idx))
+        deps = [block, self.refs.chunk(block_idx * 8 // self.cs)]
+        if self._reftable_moving:
+            deps.append(self.header_item)
+        return deps
+
+    @property
+    def _reftable_moving(self) -> bool:
+        """The refcount table moved and the header pointing at it is not durable yet."""
+        if self._moved_reftable and self.header_item.durable:
+            self._moved_reftable = False
+        return self._moved_reftable
 
     def _reftable_moved(self, deps: list[MetaItem], old: range) -> None:
         self.header_item.touch(*deps)
+        self._moved_reftable = True
         for c in old:
             self.refs.defer_free(c, self.header_item)
 
@@ -619,6 +645,8 @@ class Engine:
         for item in self._awaiting_sync:
             if item.state is State.WRITTEN:
                 item.state = State.CLEAN
+                if isinstance(item, Table):
+                    item.new = False  # on disk now
         self._awaiting_sync.clear()
         if apply_frees:
             yield from self.refs.apply_frees()

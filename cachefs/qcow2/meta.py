@@ -65,6 +65,7 @@ class Table(MetaItem):
     offset: int = 0
     entries: list = attrs.field(factory=list, repr=False)
     order: int = 0  # refcount_order, for refblocks
+    new: bool = False  # created here and never yet durable (a new L2 table)
 
     def encode(self) -> bytes:
         if self.kind == "refblock":
