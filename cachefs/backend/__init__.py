@@ -5,6 +5,9 @@ bytes, not clusters, cache modes or FUSE. It must not import cachefs.qcow2
 or pyfuse3 (tests/test_backend.py checks). The layers above talk to the
 ``Backend`` protocol, so an engine test can swap the real file for
 ``MemoryBackend``, and a fault test can wrap either in ``FaultyBackend``.
+Two backends drive a real file: ``FileBackend`` (a thread per syscall,
+buffered or O_DIRECT) and ``AioBackend`` (O_DIRECT only, Linux native AIO
+completing into an eventfd, no thread per request; DESIGN.md section 4).
 
 Contract shared by every backend:
 
@@ -76,6 +79,7 @@ class Backend(Protocol):
 
 
 # Imported last: the implementations import ALIGN and IOCounters from here.
+from .aio import AioBackend, AioUnavailable  # noqa: E402
 from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Write, replay  # noqa: E402
 from .file import FileBackend, filesystem_type  # noqa: E402
 from .memory import MemoryBackend  # noqa: E402
@@ -85,6 +89,8 @@ __all__ = [
     "Backend",
     "IOCounters",
     "FileBackend",
+    "AioBackend",
+    "AioUnavailable",
     "filesystem_type",
     "MemoryBackend",
     "FaultyBackend",

@@ -11,13 +11,19 @@ What it provides today:
   aligned, for O_DIRECT. Freed by the garbage collector.
 - ``address_of(buf)``: the address of any buffer-protocol object.
 - ``fadvise(fd, offset, length, advice)`` and the ``POSIX_FADV_*`` constants.
+- ``AioContext(depth)``: Linux native AIO (io_submit and friends as raw
+  syscalls) completing into an eventfd, for ``cachefs.backend.aio``.
 
-Later: the Linux AIO and io_uring engines (DESIGN.md section 4).
+Later: io_uring (DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import weakref
+
+import attrs
 
 try:
     from ._cachefs_native import ffi, lib
@@ -40,6 +46,12 @@ __all__ = [
     "POSIX_FADV_WILLNEED",
     "POSIX_FADV_DONTNEED",
     "POSIX_FADV_NOREUSE",
+    "AioContext",
+    "AioRequest",
+    "IOCB_CMD_PREAD",
+    "IOCB_CMD_PWRITE",
+    "IOCB_CMD_FSYNC",
+    "IOCB_CMD_FDSYNC",
 ]
 
 
@@ -74,8 +86,11 @@ POSIX_FADV_NOREUSE: int = _src.POSIX_FADV_NOREUSE
 del _src
 
 
-def aligned_buffer(size: int, align: int = 4096):
+def aligned_buffer(size: int, align: int = 4096, *, zero: bool = True):
     """Zeroed, writable memory of ``size`` bytes at an ``align``-aligned address.
+
+    ``zero=False`` skips the memset, for a buffer a read overwrites anyway
+    (only the bytes the read filled may then be looked at).
 
     Returns a cffi buffer: ``memoryview(buf)`` is writable and C-contiguous,
     and it supports slicing and ``buf[a:b] = data``. The memory is freed
@@ -94,7 +109,8 @@ def aligned_buffer(size: int, align: int = 4096):
     if rc != 0:
         raise MemoryError(f"posix_memalign({size}, {align}) failed: {os.strerror(rc)}")
     ptr = ffi.gc(ffi.cast("char *", out[0]), lib.free, size=size)
-    lib.memset(ptr, 0, size)
+    if zero:
+        lib.memset(ptr, 0, size)
     # ffi.buffer keeps ``ptr`` (the owner) alive as long as it lives.
     return ffi.buffer(ptr, size)
 
@@ -113,3 +129,205 @@ def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
     rc = lib.posix_fadvise(fd, offset, length, advice)
     if rc != 0:
         raise OSError(rc, os.strerror(rc))
+
+
+# ---------------------------------------------------------------- Linux AIO
+# The opcodes of <linux/aio_abi.h>. They are kernel ABI, so they have the
+# same values with or without the compiled module.
+IOCB_CMD_PREAD = 0
+IOCB_CMD_PWRITE = 1
+IOCB_CMD_FSYNC = 2
+IOCB_CMD_FDSYNC = 3
+
+_READS_INTO_BUFFER = frozenset({IOCB_CMD_PREAD})
+
+
+@attrs.frozen
+class AioRequest:
+    """One iocb to submit. ``buf`` is the memory the kernel reads or fills
+    (None for the sync opcodes); ``token`` is handed back by ``reap``."""
+
+    opcode: int
+    fd: int
+    buf: object = None
+    offset: int = 0
+    token: object = None
+
+
+class AioContext:
+    """An io_setup context of ``depth`` slots whose completions signal ``eventfd``.
+
+    What it owns, and why:
+
+    - Invariant: a buffer stays referenced (``_slots``) from ``submit_many``
+      until its completion is reaped or the context is destroyed. The kernel
+      writes into it asynchronously, and a caller that stops waiting (a
+      cancelled trio task) must not let it be freed or reused meanwhile.
+    - At most ``depth`` requests are in flight: more would make io_submit
+      fail with EAGAIN, so callers queue and check ``free_slots``.
+    - Destroying the context (``close``, or the finalizer of a context that
+      was dropped) blocks in io_destroy until the kernel is done with every
+      buffer; only then are the references released.
+
+    Not thread-safe: one trio thread drives it.
+    """
+
+    def __init__(self, depth: int) -> None:
+        _require()
+        if not 0 < depth <= 65536:
+            raise ValueError(f"AIO depth {depth} out of range")
+        self.depth = depth
+        self.submit_calls = 0  # io_submit syscalls (batching shows as submitted / submit_calls)
+        self.submitted = 0  # requests the kernel accepted
+        self.reaped = 0
+        self._iocbs = ffi.new("struct iocb[]", depth)
+        self._ptrs = ffi.new("struct iocb *[]", depth)
+        self._scratch = ffi.new("struct io_event[]", depth)
+        self._data = ffi.new("uint64_t[]", depth)
+        self._res = ffi.new("int64_t[]", depth)
+        cctx = ffi.new("aio_context_t *")
+        rc = lib.cachefs_io_setup(depth, cctx)
+        if rc < 0:
+            raise OSError(-rc, f"io_setup({depth}): {os.strerror(-rc)}")
+        efd = lib.cachefs_eventfd()
+        if efd < 0:
+            lib.cachefs_io_destroy(cctx[0])
+            raise OSError(-efd, f"eventfd: {os.strerror(-efd)}")
+        self._ctx = cctx[0]
+        #: Readable when completions are waiting (IOCB_FLAG_RESFD on every iocb).
+        self.eventfd: int = efd
+        # slot -> (token, buffer keep-alive) while in flight, else None.
+        self._slots: list[tuple[object, object] | None] = [None] * depth
+        self._free = list(range(depth - 1, -1, -1))
+        self._closed = False
+        # Runs close's cleanup if the context is dropped unclosed (or at exit).
+        self._finalizer = weakref.finalize(
+            self, _destroy, self._ctx, efd, self._slots, self._iocbs
+        )
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return self.depth - len(self._free)
+
+    def submit_many(self, requests) -> list[tuple[object, int]]:
+        """Submit ``requests`` (AioRequest) with as few io_submit calls as possible.
+
+        Returns ``(token, -errno)`` for every request the kernel refused at
+        submission (e.g. EBADF); those never show up in ``reap``. Raises
+        ValueError for more requests than free slots.
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "AIO context is closed")
+        n = len(requests)
+        if n > len(self._free):
+            raise ValueError(f"{n} requests but only {len(self._free)} free AIO slots")
+        prep, efd, slots = lib.cachefs_iocb_prep, self.eventfd, self._slots
+        iocbs, ptrs, free = self._iocbs, self._ptrs, self._free
+        taken: list[int] = []
+        try:
+            for pos, req in enumerate(requests):
+                slot = free.pop()
+                taken.append(slot)
+                if req.buf is None:
+                    cbuf, size = ffi.NULL, 0
+                else:
+                    writable = req.opcode in _READS_INTO_BUFFER
+                    cbuf = ffi.from_buffer("char[]", req.buf, require_writable=writable)
+                    size = len(cbuf)
+                slots[slot] = (req.token, cbuf)
+                prep(iocbs, ptrs, pos, slot, req.opcode, req.fd, cbuf, size, req.offset, efd)
+        except BaseException:  # a bad buffer: nothing was submitted, give the slots back
+            for slot in taken:
+                slots[slot] = None
+                free.append(slot)
+            raise
+        rejected = []
+        done = 0
+        while done < n:
+            self.submit_calls += 1
+            rc = lib.cachefs_io_submit(self._ctx, n - done, ptrs + done)
+            if rc > 0:
+                self.submitted += rc
+                done += rc
+                continue
+            # The kernel took none: the error is the first remaining iocb's.
+            err = rc if rc < 0 else -errno.EAGAIN
+            slot = taken[done]
+            rejected.append((slots[slot][0], err))
+            slots[slot] = None
+            free.append(slot)
+            done += 1
+        return rejected
+
+    def reap(self, min_nr: int = 0) -> list[tuple[object, int]]:
+        """Completed requests as ``(token, result)``: bytes moved, or -errno.
+
+        Reads the eventfd counter *before* collecting events: a completion
+        lands in the ring before it signals the eventfd (fs/aio.c
+        aio_complete), so one that arrives after the counter was read leaves
+        the eventfd readable and is seen on the next wakeup. ``min_nr > 0``
+        blocks until that many are done (not for the trio thread).
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "AIO context is closed")
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass
+        out: list[tuple[object, int]] = []
+        slots, free = self._slots, self._free
+        while self.in_flight:
+            cap = self.in_flight
+            n = lib.cachefs_io_reap(self._ctx, min(min_nr, cap), cap, self._scratch, self._data, self._res)
+            if n == -errno.EINTR:
+                continue
+            if n < 0:
+                raise OSError(-n, f"io_getevents: {os.strerror(-n)}")
+            for slot, res in zip(ffi.unpack(self._data, n), ffi.unpack(self._res, n)):
+                out.append((slots[slot][0], res))
+                slots[slot] = None
+                free.append(slot)
+            self.reaped += n
+            min_nr = max(0, min_nr - n)
+            if n < cap and min_nr == 0:
+                break
+        return out
+
+    def cancel(self, token) -> int:
+        """io_cancel the in-flight request with ``token``: 0, or -errno.
+
+        Regular-file I/O cannot be cancelled (-EINVAL); the request then
+        completes normally and is reaped as usual. -ENOENT: no such token.
+        """
+        for slot, entry in enumerate(self._slots):
+            if entry is not None and entry[0] is token:
+                rc = lib.cachefs_io_cancel(self._ctx, self._iocbs + slot)
+                return 0 if rc == -errno.EINPROGRESS else rc
+        return -errno.ENOENT
+
+    def close(self) -> None:
+        """io_destroy (waits for in-flight requests), then close the eventfd."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> AioContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# Buffers of a context io_destroy failed on: the kernel may still use them.
+_LEAKED: list[object] = []
+
+
+def _destroy(ctx, efd: int, slots: list, iocbs) -> None:
+    rc = lib.cachefs_io_destroy(ctx)
+    if rc < 0:  # never expected; freeing memory the kernel may write is worse than a leak
+        _LEAKED.append((slots[:], iocbs))
+    slots[:] = [None] * len(slots)
+    os.close(efd)
