@@ -163,13 +163,15 @@ def check(image, repair, as_json):
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--cache", "cache_mode", default="writeback", show_default=True,
               type=click.Choice(list(MODES)), help="Cache mode of every image (see docs/cache-modes.md).")
+@click.option("--aio", default="threads", show_default=True, type=click.Choice(["threads", "native"]),
+              help="I/O engine: a thread pool, or Linux AIO on an eventfd (O_DIRECT modes only).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other).")
 @click.option("-o", "options", multiple=True, help="Mount options; 'ro' serves every image read-only.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Log file (default: /run/cachefs/MOUNTPOINT.log, or stderr with --foreground).")
 @click.option("--debug", is_flag=True)
-def mount(image_dir, mountpoint, cache_mode, foreground, allow_other, options, log_file, debug):
+def mount(image_dir, mountpoint, cache_mode, aio, foreground, allow_other, options, log_file, debug):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
     Returns once the mount is live.
@@ -178,9 +180,13 @@ def mount(image_dir, mountpoint, cache_mode, foreground, allow_other, options, l
     opts = {o for group in options for o in group.split(",") if o}
     cfg = MountConfig(
         image_dir=os.path.abspath(image_dir), mountpoint=os.path.abspath(mountpoint),
-        cache_mode=cache_mode, read_only="ro" in opts, allow_other=allow_other,
+        cache_mode=cache_mode, aio=aio, read_only="ro" in opts, allow_other=allow_other,
         log_file=log_file, foreground=foreground, debug=debug,
     )
+    if aio == "native" and not any(m.direct for m in (MODES[cache_mode].for_open(f) for f in (0, os.O_DIRECT))):
+        raise click.BadParameter(f"--aio native needs O_DIRECT (--cache none, directsync or auto); "
+                                 f"Linux AIO on a buffered file runs synchronously, so {cache_mode} uses threads",
+                                 param_hint="--aio")
     discover_images(cfg.image_dir)  # refuse name clashes before anything starts
     sys.exit(run_mount(cfg))
 

@@ -29,6 +29,7 @@ class MountConfig:
     image_dir: str
     mountpoint: str
     cache_mode: str = "writeback"
+    aio: str = "threads"
     read_only: bool = False
     allow_other: bool = False
     log_file: str | None = None
@@ -118,6 +119,7 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
     import pyfuse3
     import trio
 
+    from cachefs.backend.aio import AioUnavailable
     from cachefs.errors import DirectIOUnsupported
     from cachefs.fs import CachefsOperations
     from cachefs.image import open_image
@@ -128,9 +130,9 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
     try:
         for name, path in discover_images(cfg.image_dir).items():
             try:
-                images[name] = await open_image(path, writable=not cfg.read_only, mode=mode)
-            except DirectIOUnsupported:
-                raise  # the whole directory is on that filesystem: refuse the mount, no fallback
+                images[name] = await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio)
+            except (DirectIOUnsupported, AioUnavailable):
+                raise  # the whole directory is on that filesystem / this host: refuse, no fallback
             except (CachefsError, OSError) as exc:
                 skipped[name] = str(exc)
                 log.warning("not serving %s: %s", path, exc)

@@ -157,6 +157,7 @@ class Image:
             "direct_bytes": total("direct_bytes"), "bounce_requests": total("bounce_requests"),
             "flush_failures": self.guest.flush_failures, "flushes_merged": self.flushes_merged,
             "descriptors": ",".join(self.backends.modes_open()),
+            "aio": ",".join(f"{m}:{e}" for m, e in self.backends.engines().items()),
         }
         for name in sorted(set(self.by_mode) | set(b)):
             g, io = self.by_mode.get(name, ModeCounters()), b.get(name)
@@ -524,10 +525,10 @@ def _repair_buffered(path: str) -> None:
 
 
 async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
-                     cache_bytes: int | None = None) -> Image:
+                     cache_bytes: int | None = None, aio: str = "threads") -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
     lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    backends = BackendSet(file_opener(path, writable), lock_fd)
+    backends = BackendSet(file_opener(path, writable, aio), lock_fd)
     lock = None
     try:
         lock = ImageLock.acquire(lock_fd, path, writable)
