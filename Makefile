@@ -54,6 +54,13 @@ $(VENV)/.bench: $(STAMP)
 bench: deps venv $(VENV)/.bench
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash bench/run.sh
 
+# Seed 001: one flush-heavy fio job in every cache mode, on the host file,
+# qemu-storage-daemon and cachefs (about 15 minutes; needs root). Its
+# settings are variables, e.g. a quick run: `make bench-modes RUNTIME=3 ROUNDS=1`.
+.PHONY: bench-modes
+bench-modes: deps venv
+	bash bench/cache_modes.sh
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp
 	rm -f cachefs/native/_cachefs_native.c cachefs/native/_cachefs_native*.so cachefs/native/_cachefs_native*.o
