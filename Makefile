@@ -51,8 +51,15 @@ $(VENV)/.bench: $(STAMP)
 	$(VPY) -m pip install -q -e '.[bench]'
 	@touch $@
 
-bench: deps venv $(VENV)/.bench
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash bench/run.sh
+# Every benchmark, one after the other (they must not overlap: each is a
+# side-by-side comparison on this machine). About 30 minutes; needs root.
+bench: bench-modes bench-metaqueue
+
+# Issue 4: allocating writes with flushes, fdatasyncs per flush, cachefs vs
+# qemu-storage-daemon (about 10 minutes).
+.PHONY: bench-metaqueue
+bench-metaqueue: deps venv
+	$(VPY) bench/metaqueue.py
 
 # Seed 001: one flush-heavy fio job in every cache mode, on the host file,
 # qemu-storage-daemon and cachefs (about 15 minutes; needs root). Its
