@@ -64,7 +64,7 @@ from .. import native
 from ..errors import CachefsError, DirectIOUnsupported
 from . import ALIGN, IOCounters
 from . import file as file_mod
-from .file import Buffer, _as_bytes_view, _down, _RangeLocks, _up, aligned_memory, buffer_address, filesystem_type
+from .file import Buffer, _as_bytes_view, _down, _RangeLocks, _up, filesystem_type
 
 #: Requests in flight per backend. io_setup charges about twice this against
 #: the system-wide fs.aio-max-nr (65536 by default).
@@ -93,7 +93,7 @@ class _Op:
     submitted: bool = False
 
 
-class AioBackend:
+class AioBackend(file_mod.DirectWrites):
     """An O_DIRECT backing file driven by native AIO (the Backend protocol)."""
 
     def __init__(self, fd: int, path: str, *, sync: bool, writable: bool, depth: int = DEFAULT_DEPTH) -> None:
@@ -242,7 +242,7 @@ class AioBackend:
                 self.counters.bounce_requests += 1
             # Unzeroed: only the bytes the kernel filled are looked at.
             buf = memoryview(native.aligned_buffer(hi - lo, ALIGN, zero=False))
-            n = await self._read_into(fd, buf, lo)
+            n = await self._direct_read(fd, buf, lo)
             self.counters.direct_bytes += n
             start = offset - lo
             # The one copy: the callers want bytes (image.py pads with ljust),
@@ -263,9 +263,9 @@ class AioBackend:
         self.counters.bytes_written += len(mv)
 
     # -------------------------------------------------------------- O_DIRECT
-    # The same algorithm as FileBackend._pwrite_direct, on AIO primitives.
+    # The primitives file.DirectWrites builds its unaligned writes on.
 
-    async def _read_into(self, fd: int, buf: memoryview, offset: int) -> int:
+    async def _direct_read(self, fd: int, buf: memoryview, offset: int) -> int:
         done = 0
         while done < len(buf):
             n = await self._io(fd, native.IOCB_CMD_PREAD, buf[done:], offset + done, abortable=True)
@@ -274,7 +274,7 @@ class AioBackend:
                 break  # EOF (mid-block: the next offset would be unaligned)
         return done
 
-    async def _write_all(self, fd: int, buf: memoryview, offset: int, *, extends: bool = False) -> None:
+    async def _direct_write(self, fd: int, buf: memoryview, offset: int, *, extends: bool = False) -> None:
         if extends and self.extend_via_thread:
             self.thread_writes += 1
             await trio.to_thread.run_sync(file_mod._write_all, fd, buf, offset, True)
@@ -286,38 +286,8 @@ class AioBackend:
                 raise OSError(errno.EIO, f"short write at offset {offset + done}")
             done += n
 
-    async def _pwrite_direct(self, fd: int, offset: int, mv: memoryview) -> None:
-        end = offset + len(mv)
-        lo, hi = _down(offset), _up(end)
-        async with self._ranges.hold(lo, hi):
-            if hi <= self.size():
-                await self._write_aligned(fd, offset, mv, lo, hi, extends=False)
-                return
-            async with self._eof_lock:
-                old_size = self.size()
-                await self._write_aligned(fd, offset, mv, lo, hi, extends=hi > old_size)
-                want = max(old_size, end)  # padding the tail block moved EOF
-                if hi > want:
-                    await trio.to_thread.run_sync(os.ftruncate, fd, want)
-
-    async def _write_aligned(
-        self, fd: int, offset: int, mv: memoryview, lo: int, hi: int, *, extends: bool
-    ) -> None:
-        end = offset + len(mv)
-        if (lo, hi) == (offset, end) and buffer_address(mv) % ALIGN == 0:
-            await self._write_all(fd, mv, offset, extends=extends)  # zero copy
-            self.counters.direct_bytes += len(mv)
-            return
-        self.counters.bounce_requests += 1
-        buf = aligned_memory(hi - lo)  # zeroed: a head/tail read past EOF leaves zeros
-        head_read = offset != lo
-        if head_read:
-            self.counters.direct_bytes += await self._read_into(fd, buf[:ALIGN], lo)
-        if end != hi and not (hi - ALIGN == lo and head_read):
-            self.counters.direct_bytes += await self._read_into(fd, buf[hi - lo - ALIGN :], hi - ALIGN)
-        buf[offset - lo : end - lo] = mv
-        await self._write_all(fd, buf, lo, extends=extends)
-        self.counters.direct_bytes += hi - lo
+    async def _truncate_fd(self, fd: int, size: int) -> None:
+        await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
     # -------------------------------------------------------------- engine
 

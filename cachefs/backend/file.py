@@ -208,7 +208,53 @@ def filesystem_type(path: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------- the backend
 
 
-class FileBackend:
+class DirectWrites:
+    """O_DIRECT writes of any offset and length, on a backend's aligned primitives.
+
+    Shared by FileBackend (threads) and AioBackend (Linux AIO): the subclass
+    provides ``_direct_read``, ``_direct_write`` and ``_truncate_fd``, plus
+    ``counters``, ``size()``, ``_ranges`` and ``_eof_lock`` (the two
+    invariants in this module's docstring).
+    """
+
+    async def _pwrite_direct(self, fd: int, offset: int, mv: memoryview) -> None:
+        end = offset + len(mv)
+        lo, hi = _down(offset), _up(end)
+        async with self._ranges.hold(lo, hi):
+            if hi <= self.size():
+                await self._write_aligned(fd, offset, mv, lo, hi, extends=False)
+                return
+            async with self._eof_lock:
+                old_size = self.size()
+                await self._write_aligned(fd, offset, mv, lo, hi, extends=hi > old_size)
+                # Padding the tail block moved EOF past the caller's end.
+                want = max(old_size, end)
+                if hi > want:
+                    await self._truncate_fd(fd, want)
+
+    async def _write_aligned(self, fd: int, offset: int, mv: memoryview, lo: int, hi: int, *,
+                             extends: bool) -> None:
+        end = offset + len(mv)
+        if (lo, hi) == (offset, end):
+            addr = buffer_address(mv)
+            if addr is not None and addr % ALIGN == 0:
+                await self._direct_write(fd, mv, offset, extends=extends)  # zero copy
+                self.counters.direct_bytes += len(mv)
+                return
+        self.counters.bounce_requests += 1
+        buf = aligned_memory(hi - lo)  # zeroed: a head/tail read past EOF leaves zeros
+        head_read = offset != lo
+        if head_read:  # partial head block
+            self.counters.direct_bytes += await self._direct_read(fd, buf[:ALIGN], lo)
+        tail_is_head = hi - ALIGN == lo
+        if end != hi and not (tail_is_head and head_read):  # partial tail block
+            self.counters.direct_bytes += await self._direct_read(fd, buf[hi - lo - ALIGN :], hi - ALIGN)
+        buf[offset - lo : end - lo] = mv
+        await self._direct_write(fd, buf, lo, extends=extends)
+        self.counters.direct_bytes += hi - lo
+
+
+class FileBackend(DirectWrites):
     """A backing file opened for the backend protocol (see cachefs.backend)."""
 
     def __init__(self, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
@@ -346,41 +392,13 @@ class FileBackend:
         start = offset - lo
         return bytes(buf[start : min(n, start + length)]) if n > start else b""
 
-    async def _pwrite_direct(self, fd: int, offset: int, mv: memoryview) -> None:
-        end = offset + len(mv)
-        lo, hi = _down(offset), _up(end)
-        async with self._ranges.hold(lo, hi):
-            if hi <= self.size():
-                await self._write_aligned(fd, offset, mv, lo, hi)
-                return
-            async with self._eof_lock:
-                old_size = self.size()
-                await self._write_aligned(fd, offset, mv, lo, hi)
-                # Padding the tail block moved EOF past the caller's end.
-                want = max(old_size, end)
-                if hi > want:
-                    await self._run(os.ftruncate, fd, want)
+    # The O_DIRECT primitives DirectWrites builds on (worker threads here).
 
-    async def _write_aligned(self, fd: int, offset: int, mv: memoryview, lo: int, hi: int) -> None:
-        end = offset + len(mv)
-        if (lo, hi) == (offset, end):
-            addr = buffer_address(mv)
-            if addr is not None and addr % ALIGN == 0:
-                await self._run(_write_all, fd, mv, offset, True)
-                self.counters.direct_bytes += len(mv)
-                return
-        self.counters.bounce_requests += 1
-        buf = aligned_memory(hi - lo)
-        head_read = offset != lo
-        if head_read:  # partial head block: read it (zeros past EOF)
-            self.counters.direct_bytes += await self._run(
-                _read_into, fd, buf[:ALIGN], lo, True
-            )
-        tail_is_head = hi - ALIGN == lo
-        if end != hi and not (tail_is_head and head_read):  # partial tail block
-            self.counters.direct_bytes += await self._run(
-                _read_into, fd, buf[hi - lo - ALIGN :], hi - ALIGN, True
-            )
-        buf[offset - lo : end - lo] = mv
-        await self._run(_write_all, fd, buf, lo, True)
-        self.counters.direct_bytes += hi - lo
+    async def _direct_read(self, fd: int, buf: memoryview, offset: int) -> int:
+        return await self._run(_read_into, fd, buf, offset, True)
+
+    async def _direct_write(self, fd: int, buf: memoryview, offset: int, *, extends: bool) -> None:
+        await self._run(_write_all, fd, buf, offset, True)
+
+    async def _truncate_fd(self, fd: int, size: int) -> None:
+        await self._run(os.ftruncate, fd, size)
