@@ -6,6 +6,7 @@ own tools see a mounted image as "in use" and vice versa.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -56,12 +57,25 @@ def test_read_only_mount_lets_qemu_readers_in(mounted, images):
 
 
 def wait_held_by(proc, img, timeout=10.0):
-    """Poll until qemu-img info is refused: proc has opened the image and taken its locks."""
+    """Poll /proc/locks until proc holds QEMU's "write" permission byte on img.
+
+    Probing with `qemu-img info` instead races: a read-only open that lands
+    while qemu-io starts blocks qemu-io's own write lock (CI stop 7).
+    """
+    ino = img.stat().st_ino
+    # QEMU file-posix: permission bytes start at 100; BLK_PERM_WRITE is bit 1,
+    # so byte 101. The kernel merges adjacent bytes into one range.
+    pattern = re.compile(rf"OFDLCK\s+ADVISORY\s+\w+\s+-1\s+\S+:{ino}\s+(\d+)\s+(\d+)$")
+
+    def holds_write_byte(line):
+        m = pattern.search(line.strip())
+        return m is not None and int(m[1]) <= 101 <= int(m[2])
+
     deadline = time.monotonic() + timeout
     while True:
-        r = run("qemu-img", "info", img, check=False)
-        if r.returncode != 0 and "lock" in r.stderr:
-            return
+        with open("/proc/locks") as f:
+            if any(holds_write_byte(line) for line in f):
+                return
         assert proc.poll() is None, f"qemu-io exited early: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "qemu-io never took its locks"
         time.sleep(0.05)
