@@ -13,8 +13,9 @@ What it provides today:
 - ``fadvise(fd, offset, length, advice)`` and the ``POSIX_FADV_*`` constants.
 - ``AioContext(depth)``: Linux native AIO (io_submit and friends as raw
   syscalls) completing into an eventfd, for ``cachefs.backend.aio``.
-
-Later: io_uring (DESIGN.md section 4).
+- ``UringContext(depth)``: an io_uring (liburing) completing into an
+  eventfd, for ``cachefs.backend.uring``. ``uring_available()`` says
+  whether the module was built with liburing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ __all__ = [
     "IOCB_CMD_PWRITE",
     "IOCB_CMD_FSYNC",
     "IOCB_CMD_FDSYNC",
+    "UringContext",
+    "UringRequest",
+    "uring_available",
+    "IORING_OP_READ",
+    "IORING_OP_WRITE",
+    "IORING_OP_FSYNC",
+    "IORING_FSYNC_DATASYNC",
 ]
 
 
@@ -329,5 +337,196 @@ def _destroy(ctx, efd: int, slots: list, iocbs) -> None:
     rc = lib.cachefs_io_destroy(ctx)
     if rc < 0:  # never expected; freeing memory the kernel may write is worse than a leak
         _LEAKED.append((slots[:], iocbs))
+    slots[:] = [None] * len(slots)
+    os.close(efd)
+
+
+# ---------------------------------------------------------------- io_uring
+# <linux/io_uring.h> values: kernel ABI, defined with or without the module.
+IORING_OP_FSYNC = 3
+IORING_OP_READ = 22
+IORING_OP_WRITE = 23
+IORING_FSYNC_DATASYNC = 1
+
+_URING_READS_INTO_BUFFER = frozenset({IORING_OP_READ})
+
+
+def uring_available() -> str | None:
+    """None when io_uring rings can be asked for, else why not (module, liburing).
+
+    Whether the kernel grants a ring (kernel.io_uring_disabled, seccomp,
+    CONFIG_IO_URING) is only known by trying: ``UringContext`` raises OSError.
+    """
+    if lib is None:
+        return f"cachefs native module not available ({_IMPORT_ERROR})"
+    if not lib.cachefs_uring_built():
+        return "cachefs.native was built without liburing (install liburing-dev and rebuild it)"
+    return None
+
+
+@attrs.frozen
+class UringRequest:
+    """One SQE to submit: as AioRequest, plus ``flags`` (the SQE's rw/fsync
+    flags word: IORING_FSYNC_DATASYNC for a data-only sync)."""
+
+    opcode: int
+    fd: int
+    buf: object = None
+    offset: int = 0
+    token: object = None
+    flags: int = 0
+
+
+class UringContext:
+    """An io_uring of ``depth`` entries whose completions signal ``eventfd``.
+
+    The same contract as AioContext, so one engine drives either:
+
+    - Invariant: a buffer stays referenced (``_slots``) from ``submit_many``
+      until its completion is reaped or the ring is torn down; a cancelled
+      caller's buffer may still be written by the kernel meanwhile.
+    - At most ``depth`` requests are in flight (the SQ ring has ``depth``
+      entries and the CQ ring twice that, so completions never overflow).
+    - Teardown (``close``, or the finalizer) waits for the completion of
+      every request the kernel took before unmapping the ring and releasing
+      the buffers: closing an io_uring does not wait by itself.
+
+    Differences from Linux AIO: io_uring refuses nothing at submission (a
+    bad fd or an unaligned O_DIRECT buffer completes with -errno), so
+    ``submit_many`` returns an empty list; and it has no per-request cancel
+    here (file I/O cannot be cancelled by either engine).
+
+    Not thread-safe: one trio thread drives it.
+    """
+
+    def __init__(self, depth: int) -> None:
+        _require()
+        if not 0 < depth <= 4096:
+            raise ValueError(f"io_uring depth {depth} out of range")
+        why = uring_available()
+        if why is not None:
+            raise NativeUnavailable(why)
+        self.depth = depth
+        self.submit_calls = 0  # io_uring_submit calls (batching shows as submitted / submit_calls)
+        self.submitted = 0  # SQEs the kernel consumed
+        self.reaped = 0
+        self._data = ffi.new("uint64_t[]", depth)
+        self._res = ffi.new("int64_t[]", depth)
+        efd = lib.cachefs_eventfd()
+        if efd < 0:
+            raise OSError(-efd, f"eventfd: {os.strerror(-efd)}")
+        ring = ffi.new("struct io_uring *")
+        rc = lib.cachefs_uring_init(ring, depth, efd)
+        if rc < 0:
+            os.close(efd)
+            raise OSError(-rc, f"io_uring_setup({depth}): {os.strerror(-rc)}")
+        self._ring = ring
+        #: Readable when completions are waiting (io_uring_register_eventfd).
+        self.eventfd: int = efd
+        # slot -> (token, buffer keep-alive) while in flight, else None.
+        self._slots: list[tuple[object, object] | None] = [None] * depth
+        self._free = list(range(depth - 1, -1, -1))
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _uring_destroy, ring, efd, self._slots)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return self.depth - len(self._free)
+
+    def submit_many(self, requests) -> list[tuple[object, int]]:
+        """Prep one SQE per request (UringRequest) and submit them with one io_uring_submit.
+
+        Returns ``[]``: io_uring reports every failure as a completion. Raises
+        ValueError for more requests than free slots, OSError when the
+        submission itself fails (the SQEs then stay in the ring and go with
+        the next submission, so their buffers stay referenced).
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "io_uring is closed")
+        n = len(requests)
+        if n > len(self._free):
+            raise ValueError(f"{n} requests but only {len(self._free)} free io_uring slots")
+        # Every buffer is checked (a read into read-only memory raises) before
+        # the first SQE is prepped: a prepped SQE cannot be taken back.
+        cbufs = [
+            ffi.NULL if req.buf is None
+            else ffi.from_buffer("char[]", req.buf, require_writable=req.opcode in _URING_READS_INTO_BUFFER)
+            for req in requests
+        ]
+        prep, ring, slots, free = lib.cachefs_uring_prep, self._ring, self._slots, self._free
+        for req, cbuf in zip(requests, cbufs):
+            slot = free.pop()
+            slots[slot] = (req.token, cbuf)
+            size = 0 if req.buf is None else len(cbuf)
+            rc = prep(ring, req.opcode, req.fd, cbuf, size, req.offset, req.flags, slot)
+            if rc < 0:  # no SQE: impossible while in_flight <= depth, but never lose a slot
+                slots[slot] = None
+                free.append(slot)
+                raise OSError(-rc, f"io_uring_get_sqe: {os.strerror(-rc)}")
+        while lib.cachefs_uring_sq_ready(ring):
+            self.submit_calls += 1
+            rc = lib.cachefs_uring_submit(ring)
+            if rc == -errno.EINTR:
+                continue
+            if rc < 0:
+                raise OSError(-rc, f"io_uring_submit: {os.strerror(-rc)}")
+            self.submitted += rc
+            if rc == 0:
+                break
+        return []
+
+    def reap(self, min_nr: int = 0) -> list[tuple[object, int]]:
+        """Completed requests as ``(token, result)``: bytes moved, or -errno.
+
+        Reads the eventfd counter *before* collecting CQEs: the kernel posts
+        a CQE before it signals the eventfd, so one that lands after the
+        counter was read leaves the eventfd readable for the next wakeup.
+        ``min_nr > 0`` blocks until that many are done (not for the trio thread).
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "io_uring is closed")
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass
+        out: list[tuple[object, int]] = []
+        cap = self.in_flight
+        if not cap:
+            return out
+        while True:
+            n = lib.cachefs_uring_reap(self._ring, min(min_nr, cap), cap, self._data, self._res)
+            if n != -errno.EINTR:
+                break
+        if n < 0:
+            raise OSError(-n, f"io_uring_wait_cqe: {os.strerror(-n)}")
+        slots, free = self._slots, self._free
+        for slot, res in zip(ffi.unpack(self._data, n), ffi.unpack(self._res, n)):
+            out.append((slots[slot][0], res))
+            slots[slot] = None
+            free.append(slot)
+        self.reaped += n
+        return out
+
+    def close(self) -> None:
+        """Wait for the kernel's in-flight requests, unmap the ring, close the eventfd."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> UringContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _uring_destroy(ring, efd: int, slots: list) -> None:
+    in_flight = sum(entry is not None for entry in slots)
+    rc = lib.cachefs_uring_exit(ring, in_flight)
+    if rc < 0:  # never expected; the kernel may still write the buffers: leak them
+        _LEAKED.append((slots[:], ring))
     slots[:] = [None] * len(slots)
     os.close(efd)

@@ -5,24 +5,28 @@ run by hand (``python cachefs/native/build.py``) to compile in place.
 
 The module is assembled from *sections*. Each section contributes C
 declarations (``cdef``) and the C source that implements or includes them.
-Later work (io_uring) adds a section here and its Python wrapper in
-``__init__.py``; nothing else needs to change.
+A section may also name libraries to link (io_uring links liburing). A new
+engine adds a section here and its Python wrapper in ``__init__.py``;
+nothing else needs to change.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 
 from cffi import FFI
 
 MODULE_NAME = "cachefs.native._cachefs_native"
 
-# Each entry: (name, cdef, C source). Order is the order in the module.
-SECTIONS: list[tuple[str, str, str]] = []
+# Each entry: (name, cdef, C source, libraries). Order is the order in the module.
+SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = []
 
 
-def section(name: str, cdef: str, source: str = "") -> None:
-    SECTIONS.append((name, cdef, source))
+def section(name: str, cdef: str, source: str = "", libraries: tuple[str, ...] = ()) -> None:
+    SECTIONS.append((name, cdef, source, libraries))
 
 
 # Types the cdef parser does not know; the compiler fills in the real size.
@@ -177,14 +181,178 @@ section(
 )
 
 
+# io_uring (DESIGN.md section 4, issue 5): like the AIO section, one C call
+# preps an SQE and one reaps up to N CQEs into flat arrays, so Python never
+# touches ring memory; completions signal an eventfd registered with the
+# ring, which trio awaits. Unlike Linux AIO it is asynchronous for buffered
+# I/O too. liburing (liburing-dev; 2.3 on Debian 12) does the ring set-up
+# and barriers; its inline prep/peek helpers are wrapped here. Every wrapper
+# returns >= 0 or -errno, as liburing does.
+#
+# Without liburing at build time the section compiles to stubs that report
+# -ENOSYS and cachefs_uring_built() == 0, so the rest of the module (aligned
+# buffers, Linux AIO) still builds and `--aio io_uring` says what is missing.
+_URING_CDEF = """
+    struct io_uring { ...; };
+    static const int IORING_OP_FSYNC;
+    static const int IORING_OP_READ;
+    static const int IORING_OP_WRITE;
+    static const int IORING_FSYNC_DATASYNC;
+
+    int cachefs_uring_built(void);
+    int cachefs_uring_init(struct io_uring *ring, unsigned entries, int efd);
+    int cachefs_uring_prep(struct io_uring *ring, int opcode, int fd, void *buf, unsigned nbytes,
+                           uint64_t offset, unsigned flags, uint64_t user_data);
+    int cachefs_uring_submit(struct io_uring *ring);
+    unsigned cachefs_uring_sq_ready(struct io_uring *ring);
+    int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
+                           uint64_t *data, int64_t *res);
+    int cachefs_uring_exit(struct io_uring *ring, unsigned in_flight);
+"""
+
+_URING_SOURCE = """
+    #include <errno.h>
+    #include <stdint.h>
+    #include <liburing.h>
+
+    int cachefs_uring_built(void) { return 1; }
+
+    /* IORING_SETUP_SUBMIT_ALL (5.18): one bad SQE does not stop the rest of
+       the batch, it completes with its error like the others. Older kernels
+       refuse the flag (-EINVAL) and get a plain ring. */
+    int cachefs_uring_init(struct io_uring *ring, unsigned entries, int efd) {
+        int r = io_uring_queue_init(entries, ring, IORING_SETUP_SUBMIT_ALL);
+        if (r == -EINVAL)
+            r = io_uring_queue_init(entries, ring, 0);
+        if (r < 0)
+            return r;
+        r = io_uring_register_eventfd(ring, efd);
+        if (r < 0)
+            io_uring_queue_exit(ring);
+        return r;
+    }
+
+    /* One SQE; -EBUSY when the SQ ring is full (callers keep in-flight
+       requests under the ring size, so never in practice). For FSYNC the
+       flags are the fsync_flags (IORING_FSYNC_DATASYNC), which share the
+       rw_flags word; for READ/WRITE they are RWF_* flags. */
+    int cachefs_uring_prep(struct io_uring *ring, int opcode, int fd, void *buf, unsigned nbytes,
+                           uint64_t offset, unsigned flags, uint64_t user_data) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+        if (!sqe)
+            return -EBUSY;
+        io_uring_prep_rw(opcode, sqe, fd, buf, nbytes, offset);
+        sqe->rw_flags = flags;
+        io_uring_sqe_set_data64(sqe, user_data);
+        return 0;
+    }
+
+    /* SQEs handed to the kernel by this call, or -errno (none taken). */
+    int cachefs_uring_submit(struct io_uring *ring) { return io_uring_submit(ring); }
+
+    /* Prepared SQEs the kernel has not consumed yet. */
+    unsigned cachefs_uring_sq_ready(struct io_uring *ring) { return io_uring_sq_ready(ring); }
+
+    /* Reap up to nr CQEs, first waiting for min_nr of them (0: never blocks). */
+    int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
+                           uint64_t *data, int64_t *res) {
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+        if (min_nr) {
+            int r = io_uring_wait_cqe_nr(ring, &cqe, min_nr);
+            if (r < 0)
+                return r;
+        }
+        io_uring_for_each_cqe(ring, head, cqe) {
+            if (n == nr)
+                break;
+            data[n] = cqe->user_data;
+            res[n] = cqe->res;
+            n++;
+        }
+        io_uring_cq_advance(ring, n);
+        return (int)n;
+    }
+
+    /* Tear the ring down once the kernel is done with every buffer.
+       Closing the ring fd alone does not wait: the kernel cancels or
+       finishes in-flight requests in a background worker, and a buffered
+       read punted to io-wq may still write into its buffer after close
+       returns. So first wait for the completions of the requests the kernel
+       took (in_flight minus those still sitting unsubmitted in the SQ
+       ring). 0, or -errno with the ring left open (the caller then must
+       not free the buffers). */
+    int cachefs_uring_exit(struct io_uring *ring, unsigned in_flight) {
+        unsigned unsubmitted = io_uring_sq_ready(ring);
+        unsigned owed = in_flight > unsubmitted ? in_flight - unsubmitted : 0;
+        while (owed) {
+            struct io_uring_cqe *cqe;
+            unsigned head, n = 0;
+            int r = io_uring_wait_cqe(ring, &cqe);
+            if (r == -EINTR || r == -EAGAIN)
+                continue;
+            if (r < 0)
+                return r;
+            io_uring_for_each_cqe(ring, head, cqe)
+                n++;
+            io_uring_cq_advance(ring, n);
+            owed = n < owed ? owed - n : 0;
+        }
+        io_uring_queue_exit(ring);
+        return 0;
+    }
+"""
+
+# Built without liburing: the same names, kernel-ABI constants, no ring.
+_URING_STUB_SOURCE = """
+    #include <errno.h>
+    #include <stdint.h>
+    struct io_uring { int unused; };
+    static const int IORING_OP_FSYNC = 3;
+    static const int IORING_OP_READ = 22;
+    static const int IORING_OP_WRITE = 23;
+    static const int IORING_FSYNC_DATASYNC = 1;
+    int cachefs_uring_built(void) { return 0; }
+    int cachefs_uring_init(struct io_uring *ring, unsigned entries, int efd) { return -ENOSYS; }
+    int cachefs_uring_prep(struct io_uring *ring, int opcode, int fd, void *buf, unsigned nbytes,
+                           uint64_t offset, unsigned flags, uint64_t user_data) { return -ENOSYS; }
+    int cachefs_uring_submit(struct io_uring *ring) { return -ENOSYS; }
+    unsigned cachefs_uring_sq_ready(struct io_uring *ring) { return 0; }
+    int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
+                           uint64_t *data, int64_t *res) { return -ENOSYS; }
+    int cachefs_uring_exit(struct io_uring *ring, unsigned in_flight) { return 0; }
+"""
+
+
+def have_liburing() -> bool:
+    """Whether liburing's header and library are there to compile and link against."""
+    cc = os.environ.get("CC", "cc").split()
+    if shutil.which(cc[0]) is None:
+        return False
+    probe = "#include <liburing.h>\nint main(void) { struct io_uring r; return io_uring_queue_init(1, &r, 0); }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(probe)
+        r = subprocess.run([*cc, src, "-o", os.path.join(tmp, "probe"), "-luring"], capture_output=True)
+    return r.returncode == 0
+
+
+if have_liburing():
+    section("io_uring", cdef=_URING_CDEF, source=_URING_SOURCE, libraries=("uring",))
+else:
+    section("io_uring", cdef=_URING_CDEF, source=_URING_STUB_SOURCE)
+
+
 def make_ffibuilder() -> FFI:
     builder = FFI()
-    builder.cdef("\n".join(cdef for _name, cdef, _src in SECTIONS))
+    builder.cdef("\n".join(cdef for _name, cdef, _src, _libs in SECTIONS))
     # No feature macros here: cffi includes Python.h first, and its pyconfig.h
     # already defines _GNU_SOURCE and _FILE_OFFSET_BITS=64 (64-bit off_t).
     builder.set_source(
         MODULE_NAME,
-        "\n".join(src for _name, _cdef, src in SECTIONS),
+        "\n".join(src for _name, _cdef, src, _libs in SECTIONS),
+        libraries=sorted({lib for *_rest, libs in SECTIONS for lib in libs}),
         extra_compile_args=["-O2", "-Wall"],
     )
     return builder
