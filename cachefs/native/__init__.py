@@ -391,10 +391,10 @@ class UringContext:
       every request the kernel took before unmapping the ring and releasing
       the buffers: closing an io_uring does not wait by itself.
 
-    Differences from Linux AIO: io_uring refuses nothing at submission (a
-    bad fd or an unaligned O_DIRECT buffer completes with -errno), so
-    ``submit_many`` returns an empty list; and it has no per-request cancel
-    here (file I/O cannot be cancelled by either engine).
+    Differences from Linux AIO: a bad request (a bad fd, an unaligned
+    O_DIRECT buffer) is not refused by the submission but completes with
+    -errno; and there is no per-request cancel here (file I/O cannot be
+    cancelled by either engine).
 
     Not thread-safe: one trio thread drives it.
     """
@@ -440,10 +440,11 @@ class UringContext:
     def submit_many(self, requests) -> list[tuple[object, int]]:
         """Prep one SQE per request (UringRequest) and submit them with one io_uring_submit.
 
-        Returns ``[]``: io_uring reports every failure as a completion. Raises
-        ValueError for more requests than free slots, OSError when the
-        submission itself fails (the SQEs then stay in the ring and go with
-        the next submission, so their buffers stay referenced).
+        Returns ``(token, -errno)`` for the requests a failed io_uring_submit
+        left unsubmitted (resource shortage; they are taken back out of the
+        ring). Anything wrong with a request itself (a bad fd, an unaligned
+        O_DIRECT buffer) comes back as its completion instead. Raises
+        ValueError for more requests than free slots.
         """
         if self._closed:
             raise OSError(errno.EBADF, "io_uring is closed")
@@ -451,33 +452,43 @@ class UringContext:
         if n > len(self._free):
             raise ValueError(f"{n} requests but only {len(self._free)} free io_uring slots")
         # Every buffer is checked (a read into read-only memory raises) before
-        # the first SQE is prepped: a prepped SQE cannot be taken back.
+        # the first SQE is prepped, so a refusal leaves the ring untouched.
         cbufs = [
             ffi.NULL if req.buf is None
             else ffi.from_buffer("char[]", req.buf, require_writable=req.opcode in _URING_READS_INTO_BUFFER)
             for req in requests
         ]
         prep, ring, slots, free = lib.cachefs_uring_prep, self._ring, self._slots, self._free
+        taken: list[int] = []
         for req, cbuf in zip(requests, cbufs):
             slot = free.pop()
+            taken.append(slot)
             slots[slot] = (req.token, cbuf)
             size = 0 if req.buf is None else len(cbuf)
             rc = prep(ring, req.opcode, req.fd, cbuf, size, req.offset, req.flags, slot)
-            if rc < 0:  # no SQE: impossible while in_flight <= depth, but never lose a slot
-                slots[slot] = None
-                free.append(slot)
+            if rc < 0:  # no SQE: impossible while in_flight <= depth
+                lib.cachefs_uring_unprep(ring)
+                for s in taken:
+                    slots[s] = None
+                    free.append(s)
                 raise OSError(-rc, f"io_uring_get_sqe: {os.strerror(-rc)}")
+        rejected: list[tuple[object, int]] = []
         while lib.cachefs_uring_sq_ready(ring):
             self.submit_calls += 1
             rc = lib.cachefs_uring_submit(ring)
             if rc == -errno.EINTR:
                 continue
-            if rc < 0:
-                raise OSError(-rc, f"io_uring_submit: {os.strerror(-rc)}")
-            self.submitted += rc
-            if rc == 0:
-                break
-        return []
+            if rc > 0:
+                self.submitted += rc
+                continue
+            # Nothing taken (EAGAIN, EBUSY, ...): the rest is refused, as
+            # io_submit refuses, and taken back out of the ring.
+            err = rc if rc < 0 else -errno.EAGAIN
+            for slot in taken[len(taken) - lib.cachefs_uring_unprep(ring) :]:
+                rejected.append((slots[slot][0], err))
+                slots[slot] = None
+                free.append(slot)
+        return rejected
 
     def reap(self, min_nr: int = 0) -> list[tuple[object, int]]:
         """Completed requests as ``(token, result)``: bytes moved, or -errno.

@@ -205,6 +205,7 @@ _URING_CDEF = """
                            uint64_t offset, unsigned flags, uint64_t user_data);
     int cachefs_uring_submit(struct io_uring *ring);
     unsigned cachefs_uring_sq_ready(struct io_uring *ring);
+    unsigned cachefs_uring_unprep(struct io_uring *ring);
     int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
                            uint64_t *data, int64_t *res);
     int cachefs_uring_exit(struct io_uring *ring, unsigned in_flight);
@@ -252,6 +253,20 @@ _URING_SOURCE = """
 
     /* Prepared SQEs the kernel has not consumed yet. */
     unsigned cachefs_uring_sq_ready(struct io_uring *ring) { return io_uring_sq_ready(ring); }
+
+    /* Take back the SQEs a failed io_uring_submit left in the SQ ring, so a
+       refused request is refused for good rather than submitted by some
+       later call after its caller was told it failed. Safe without SQPOLL:
+       the kernel reads the SQ tail only inside io_uring_enter, which this
+       thread alone calls, and its head is then the ring's khead. Returns how
+       many were dropped (the last ones prepped). */
+    unsigned cachefs_uring_unprep(struct io_uring *ring) {
+        unsigned head = *ring->sq.khead;
+        unsigned n = ring->sq.sqe_tail - head;
+        ring->sq.sqe_tail = ring->sq.sqe_head = head;
+        io_uring_smp_store_release(ring->sq.ktail, head);
+        return n;
+    }
 
     /* Reap up to nr CQEs, first waiting for min_nr of them (0: never blocks). */
     int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
@@ -318,6 +333,7 @@ _URING_STUB_SOURCE = """
                            uint64_t offset, unsigned flags, uint64_t user_data) { return -ENOSYS; }
     int cachefs_uring_submit(struct io_uring *ring) { return -ENOSYS; }
     unsigned cachefs_uring_sq_ready(struct io_uring *ring) { return 0; }
+    unsigned cachefs_uring_unprep(struct io_uring *ring) { return 0; }
     int cachefs_uring_reap(struct io_uring *ring, unsigned min_nr, unsigned nr,
                            uint64_t *data, int64_t *res) { return -ENOSYS; }
     int cachefs_uring_exit(struct io_uring *ring, unsigned in_flight) { return 0; }

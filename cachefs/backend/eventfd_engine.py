@@ -1,0 +1,289 @@
+"""EventfdEngine: batched submission and eventfd completion, for AIO and io_uring.
+
+DESIGN.md section 4 (seed 004): a native engine hands requests to the
+kernel in batches and learns of completions through an eventfd whose
+readiness trio awaits, so a request costs no worker-thread round trip.
+Linux AIO (``AioBackend``) and io_uring (``UringBackend``) differ only in
+the context that talks to the kernel (``native.AioContext`` /
+``native.UringContext``, one contract); everything between a caller and
+that context lives here, once.
+
+How a request travels:
+
+- the calling task queues an ``_Op`` and parks (``wait_task_rescheduled``);
+- the *submitter* task, woken by the first request of a scheduler batch,
+  runs after every task of that batch has queued its own, and hands them
+  all to one ``submit_many`` (at most ``depth`` in flight; the rest wait);
+- the *reaper* task waits for the eventfd (``trio.lowlevel.wait_readable``),
+  reaps every completion and reschedules each waiting task with its result.
+
+The two engine tasks run as one trio *system task*, started lazily by the
+first request and stopped by ``close``. Why a system task: ``open`` is
+synchronous and nursery-free like FileBackend's, and a backend outlives the
+FUSE handler that first touches it, so no caller nursery has the right
+lifetime. A system task lives as long as the trio run, needs no nursery,
+and is cancelled when the main task exits, so an unclosed backend never
+keeps ``trio.run`` from returning. A system task must never raise (trio
+would turn it into TrioInternalError), so engine failures are delivered to
+the waiting requests as EIO instead.
+
+Cancellation: a task cancelled while its read or sync is in flight stops
+waiting at once; the kernel may still fill the buffer, which the context
+keeps referenced until the completion is reaped, and the result is
+dropped. A *write* cannot be abandoned once submitted: its range lock must
+stay held until the kernel is done, or a neighbouring read-modify-write
+could be overwritten by the late write. Its cancellation takes effect when
+it completes (one device round trip), as with FileBackend's threads.
+
+The subclass provides the context (``ctx``), its request type
+(``_request``) and opcodes (``OP_READ``/``OP_WRITE``), and the protocol
+methods that differ (open, pread/pwrite, fdatasync). The O_DIRECT
+read-modify-write comes from ``file.DirectWrites``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections import deque
+
+import attrs
+import outcome
+import trio
+from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
+
+from .. import native
+from ..errors import CachefsError
+from . import ALIGN
+from . import file as file_mod
+from .file import _down, _RangeLocks, _up
+
+
+class EngineUnavailable(CachefsError, native.NativeUnavailable):
+    """A native ``--aio`` engine cannot run here (no compiled module, or the
+    kernel refused the context). The mount is refused, never silently served
+    by another engine."""
+
+
+@attrs.define(eq=False)
+class _Op:
+    """One request between its caller, the submitter and the reaper."""
+
+    opcode: int
+    fd: int
+    buf: object
+    offset: int
+    # The waiting task. Invariant: None once it no longer waits (completed,
+    # failed, or cancelled); a queued op with task None is never submitted.
+    task: object
+    abortable: bool
+    flags: int = 0
+    submitted: bool = False
+
+
+class EventfdEngine(file_mod.DirectWrites):
+    """Base of the backends whose requests complete into an eventfd."""
+
+    OP_READ: int
+    OP_WRITE: int
+    #: For task names and messages ("AIO", "io_uring").
+    engine_label = "native"
+
+    def _init_engine(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
+        self.ctx = ctx
+        self.fd: int | None = fd
+        self.path = path
+        self.direct = direct
+        self.sync = sync
+        self.writable = writable
+        self.align = ALIGN
+        self._ranges = _RangeLocks()
+        self._eof_lock = trio.Lock()
+        self._pending: deque[_Op] = deque()  # queued, not yet submitted
+        self._live: set[_Op] = set()  # ops whose task waits, for close()
+        self._submitter = None  # the submitter task while it is parked
+        self._engine_scope: trio.CancelScope | None = None  # set while the engine runs
+
+    def _request(self, op: _Op):
+        """The context's request object for ``op`` (token: the op itself)."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- protocol (shared part)
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
+        return self.fd
+
+    def size(self) -> int:
+        return os.fstat(self._fd()).st_size
+
+    def drop_page_cache(self) -> None:
+        native.fadvise(self._fd(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        """Fail waiting requests (EBADF), stop the engine, tear the context down.
+
+        Blocks until the kernel is done with in-flight buffers (only requests
+        of cancelled or failed callers can still be there).
+        """
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        scope, self._engine_scope = self._engine_scope, None
+        if scope is not None:
+            scope.cancel()
+        for op in list(self._live):
+            task, op.task = op.task, None
+            if task is not None:
+                err = OSError(errno.EBADF, f"{self.path}: backend closed during the request")
+                reschedule(task, outcome.Error(err))
+        self._live.clear()
+        self._pending.clear()
+        with contextlib.suppress(RuntimeError):  # outside trio nothing can wait on it
+            trio.lowlevel.notify_closing(self.ctx.eventfd)
+        self.ctx.close()
+        os.close(fd)
+
+    async def truncate(self, size: int) -> None:
+        fd = self._fd()
+        async with self._eof_lock:
+            await trio.to_thread.run_sync(os.ftruncate, fd, size)
+
+    async def _pread_direct(self, fd: int, offset: int, length: int) -> bytes:
+        lo, hi = _down(offset), _up(offset + length)
+        if (lo, hi) != (offset, offset + length):
+            self.counters.bounce_requests += 1
+        # Unzeroed: only the bytes the kernel filled are looked at.
+        buf = memoryview(native.aligned_buffer(hi - lo, ALIGN, zero=False))
+        n = await self._direct_read(fd, buf, lo)
+        self.counters.direct_bytes += n
+        start = offset - lo
+        # The one copy: the callers want bytes (image.py pads with ljust),
+        # and bytes cannot live in aligned memory.
+        return bytes(buf[start : min(n, start + length)]) if n > start else b""
+
+    # -------------------------------------------------------------- O_DIRECT primitives
+    # What file.DirectWrites builds its unaligned writes on.
+
+    async def _direct_read(self, fd: int, buf: memoryview, offset: int) -> int:
+        done = 0
+        while done < len(buf):
+            n = await self._io(fd, self.OP_READ, buf[done:], offset + done, abortable=True)
+            done += n
+            if n == 0 or n % ALIGN:
+                break  # EOF (mid-block: the next offset would be unaligned)
+        return done
+
+    async def _write_loop(self, fd: int, buf: memoryview, offset: int, *, direct: bool) -> None:
+        """Write all of ``buf`` (a short write continues where it stopped)."""
+        done = 0
+        while done < len(buf):
+            n = await self._io(fd, self.OP_WRITE, buf[done:], offset + done, abortable=False)
+            if n == 0 or (direct and n % ALIGN):
+                raise OSError(errno.EIO, f"short write at offset {offset + done}")
+            done += n
+
+    async def _truncate_fd(self, fd: int, size: int) -> None:
+        await trio.to_thread.run_sync(os.ftruncate, fd, size)
+
+    # -------------------------------------------------------------- engine
+
+    async def _io(self, fd: int, opcode: int, buf, offset: int, *, abortable: bool, flags: int = 0) -> int:
+        """Queue one request, wait for its completion; bytes moved, or OSError."""
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
+        if self._engine_scope is None:
+            self._start_engine()
+        op = _Op(opcode, fd, buf, offset, current_task(), abortable, flags)
+        self._pending.append(op)
+        self._live.add(op)
+        self._kick()
+
+        def abort(_raise_cancel) -> Abort:
+            if op.submitted and not op.abortable:
+                return Abort.FAILED  # a write in flight: wait for it (module docstring)
+            op.task = None  # the buffer stays referenced by the context until reaped
+            self._live.discard(op)
+            return Abort.SUCCEEDED
+
+        res = await wait_task_rescheduled(abort)
+        if res < 0:
+            raise OSError(-res, f"{self.path}: {os.strerror(-res)}")
+        return res
+
+    def _complete(self, op: _Op, result) -> None:
+        task, op.task = op.task, None
+        if task is None:
+            return  # its caller was cancelled: drop the result
+        self._live.discard(op)
+        reschedule(task, result if isinstance(result, outcome.Outcome) else outcome.Value(result))
+
+    def _kick(self) -> None:
+        """Wake the parked submitter if there is something it can submit."""
+        if self._submitter is not None and self._pending and self.ctx.free_slots:
+            task, self._submitter = self._submitter, None
+            reschedule(task)
+
+    def _start_engine(self) -> None:
+        scope = self._engine_scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._engine, scope, name=f"cachefs-{self.engine_label} {self.path}")
+
+    async def _engine(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._submit_loop)
+                    nursery.start_soon(self._reap_loop)
+        except Exception as exc:  # noqa: BLE001 - a system task must not raise
+            for op in list(self._live):
+                err = OSError(errno.EIO, f"{self.path}: {self.engine_label} engine failed: {exc!r}")
+                self._complete(op, outcome.Error(err))
+        finally:
+            self._submitter = None
+            if self._engine_scope is scope:
+                self._engine_scope = None
+
+    async def _submit_loop(self) -> None:
+        while True:
+            while not (self._pending and self.ctx.free_slots):
+                self._submitter = current_task()
+
+                def abort(_raise_cancel) -> Abort:
+                    self._submitter = None
+                    return Abort.SUCCEEDED
+
+                await wait_task_rescheduled(abort)
+            self._submit_pending()
+
+    def _submit_pending(self) -> None:
+        batch: list[_Op] = []
+        room = self.ctx.free_slots
+        while self._pending and len(batch) < room:
+            op = self._pending.popleft()
+            if op.task is not None:  # else cancelled while queued: never submitted
+                op.submitted = True
+                batch.append(op)
+        if batch:
+            for op, err in self.ctx.submit_many([self._request(op) for op in batch]):
+                self._complete(op, err)
+
+    async def _reap_loop(self) -> None:
+        efd = self.ctx.eventfd
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(efd)
+            except trio.ClosedResourceError:
+                return  # close() is tearing the context down
+            if self.fd is None:
+                return  # closed while this task was already runnable
+            for op, res in self.ctx.reap():
+                self._complete(op, res)
+            self._kick()
