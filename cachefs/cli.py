@@ -163,8 +163,9 @@ def check(image, repair, as_json):
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--cache", "cache_mode", default="writeback", show_default=True,
               type=click.Choice(list(MODES)), help="Cache mode of every image (see docs/cache-modes.md).")
-@click.option("--aio", default="threads", show_default=True, type=click.Choice(["threads", "native"]),
-              help="I/O engine: a thread pool, or Linux AIO on an eventfd (O_DIRECT modes only).")
+@click.option("--aio", default="threads", show_default=True, type=click.Choice(["threads", "native", "io_uring"]),
+              help="I/O engine: a thread pool, Linux AIO on an eventfd (O_DIRECT modes only), "
+                   "or io_uring on an eventfd (every mode).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other).")
 @click.option("-o", "options", multiple=True, help="Mount options; 'ro' serves every image read-only.")

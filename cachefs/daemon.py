@@ -119,7 +119,7 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
     import pyfuse3
     import trio
 
-    from cachefs.backend.aio import AioUnavailable
+    from cachefs.backend import EngineUnavailable
     from cachefs.errors import DirectIOUnsupported
     from cachefs.fs import CachefsOperations
     from cachefs.image import open_image
@@ -131,7 +131,7 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
         for name, path in discover_images(cfg.image_dir).items():
             try:
                 images[name] = await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio)
-            except (DirectIOUnsupported, AioUnavailable):
+            except (DirectIOUnsupported, EngineUnavailable):
                 raise  # the whole directory is on that filesystem / this host: refuse, no fallback
             except (CachefsError, OSError) as exc:
                 skipped[name] = str(exc)

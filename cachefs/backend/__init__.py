@@ -5,9 +5,11 @@ bytes, not clusters, cache modes or FUSE. It must not import cachefs.qcow2
 or pyfuse3 (tests/test_backend.py checks). The layers above talk to the
 ``Backend`` protocol, so an engine test can swap the real file for
 ``MemoryBackend``, and a fault test can wrap either in ``FaultyBackend``.
-Two backends drive a real file: ``FileBackend`` (a thread per syscall,
-buffered or O_DIRECT) and ``AioBackend`` (O_DIRECT only, Linux native AIO
-completing into an eventfd, no thread per request; DESIGN.md section 4).
+Three backends drive a real file: ``FileBackend`` (a thread per syscall,
+buffered or O_DIRECT), ``AioBackend`` (O_DIRECT only, Linux native AIO) and
+``UringBackend`` (buffered or O_DIRECT, io_uring). The last two complete
+into an eventfd, no thread per request (DESIGN.md section 4), through the
+engine they share, ``eventfd_engine.EventfdEngine``.
 
 Contract shared by every backend:
 
@@ -79,7 +81,9 @@ class Backend(Protocol):
 
 
 # Imported last: the implementations import ALIGN and IOCounters from here.
+from .eventfd_engine import EngineUnavailable  # noqa: E402
 from .aio import AioBackend, AioUnavailable  # noqa: E402
+from .uring import UringBackend, UringUnavailable  # noqa: E402
 from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Write, replay  # noqa: E402
 from .file import FileBackend, filesystem_type  # noqa: E402
 from .memory import MemoryBackend  # noqa: E402
@@ -91,6 +95,9 @@ __all__ = [
     "FileBackend",
     "AioBackend",
     "AioUnavailable",
+    "UringBackend",
+    "UringUnavailable",
+    "EngineUnavailable",
     "filesystem_type",
     "MemoryBackend",
     "FaultyBackend",
