@@ -51,9 +51,22 @@ $(VENV)/.bench: $(STAMP)
 	$(VPY) -m pip install -q -e '.[bench]'
 	@touch $@
 
-# Every benchmark, one after the other (they must not overlap: each is a
-# side-by-side comparison on this machine). About 30 minutes; needs root.
-bench: bench-modes bench-metaqueue
+# Issue 5: the side-by-side benchmark. The same fio jobs on the host file,
+# qemu-storage-daemon and cachefs with each I/O engine; writes
+# docs/benchmarks.md, docs/bench-*.png and docs/bench-results.json. Needs
+# root; about 45 minutes with the defaults. Settings are variables, e.g. a
+# quick run: `make bench RUNTIME=2 ROUNDS=1 JOBS=randread4k-qd32,seq1m-write`
+# (also REGION, IMG_SIZE, ENGINES, TARGETS, WORK, COUNT; see bench/sidebyside.py).
+# Only the report, from saved results: `make bench-report [RESULTS=file.json]`.
+# bench-modes and bench-metaqueue are the older, separate benchmarks (their
+# results are in docs/benchmark-history.md).
+bench: deps venv $(VENV)/.bench
+	$(VPY) bench/sidebyside.py
+
+RESULTS ?= docs/bench-results.json
+.PHONY: bench-report
+bench-report: venv $(VENV)/.bench
+	$(VPY) bench/sidebyside.py --report-only $(RESULTS)
 
 # Issue 4: allocating writes with flushes, fdatasyncs per flush, cachefs vs
 # qemu-storage-daemon (about 10 minutes).
