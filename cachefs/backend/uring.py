@@ -179,6 +179,6 @@ def open_ring(path: str, depth: int = DEFAULT_DEPTH) -> native.UringContext:
             errno.ENOMEM: "not enough locked memory for the ring (ulimit -l)",
         }.get(exc.errno, "the kernel refused the ring")
         raise UringUnavailable(
-            f"{path}: --aio io_uring is not available: io_uring_setup failed ({exc.strerror}): "
+            f"{path}: --aio io_uring is not available: io_uring_setup failed ({os.strerror(exc.errno)}): "
             f"{hint}; use --aio threads"
         ) from None
