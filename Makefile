@@ -12,9 +12,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # fuse3: fusermount3 and /dev/fuse; libfuse3-dev + pkg-config + gcc: pyfuse3
 # and the cffi module build; qemu-*: qemu-img/qemu-io/qemu-storage-daemon for
 # interop tests and benchmarks; fio/strace/attr/util-linux: benches and tests
-# (fio jobs, fdatasync counting, getfattr/setfattr, fincore/findmnt/mount).
+# (fio jobs, fdatasync counting, getfattr/setfattr, fincore/findmnt/mount);
+# liburing-dev: the io_uring engine (--aio io_uring) of the cffi module, which
+# without it still builds, with io_uring reported unavailable.
 DEB_PKGS := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-common fio \
-            strace attr util-linux gcc
+            strace attr util-linux gcc liburing-dev
 
 .PHONY: deps venv test demo bench clean
 
