@@ -180,7 +180,10 @@ class Image:
 
     # -------------------------------------------------------------- requests
 
-    async def read(self, offset: int, length: int, mode: CacheMode | None = None) -> bytes:
+    async def read(self, offset: int, length: int, mode: CacheMode | None = None):
+        """The guest bytes at ``offset``: bytes, or a memoryview of the engine's
+        read buffer (no copy; pyfuse3 replies from any buffer). Copy it
+        before keeping it beyond the request."""
         length = max(0, min(length, self.size - offset))
         self.guest.reads += 1
         async with self.backends.in_use():
@@ -301,9 +304,8 @@ class RawImage(Image):
     def size(self) -> int:
         return self._size
 
-    async def _read(self, be, offset: int, length: int) -> bytes:
-        data = await be.pread(offset, length)
-        return data.ljust(length, b"\0")
+    async def _read(self, be, offset: int, length: int):
+        return _padded(await be.pread_view(offset, length), length)
 
     async def _write(self, be, offset: int, data) -> None:
         await be.pwrite(offset, data)
@@ -354,10 +356,12 @@ class Qcow2Image(Image):
 
     # -------------------------------------------------------------- reads
 
-    async def _read(self, be, offset: int, length: int) -> bytes:
+    async def _read(self, be, offset: int, length: int):
         extents = await run_async(self.engine.plan_read(offset, length), be.pread)
         self.inflight += 1
         try:
+            if len(extents) == 1:  # the common case: no join, so no copy
+                return await self._read_extent(be, extents[0])
             parts = [await self._read_extent(be, ext) for ext in extents]
         finally:
             self.inflight -= 1
@@ -367,8 +371,7 @@ class Qcow2Image(Image):
         if ext.kind is ExtentKind.ZERO:
             return bytes(ext.length)
         if ext.kind is ExtentKind.DATA:
-            data = await be.pread(ext.host_offset, ext.length)
-            return data.ljust(ext.length, b"\0")
+            return _padded(await be.pread_view(ext.host_offset, ext.length), ext.length)
         if ext.kind is ExtentKind.COMPRESSED:
             desc = ext.compressed
             if self._zcache is None or self._zcache[0] != desc.offset:
@@ -499,6 +502,14 @@ class Qcow2Image(Image):
                 await self._writeout(be)
                 if not self.engine.dirty:
                     break
+
+
+def _padded(view: memoryview, length: int):
+    """``view`` zero-padded to ``length``: a backend read stops at the file's
+    end, and the guest bytes past it read as zeros."""
+    if len(view) >= length:
+        return view
+    return bytes(view) + bytes(length - len(view))
 
 
 def _merge(writes):

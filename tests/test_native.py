@@ -154,3 +154,37 @@ print("ok")
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_buffer_pool_reuses_memory_and_rezeroes_it():
+    pool = native.BufferPool(limit=1 << 20)
+    first = native.ffi.buffer(pool.take(8192), 8192)
+    addr = native.address_of(first)
+    first[:] = b"\xff" * 8192
+    del first
+    gc.collect()
+    assert pool.pooled_bytes == 8192 and pool.stats()["pool_misses"] == 1
+    again = pool.take(5000)  # the same 8 KiB class
+    assert int(native.ffi.cast("uintptr_t", again)) == addr
+    assert pool.hits == 1 and pool.pooled_bytes == 0
+    del again
+    gc.collect()
+    # aligned_buffer zeroes what the shared pool hands back, dirty as it may be.
+    dirty = native.aligned_buffer(4096, zero=False)
+    dirty[:] = b"\xaa" * 4096
+    del dirty
+    gc.collect()
+    assert bytes(native.aligned_buffer(4096)) == bytes(4096)
+
+
+def test_buffer_pool_is_bounded():
+    pool = native.BufferPool(limit=64 << 10)
+    held = [pool.take(16 << 10) for _ in range(8)]  # 128 KiB handed out
+    del held
+    gc.collect()
+    # Only 64 KiB went back on the free lists; the rest was freed.
+    assert pool.pooled_bytes == 64 << 10
+    big = pool.take(16 << 20)  # above max_class: a plain allocation, never pooled
+    del big
+    gc.collect()
+    assert pool.pooled_bytes == 64 << 10

@@ -139,14 +139,8 @@ class AioBackend(EventfdEngine):
             await trio.to_thread.run_sync(os.fdatasync, fd)
         self.counters.fdatasyncs += 1
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        fd = self._fd()
-        if offset < 0 or length < 0:
-            raise OSError(errno.EINVAL, f"bad read range {offset}+{length}")
-        data = await self._pread_direct(fd, offset, length) if length else b""
-        self.counters.reads += 1
-        self.counters.bytes_read += len(data)
-        return data
+    async def _pread_buffered_view(self, fd: int, offset: int, length: int) -> memoryview:
+        raise AssertionError("AioBackend is O_DIRECT only")  # open() refuses buffered
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         fd = self._fd()

@@ -57,7 +57,7 @@ from .. import native
 from ..errors import CachefsError
 from . import ALIGN
 from . import file as file_mod
-from .file import _down, _RangeLocks, _up
+from .file import _RangeLocks
 
 
 class EngineUnavailable(CachefsError, native.NativeUnavailable):
@@ -156,19 +156,6 @@ class EventfdEngine(file_mod.DirectWrites):
         fd = self._fd()
         async with self._eof_lock:
             await trio.to_thread.run_sync(os.ftruncate, fd, size)
-
-    async def _pread_direct(self, fd: int, offset: int, length: int) -> bytes:
-        lo, hi = _down(offset), _up(offset + length)
-        if (lo, hi) != (offset, offset + length):
-            self.counters.bounce_requests += 1
-        # Unzeroed: only the bytes the kernel filled are looked at.
-        buf = memoryview(native.aligned_buffer(hi - lo, ALIGN, zero=False))
-        n = await self._direct_read(fd, buf, lo)
-        self.counters.direct_bytes += n
-        start = offset - lo
-        # The one copy: the callers want bytes (image.py pads with ljust),
-        # and bytes cannot live in aligned memory.
-        return bytes(buf[start : min(n, start + length)]) if n > start else b""
 
     # -------------------------------------------------------------- O_DIRECT primitives
     # What file.DirectWrites builds its unaligned writes on.

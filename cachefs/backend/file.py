@@ -61,14 +61,15 @@ def _up(x: int) -> int:
     return (x + ALIGN - 1) & ~(ALIGN - 1)
 
 
-def aligned_memory(size: int) -> memoryview:
-    """Zeroed writable memory at an ALIGN-aligned address.
+def aligned_memory(size: int, *, zero: bool = True) -> memoryview:
+    """Writable memory at an ALIGN-aligned address, zeroed unless ``zero=False``.
 
-    Uses the native posix_memalign buffer when the compiled module exists,
-    else an anonymous mmap (page-aligned, and pages are multiples of 4096).
+    Comes from the native module's pool of aligned buffers when it is built
+    (reused, not allocated per request), else an anonymous mmap
+    (page-aligned, pages are multiples of 4096, always zeroed).
     """
     if native.available():
-        return memoryview(native.aligned_buffer(size, ALIGN))
+        return memoryview(native.aligned_buffer(size, ALIGN, zero=zero))
     return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
 
 
@@ -209,13 +210,48 @@ def filesystem_type(path: str | os.PathLike[str]) -> str:
 
 
 class DirectWrites:
-    """O_DIRECT writes of any offset and length, on a backend's aligned primitives.
+    """Reads, and O_DIRECT writes of any offset and length, on a backend's primitives.
 
-    Shared by FileBackend (threads) and AioBackend (Linux AIO): the subclass
-    provides ``_direct_read``, ``_direct_write`` and ``_truncate_fd``, plus
-    ``counters``, ``size()``, ``_ranges`` and ``_eof_lock`` (the two
-    invariants in this module's docstring).
+    Shared by FileBackend (threads), AioBackend (Linux AIO) and UringBackend
+    (io_uring): the subclass provides ``_direct_read``, ``_direct_write``,
+    ``_truncate_fd`` and ``_pread_buffered_view``, plus ``counters``,
+    ``size()``, ``_fd()``, ``_ranges`` and ``_eof_lock`` (the two invariants
+    in this module's docstring).
     """
+
+    async def pread_view(self, offset: int, length: int) -> memoryview:
+        """``pread`` without the copy (issue 5, "copies"): an O_DIRECT read
+        returns a view of the aligned buffer the kernel filled, which FUSE
+        replies from directly. The buffer lives as long as the view."""
+        fd = self._fd()
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"bad read range {offset}+{length}")
+        if length == 0:
+            view = memoryview(b"")
+        elif self.direct:
+            view = await self._pread_direct_view(fd, offset, length)
+        else:
+            view = await self._pread_buffered_view(fd, offset, length)
+        self.counters.reads += 1
+        self.counters.bytes_read += len(view)
+        return view
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        view = await self.pread_view(offset, length)
+        # A buffered thread read already made bytes: hand those back, no copy.
+        whole = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
+        return whole if whole is not None else bytes(view)
+
+    async def _pread_direct_view(self, fd: int, offset: int, length: int) -> memoryview:
+        lo, hi = _down(offset), _up(offset + length)
+        if (lo, hi) != (offset, offset + length):
+            self.counters.bounce_requests += 1
+        # Unzeroed: only the bytes the kernel filled are looked at.
+        buf = aligned_memory(hi - lo, zero=False)
+        n = await self._direct_read(fd, buf, lo)
+        self.counters.direct_bytes += n
+        start = offset - lo
+        return buf[start : min(n, start + length)] if n > start else memoryview(b"")
 
     async def _pwrite_direct(self, fd: int, offset: int, mv: memoryview) -> None:
         end = offset + len(mv)
@@ -354,19 +390,8 @@ class FileBackend(DirectWrites):
         async with self._eof_lock:
             await self._run(os.ftruncate, fd, size)
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        fd = self._fd()
-        if offset < 0 or length < 0:
-            raise OSError(errno.EINVAL, f"bad read range {offset}+{length}")
-        if length == 0:
-            data = b""
-        elif not self.direct:
-            data = await self._run(_read_bytes, fd, offset, length)
-        else:
-            data = await self._pread_direct(fd, offset, length)
-        self.counters.reads += 1
-        self.counters.bytes_read += len(data)
-        return data
+    async def _pread_buffered_view(self, fd: int, offset: int, length: int) -> memoryview:
+        return memoryview(await self._run(_read_bytes, fd, offset, length))
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         fd = self._fd()
@@ -381,16 +406,6 @@ class FileBackend(DirectWrites):
         self.counters.bytes_written += len(mv)
 
     # -------------------------------------------------------------- O_DIRECT
-
-    async def _pread_direct(self, fd: int, offset: int, length: int) -> bytes:
-        lo, hi = _down(offset), _up(offset + length)
-        if (lo, hi) != (offset, offset + length):
-            self.counters.bounce_requests += 1
-        buf = aligned_memory(hi - lo)
-        n = await self._run(_read_into, fd, buf, lo, True)
-        self.counters.direct_bytes += n
-        start = offset - lo
-        return bytes(buf[start : min(n, start + length)]) if n > start else b""
 
     # The O_DIRECT primitives DirectWrites builds on (worker threads here).
 

@@ -118,20 +118,6 @@ class UringBackend(EventfdEngine):
         await self._io(fd, native.IORING_OP_FSYNC, None, 0, abortable=True, flags=native.IORING_FSYNC_DATASYNC)
         self.counters.fdatasyncs += 1
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        fd = self._fd()
-        if offset < 0 or length < 0:
-            raise OSError(errno.EINVAL, f"bad read range {offset}+{length}")
-        if length == 0:
-            data = b""
-        elif self.direct:
-            data = await self._pread_direct(fd, offset, length)
-        else:
-            data = await self._pread_buffered(fd, offset, length)
-        self.counters.reads += 1
-        self.counters.bytes_read += len(data)
-        return data
-
     async def pwrite(self, offset: int, data: Buffer) -> None:
         fd = self._fd()
         mv = _as_bytes_view(data)
@@ -144,9 +130,8 @@ class UringBackend(EventfdEngine):
         self.counters.writes += 1
         self.counters.bytes_written += len(mv)
 
-    async def _pread_buffered(self, fd: int, offset: int, length: int) -> bytes:
-        # Unzeroed: only the bytes the kernel filled are looked at. The one
-        # copy is bytes(): the callers want bytes.
+    async def _pread_buffered_view(self, fd: int, offset: int, length: int) -> memoryview:
+        # Unzeroed: only the bytes the kernel filled are looked at.
         buf = memoryview(native.aligned_buffer(length, zero=False))
         done = 0
         while done < length:
@@ -154,7 +139,7 @@ class UringBackend(EventfdEngine):
             if n == 0:
                 break  # EOF
             done += n
-        return bytes(buf[:done])
+        return buf[:done]
 
     # -------------------------------------------------------------- O_DIRECT
 

@@ -8,7 +8,8 @@ then returns False, and ``unavailable_reason()`` says why.
 What it provides today:
 
 - ``aligned_buffer(size, align=4096)``: writable memory whose address is
-  aligned, for O_DIRECT. Freed by the garbage collector.
+  aligned, for O_DIRECT, from ``POOL`` (a ``BufferPool``): reused when the
+  garbage collector drops it.
 - ``address_of(buf)``: the address of any buffer-protocol object.
 - ``fadvise(fd, offset, length, advice)`` and the ``POSIX_FADV_*`` constants.
 - ``AioContext(depth)``: Linux native AIO (io_submit and friends as raw
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import weakref
 
 import attrs
@@ -39,6 +41,8 @@ __all__ = [
     "available",
     "unavailable_reason",
     "aligned_buffer",
+    "BufferPool",
+    "POOL",
     "address_of",
     "fadvise",
     "POSIX_FADV_NORMAL",
@@ -101,26 +105,94 @@ def aligned_buffer(size: int, align: int = 4096, *, zero: bool = True):
     (only the bytes the read filled may then be looked at).
 
     Returns a cffi buffer: ``memoryview(buf)`` is writable and C-contiguous,
-    and it supports slicing and ``buf[a:b] = data``. The memory is freed
-    (``free``) when the last reference to the buffer (or to a memoryview of
-    it) goes away. Raises NativeUnavailable without the compiled module.
+    and it supports slicing and ``buf[a:b] = data``. When the last reference
+    to the buffer (or to a memoryview of it) goes away, the memory goes back
+    to the pool (see ``BufferPool``) or is freed. Raises NativeUnavailable
+    without the compiled module.
     """
     _require()
     if size < 0:
         raise ValueError(f"negative buffer size {size}")
     if align < ffi.sizeof("void *") or align & (align - 1):
         raise ValueError(f"alignment {align} is not a power of two >= pointer size")
+    if align <= POOL.align:
+        ptr = POOL.take(size)
+    else:
+        ptr = ffi.gc(_memalign(size, align), lib.free, size=size)
+    if zero:
+        lib.memset(ptr, 0, size)
+    # ffi.buffer keeps ``ptr`` (the owner) alive as long as it lives.
+    return ffi.buffer(ptr, size)
+
+
+def _memalign(size: int, align: int):
     out = ffi.new("void **")
     # posix_memalign(…, 0) may return NULL; a 1-byte allocation keeps the
     # pointer valid and the buffer is still 0 bytes long.
     rc = lib.posix_memalign(out, align, max(size, 1))
     if rc != 0:
         raise MemoryError(f"posix_memalign({size}, {align}) failed: {os.strerror(rc)}")
-    ptr = ffi.gc(ffi.cast("char *", out[0]), lib.free, size=size)
-    if zero:
-        lib.memset(ptr, 0, size)
-    # ffi.buffer keeps ``ptr`` (the owner) alive as long as it lives.
-    return ffi.buffer(ptr, size)
+    return ffi.cast("char *", out[0])
+
+
+class BufferPool:
+    """Aligned buffers reused across requests instead of allocated for each.
+
+    Every O_DIRECT read and bounce buffer needs aligned memory; allocating it
+    per request costs a posix_memalign, and for large buffers fresh pages
+    (page faults) each time. Buffers come in power-of-two size classes from
+    4 KiB to ``max_class``; a buffer whose last reference dies goes back on
+    its class's free list while the pool holds less than ``limit`` bytes,
+    else it is freed. ``limit`` bounds what the pool can add to the
+    daemon's RSS. Larger buffers are plain allocations.
+
+    Thread-safe: a buffer may be dropped in a worker thread.
+    """
+
+    def __init__(self, *, align: int = 4096, min_class: int = 4096, max_class: int = 4 << 20,
+                 limit: int = 32 << 20) -> None:
+        self.align, self.min_class, self.max_class, self.limit = align, min_class, max_class, limit
+        self.pooled_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._free: dict[int, list[int]] = {}
+        self._releasers: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def take(self, size: int):
+        """A gc-managed ``char *`` of at least ``size`` bytes."""
+        cls = max(self.min_class, 1 << max(size - 1, 0).bit_length())
+        if cls > self.max_class:
+            return ffi.gc(_memalign(size, self.align), lib.free, size=size)
+        with self._lock:
+            free = self._free.get(cls)
+            addr = free.pop() if free else None
+            if addr is not None:
+                self.pooled_bytes -= cls
+                self.hits += 1
+            else:
+                self.misses += 1
+        ptr = ffi.cast("char *", addr) if addr is not None else _memalign(cls, self.align)
+        return ffi.gc(ptr, self._releaser(cls), size=cls)
+
+    def _releaser(self, cls: int):
+        fn = self._releasers.get(cls)
+        if fn is None:
+            def fn(ptr, cls=cls):
+                with self._lock:
+                    if self.pooled_bytes + cls <= self.limit:
+                        self._free.setdefault(cls, []).append(int(ffi.cast("uintptr_t", ptr)))
+                        self.pooled_bytes += cls
+                        return
+                lib.free(ptr)
+            self._releasers[cls] = fn
+        return fn
+
+    def stats(self) -> dict[str, int]:
+        return {"pool_hits": self.hits, "pool_misses": self.misses, "pool_bytes": self.pooled_bytes}
+
+
+POOL = BufferPool()
 
 
 def address_of(buf) -> int:
