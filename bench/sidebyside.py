@@ -212,6 +212,8 @@ def page_cache_bytes(path: Path) -> int | None:
 
 
 def image_check(img: Path) -> str:
+    if not img.exists():
+        return "-"
     r = sh("qemu-img", "check", "-q", img, check=False, timeout=300)
     return "clean" if r.returncode == 0 else f"qemu-img check rc={r.returncode}: {last_line(r.stdout + r.stderr)}"
 
@@ -365,8 +367,9 @@ class CachefsTarget(Target):
             reason = last_line(r.stderr) or last_line(r.stdout) or f"mount exit status {r.returncode}"
             self.pid = self._pid()
             self.teardown()
-            if r.returncode == 2:  # a usage error: the daemon refuses this engine/mode for good
-                self.refused[job.mode] = reason
+            if r.returncode != 2:
+                raise RuntimeError(f"mount failed: {reason}")
+            self.refused[job.mode] = reason  # a usage error: refused for good in this mode
             raise Skip(reason)
         self.pid = self._pid()
         if self.pid is None:
@@ -511,13 +514,9 @@ def run_one(job: Job, target: Target, rnd: str, traced: bool = False) -> Run:
     """Fresh image, daemon up, prefill, one timed fio run with the daemon's numbers, teardown."""
     run = Run(rnd, job.name, target.name, load1=os.getloadavg()[0])
     t0 = time.monotonic()
-    try:
-        target.setup(job)
-    except Skip as exc:
-        run.status = f"skipped: {exc}"
-        return run
     tracer = None
     try:
+        target.setup(job)
         if job.prefill:
             run_fio(prefill_command(job, target), target)
         before = target.stats() if job.flush_every else {}
@@ -549,13 +548,15 @@ def run_one(job: Job, target: Target, rnd: str, traced: bool = False) -> Run:
         elif isinstance(target, CachefsTarget) and rnd == "1":
             run.aio = target.stats().get("stats.aio")
         run.page_cache_bytes = page_cache_bytes(target.backing_file)
+    except Skip as exc:
+        run.status = f"skipped: {exc}"
     except Exception as exc:  # noqa: BLE001 - one failed run is a row, not the end of the benchmark
         run.status = f"failed: {exc}"
     finally:
         if tracer is not None:
             stop_strace(tracer)
         run.note = target.teardown()
-        run.check = target.check()
+        run.check = "-" if run.status.startswith("skipped") else target.check()
         target.backing_file.unlink(missing_ok=True)
         run.seconds = time.monotonic() - t0
     return run
@@ -758,6 +759,7 @@ def main() -> None:
         sidebyside_report.write(json.loads(Path(a.report_only).read_text()), DOCS)
         log(f"report: {DOCS / 'benchmarks.md'}")
         return
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, _interrupt)  # a TERM cleans up like Ctrl-C
     main_run()
 

@@ -194,8 +194,9 @@ def targets_section(c: Cells) -> list[str]:
         label = f"{e.split('-', 1)[1]} engine: daemon CPU per I/O vs threads (O_DIRECT jobs)"
         if ratios:
             med = statistics.median(ratios)
-            val = (f"{fratio(med)} {'✓' if med < 1 else '✗'} (median of {len(ratios)} jobs, "
-                   f"{min(ratios):.2f}–{max(ratios):.2f})")
+            val = f"{fratio(med)} {'✓' if med < 1 else '✗'}" + (
+                f" (median of {len(ratios)} jobs, {min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1
+                else f" ({next(j for j, a, b in per_job if a is not None and b)} only)")
         else:
             val = "— (no O_DIRECT job ran on both)"
         rows.append([label, "< 1.0×", *[val if t == e else "" for t in engines]])
@@ -230,6 +231,18 @@ def overview_section(c: Cells, pngs: dict[str, str]) -> list[str]:
     return out
 
 
+def strace_cell(c: Cells, job: str, target: str) -> str:
+    """strace's count; for cachefs also its own counter over the same (traced) run."""
+    text = fsyncs(c.strace_syncs(job, target))
+    own = [x["backend_fdatasyncs"] for x in c.counted.get((job, target), [])
+           if x["status"] == "ok" and x.get("backend_fdatasyncs") is not None]
+    if own and text != "—":
+        text += f"; own counter {sum(own)}"
+        if c.strace_syncs(job, target)[0] < sum(own):
+            text += " (syncs submitted through AIO/io_uring are no syscalls)"
+    return text
+
+
 def detail_section(c: Cells, group: str) -> list[str]:
     names = [n for n, j in c.jobs.items() if j["group"] == group]
     if not names:
@@ -245,7 +258,8 @@ def detail_section(c: Cells, group: str) -> list[str]:
             first = f"`{n}`" if i == 0 else ""
             st = c.status(n, t)
             if st != "ok":
-                rows.append([first, t, short(st), *[""] * (len(head) - 3)])
+                why = "skipped: refused by the daemon (below)" if st.startswith("skipped") else short(st)
+                rows.append([first, t, why, *[""] * (len(head) - 3)])
                 continue
             sp = c.spread(n, t, "iops")
             iops = fnum(c.median(n, t, "iops")) + (f" ({fnum(sp[0])}–{fnum(sp[1])})" if sp else "")
@@ -255,7 +269,7 @@ def detail_section(c: Cells, group: str) -> list[str]:
                    fnum(c.median(n, t, "cpu_s_per_gib"), 2), fnum(c.cpu_us_per_io(n, t), 1),
                    fmib(c.median(n, t, "peak_rss_kib"), 1024), fmib(c.median(n, t, "page_cache_bytes"), 2**20)]
             if flush:
-                row += [fsyncs(c.own_syncs(n, t)), fsyncs(c.strace_syncs(n, t))]
+                row += [fsyncs(c.own_syncs(n, t)), strace_cell(c, n, t)]
             rows.append(row)
     titles = "; ".join(f"`{n}`: {c.jobs[n]['title']}" for n in names)
     return [f"### {GROUPS.get(group, group)}", "", titles + ".", "", *table(head, rows), ""]
@@ -362,12 +376,22 @@ def plots(c: Cells, docs: Path) -> dict[str, str] | None:
             continue
         fig, ax = plt.subplots(figsize=(10, 1.2 + 0.42 * len(jobs) * max(1, len(shown)) / 2.5))
         h = 0.8 / len(shown)
+        all_vals = [v for t in shown for j in jobs if (v := c.ratio(j, t, ref))]
+        lo = min([*all_vals, 0.5]) / 1.5
+        hi = max([*all_vals, 1.0]) * 1.6
         for k, t in enumerate(shown):
             ys = [i + (k - (len(shown) - 1) / 2) * h for i in range(len(jobs))]
-            vals = [c.ratio(j, t, ref) or 0 for j in jobs]
-            ax.barh(ys, vals, height=h, label=t)
+            vals = [c.ratio(j, t, ref) for j in jobs]
+            ax.barh(ys, [v or 0 for v in vals], height=h, label=t, color=f"C{c.targets.index(t)}")
+            for y, v in zip(ys, vals):
+                ax.text(v if v else lo * 1.05, y, f" {v:.2f}" if v else " n/a", va="center", fontsize=6)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ticks = [t for t in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10) if lo <= t <= hi]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_yticks(range(len(jobs)))
         ax.set_yticklabels(jobs)
         ax.invert_yaxis()
