@@ -89,6 +89,8 @@ class EventfdEngine(file_mod.DirectWrites):
     OP_WRITE: int
     #: For task names and messages ("AIO", "io_uring").
     engine_label = "native"
+    #: Submit a request from its own task when nothing is queued (see ``_io``).
+    submit_inline = True
 
     def _init_engine(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
         self.ctx = ctx
@@ -190,9 +192,19 @@ class EventfdEngine(file_mod.DirectWrites):
         if self._engine_scope is None:
             self._start_engine()
         op = _Op(opcode, fd, buf, offset, current_task(), abortable, flags)
-        self._pending.append(op)
         self._live.add(op)
-        self._kick()
+        if self.submit_inline and not self._pending and not self.ctx.in_flight:
+            # An idle engine (QD1): submit from this task. Waking the submitter
+            # would cost a whole scheduler round on every request's latency.
+            # With requests in flight they queue, so that the ones that arrive
+            # together share one submission.
+            op.submitted = True
+            for _op, err in self.ctx.submit_many([self._request(op)]):
+                self._live.discard(op)
+                raise OSError(-err, f"{self.path}: {os.strerror(-err)}")
+        else:
+            self._pending.append(op)
+            self._kick()
 
         def abort(_raise_cancel) -> Abort:
             if op.submitted and not op.abortable:
@@ -264,7 +276,10 @@ class EventfdEngine(file_mod.DirectWrites):
 
     async def _reap_loop(self) -> None:
         efd = self.ctx.eventfd
-        while True:
+        # Checked before every wait: a backend closed before this system task
+        # first ran (every request failed at submission, none waited) has
+        # closed the eventfd, and epoll would refuse it (EBADF).
+        while self.fd is not None:
             try:
                 await trio.lowlevel.wait_readable(efd)
             except trio.ClosedResourceError:
