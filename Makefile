@@ -56,7 +56,7 @@ $(VENV)/.bench: $(STAMP)
 # Issue 5: the side-by-side benchmark. The same fio jobs on the host file,
 # qemu-storage-daemon and cachefs with each I/O engine; writes
 # docs/benchmarks.md, docs/bench-*.png and docs/bench-results.json. Needs
-# root; about 45 minutes with the defaults. Settings are variables, e.g. a
+# root; about 50 minutes with the defaults. Settings are variables, e.g. a
 # quick run: `make bench RUNTIME=2 ROUNDS=1 JOBS=randread4k-qd32,seq1m-write`
 # (also REGION, IMG_SIZE, ENGINES, TARGETS, WORK, COUNT; see bench/sidebyside.py).
 # Only the report, from saved results: `make bench-report [RESULTS=file.json]`.

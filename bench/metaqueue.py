@@ -18,7 +18,7 @@ Jobs (DESIGN.md section 3, issue 4):
   seq1M-flush64M  1 GiB of 1M sequential writes, fdatasync every 64 MiB
 
 Usage: bench/metaqueue.py [WORKDIR]   (default /var/tmp/cachefs-metaqueue)
-Writes WORKDIR/results.md; docs/benchmarks.md quotes it.
+Writes WORKDIR/results.md; docs/benchmark-history.md quotes it (make bench-metaqueue).
 Environment: JOBS, MODES (space-separated subsets), CACHEFS (the CLI command).
 """
 

@@ -651,6 +651,15 @@ def _os_name() -> str:
         return "?"
 
 
+SETTINGS = ("RUNTIME", "ROUNDS", "REGION", "IMG_SIZE", "ENGINES", "TARGETS", "JOBS", "COUNT", "WORK")
+
+
+def make_command() -> str:
+    """This run as a `make bench` command line: the settings that were given."""
+    given = [f"{k}={shlex.quote(os.environ[k])}" for k in SETTINGS if os.environ.get(k)]
+    return " ".join(["make bench", *given])
+
+
 def select_jobs() -> list[Job]:
     want = os.environ.get("JOBS", "").replace(",", " ").split()
     if not want:
@@ -662,8 +671,8 @@ def select_jobs() -> list[Job]:
 
 
 def print_run(i: int, n: int, t0: float, run: Run) -> None:
-    el = time.monotonic() - t0
-    head = f"[{i}/{n} {el // 60:.0f}m{el % 60:02.0f}s] r{run.round} {run.job:20} {run.target:17}"
+    mins, secs = divmod(int(time.monotonic() - t0), 60)
+    head = f"[{i}/{n} {mins}m{secs:02d}s] r{run.round} {run.job:20} {run.target:17}"
     if run.status != "ok":
         log(f"{head} {run.status}")
         return
@@ -698,10 +707,10 @@ def main_run() -> None:
             "settings": {"RUNTIME": RUNTIME, "ROUNDS": ROUNDS, "REGION": REGION, "IMG_SIZE": IMG_SIZE,
                          "ENGINES": " ".join(ENGINES), "TARGETS": " ".join(t.name for t in targets),
                          "JOBS": ",".join(j.name for j in jobs), "COUNT": int(COUNT)},
-            "cachefs_cli": shlex.join(cli)}
+            "cachefs_cli": shlex.join(cli), "command": make_command()}
     log(f"side-by-side benchmark: {len(jobs)} jobs x {len(targets)} targets x {ROUNDS} rounds"
         f" + {len(flush_jobs) * len(counted)} counted runs = {n} runs, about "
-        f"{n * (RUNTIME + 6) / 60:.0f} min; work dir {WORK}")
+        f"{n * (RUNTIME + 5) / 60:.0f} min; work dir {WORK}")
     log(f"cachefs: {meta['source']}")
     runs: list[Run] = []
     commands: dict[str, dict[str, list[str]]] = {}

@@ -159,10 +159,18 @@ def header(res: dict) -> list[str]:
         f"- cachefs: git commit {m['source']}, run from a copy of `cachefs/` taken at the start",
         f"- settings: RUNTIME={s['RUNTIME']} s per run, ROUNDS={s['ROUNDS']}, REGION={s['REGION']}, "
         f"qcow2 images {s['IMG_SIZE']} virtual, targets: {s['TARGETS']}",
-        f"- command: `make bench RUNTIME={s['RUNTIME']} ROUNDS={s['ROUNDS']} REGION={s['REGION']}"
-        f"{' JOBS=' + s['JOBS'] if len(s['JOBS'].split(',')) < 25 else ''}`"
-        f" (WORK={m['work']})", ""]
+        f"- command: `{m.get('command', 'make bench')}` (which runs `bench/sidebyside.py`)",
+        f"- engines in use, as each mount's `stats.aio` reported them (cache mode:engine): {engines_seen(res)}",
+        ""]
     return lines
+
+
+def engines_seen(res: dict) -> str:
+    seen: dict[str, set[str]] = {}
+    for x in res["runs"]:
+        if x.get("aio"):
+            seen.setdefault(x["target"], set()).add(x["aio"])
+    return "; ".join(f"{t} {', '.join(sorted(v))}" for t, v in seen.items()) or "—"
 
 
 def targets_section(c: Cells) -> list[str]:
@@ -396,9 +404,9 @@ def plots(c: Cells, docs: Path) -> dict[str, str] | None:
         ax.set_yticklabels(jobs)
         ax.invert_yaxis()
         ax.set_xlabel(f"throughput relative to {ref} (median MB/s ratio, log scale; 1 = {ref})")
-        ax.set_title(f"cachefs side-by-side: each target / {ref}")
+        fig.suptitle(f"cachefs side-by-side: each target / {ref}")
         ax.grid(axis="x", which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(shown), fontsize="small", frameon=False)
         fig.tight_layout()
         fig.savefig(docs / png, dpi=90)
         plt.close(fig)
