@@ -44,7 +44,8 @@ RESULTS=${RESULTS:-$WORK/results.md}
 # cachefs runs from a copy of the package taken at the start, so edits to the
 # tree during the run cannot mix two versions of cachefs into one table.
 SRC=$WORK/src
-CACHEFS=${CACHEFS:-"env PYTHONPATH=$SRC $REPO/.venv/bin/python -m cachefs.cli"}
+# (-P: without it `python -m` puts the working directory -- the repo, under make -- first on sys.path)
+CACHEFS=${CACHEFS:-"env PYTHONPATH=$SRC $REPO/.venv/bin/python -P -m cachefs.cli"}
 read -ra CFS <<< "$CACHEFS"
 HELPER=(python3 "$HERE/cache_modes_report.py")
 DEADLINE=$((RUNTIME * 2 + 60))  # a fio job still running after this is a hang

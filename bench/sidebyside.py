@@ -362,24 +362,40 @@ class CachefsTarget(Target):
         cmd = [*self.cli, "mount", str(self.imgs), str(self.mnt), "--cache", job.mode,
                "--aio", self.engine, "--log", str(WORK / "out" / f"{self.name}.log")]
         self.commands.append(shlex.join(cmd))
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if r.returncode != 0 or not wait_mount(self.mnt, timeout=10):
-            reason = last_line(r.stderr) or last_line(r.stdout) or f"mount exit status {r.returncode}"
-            self.pid = self._pid()
+        rc, reason = self._mount(cmd)
+        if rc != 0 or not wait_mount(self.mnt, timeout=10):
             self.teardown()
-            if r.returncode != 2:
-                raise RuntimeError(f"mount failed: {reason}")
+            if rc != 2:
+                raise RuntimeError(f"mount failed: {reason or f'exit status {rc}'}")
             self.refused[job.mode] = reason  # a usage error: refused for good in this mode
             raise Skip(reason)
-        self.pid = self._pid()
-        if self.pid is None:
+        pid = self._pid()
+        if pid is None:
             self.teardown()
-            raise Skip("mounted, but no user.cachefs.pid")
+            raise RuntimeError("mounted, but user.cachefs.pid does not answer")
+        self.pid = pid
+
+    def _mount(self, cmd: list[str], timeout: float = 120) -> tuple[int, str]:
+        """Runs `cachefs mount`; notes the daemon it forks in .pid (so a hung one can be killed)."""
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + timeout
+        while True:
+            self.pid = self.pid or _first_child(proc.pid)
+            try:
+                out, err = proc.communicate(timeout=0.05)
+                return proc.returncode, last_line(err) or last_line(out)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > end:
+                    proc.kill()
+                    proc.communicate()
+                    return -9, f"`cachefs mount` did not return within {timeout:.0f} s"
 
     def _pid(self) -> int | None:
+        """The daemon's PID (user.cachefs.pid), read in a child so a hung mount cannot hang us."""
         try:
-            return int(os.getxattr(self.mnt, "user.cachefs.pid"))
-        except (OSError, ValueError):
+            r = sh("getfattr", "--only-values", "-n", "user.cachefs.pid", self.mnt, check=False, timeout=10)
+            return int(r.stdout)
+        except (subprocess.TimeoutExpired, ValueError):
             return None
 
     def stats(self) -> dict[str, str]:
@@ -392,10 +408,13 @@ class CachefsTarget(Target):
     def teardown(self) -> str:
         note = ""
         if mounted(self.mnt):
-            r = subprocess.run([*self.cli, "umount", str(self.mnt), "--timeout", "150"],
-                               capture_output=True, text=True, timeout=200)
-            if r.returncode != 0:
-                note = f"umount failed: {last_line(r.stderr)}"
+            try:
+                r = subprocess.run([*self.cli, "umount", str(self.mnt), "--timeout", "150"],
+                                   capture_output=True, text=True, timeout=200)
+                if r.returncode != 0:
+                    note = f"umount failed: {last_line(r.stderr)}"
+            except subprocess.TimeoutExpired:
+                note = "umount hung for 200 s"
         if alive(self.pid) or mounted(self.mnt):
             note = note or "daemon still running after umount; killed"
             if alive(self.pid):
@@ -407,6 +426,15 @@ class CachefsTarget(Target):
 
     def check(self) -> str:
         return image_check(self.backing_file)
+
+
+def _first_child(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
 
 
 def make_targets(names: list[str], cli: list[str]) -> list[Target]:
@@ -612,7 +640,8 @@ def cachefs_cli() -> list[str]:
     src = WORK / "src"
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(REPO / "cachefs", src / "cachefs", ignore=shutil.ignore_patterns("__pycache__"))
-    return ["env", f"PYTHONPATH={src}", str(REPO / ".venv" / "bin" / "python"), "-m", "cachefs.cli"]
+    # -P: `python -m` would otherwise put the working directory (the repo, under make) first on sys.path
+    return ["env", f"PYTHONPATH={src}", str(REPO / ".venv" / "bin" / "python"), "-P", "-m", "cachefs.cli"]
 
 
 def source_id() -> str:
@@ -738,7 +767,10 @@ def main_run() -> None:
         meta["interrupted"] = True
     finally:
         for t in targets:
-            t.teardown()
+            try:
+                t.teardown()
+            except Exception as exc:  # noqa: BLE001 - stop every other target anyway
+                log(f"{t.name}: teardown failed: {exc}")
     meta["wall_seconds"] = round(time.monotonic() - t0)
     meta["load_end"] = os.getloadavg()
     meta["skipped"] = {t.name: t.refused for t in targets if getattr(t, "refused", None)}
