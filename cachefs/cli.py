@@ -180,7 +180,7 @@ def mount(image_dir, mountpoint, cache_mode, aio, foreground, allow_other, optio
     from cachefs.daemon import MountConfig, discover_images, run_mount
     opts = {o for group in options for o in group.split(",") if o}
     cfg = MountConfig(
-        image_dir=os.path.abspath(image_dir), mountpoint=os.path.abspath(mountpoint),
+        image_dir=os.path.abspath(image_dir), mountpoint=os.path.realpath(mountpoint),
         cache_mode=cache_mode, aio=aio, read_only="ro" in opts, allow_other=allow_other,
         log_file=log_file, foreground=foreground, debug=debug,
     )
@@ -265,7 +265,7 @@ def _xattr_or_none(path: str, name: str) -> str | None:
 # ------------------------------------------------------------------ stats
 
 MODE_STAT_KEYS = ("guest_writes", "guest_flushes", "flushes_ignored", "fdatasyncs", "direct_bytes",
-                  "bounce_requests")
+                  "bounce_requests", "peak_in_flight")
 STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes", "stats.guest_flushes",
              "stats.backend_fdatasyncs", "stats.metadata_writes")
 

@@ -18,10 +18,14 @@ import sys
 import attrs
 
 from cachefs.errors import CachefsError
+from cachefs.fuseconn import raise_queue_limit
 
 log = logging.getLogger("cachefs.daemon")
 
 IMAGE_SUFFIXES = (".qcow2", ".raw", ".img")
+#: pyfuse3 request tasks, and the FUSE background-request limit set to match
+#: (cachefs/fuseconn.py): enough for a QD32 client on two images at once.
+MAX_TASKS = 64
 
 
 @attrs.frozen
@@ -154,6 +158,11 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
     for name, why in skipped.items():
         ready_note = f"warning: {name} not served: {why}"
         log.warning(ready_note)
+    try:
+        # FUSE's default of 12 background requests would cap a QD32 client.
+        log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))
+    except OSError as exc:
+        log.warning("FUSE queue limit left at the kernel default: %s", exc)
     ready("ok")
     log.info("serving %d image(s): %s", len(images), ", ".join(images) or "none")
 
@@ -173,7 +182,7 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signal)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     problems = await ops.close_all()
     try:

@@ -32,6 +32,7 @@ import attrs
 import pyfuse3
 import trio
 
+from cachefs import native
 from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
 from cachefs.image import Image
 from cachefs.policy import CacheMode, mode_named
@@ -99,6 +100,8 @@ class CachefsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.started = time.time()
         self.invalidations = 0
+        self.in_progress = 0  # reads and writes being served now
+        self.peak_in_progress = 0
 
     # -------------------------------------------------------------- attributes
 
@@ -209,16 +212,31 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def read(self, fh, off, size):
         h = self._handle(fh)
-        return await h.image.read(off, size, h.mode)
+        self._begin()
+        try:
+            return await h.image.read(off, size, h.mode)
+        finally:
+            self.in_progress -= 1
 
     @translated
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        await h.image.write(off, buf, h.mode)
+        self._begin()
+        try:
+            await h.image.write(off, buf, h.mode)
+        finally:
+            self.in_progress -= 1
         h.wrote = True
         if h.direct_io:
             await self._invalidate_cached(h.inode)
         return len(buf)
+
+    def _begin(self) -> None:
+        """Count a read or write being served: the peak shows how many requests
+        the kernel and pyfuse3 let through at once (cachefs/fuseconn.py)."""
+        self.in_progress += 1
+        if self.in_progress > self.peak_in_progress:
+            self.peak_in_progress = self.in_progress
 
     async def _invalidate_cached(self, inode: int) -> None:
         """Drop the kernel's cached pages of ``inode`` if a cached handle could read them."""
@@ -251,7 +269,9 @@ class CachefsOperations(pyfuse3.Operations):
     def _xattrs(self, inode: int) -> dict[str, str]:
         if inode == pyfuse3.ROOT_INODE:
             return {"pid": str(os.getpid()), "images": str(len(self.by_inode)),
-                    "skipped": json.dumps(self.skipped), "invalidations": str(self.invalidations)}
+                    "skipped": json.dumps(self.skipped), "invalidations": str(self.invalidations),
+                    "buffer_pool": json.dumps(native.POOL.stats()),
+                    "peak_requests": str(self.peak_in_progress)}
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}
         out["cache"] = img.mode.name

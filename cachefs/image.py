@@ -165,7 +165,8 @@ class Image:
                         f"{name}.flushes_ignored": g.flushes_ignored})
             if io is not None:
                 out.update({f"{name}.fdatasyncs": io.fdatasyncs, f"{name}.direct_bytes": io.direct_bytes,
-                            f"{name}.bounce_requests": io.bounce_requests})
+                            f"{name}.bounce_requests": io.bounce_requests,
+                            f"{name}.peak_in_flight": io.peak_in_flight})
         return out
 
     def info(self) -> dict:

@@ -47,6 +47,9 @@ class IOCounters:
     ``direct_bytes`` counts bytes the kernel moved on the O_DIRECT file
     descriptor, padding and read-modify-write reads included, so
     ``direct_bytes - bytes_read - bytes_written`` is the bounce overhead.
+    ``in_flight``/``peak_in_flight``: requests the engine has handed to the
+    kernel (or to a worker thread) and not yet seen complete; the peak shows
+    whether a QD32 client really keeps 32 requests busy on the backend.
     """
 
     reads: int = 0
@@ -56,6 +59,13 @@ class IOCounters:
     fdatasyncs: int = 0
     bounce_requests: int = 0
     direct_bytes: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def started(self, n: int = 1) -> None:
+        self.in_flight += n
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
 
     def snapshot(self) -> IOCounters:
         return attrs.evolve(self)

@@ -202,6 +202,7 @@ class EventfdEngine(file_mod.DirectWrites):
             for _op, err in self.ctx.submit_many([self._request(op)]):
                 self._live.discard(op)
                 raise OSError(-err, f"{self.path}: {os.strerror(-err)}")
+            self._count_in_flight()
         else:
             self._pending.append(op)
             self._kick()
@@ -273,6 +274,12 @@ class EventfdEngine(file_mod.DirectWrites):
         if batch:
             for op, err in self.ctx.submit_many([self._request(op) for op in batch]):
                 self._complete(op, err)
+            self._count_in_flight()
+
+    def _count_in_flight(self) -> None:
+        c = self.counters
+        c.in_flight = self.ctx.in_flight
+        c.peak_in_flight = max(c.peak_in_flight, c.in_flight)
 
     async def _reap_loop(self) -> None:
         efd = self.ctx.eventfd
@@ -288,4 +295,5 @@ class EventfdEngine(file_mod.DirectWrites):
                 return  # closed while this task was already runnable
             for op, res in self.ctx.reap():
                 self._complete(op, res)
+            self.counters.in_flight = self.ctx.in_flight
             self._kick()

@@ -365,7 +365,11 @@ class FileBackend(DirectWrites):
         return self.fd
 
     async def _run(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        self.counters.started()
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        finally:
+            self.counters.in_flight -= 1
 
     # -------------------------------------------------------------- protocol
 
