@@ -14,9 +14,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # interop tests and benchmarks; fio/strace/attr/util-linux: benches and tests
 # (fio jobs, fdatasync counting, getfattr/setfattr, fincore/findmnt/mount);
 # liburing-dev: the io_uring engine (--aio io_uring) of the cffi module, which
-# without it still builds, with io_uring reported unavailable.
+# without it still builds, with io_uring reported unavailable;
+# qemu-system-x86 + busybox-static + cpio: the guest that boots from a cachefs
+# file (examples/boot-guest.sh, tests/test_guest.py; it downloads Debian's
+# cloud kernel package itself).
 DEB_PKGS := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-common fio \
-            strace attr util-linux gcc liburing-dev
+            strace attr util-linux gcc liburing-dev qemu-system-x86 busybox-static cpio
 
 .PHONY: deps venv test demo bench clean
 

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Boot a tiny Linux guest whose disk is a cachefs file, write data from
+# inside it, boot it again and verify the data: the mission's "the final
+# client is a guest". Once with QEMU's cache=none (O_DIRECT through the
+# mount), once with cache=writeback. Between boots the mount goes away and
+# `qemu-img check` judges the qcow2 under it.
+#
+# The guest is Debian's cloud kernel and a busybox initramfs, under software
+# emulation (TCG): no KVM needed, a boot takes seconds. Its /init makes an
+# ext2 filesystem on /dev/vda (first boot), writes random files and their
+# sha256 sums, unmounts and powers off; the next boot mounts it, checks
+# every sum and prints "cachefs-guest: verify OK".
+#
+# Usage (root): examples/boot-guest.sh [WORKDIR]   (tests/test_guest.py runs it)
+# CACHES="none writeback" picks QEMU cache modes; KIT where the kernel is kept.
+# Installs what is missing: qemu-system-x86, busybox-static, cpio, and
+# downloads (does not install) the linux-image-*-cloud-amd64 package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHEFS=${CACHEFS:-.venv/bin/cachefs}
+WORK=${1:-/var/tmp/cachefs-guest}
+KIT=${KIT:-/var/tmp/cachefs-guest-kit}  # kernel and initramfs, kept between runs
+mkdir -p "$KIT"
+
+need=""
+command -v qemu-system-x86_64 >/dev/null || need="$need qemu-system-x86"
+[ -x /bin/busybox ] && /bin/busybox --list | grep -qx mke2fs || need="$need busybox-static"
+command -v cpio >/dev/null || need="$need cpio"
+if [ -n "$need" ]; then
+  echo "installing:$need"
+  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need >/dev/null
+fi
+
+# --- kernel: the cloud flavour has virtio as small modules and ext4 built in.
+if ! ls "$KIT"/k/boot/vmlinuz-* >/dev/null 2>&1; then
+  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')
+  (cd "$KIT" && apt-get download "$pkg" 2>/dev/null && dpkg-deb -x "$pkg"_*.deb k)
+fi
+VMLINUZ=$(ls "$KIT"/k/boot/vmlinuz-* | head -1)
+MODS=$(ls -d "$KIT"/k/lib/modules/*)/kernel
+
+# --- initramfs: busybox, six virtio modules, and /init.
+ROOT=$KIT/initramfs
+rm -rf "$ROOT" && mkdir -p "$ROOT"/{bin,dev,proc,sys,mnt,lib/modules}
+cp /bin/busybox "$ROOT/bin/busybox"
+for m in virtio/virtio virtio/virtio_ring virtio/virtio_pci_legacy_dev virtio/virtio_pci_modern_dev \
+         virtio/virtio_pci block/virtio_blk; do
+  cp "$MODS/drivers/$m.ko" "$ROOT/lib/modules/"
+done
+cat > "$ROOT/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do  # dependency order
+  insmod /lib/modules/$m.ko
+done
+step=$(sed -n 's/.*cachefs_step=\([a-z]*\).*/\1/p' /proc/cmdline)
+say() { echo "cachefs-guest: $*"; }
+if [ "$step" = write ]; then
+  mke2fs -q /dev/vda && mount -t ext4 /dev/vda /mnt || { dmesg | tail -15; say "write FAILED (mkfs/mount)"; poweroff -f; }
+  i=0
+  while [ $i -lt 8 ]; do  # 8 files of 1-4 MiB of random bytes, and their sums
+    dd if=/dev/urandom of=/mnt/f$i bs=64k count=$((16 + i * 6)) 2>/dev/null
+    i=$((i + 1))
+  done
+  (cd /mnt && sha256sum f* > SUMS)
+  sync; umount /mnt && sync && say "write done"
+else
+  mount -t ext4 /dev/vda /mnt || { say "verify FAILED (mount)"; poweroff -f; }
+  if (cd /mnt && sha256sum -c SUMS >/dev/null 2>&1) && [ "$(wc -l < /mnt/SUMS)" = 8 ]; then
+    say "verify OK"
+  else
+    say "verify FAILED"
+  fi
+  umount /mnt
+fi
+poweroff -f
+INIT
+chmod +x "$ROOT/init"
+INITRD=$KIT/initramfs.cpio.gz
+(cd "$ROOT" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+
+# --- the image and the mount.
+IMAGES=$WORK/images MNT=$WORK/mnt
+mkdir -p "$IMAGES" "$MNT"
+mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT"
+cleanup() { mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT" || true; }
+trap cleanup EXIT
+
+boot() {  # boot CACHE STEP: one guest run against MNT/vm.raw; prints the guest's verdict line
+  local cache=$1 step=$2 out
+  out=$(timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nographic -no-reboot \
+        -kernel "$VMLINUZ" -initrd "$INITRD" \
+        -append "console=ttyS0 quiet panic=-1 cachefs_step=$step" \
+        -drive "file=$MNT/vm.raw,format=raw,if=virtio,cache=$cache" 2>&1) || true
+  echo "$out" | grep -o "cachefs-guest: .*" || { echo "$out" | tail -20; echo "cachefs-guest: no verdict"; }
+}
+
+status=0
+for cache in ${CACHES:-none writeback}; do
+  rm -f "$IMAGES"/vm.qcow2
+  qemu-img create -q -f qcow2 "$IMAGES/vm.qcow2" 256M
+  echo "== QEMU cache=$cache: boot 1 writes"
+  "$CACHEFS" mount --cache auto "$IMAGES" "$MNT"  # QEMU's own open flags pick the mode
+  boot "$cache" write
+  "$CACHEFS" stats "$MNT" | sed -n 2p
+  "$CACHEFS" umount "$MNT"
+  qemu-img check -q "$IMAGES/vm.qcow2" && echo "qemu-img check: clean"
+  echo "== QEMU cache=$cache: boot 2 verifies (a fresh mount)"
+  "$CACHEFS" mount --cache auto "$IMAGES" "$MNT"  # QEMU's own open flags pick the mode
+  verdict=$(boot "$cache" verify)
+  echo "$verdict"
+  "$CACHEFS" umount "$MNT"
+  [[ $verdict == *"verify OK"* ]] || status=1
+done
+[ $status = 0 ] && echo "guest example: data written by the guest survived remounts in both cache modes"
+exit $status
