@@ -234,7 +234,37 @@ class AioRequest:
     token: object = None
 
 
-class AioContext:
+class _SlotContext:
+    """What AioContext and UringContext share: ``depth`` request slots (a
+    slot is taken from submission until its completion is reaped) and a
+    ``_finalizer`` that tears the kernel context down."""
+
+    depth: int
+    _free: list[int]
+    _closed: bool
+    _finalizer: weakref.finalize
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return self.depth - len(self._free)
+
+    def close(self) -> None:
+        """Tear the context down; waits for the kernel's in-flight requests."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AioContext(_SlotContext):
     """An io_setup context of ``depth`` slots whose completions signal ``eventfd``.
 
     What it owns, and why:
@@ -284,14 +314,6 @@ class AioContext:
         self._finalizer = weakref.finalize(
             self, _destroy, self._ctx, efd, self._slots, self._iocbs
         )
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    @property
-    def in_flight(self) -> int:
-        return self.depth - len(self._free)
 
     def submit_many(self, requests) -> list[tuple[object, int]]:
         """Submit ``requests`` (AioRequest) with as few io_submit calls as possible.
@@ -389,17 +411,6 @@ class AioContext:
                 return 0 if rc == -errno.EINPROGRESS else rc
         return -errno.ENOENT
 
-    def close(self) -> None:
-        """io_destroy (waits for in-flight requests), then close the eventfd."""
-        self._closed = True
-        self._finalizer()
-
-    def __enter__(self) -> AioContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # Buffers of a context io_destroy failed on: the kernel may still use them.
 _LEAKED: list[object] = []
@@ -449,7 +460,7 @@ class UringRequest:
     flags: int = 0
 
 
-class UringContext:
+class UringContext(_SlotContext):
     """An io_uring of ``depth`` entries whose completions signal ``eventfd``.
 
     The same contract as AioContext, so one engine drives either:
@@ -500,14 +511,6 @@ class UringContext:
         self._free = list(range(depth - 1, -1, -1))
         self._closed = False
         self._finalizer = weakref.finalize(self, _uring_destroy, ring, efd, self._slots)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    @property
-    def in_flight(self) -> int:
-        return self.depth - len(self._free)
 
     def submit_many(self, requests) -> list[tuple[object, int]]:
         """Prep one SQE per request (UringRequest) and submit them with one io_uring_submit.
@@ -593,17 +596,6 @@ class UringContext:
             free.append(slot)
         self.reaped += n
         return out
-
-    def close(self) -> None:
-        """Wait for the kernel's in-flight requests, unmap the ring, close the eventfd."""
-        self._closed = True
-        self._finalizer()
-
-    def __enter__(self) -> UringContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _uring_destroy(ring, efd: int, slots: list) -> None:
