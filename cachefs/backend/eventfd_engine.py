@@ -111,21 +111,7 @@ class EventfdEngine(file_mod.DirectWrites):
         """The context's request object for ``op`` (token: the op itself)."""
         raise NotImplementedError
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -------------------------------------------------------------- protocol (shared part)
-
-    def _fd(self) -> int:
-        if self.fd is None:
-            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
-        return self.fd
-
-    def size(self) -> int:
-        return os.fstat(self._fd()).st_size
 
     def drop_page_cache(self) -> None:
         native.fadvise(self._fd(), 0, 0, os.POSIX_FADV_DONTNEED)

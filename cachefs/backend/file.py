@@ -214,10 +214,25 @@ class DirectWrites:
 
     Shared by FileBackend (threads), AioBackend (Linux AIO) and UringBackend
     (io_uring): the subclass provides ``_direct_read``, ``_direct_write``,
-    ``_truncate_fd`` and ``_pread_buffered_view``, plus ``counters``,
-    ``size()``, ``_fd()``, ``_ranges`` and ``_eof_lock`` (the two invariants
-    in this module's docstring).
+    ``_truncate_fd``, ``_pread_buffered_view`` and ``close``, plus ``fd``,
+    ``path``, ``counters``, ``_ranges`` and ``_eof_lock`` (the two invariants
+    in this module's docstring). It gives them the descriptor, size and
+    context-manager plumbing they would otherwise each repeat.
     """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
+        return self.fd
+
+    def size(self) -> int:
+        return os.fstat(self._fd()).st_size
 
     async def pread_view(self, offset: int, length: int) -> memoryview:
         """``pread`` without the copy (issue 5, "copies"): an O_DIRECT read
@@ -351,18 +366,7 @@ class FileBackend(DirectWrites):
         extra = "".join([",direct" if self.direct else "", ",sync" if self.sync else ""])
         return f"<FileBackend {self.path!r} fd={self.fd} {mode}{extra}>"
 
-    def __enter__(self) -> FileBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -------------------------------------------------------------- helpers
-
-    def _fd(self) -> int:
-        if self.fd is None:
-            raise OSError(errno.EBADF, f"{self.path}: backend is closed")
-        return self.fd
 
     async def _run(self, fn, *args):
         self.counters.started()
@@ -372,9 +376,6 @@ class FileBackend(DirectWrites):
             self.counters.in_flight -= 1
 
     # -------------------------------------------------------------- protocol
-
-    def size(self) -> int:
-        return os.fstat(self._fd()).st_size
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
