@@ -26,18 +26,16 @@ full device queue): that is Linux AIO as it is.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 
 import trio
 
 from .. import native
-from ..errors import DirectIOUnsupported
 from . import IOCounters
 from . import file as file_mod
 from .eventfd_engine import EngineUnavailable, EventfdEngine, _Op
-from .file import Buffer, _as_bytes_view, filesystem_type
+from .file import Buffer, _as_bytes_view, open_backing
 
 #: Requests in flight per backend. io_setup charges about twice this against
 #: the system-wide fs.aio-max-nr (65536 by default).
@@ -94,20 +92,8 @@ class AioBackend(EventfdEngine):
                 f"{path}: native AIO needs the compiled cachefs.native module ({reason}); "
                 "rebuild it (python cachefs/native/build.py) or use --aio threads"
             )
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_DIRECT
-        flags |= (os.O_DSYNC if sync else 0) | (os.O_CREAT | os.O_EXCL if create else 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            if create:  # Linux creates the file before refusing O_DIRECT
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            raise DirectIOUnsupported(
-                f"{path}: the backing filesystem ({filesystem_type(path)}) does not support "
-                "O_DIRECT, which native AIO needs; use --aio threads or put the images on ext4/xfs"
-            ) from None
+        fd = open_backing(path, writable=writable, direct=True, sync=sync, create=create,
+                          needed_by=", which native AIO needs", remedy="use --aio threads")
         try:
             return cls(fd, path, sync=sync, writable=writable, depth=depth)
         except OSError as exc:
@@ -116,10 +102,6 @@ class AioBackend(EventfdEngine):
                 f"{path}: io_setup({depth}) failed ({exc.strerror}); "
                 "raise fs.aio-max-nr or use --aio threads"
             ) from None
-
-    def __repr__(self) -> str:
-        mode = "rw" if self.writable else "ro"
-        return f"<AioBackend {self.path!r} fd={self.fd} {mode},direct{',sync' if self.sync else ''}>"
 
     # -------------------------------------------------------------- protocol
 

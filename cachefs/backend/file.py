@@ -209,6 +209,30 @@ def filesystem_type(path: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------- the backend
 
 
+def open_backing(path: str, *, writable: bool, direct: bool, sync: bool, create: bool,
+                 needed_by: str = " (cache modes none and directsync need it)",
+                 remedy: str = "use --cache writeback") -> int:
+    """os.open an image file the way every backend does (O_CLOEXEC, plus
+    O_DIRECT / O_DSYNC; ``create`` is O_CREAT | O_EXCL, so an existing image
+    is never clobbered). A filesystem that refuses O_DIRECT raises
+    DirectIOUnsupported naming it, with what needs O_DIRECT and the remedy."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    flags |= (os.O_DIRECT if direct else 0) | (os.O_DSYNC if sync else 0)
+    flags |= os.O_CREAT | os.O_EXCL if create else 0
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if not (direct and exc.errno == errno.EINVAL):
+            raise
+        if create:  # Linux creates the file before refusing O_DIRECT; we made it
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise DirectIOUnsupported(
+            f"{path}: the backing filesystem ({filesystem_type(path)}) does not support "
+            f"O_DIRECT{needed_by}; {remedy} or put the images on ext4/xfs"
+        ) from None
+
+
 class DirectWrites:
     """Reads, and O_DIRECT writes of any offset and length, on a backend's primitives.
 
@@ -219,6 +243,11 @@ class DirectWrites:
     in this module's docstring). It gives them the descriptor, size and
     context-manager plumbing they would otherwise each repeat.
     """
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "ro"
+        extra = "".join([",direct" if self.direct else "", ",sync" if self.sync else ""])
+        return f"<{type(self).__name__} {self.path!r} fd={self.fd} {mode}{extra}>"
 
     def __enter__(self):
         return self
@@ -338,33 +367,8 @@ class FileBackend(DirectWrites):
         image at mount or command start, not per request.
         """
         path = os.fspath(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        if direct:
-            flags |= os.O_DIRECT
-        if sync:
-            flags |= os.O_DSYNC
-        if create:
-            flags |= os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            if not (direct and exc.errno == errno.EINVAL):
-                raise
-            if create:
-                # Linux creates the file before refusing O_DIRECT; we made it.
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            raise DirectIOUnsupported(
-                f"{path}: the backing filesystem ({filesystem_type(path)}) does not "
-                "support O_DIRECT (cache modes none and directsync need it); "
-                "use --cache writeback or put the images on ext4/xfs"
-            ) from None
+        fd = open_backing(path, writable=writable, direct=direct, sync=sync, create=create)
         return cls(fd, path, direct=direct, sync=sync, writable=writable)
-
-    def __repr__(self) -> str:
-        mode = "rw" if self.writable else "ro"
-        extra = "".join([",direct" if self.direct else "", ",sync" if self.sync else ""])
-        return f"<FileBackend {self.path!r} fd={self.fd} {mode}{extra}>"
 
     # -------------------------------------------------------------- helpers
 

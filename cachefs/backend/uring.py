@@ -35,15 +35,13 @@ another engine the user did not ask for.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 
 from .. import native
-from ..errors import DirectIOUnsupported
 from . import IOCounters
 from .eventfd_engine import EngineUnavailable, EventfdEngine, _Op
-from .file import Buffer, _as_bytes_view, filesystem_type
+from .file import Buffer, _as_bytes_view, open_backing
 
 #: SQ ring entries (= requests in flight) per backend; the CQ ring gets twice that.
 DEFAULT_DEPTH = 128
@@ -87,29 +85,12 @@ class UringBackend(EventfdEngine):
         """
         path = os.fspath(path)
         ring = open_ring(path, depth)  # first: nothing to undo if the kernel says no
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        flags |= (os.O_DIRECT if direct else 0) | (os.O_DSYNC if sync else 0)
-        flags |= os.O_CREAT | os.O_EXCL if create else 0
         try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
+            fd = open_backing(path, writable=writable, direct=direct, sync=sync, create=create)
+        except BaseException:
             ring.close()
-            if not (direct and exc.errno == errno.EINVAL):
-                raise
-            if create:  # Linux creates the file before refusing O_DIRECT
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            raise DirectIOUnsupported(
-                f"{path}: the backing filesystem ({filesystem_type(path)}) does not support "
-                "O_DIRECT (cache modes none and directsync need it); "
-                "use --cache writeback or put the images on ext4/xfs"
-            ) from None
+            raise
         return cls(ring, fd, path, direct=direct, sync=sync, writable=writable)
-
-    def __repr__(self) -> str:
-        mode = "rw" if self.writable else "ro"
-        extra = "".join([",direct" if self.direct else "", ",sync" if self.sync else ""])
-        return f"<UringBackend {self.path!r} fd={self.fd} {mode}{extra}>"
 
     # -------------------------------------------------------------- protocol
 
