@@ -36,6 +36,15 @@ class MountConfig:
     aio: str = "threads"
     read_only: bool = False
     allow_other: bool = False
+    # Implied by allow_other: the kernel checks every opener against the modes shown.
+    default_permissions: bool = False
+    # sshfs's -o uid=,gid=,umask=: override what stat shows (None: the image file's own).
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
+    # What create(2) through the mount makes of NAME.raw: a qcow2 image (NAME.qcow2) or a raw file.
+    create_format: str = "qcow2"
+    pid_file: str | None = None
     log_file: str | None = None
     foreground: bool = False
     debug: bool = False
