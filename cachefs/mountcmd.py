@@ -14,6 +14,8 @@ import time
 import click
 
 from cachefs.errors import CachefsError
+from cachefs.mountopts import (AIO_ENGINES, CREATE_FORMATS, MountOptionError, MountOptions, check_engine, merge,
+                               parse_options)
 from cachefs.policy import MODES
 
 
@@ -22,35 +24,61 @@ from cachefs.policy import MODES
 @click.command()
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--cache", "cache_mode", default="writeback", show_default=True,
-              type=click.Choice(list(MODES)), help="Cache mode of every image (see docs/cache-modes.md).")
-@click.option("--aio", default="threads", show_default=True, type=click.Choice(["threads", "native", "io_uring"]),
-              help="I/O engine: a thread pool, Linux AIO on an eventfd (O_DIRECT modes only), "
+@click.option("--cache", "cache_mode", default=None, type=click.Choice(list(MODES)),
+              help="Cache mode of every image (default writeback; see docs/cache-modes.md).")
+@click.option("--aio", default=None, type=click.Choice(list(AIO_ENGINES)),
+              help="I/O engine: a thread pool (the default), Linux AIO on an eventfd (O_DIRECT modes only), "
                    "or io_uring on an eventfd (every mode).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
-@click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other).")
-@click.option("-o", "options", multiple=True, help="Mount options; 'ro' serves every image read-only.")
+@click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other; "
+                                                  "implies default_permissions).")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="Mount options, as in fstab: cache=, aio=, ro, rw, allow_other, default_permissions, "
+                   "uid=, gid=, umask=, log=, pid_file=, create_format=, debug. A value given both as a "
+                   "flag and with -o must agree.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Log file (default: /run/cachefs/MOUNTPOINT.log, or stderr with --foreground).")
+@click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the daemon's process ID here while it serves.")
+@click.option("--create-format", type=click.Choice(list(CREATE_FORMATS)), default=None,
+              help="What creating NAME.raw through the mount makes (default qcow2).")
 @click.option("--debug", is_flag=True)
-def mount(image_dir, mountpoint, cache_mode, aio, foreground, allow_other, options, log_file, debug):
+def mount(image_dir, mountpoint, cache_mode, aio, foreground, allow_other, options, log_file, pid_file,
+          create_format, debug):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
     Returns once the mount is live.
     """
-    from cachefs.daemon import MountConfig, discover_images, run_mount
-    opts = {o for group in options for o in group.split(",") if o}
+    from cachefs.daemon import run_mount
+    flags = MountOptions(cache=cache_mode, aio=aio, allow_other=allow_other, log=log_file, pid_file=pid_file,
+                         create_format=create_format, debug=debug)
+    try:
+        cfg = mount_config(image_dir, mountpoint, merge(flags, parse_options(options)), foreground=foreground)
+    except MountOptionError as exc:  # a usage error: exit 2 as click's own, but in one line
+        click.echo(f"cachefs: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(run_mount(cfg))
+
+
+def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foreground: bool = False):
+    """The daemon's MountConfig for these options; refuses what cannot work before anything starts.
+
+    Shared by `cachefs mount` and mount.fuse.cachefs (cachefs/mounthelper.py).
+    """
+    from cachefs.daemon import MountConfig, discover_images
+    given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
+             "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,
+             # The daemon's working directory is not the caller's: make paths absolute here.
+             "log_file": opts.log and os.path.abspath(opts.log),
+             "pid_file": opts.pid_file and os.path.abspath(opts.pid_file)}
     cfg = MountConfig(
         image_dir=os.path.abspath(image_dir), mountpoint=os.path.realpath(mountpoint),
-        cache_mode=cache_mode, aio=aio, read_only="ro" in opts, allow_other=allow_other,
-        log_file=log_file, foreground=foreground, debug=debug,
+        read_only=opts.read_only, allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
+        foreground=foreground, debug=opts.debug, **{k: v for k, v in given.items() if v is not None},
     )
-    if aio == "native" and not any(m.direct for m in (MODES[cache_mode].for_open(f) for f in (0, os.O_DIRECT))):
-        raise click.BadParameter(f"--aio native needs O_DIRECT (--cache none, directsync or auto); "
-                                 f"Linux AIO on a buffered file runs synchronously, so {cache_mode} uses threads",
-                                 param_hint="--aio")
+    check_engine(cfg.cache_mode, cfg.aio)
     discover_images(cfg.image_dir)  # refuse name clashes before anything starts
-    sys.exit(run_mount(cfg))
+    return cfg
 
 
 @click.command()
