@@ -21,7 +21,9 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     l1_entries = fmt.max_l1_entries(size, cluster_bits)
     if l1_entries * 8 > fmt.MAX_L1_BYTES:
         raise ValueError("size too large for this cluster size (L1 table over 32 MiB)")
-    l1_clusters = max(1, -(-l1_entries * 8 // cs))
+    # An empty L1 (virtual size 0) has no cluster and offset 0, as qemu-img lays it out: growing it
+    # later frees nothing (qcow2_grow_l1_table frees old_l1_size * 8 bytes), so nothing may leak.
+    l1_clusters = -(-l1_entries * 8 // cs)
     per_block = cs * 8 >> refcount_order
     rt_clusters, blocks = 1, 1
     while True:  # the refcount structures must count themselves
@@ -36,7 +38,7 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     l1_off = block_off + blocks * cs
     hdr = fmt.Header(
         version=3, cluster_bits=cluster_bits, size=size, l1_size=l1_entries,
-        l1_table_offset=l1_off, refcount_table_offset=rt_off,
+        l1_table_offset=l1_off if l1_clusters else 0, refcount_table_offset=rt_off,
         refcount_table_clusters=rt_clusters, refcount_order=refcount_order,
         compatible=fmt.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
         header_length=112,
@@ -47,9 +49,11 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     refblocks = b"".join(
         fmt.RefcountBlock.encode(counts[i * per_block:(i + 1) * per_block], refcount_order)
         for i in range(blocks))
-    return [
+    pieces = [
         (0, hdr.encode().ljust(cs, b"\0")[:cs]),
         (rt_off, fmt.encode_table(reftable)),
         (block_off, refblocks),
-        (l1_off, bytes(l1_clusters * cs)),
     ]
+    if l1_clusters:
+        pieces.append((l1_off, bytes(l1_clusters * cs)))
+    return pieces
