@@ -48,22 +48,20 @@ def check_fd(fd: int, *, repair: str | None = None, show_progress: bool = False)
     return result, repaired
 
 
-def run_check(path: str, *, repair: str | None, as_json: bool) -> int:
-    from cachefs.image import image_format
-    from cachefs.locking import ImageLock
-    if image_format(path) != "qcow2":
-        print(f"{path}: raw image: nothing to check")
-        return 0
-    fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
-    try:
-        lock = ImageLock.acquire(fd, path, writable=bool(repair))
-        try:
-            result, repaired = check_fd(fd, repair=repair, show_progress=sys.stderr.isatty() and not as_json)
-        finally:
-            lock.release()
-    finally:
-        os.close(fd)
-    code = result.exit_code()
+def run_check(path: str, *, repair: str | None, as_json: bool, given: str | None = None,
+              force_share: bool = False) -> int:
+    """Check (and repair) ``path``; returns qemu-img check's exit code.
+
+    ``given``: -f (qcow2, raw or probe), else the name says the format.
+    ``force_share``: -U, take no lock (only without ``repair``).
+    """
+    from cachefs.infocmd import inspected, require_format, resolve_format
+    require_format(path, given)
+    with inspected(path, writable=bool(repair), force_share=force_share) as fd:
+        if resolve_format(path, fd, given) != "qcow2":
+            print(f"{path}: raw image: nothing to check")
+            return 0
+        result, repaired = check_fd(fd, repair=repair, show_progress=sys.stderr.isatty() and not as_json)
     if as_json:
         print(json.dumps({"filename": path, "corruptions": len(result.corruptions),
                           "leaks": result.leaked_clusters, "check_errors": result.errors,
@@ -72,7 +70,13 @@ def run_check(path: str, *, repair: str | None, as_json: bool) -> int:
                           "compressed_clusters": result.compressed_clusters,
                           "image_end_offset": result.image_end_offset,
                           "repair_writes": repaired, "messages": list(result.corruptions)}, indent=2))
-        return code
+    else:
+        _print_report(result, repaired)
+    return result.exit_code()
+
+
+def _print_report(result, repaired: int) -> None:
+    """qemu-img check's wording."""
     for line in result.corruptions[:50]:
         print(line)
     if len(result.corruptions) > 50:
@@ -92,7 +96,6 @@ def run_check(path: str, *, repair: str | None, as_json: bool) -> int:
           f"{100 * result.allocated_clusters / total:.2f}% allocated, "
           f"{100 * result.compressed_clusters / total:.2f}% compressed clusters")
     print(f"Image end offset: {result.image_end_offset}")
-    return code
 
 
 def repair_dirty_sync(fd: int) -> None:

@@ -5,10 +5,12 @@ User errors are one line on stderr and a non-zero exit; tracebacks are for bugs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
 
 import click
@@ -28,129 +30,203 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 class CliGroup(click.Group):
-    """Turn our errors into one line on stderr (no traceback)."""
+    """Every user error is one line on stderr, usage errors included; tracebacks are for bugs."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _user_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (CachefsError, OSError) as exc:
-            click.echo(f"cachefs: {exc}", err=True)
-            sys.exit(1)
+        with _user_errors():
+            rv = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+            return rv
 
 
-@click.group(cls=CliGroup)
-@click.version_option(package_name="cachefs")
+@contextlib.contextmanager
+def _user_errors():
+    try:
+        yield
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except click.ClickException as exc:
+        # click's usage block is four lines; the one that matters is the message.
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else "cachefs: "
+        usage = isinstance(exc, click.UsageError) and not isinstance(exc, click.BadParameter)
+        hint = f" (see '{ctx.command_path} -h')" if usage and ctx is not None else ""
+        _fail(where + exc.format_message() + hint, exc.exit_code)
+    except (CachefsError, OSError) as exc:
+        _fail(f"cachefs: {_describe(exc)}", 1)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _fail(message: str, code: int):
+    click.echo(message.replace("\n", " "), err=True)
+    sys.exit(code)
+
+
+def _quiet_broken_pipe():
+    """The reader went away (`cachefs info IMG | head -1`): stop without a word, as cat and ls do.
+
+    stdout goes to /dev/null so the interpreter's last flush finds nothing to
+    complain about; the status is what a shell reports for a tool that
+    SIGPIPE ended (`yes | head -1`): 128 + SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(128 + signal.SIGPIPE)
+
+
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(None, "-V", "--version", package_name="cachefs")
 def main():
     """Serve qcow2 and raw guest disk images as plain raw files over FUSE."""
 
 
 # ------------------------------------------------------------------ create
 
+#: qemu-img create -o keys for qcow2 that cachefs honours, and their defaults (qemu-img's).
+CREATE_OPTIONS = {"cluster_size": "64k", "refcount_bits": "16", "lazy_refcounts": "off"}
+ON_OFF = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+
+
+def parse_create_options(groups, aliases: dict[str, str | None]) -> dict[str, str]:
+    """``-o k=v,k=v`` (repeatable, as qemu-img takes it) merged with the long-option aliases."""
+    given = {k: v for k, v in aliases.items() if v is not None}
+    opts = {}
+    for item in (i for group in groups for i in group.split(",") if i):
+        key, sep, value = item.partition("=")
+        if key not in CREATE_OPTIONS:
+            raise click.BadParameter(f"unknown option {key!r} (cachefs knows {', '.join(CREATE_OPTIONS)})",
+                                     param_hint="-o")
+        opts[key] = value if sep else "on"  # QemuOpts: a bare key is key=on
+    clash = sorted(given.keys() & opts.keys())
+    if clash:
+        raise click.BadParameter(f"{clash[0]} given both as -o and as --{clash[0].replace('_', '-')}",
+                                 param_hint="-o")
+    return {**given, **opts}
+
+
+def qcow2_layout(opts: dict[str, str]) -> dict:
+    """new_image()'s keyword arguments from the -o options."""
+    opts = {**CREATE_OPTIONS, **opts}
+    cs = parse_size(opts["cluster_size"])
+    if cs <= 0 or cs & (cs - 1):
+        raise click.BadParameter("cluster_size must be a power of two (512 to 2M)", param_hint="-o")
+    bits = opts["refcount_bits"]
+    if not bits.isdigit() or int(bits) & (int(bits) - 1) or not 1 <= int(bits) <= 64:
+        raise click.BadParameter("refcount_bits must be 1, 2, 4, 8, 16, 32 or 64", param_hint="-o")
+    lazy = ON_OFF.get(opts["lazy_refcounts"].lower())
+    if lazy is None:
+        raise click.BadParameter("lazy_refcounts must be on or off", param_hint="-o")
+    return {"cluster_bits": cs.bit_length() - 1, "refcount_order": int(bits).bit_length() - 1,
+            "lazy_refcounts": lazy}
+
+
+def create_format(image: str, given: str | None) -> str:
+    """-f, else the name's format; a format the name contradicts is refused, as a mount would serve the name's."""
+    from cachefs.image import format_by_name
+    named = format_by_name(image)
+    kind = given or named or "qcow2"
+    if named is not None and kind != named:
+        raise CachefsError(f"{image} would be served as {named} (cachefs goes by the name); "
+                           f"name it *.{kind} or pass -f {named}")
+    return kind
+
+
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("size")
-@click.option("--format", "fmt_", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
-@click.option("--cluster-size", default="64K", show_default=True, help="qcow2 cluster size, 512 to 2M")
-@click.option("--refcount-bits", type=click.Choice(["1", "2", "4", "8", "16", "32", "64"]), default="16",
-              show_default=True)
-def create(image, size, fmt_, cluster_size, refcount_bits):
+@click.option("-f", "--format", "fmt_", type=click.Choice(["qcow2", "raw"]), default=None,
+              help="Image format (default: what the name says; qcow2 if it says nothing).")
+@click.option("-o", "options", multiple=True, metavar="KEY=VALUE[,...]",
+              help="qcow2 options as qemu-img takes them: cluster_size (64k), refcount_bits (16), "
+                   "lazy_refcounts (off).")
+@click.option("--cluster-size", default=None, help="Same as -o cluster_size=.")
+@click.option("--refcount-bits", default=None, help="Same as -o refcount_bits=.")
+def create(image, size, fmt_, options, cluster_size, refcount_bits):
     """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img)."""
     from cachefs.qcow2.create import new_image
     nbytes = parse_size(size)
-    if fmt_ == "raw":
-        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.ftruncate(fd, nbytes)
-        os.close(fd)
+    kind = create_format(image, fmt_)
+    opts = parse_create_options(options, {"cluster_size": cluster_size, "refcount_bits": refcount_bits})
+    if kind == "raw":
+        if opts:
+            raise click.BadParameter(f"raw images take no options ({', '.join(opts)})", param_hint="-o")
+        pieces = []
     else:
-        cs = parse_size(cluster_size)
-        if cs & (cs - 1):
-            raise click.BadParameter("cluster size must be a power of two", param_hint="--cluster-size")
         try:
-            pieces = new_image(nbytes, cluster_bits=cs.bit_length() - 1,
-                               refcount_order=int(refcount_bits).bit_length() - 1)
+            pieces = new_image(nbytes, **qcow2_layout(opts))
         except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            for off, data in pieces:
-                os.pwrite(fd, data, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    click.echo(f"Formatting '{image}', fmt={fmt_} size={nbytes}")
+            raise click.BadParameter(str(exc), param_hint="-o") from None
+    _write_new(image, pieces, nbytes if kind == "raw" else None)
+    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}")
+
+
+def _write_new(path: str, pieces, truncate_to: int | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for off, data in pieces:
+            os.pwrite(fd, data, off)
+        if truncate_to is not None:
+            os.ftruncate(fd, truncate_to)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------ info
 
-def _open_locked(path: str, writable: bool):
-    from cachefs.locking import ImageLock
-    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-    try:
-        return fd, ImageLock.acquire(fd, path, writable)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _engine_sync(fd: int, writable: bool = False):
-    from cachefs.qcow2.engine import open_engine
-    from cachefs.qcow2.plan import run_sync
-    return run_sync(open_engine(os.fstat(fd).st_size, writable=writable), lambda o, n: os.pread(fd, n, o))
+FORMAT_OPTION = click.option(
+    "-f", "--format", "given", type=click.Choice(["qcow2", "raw", "probe"]), default=None,
+    help="The image's format (default: what the name says: *.qcow2, *.raw, *.img); "
+         "probe: look at the content.")
+FORCE_SHARE_OPTION = click.option(
+    "-U", "--force-share", is_flag=True,
+    help="Take no lock, so it works while a mount or QEMU holds the image (which may be changing it).")
 
 
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def info(image, as_json):
-    """Show an image's format, sizes and features."""
-    from cachefs.image import image_format
-    from cachefs.qcow2 import format as fmt
-    kind = image_format(image)
-    fd, lock = _open_locked(image, writable=False)
-    try:
-        st = os.fstat(fd)
-        out = {"filename": image, "format": kind, "file_size": st.st_size, "allocated": st.st_blocks * 512}
-        if kind == "raw":
-            out["virtual_size"] = st.st_size
-        else:
-            hdr = _engine_sync(fd).current_header()
-            out.update(virtual_size=hdr.size, version=hdr.version, cluster_size=hdr.cluster_size,
-                       refcount_bits=hdr.refcount_bits, lazy_refcounts=hdr.lazy_refcounts,
-                       compression_type="zstd" if hdr.compression_type == fmt.COMPRESSION_ZSTD else "zlib",
-                       corrupt=hdr.corrupt, dirty=hdr.dirty, snapshots=hdr.nb_snapshots)
-    finally:
-        lock.release()
-        os.close(fd)
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
+@FORMAT_OPTION
+@click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
+@FORCE_SHARE_OPTION
+def info(image, given, output, as_json, force_share):
+    """Show an image's format, sizes and features (qemu-img info's keys)."""
+    from cachefs.infocmd import human_lines, image_info, inspected, require_format, resolve_format
+    require_format(image, given)
+    with inspected(image, writable=False, force_share=force_share) as fd:
+        out = image_info(image, fd, resolve_format(image, fd, given))
+    if as_json or output == "json":
+        click.echo(json.dumps(out, indent=4))
         return
-    click.echo(f"image: {image}\nfile format: {kind}\nvirtual size: {human(out['virtual_size'])} "
-               f"({out['virtual_size']} bytes)\ndisk size: {human(out['allocated'])}")
-    for key in ("cluster_size", "version", "refcount_bits", "compression_type", "lazy_refcounts",
-                "corrupt", "snapshots"):
-        if key in out:
-            click.echo(f"{key.replace('_', ' ')}: {out[key]}")
+    for line in human_lines(out):
+        click.echo(line)
 
 
 # ------------------------------------------------------------------ check
 
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-@click.option("--repair", type=click.Choice(["leaks", "all"]), default=None)
+@FORMAT_OPTION
+@click.option("-r", "--repair", type=click.Choice(["leaks", "all"]), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def check(image, repair, as_json):
+@FORCE_SHARE_OPTION
+def check(image, given, repair, as_json, force_share):
     """Check an image's consistency: exit 0 clean, 2 corrupt, 3 leaks only (qemu-img's codes)."""
     from cachefs.checkcmd import run_check
-    sys.exit(run_check(image, repair=repair, as_json=as_json))
+    if force_share and repair:
+        raise click.BadParameter("a repair writes, so it needs the lock: drop -U", param_hint="-U")
+    sys.exit(run_check(image, given=given, repair=repair, as_json=as_json, force_share=force_share))
 
 
 # ------------------------------------------------------------------ cache
@@ -197,18 +273,22 @@ STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes
 
 @main.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Numbers as numbers, true/false as booleans.")
 def stats(mountpoint, as_json):
     """Per-image counters of a running mount (the same as its user.cachefs.* xattrs)."""
     prefix = "user.cachefs."
+    skipped = _xattr_or_none(mountpoint, prefix + "skipped")
+    if skipped is None:
+        raise CachefsError(f"{mountpoint} is not a cachefs mount")
     images = {}
     for name in sorted(os.listdir(mountpoint)):
         path = os.path.join(mountpoint, name)
         images[name] = {a[len(prefix):]: os.getxattr(path, a).decode()
                         for a in os.listxattr(path) if a.startswith(prefix)}
-    skipped = json.loads(os.getxattr(mountpoint, prefix + "skipped") or b"{}")
+    skipped = json.loads(skipped or "{}")
     if as_json:
-        click.echo(json.dumps({"images": images, "skipped": skipped}, indent=2))
+        typed = {name: {k: xattr_value(v) for k, v in x.items()} for name, x in images.items()}
+        click.echo(json.dumps({"images": typed, "skipped": skipped}, indent=2))
         return
     click.echo(f"{'image':<20} " + " ".join(f"{k.split('.')[-1]:>18}" for k in STAT_KEYS))
     for name, x in images.items():
@@ -221,10 +301,27 @@ def stats(mountpoint, as_json):
         click.echo(f"{name:<20} not served: {why}")
 
 
+def xattr_value(text: str):
+    """An xattr's string as the JSON value it spells (xattrs are all strings): 42, 0.5, true, {...}.
+
+    Anything else (a mode name, a path, "writeback:threads") stays a string.
+    NaN and Infinity are refused: they are not JSON.
+    """
+    try:
+        value = json.loads(text, parse_constant=_not_json)
+    except ValueError:
+        return text
+    return text if isinstance(value, str) else value
+
+
+def _not_json(name: str):
+    raise ValueError(name)
+
+
 from cachefs.mountcmd import mount, umount  # noqa: E402  (the mount lifecycle lives there)
 
 main.add_command(mount)
 main.add_command(umount)
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="cachefs")  # python -m cachefs.cli speaks as the installed command does

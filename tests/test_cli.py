@@ -36,10 +36,10 @@ def test_create_is_qemu_clean_and_info_agrees(work, cluster, bits):
     assert subprocess.run(["qemu-img", "check", img], capture_output=True).returncode == 0
     q = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
                                   capture_output=True, text=True, check=True).stdout)
-    ours = json.loads(cachefs("info", img, "--json").stdout)
-    assert q["virtual-size"] == ours["virtual_size"] == 3 << 30
-    assert q["cluster-size"] == ours["cluster_size"]
-    assert q["format-specific"]["data"]["refcount-bits"] == ours["refcount_bits"] == bits
+    ours = json.loads(cachefs("info", img, "--json").stdout)  # --json: the old spelling of --output=json
+    assert q["virtual-size"] == ours["virtual-size"] == 3 << 30
+    assert q["cluster-size"] == ours["cluster-size"]
+    assert q["format-specific"]["data"]["refcount-bits"] == ours["format-specific"]["data"]["refcount-bits"] == bits
 
 
 def test_create_refuses_existing_file_in_one_line(work):

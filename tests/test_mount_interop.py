@@ -198,7 +198,7 @@ def test_read_matches_qemu(workdir, mounted, variant):
             off, length = rng.randrange(0, n - 1), rng.randrange(1, 3 * cs + 1000)
             assert os.pread(f.fileno(), length, off) == os.pread(ref.fileno(), length, off), (off, length)
     x = m.stats()["images"][f"{variant}.raw"]
-    assert (x["format"], int(x["cluster_size"]), x["writable"]) == ("qcow2", cs, "true")
+    assert (x["format"], int(x["cluster_size"]), x["writable"]) == ("qcow2", cs, True)
     m.umount()
     assert sha256(img) == before, "reading must not change the image"
     check_clean(img)
@@ -274,7 +274,7 @@ def test_internal_snapshot_served_read_only_active_layer(workdir, mounted):
     m = mounted(workdir / "images")
     fuse = m / "snap.raw"
     assert read_hash(fuse)[0] == expect, "the mount must show the active layer, not snapshot s1"
-    assert m.stats()["images"]["snap.raw"]["writable"] == "false"
+    assert m.stats()["images"]["snap.raw"]["writable"] is False
     with pytest.raises(OSError) as ei:
         os.open(fuse, os.O_RDWR)
     assert ei.value.errno == errno.EROFS
