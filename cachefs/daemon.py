@@ -1,11 +1,21 @@
-"""The mount lifecycle: discover images, daemonize, serve, flush, unmount.
+"""The mount lifecycle: check, daemonize, serve, flush, unmount.
 
 `cachefs mount` returns only once the mount is live (a readiness pipe from the
-daemon), so a script can use the files on its next line. SIGTERM, SIGINT and
-`cachefs umount` flush every image *while still serving* (a client blocked in
-a request is not stranded), then stop the FUSE loop, close the images and
-unmount. An image that cannot be opened is left out with a warning in the
-log and in `cachefs stats`; the rest are served.
+daemon), so a script can use the files on its next line; it prints the log's
+path and one line per image it leaves out, and refuses a mountpoint that is
+already a mount. Under systemd (``Type=notify``, ``--foreground``) readiness
+is ``READY=1`` on $NOTIFY_SOCKET instead.
+
+Two ways down:
+
+- ``cachefs umount`` (or ``umount``/``fusermount3 -u``) unmounts the way
+  umount(8) does: the kernel refuses while a file in the mount is open, so
+  nothing a running QEMU holds is cut off. Once unmounted, the kernel ends
+  the FUSE connection, the request loop returns, and every image is flushed
+  and closed.
+- SIGTERM or SIGINT is the admin's "stop now": every image is flushed *while
+  still serving* (a client blocked in a request is not stranded), the open
+  handles are logged, and the mount is detached.
 """
 
 from __future__ import annotations
@@ -13,19 +23,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 
 import attrs
 
+from cachefs.catalog import clash_message, scan
 from cachefs.errors import CachefsError
 from cachefs.fuseconn import raise_queue_limit
+from cachefs.mounts import mount_at
 
 log = logging.getLogger("cachefs.daemon")
 
-IMAGE_SUFFIXES = (".qcow2", ".raw", ".img")
 #: pyfuse3 request tasks, and the FUSE background-request limit set to match
 #: (cachefs/fuseconn.py): enough for a QD32 client on two images at once.
 MAX_TASKS = 64
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 @attrs.frozen
@@ -51,141 +64,249 @@ class MountConfig:
 
 
 def discover_images(image_dir: str) -> dict[str, str]:
-    """Guest-visible name -> image path. NAME.qcow2 shows as NAME.raw; raw images keep their name."""
-    out: dict[str, str] = {}
-    for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.name.endswith(IMAGE_SUFFIXES):
-            continue
-        if not entry.is_file(follow_symlinks=True):
-            continue
-        visible = entry.name[:-len(".qcow2")] + ".raw" if entry.name.endswith(".qcow2") else entry.name
-        if visible in out:
-            raise CachefsError(f"{os.path.basename(out[visible])} and {entry.name} would both appear "
-                               f"as {visible}; rename one of them")
-        out[visible] = entry.path
-    return out
+    """Guest-visible name -> image path; two images that would share a name refuse the mount."""
+    found, _ = scan(image_dir)
+    for group in found.values():
+        if len(group) > 1:
+            raise CachefsError(clash_message(group))
+    return {name: group[0].path for name, group in found.items()}
 
 
-def _setup_logging(cfg: MountConfig) -> str:
-    level = logging.DEBUG if cfg.debug else logging.INFO
-    if cfg.foreground and not cfg.log_file:
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        return "stderr"
-    path = cfg.log_file
-    if path is None:
+def refuse_if_mounted(mountpoint: str) -> None:
+    """One mount per mountpoint: stacking a second one hides the first, and umount would hit the wrong one."""
+    m = mount_at(mountpoint)
+    if m is not None:
+        raise CachefsError(f"{mountpoint} is already a mount point ({m.fstype} of {m.source}); "
+                           f"unmount it first")
+
+
+def log_path(cfg: MountConfig) -> str | None:
+    """Where the daemon logs: --log, else /run/cachefs/MOUNTPOINT.log; None for stderr (foreground)."""
+    if cfg.log_file or not cfg.foreground:
+        if cfg.log_file:
+            return os.path.abspath(cfg.log_file)
         run = "/run/cachefs" if os.geteuid() == 0 else os.path.expanduser("~/.cache/cachefs")
-        os.makedirs(run, exist_ok=True)
-        path = os.path.join(run, cfg.mountpoint.strip("/").replace("/", "_") + ".log")
-    logging.basicConfig(filename=path, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return path
+        return os.path.join(run, cfg.mountpoint.strip("/").replace("/", "_") + ".log")
+    return None
+
+
+def _open_log(path: str | None):
+    """Open the log before anything starts, so that a bad path fails the mount with its reason."""
+    if path is None:
+        return sys.stderr
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "a", buffering=1)
+    except OSError as exc:
+        raise CachefsError(f"cannot open the log {path}: {exc.strerror}") from None
+
+
+def _setup_logging(cfg: MountConfig, stream) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
 
 def run_mount(cfg: MountConfig) -> int:
     """Serve in the foreground, or fork and return once the daemon says it is live."""
+    refuse_if_mounted(cfg.mountpoint)
+    where = log_path(cfg)
+    stream = _open_log(where)
     if cfg.foreground:
-        _setup_logging(cfg)
-        return _serve(cfg, ready=lambda msg: print(msg, file=sys.stderr) if msg != "ok" else None)
+        _setup_logging(cfg, stream)
+        return _serve(cfg, _foreground_ready(where), where)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(rfd)
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        where = _setup_logging(cfg)
-        log.info("cachefs daemon %d serving %s at %s (log %s)", os.getpid(), cfg.image_dir, cfg.mountpoint, where)
-        told = False
-
-        def ready(msg: str) -> None:
-            nonlocal told
-            if not told:
-                os.write(wfd, msg.encode() + b"\n")
-                os.close(wfd)
-                told = True
-        try:
-            code = _serve(cfg, ready)
-        except CachefsError as exc:  # a user error (e.g. no O_DIRECT here): one line, no traceback
-            log.error("not mounting: %s", exc)
-            ready(f"error: {exc}")
-            code = 1
-        except BaseException as exc:  # the parent must hear about it, whatever it is
-            log.exception("daemon failed")
-            ready(f"error: {exc}")
-            code = 1
-        os._exit(code)
+        os._exit(_daemon(cfg, stream, where, wfd))
     os.close(wfd)
+    stream.close()
+    return _await_ready(rfd, where)
+
+
+def _daemon(cfg: MountConfig, stream, where: str, wfd: int) -> int:
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    _setup_logging(cfg, stream)
+    log.info("cachefs daemon %d serving %s at %s (log %s)", os.getpid(), cfg.image_dir, cfg.mountpoint, where)
+    pipe = os.fdopen(wfd, "w", buffering=1)
+
+    def tell(msg: str) -> None:
+        if not pipe.closed:
+            pipe.write(msg + "\n")
+            if msg == "ok" or msg.startswith("error: "):
+                pipe.close()
+    try:
+        code = _serve(cfg, tell, where)
+    except CachefsError as exc:  # a user error (e.g. no O_DIRECT here): one line, no traceback
+        log.error("not mounting: %s", exc)
+        tell(f"error: {exc}")
+        code = 1
+    except BaseException as exc:  # the parent must hear about it, whatever it is
+        log.exception("daemon failed")
+        tell(f"error: {exc}")
+        code = 1
+    logging.shutdown()
+    return code
+
+
+def _await_ready(rfd: int, where: str) -> int:
+    """Relay the daemon's warnings to stderr until it says ok (0) or error (1)."""
+    print(f"cachefs: log: {where}", file=sys.stderr)
     with os.fdopen(rfd) as pipe:
-        msg = pipe.readline().strip()
-    if msg == "ok":
-        return 0
-    print(f"cachefs: {msg.removeprefix('error: ') or 'the daemon exited before mounting'}", file=sys.stderr)
+        for line in pipe:
+            line = line.rstrip("\n")
+            if line == "ok":
+                return 0
+            if line.startswith("error: "):
+                print(f"cachefs: {line.removeprefix('error: ')}", file=sys.stderr)
+                return 1
+            print(f"cachefs: {line}", file=sys.stderr)
+    print(f"cachefs: the daemon exited before mounting; see {where}", file=sys.stderr)
     return 1
 
 
-def _serve(cfg: MountConfig, ready) -> int:
+def _foreground_ready(where: str | None):
+    def tell(msg: str) -> None:
+        if msg == "ok":
+            sd_notify("READY=1")
+        else:
+            print(f"cachefs: {msg.removeprefix('error: ')}", file=sys.stderr)
+    if where:
+        print(f"cachefs: log: {where}", file=sys.stderr)
+    return tell
+
+
+def sd_notify(state: str) -> None:
+    """systemd's readiness protocol (sd_notify(3)): one datagram to $NOTIFY_SOCKET, if there is one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as exc:
+        log.warning("sd_notify(%s) to %s: %s", state, addr, exc)
+
+
+def _write_pid_file(path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)  # systemd reads it as soon as the parent exits: never half-written
+
+
+def _serve(cfg: MountConfig, tell, where: str | None) -> int:
     import trio
-    return trio.run(_serve_async, cfg, ready)
+    try:
+        return trio.run(_serve_async, cfg, tell, where)
+    finally:
+        if cfg.pid_file:
+            try:
+                os.unlink(cfg.pid_file)
+            except FileNotFoundError:
+                pass
 
 
-async def _serve_async(cfg: MountConfig, ready) -> int:
+def _fuse_options(cfg: MountConfig) -> set[str]:
     import pyfuse3
-    import trio
+    options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    if cfg.allow_other or cfg.default_permissions:
+        # Other users get in only as the files' modes say: the kernel checks them.
+        options.add("default_permissions")
+    if cfg.read_only:
+        options.add("ro")
+    return options
 
+
+async def _open_catalog(cfg: MountConfig):
     from cachefs.backend import EngineUnavailable
+    from cachefs.catalog import Catalog
     from cachefs.errors import DirectIOUnsupported
-    from cachefs.fs import CachefsOperations
     from cachefs.image import open_image
     from cachefs.policy import mode_named
 
     mode = mode_named(cfg.cache_mode)
-    images, skipped = {}, {}
+
+    async def opener(path: str):
+        return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio)
+    catalog = Catalog(cfg.image_dir, opener)
     try:
-        for name, path in discover_images(cfg.image_dir).items():
-            try:
-                images[name] = await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio)
-            except (DirectIOUnsupported, EngineUnavailable):
-                raise  # the whole directory is on that filesystem / this host: refuse, no fallback
-            except (CachefsError, OSError) as exc:
-                skipped[name] = str(exc)
-                log.warning("not serving %s: %s", path, exc)
+        # The whole directory is on that filesystem / this host: refuse, no fallback.
+        await catalog.refresh(force=True, fatal=(DirectIOUnsupported, EngineUnavailable))
     except BaseException:
-        for img in images.values():
-            await img.close()
+        await catalog.close_all()
         raise
-    ops = CachefsOperations(images, skipped=skipped, read_only=cfg.read_only)
-    options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs"}
-    if cfg.allow_other:
-        options.add("allow_other")
-    if cfg.read_only:
-        options.add("ro")
+    return catalog
+
+
+async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
+    import pyfuse3
+
+    from cachefs.fs import CachefsOperations, Presentation
+
+    catalog = await _open_catalog(cfg)
+    ops = CachefsOperations(
+        catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
+        create_qcow2=cfg.create_format == "qcow2",
+        root_info={"log": where or "stderr", "image_dir": cfg.image_dir})
     try:
-        pyfuse3.init(ops, cfg.mountpoint, options)
+        pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
     except BaseException:
-        await ops.close_all()
+        await catalog.close_all()
         raise
-    for name, why in skipped.items():
-        ready_note = f"warning: {name} not served: {why}"
-        log.warning(ready_note)
+    for name, why in catalog.skipped.items():
+        tell(f"warning: not serving {why}" if why.startswith(name) else f"warning: not serving {name}: {why}")
     try:
         # FUSE's default of 12 background requests would cap a QD32 client.
         log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))
     except OSError as exc:
         log.warning("FUSE queue limit left at the kernel default: %s", exc)
-    ready("ok")
-    log.info("serving %d image(s): %s", len(images), ", ".join(images) or "none")
+    if cfg.pid_file:
+        _write_pid_file(cfg.pid_file)
+    tell("ok")
+    log.info("serving %d image(s): %s", len(catalog.by_name), ", ".join(catalog.names()) or "none")
+    stopped = await _run_until_unmounted(ops)
+    sd_notify("STOPPING=1")
+    problems = await catalog.close_all()
+    try:
+        # After a signal the mount is still there: detach it. After an
+        # unmount from outside it is gone already (and nothing else may be
+        # unmounted in its place).
+        pyfuse3.close(unmount=stopped)
+    except Exception as exc:
+        log.info("unmount: %s", exc)
+    log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
+    return 1 if problems else 0
+
+
+async def _run_until_unmounted(ops) -> bool:
+    """Serve until the kernel ends the connection (False) or a signal stops us (True)."""
+    import pyfuse3
+    import trio
+
+    from cachefs.fs import flush_images
+    stopped = False
 
     async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
+        nonlocal stopped
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for sig in signals:
                 log.info("signal %d: flushing and unmounting", sig)
-                for img in images.values():
-                    try:
-                        if img.writable:
-                            await img.flush()
-                    except (CachefsError, OSError) as exc:
-                        log.error("flush of %s failed: %s", img.path, exc)
+                for line in ops.open_handles():
+                    log.warning("open at stop: %s", line)
+                await flush_images(ops.catalog.images())
+                stopped = True
                 pyfuse3.terminate()
                 return
 
@@ -193,10 +314,4 @@ async def _serve_async(cfg: MountConfig, ready) -> int:
         await nursery.start(on_signal)
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
-    problems = await ops.close_all()
-    try:
-        pyfuse3.close(unmount=True)
-    except Exception as exc:  # already unmounted from outside (fusermount3 -u)
-        log.info("unmount: %s", exc)
-    log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
-    return 1 if problems else 0
+    return stopped

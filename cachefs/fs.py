@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import stat
-import time
 
 import attrs
 import pyfuse3
@@ -34,6 +33,7 @@ import trio
 
 from cachefs import native
 from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
+from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.image import Image
 from cachefs.policy import CacheMode, mode_named
 
@@ -44,15 +44,41 @@ XATTR_PREFIX = "user.cachefs."
 
 @attrs.define
 class Handle:
-    image: Image
-    inode: int
+    entry: Entry
     flags: int       # the opener's open(2) flags, for ``auto``
     direct_io: bool  # fixed by the kernel for the life of the handle
+    pid: int         # who opened it, for the log of a forced unmount
     wrote: bool = False
+
+    @property
+    def image(self) -> Image:
+        return self.entry.image
+
+    @property
+    def inode(self) -> int:
+        return self.entry.inode
 
     @property
     def mode(self) -> CacheMode:
         return self.image.mode.for_open(self.flags)
+
+
+@attrs.frozen
+class Presentation:
+    """How files are shown: the image file's owner, group and modes, or sshfs's overrides."""
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
+    read_only: bool = False
+
+    def fill(self, a: pyfuse3.EntryAttributes, st: os.stat_result, kind: int, writable: bool) -> None:
+        perm = stat.S_IMODE(st.st_mode) & ~(self.umask or 0)
+        if self.read_only or not writable:
+            perm &= ~0o222
+        a.st_mode = kind | perm
+        a.st_uid = st.st_uid if self.uid is None else self.uid
+        a.st_gid = st.st_gid if self.gid is None else self.gid
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
@@ -84,21 +110,26 @@ def translated(fn):
     return wrapper
 
 
+def refused(err: int):
+    """A handler for what a directory of disk images cannot hold (directories, links)."""
+    async def handler(self, *args):
+        raise pyfuse3.FUSEError(err)
+    return handler
+
+
 class CachefsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, images: dict[str, Image], *, skipped: dict[str, str] | None = None,
-                 read_only: bool = False):
+    def __init__(self, catalog: Catalog, *, show: Presentation = Presentation(),
+                 create_qcow2: bool = True, root_info: dict[str, str] | None = None):
         super().__init__()
-        # Invariant: inode numbers are stable for the life of the mount.
-        self.names = sorted(images)
-        self.by_inode = {pyfuse3.ROOT_INODE + 1 + i: images[n] for i, n in enumerate(self.names)}
-        self.inode_of = {n: pyfuse3.ROOT_INODE + 1 + i for i, n in enumerate(self.names)}
-        self.skipped = skipped or {}
-        self.read_only = read_only
+        self.catalog = catalog
+        self.show = show
+        self.read_only = show.read_only
+        self.create_qcow2 = create_qcow2
+        self.root_info = root_info or {}
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self.started = time.time()
         self.invalidations = 0
         self.in_progress = 0  # reads and writes being served now
         self.peak_in_progress = 0
@@ -108,37 +139,51 @@ class CachefsOperations(pyfuse3.Operations):
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.st_uid, a.st_gid = os.getuid(), os.getgid()
-        a.attr_timeout = a.entry_timeout = 1.0
+        # Names are looked up again at every path walk: the image directory
+        # may have changed under them (catalog.py), and a lookup is cheap.
+        a.entry_timeout = 0
+        a.attr_timeout = 1.0
         if inode == pyfuse3.ROOT_INODE:
-            a.st_mode = stat.S_IFDIR | 0o755
+            self.show.fill(a, os.stat(self.catalog.image_dir), stat.S_IFDIR, True)
             a.st_nlink = 2
-            a.st_size = 0
-            ns = int(self.started * 1e9)
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
             return a
         img = self._image(inode)
         st = os.fstat(img.backends.fd)
-        a.st_mode = stat.S_IFREG | (0o644 if img.writable and not self.read_only else 0o444)
+        self.show.fill(a, st, stat.S_IFREG, img.writable)
         a.st_nlink = 1
         a.st_size = img.size
         a.st_blksize = max(4096, img.cluster_size)
         a.st_blocks = st.st_blocks  # what the image really occupies, so du and ls -s tell the truth
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         return a
 
-    def _image(self, inode: int) -> Image:
-        img = self.by_inode.get(inode)
-        if img is None:
+    def _entry(self, inode: int) -> Entry:
+        e = self.catalog.entry(inode)
+        if e is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return img
+        return e
+
+    def _image(self, inode: int) -> Image:
+        return self._entry(inode).image
+
+    def _in_root(self, parent_inode: int) -> None:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _writable_mount(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
 
     @translated
     async def lookup(self, parent_inode, name, ctx=None):
-        inode = self.inode_of.get(os.fsdecode(name)) if parent_inode == pyfuse3.ROOT_INODE else None
-        if inode is None:
+        self._in_root(parent_inode)
+        name = os.fsdecode(name)
+        await self.catalog.refresh()
+        if name not in self.catalog.by_name and visible_name(name) == name:
+            await self.catalog.refresh(force=True)  # an image QEMU held may be free now
+        e = self.catalog.by_name.get(name)
+        if e is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(inode)
+        return self._attr(e.inode)
 
     @translated
     async def getattr(self, inode, ctx=None):
@@ -146,23 +191,33 @@ class CachefsOperations(pyfuse3.Operations):
 
     @translated
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)  # the image directory is not ours to change
         img = self._image(inode)
         if fields.update_size:
-            if self.read_only:
-                raise pyfuse3.FUSEError(errno.EROFS)
+            self._writable_mount()
             if attr.st_size != img.size:
                 await img.truncate(attr.st_size)
-        # Mode, owner and times belong to the backing files; they are not stored.
+        # Owner, modes and times are the image file's own (issue 9): a VM
+        # that runs as another user needs its disk to be really its own.
+        fd = img.backends.fd
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         return self._attr(inode)
 
     @translated
     async def statfs(self, ctx):
-        any_img = next(iter(self.by_inode.values()), None)
-        sv = os.fstatvfs(any_img.backends.fd) if any_img else os.statvfs("/")
+        sv = os.statvfs(self.catalog.image_dir)
         out = pyfuse3.StatvfsData()
         out.f_bsize, out.f_frsize = sv.f_bsize, sv.f_frsize
         out.f_blocks, out.f_bfree, out.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
-        out.f_files, out.f_ffree, out.f_favail = len(self.by_inode) + 1, 0, 0
+        out.f_files, out.f_ffree, out.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
         out.f_namemax = 255
         return out
 
@@ -176,32 +231,79 @@ class CachefsOperations(pyfuse3.Operations):
 
     @translated
     async def readdir(self, fh, start_id, token):
-        for i, name in enumerate(self.names[start_id:], start=start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(self.inode_of[name]), i + 1):
+        if start_id == 0:
+            await self.catalog.refresh(force=True)
+        names = self.catalog.names()
+        for i, name in enumerate(names[start_id:], start=start_id):
+            e = self.catalog.by_name[name]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(e.inode), i + 1):
                 break
 
     async def releasedir(self, fh):
         return None
 
+    @translated
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        e = await self._new_image(parent_inode, name, mode, ctx)
+        return self._open_entry(e, flags, ctx), self._attr(e.inode)
+
+    @translated
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # only disk images live here
+        return self._attr((await self._new_image(parent_inode, name, mode, ctx)).inode)
+
+    async def _new_image(self, parent_inode, name, mode, ctx) -> Entry:
+        self._in_root(parent_inode)
+        self._writable_mount()
+        owner = (ctx.uid, ctx.gid) if os.geteuid() == 0 else None
+        return await self.catalog.create(os.fsdecode(name), qcow2=self.create_qcow2, owner=owner,
+                                         perm=stat.S_IMODE(mode) & ~ctx.umask)
+
+    @translated
+    async def unlink(self, parent_inode, name, ctx):
+        self._in_root(parent_inode)
+        self._writable_mount()
+        await self.catalog.unlink(os.fsdecode(name))
+
+    @translated
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._in_root(parent_inode_old)
+        self._in_root(parent_inode_new)
+        self._writable_mount()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.catalog.rename(os.fsdecode(name_old), os.fsdecode(name_new),
+                                  replace=not flags & pyfuse3.RENAME_NOREPLACE)
+
+    # A flat directory of disk images: no subdirectories, no links.
+    mkdir = refused(errno.EPERM)
+    rmdir = refused(errno.ENOTDIR)
+    link = refused(errno.EPERM)
+    symlink = refused(errno.EPERM)
+
     # -------------------------------------------------------------- files
 
     @translated
     async def open(self, inode, flags, ctx):
-        img = self._image(inode)
+        return self._open_entry(self._entry(inode), flags, ctx)
+
+    def _open_entry(self, e: Entry, flags: int, ctx) -> pyfuse3.FileInfo:
+        img = e.image
         if flags & os.O_ACCMODE != os.O_RDONLY and (self.read_only or not img.writable):
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = self._next_fh
-        self._next_fh += 1
         mode = img.mode.for_open(flags)
         try:
             img.backends.get(mode)  # open its descriptor now: a refusal fails open(2), not every read
         except DirectIOUnsupported as exc:
             log.warning("open of %s: %s", img.path, exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None  # what the filesystem itself would say
-        direct = mode.direct
-        self.handles[fh] = Handle(img, inode, flags, direct)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(e, flags, mode.direct, ctx.pid)
+        self.catalog.opened(e)
         # keep_cache=False: a cached open starts from what the image holds now.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=mode.direct)
 
     def _handle(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -262,16 +364,25 @@ class CachefsOperations(pyfuse3.Operations):
         await h.image.flush(h.mode)
 
     async def release(self, fh):
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            await self.catalog.released(h.entry)
+
+    def open_handles(self) -> list[str]:
+        """One line per open handle: which image, who opened it, how (for the log of a forced stop)."""
+        return [f"{h.entry.name or h.image.path} opened by pid {h.pid} ({_comm(h.pid)}), "
+                f"{'read-write' if h.flags & os.O_ACCMODE else 'read-only'}, mode {h.mode.name}"
+                for h in self.handles.values()]
 
     # -------------------------------------------------------------- xattrs
 
     def _xattrs(self, inode: int) -> dict[str, str]:
         if inode == pyfuse3.ROOT_INODE:
-            return {"pid": str(os.getpid()), "images": str(len(self.by_inode)),
-                    "skipped": json.dumps(self.skipped), "invalidations": str(self.invalidations),
+            return {"pid": str(os.getpid()), "images": str(len(self.catalog.by_name)),
+                    "skipped": json.dumps(self.catalog.skipped), "invalidations": str(self.invalidations),
                     "buffer_pool": json.dumps(native.POOL.stats()),
-                    "peak_requests": str(self.peak_in_progress)}
+                    "peak_requests": str(self.peak_in_progress), "open_handles": str(len(self.handles)),
+                    **self.root_info}
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}
         out["cache"] = img.mode.name
@@ -298,16 +409,20 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def setxattr(self, inode, name, value, ctx):
         key = os.fsdecode(name)
+        if inode == pyfuse3.ROOT_INODE and key == XATTR_PREFIX + "flush":
+            await self._flush_all()  # cachefs umount: flush errors reach the admin, not just the log
+            return
         if inode == pyfuse3.ROOT_INODE or key != XATTR_PREFIX + "cache":
             raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode can be set
-        if self.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        self._writable_mount()
+        img = self._image(inode)
+        if ctx.uid not in (0, os.fstat(img.backends.fd).st_uid):
+            raise pyfuse3.FUSEError(errno.EPERM)  # a mode is a promise about the owner's data
         try:
             mode = mode_named(value.decode(errors="replace"))
         except ValueError as exc:
             log.warning("setxattr cache: %s", exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        img = self._image(inode)
         try:
             await img.switch_mode(mode)
         except UnsupportedImage as exc:
@@ -318,18 +433,31 @@ class CachefsOperations(pyfuse3.Operations):
 
     # -------------------------------------------------------------- lifecycle
 
-    async def close_all(self) -> list[str]:
-        """Flush and close every image; returns the problems (one line each)."""
-        problems = []
-        for name in self.names:
-            img = self.inode_of[name]
-            try:
-                with trio.CancelScope(shield=True):
-                    await self.by_inode[img].close()
-            except (OSError, CachefsError) as exc:
-                problems.append(f"{name}: {exc}")
-                log.error("closing %s failed: %s", name, exc)
-        return problems
+    async def _flush_all(self) -> None:
+        failed = await flush_images(self.catalog.images())
+        if failed:
+            raise pyfuse3.FUSEError(errno.EIO)
+
+
+async def flush_images(images: list[Image]) -> list[str]:
+    """Flush every writable image, trying all of them; returns the failures, one line each."""
+    failed = []
+    for img in images:
+        try:
+            if img.writable:
+                await img.flush()
+        except (CachefsError, OSError) as exc:
+            log.error("flush of %s failed: %s", img.path, exc)
+            failed.append(f"{img.path}: {exc}")
+    return failed
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "exited"
 
 
 def _invalidate(inode: int) -> None:

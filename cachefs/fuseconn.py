@@ -21,25 +21,19 @@ from __future__ import annotations
 import os
 import subprocess
 
+from cachefs.mounts import MOUNTINFO, mount_at
+
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def connection_id(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> int | None:
+def connection_id(mountpoint: str, mountinfo: str = MOUNTINFO) -> int | None:
     """The fusectl directory name of the FUSE mount at ``mountpoint``: its
     superblock's kernel dev_t (major << 20 | minor), as fs/fuse/control.c names it."""
-    want = os.path.abspath(mountpoint)  # not realpath: it would stat the mount (see above)
-    found = None
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            # Field 5 is the mount point (octal escapes for blanks); the
-            # filesystem type follows the " - " separator.
-            sep = fields.index("-")
-            path = fields[4].encode().decode("unicode_escape")
-            if path == want and fields[sep + 1].startswith("fuse"):
-                major, minor = (int(x) for x in fields[2].split(":"))
-                found = (major << 20) | minor  # the last one wins: mounted on top
-    return found
+    # abspath, not realpath: it would stat the mount (see above).
+    m = mount_at(os.path.abspath(mountpoint), mountinfo)
+    if m is None or not m.fstype.startswith("fuse"):
+        return None
+    return (m.dev[0] << 20) | m.dev[1]
 
 
 def _fusectl_mounted() -> bool:

@@ -5,8 +5,9 @@ cli.py registers these commands on its group; the daemon itself is daemon.py.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,9 +15,12 @@ import time
 import click
 
 from cachefs.errors import CachefsError
+from cachefs.mounts import holders, mount_at
 from cachefs.mountopts import (AIO_ENGINES, CREATE_FORMATS, MountOptionError, MountOptions, check_engine, merge,
                                parse_options)
 from cachefs.policy import MODES
+
+MNT_DETACH = 2  # <sys/mount.h>
 
 
 # ------------------------------------------------------------------ mount
@@ -82,26 +86,103 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--lazy", "-l", is_flag=True,
+              help="Detach even while files are open (umount -l): the daemon serves them until their last "
+                   "close, then flushes and exits.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the final flush.")
-def umount(mountpoint, timeout):
-    """Flush every image and unmount; returns when all images are closed."""
-    mnt = os.path.abspath(mountpoint)
-    try:
-        pid = int(os.getxattr(mnt, "user.cachefs.pid"))
-    except OSError:
-        pid = None
-    if pid is None:
-        subprocess.run(["fusermount3", "-u", mnt], check=True)
+def umount(mountpoint, lazy, timeout):
+    """Flush every image and unmount, as umount(8) does: refused while a file in it is open.
+
+    Returns when the daemon has closed every image.
+    """
+    mnt = _resolve(mountpoint)
+    m = mount_at(mnt)
+    if m is None:
+        raise CachefsError(f"{mnt}: not mounted")
+    if m.fstype != "fuse.cachefs":
+        raise CachefsError(f"{mnt}: not a cachefs mount ({m.fstype} of {m.source}); use umount(8)")
+    pid = _daemon_pid(mnt)
+    if lazy:
+        _unmount(mnt, lazy=True)
+        click.echo(f"{mnt}: detached; the daemon{f' (pid {pid})' if pid else ''} flushes and exits "
+                   f"after the last open file is closed", err=True)
         return
-    os.kill(pid, signal.SIGTERM)
+    flush_error = _flush(mnt) if pid is not None else None
+    try:
+        _unmount(mnt, lazy=False)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise CachefsError(f"umount {mnt}: {exc.strerror}") from None
+        click.echo(f"cachefs: umount {mnt}: target is busy{_busy_detail(mnt)}; "
+                   f"close them first, or use --lazy", err=True)
+        sys.exit(32)  # umount(8)'s "mount failure"
+    if pid is not None:
+        _wait_gone(pid, timeout)
+    if flush_error:
+        raise CachefsError(f"unmounted {mnt}, but the flush before it failed: {flush_error}")
+
+
+def _resolve(path: str) -> str:
+    """Absolute, symlinks resolved, without stat'ing the mount itself (a dead one answers ENOTCONN)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _daemon_pid(mnt: str) -> int | None:
+    try:
+        return int(os.getxattr(mnt, "user.cachefs.pid"))
+    except (OSError, ValueError):
+        return None  # the daemon is gone: only the dead mount is left to remove
+
+
+def _flush(mnt: str) -> str | None:
+    """Ask the daemon to flush every image while still mounted, so a failure reaches the admin."""
+    try:
+        os.setxattr(mnt, "user.cachefs.flush", b"1")
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            return None  # a read-only mount has nothing to flush, and the kernel says so before we hear it
+        log_hint = _xattr(mnt, "user.cachefs.log")
+        return f"{exc.strerror}" + (f" (see {log_hint})" if log_hint else "")
+    return None
+
+
+def _xattr(path: str, name: str) -> str | None:
+    try:
+        return os.getxattr(path, name).decode()
+    except OSError:
+        return None
+
+
+def _unmount(mnt: str, *, lazy: bool) -> None:
+    """umount2(2) as root; fusermount3 for a user. EBUSY while a file is open, unless lazy."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(mnt), MNT_DETACH if lazy else 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return
+    r = subprocess.run(["fusermount3", "-uz" if lazy else "-u", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        busy = "busy" in r.stderr
+        raise OSError(errno.EBUSY if busy else errno.EPERM, r.stderr.strip() or "fusermount3 failed")
+
+
+def _busy_detail(mnt: str) -> str:
+    users = holders(mnt)
+    if not users:
+        return ""
+    return " (in use by " + ", ".join(f"{comm} [{pid}]" for pid, comm in users[:8]) + \
+        (f" and {len(users) - 8} more" if len(users) > 8 else "") + ")"
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and _is_running(pid):
+    while _is_running(pid):
         if time.monotonic() > deadline:
             raise CachefsError(f"daemon {pid} did not finish within {timeout:.0f}s; it is still flushing")
         time.sleep(0.05)
-    if _mounted(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
 
 
 def _is_running(pid: int) -> bool:
@@ -110,8 +191,3 @@ def _is_running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _mounted(mnt: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == mnt for line in f)
