@@ -32,6 +32,7 @@ import trio
 
 from cachefs.backend import Backend, IOCounters
 from cachefs.backend.file import FileBackend
+from cachefs.errors import DirectIOUnsupported
 from cachefs.policy import CacheMode
 
 
@@ -40,8 +41,14 @@ from cachefs.policy import CacheMode
 AIO_ENGINES = ("threads", "native", "io_uring")
 
 
-def file_opener(path: str, writable: bool, aio: str = "threads") -> Callable[[CacheMode], Backend]:
+def file_opener(path: str, writable: bool, aio: str = "threads", *,
+                via_fd: int | None = None) -> Callable[[CacheMode], Backend]:
     """Open ``path`` with the flags a mode asks for (UnsupportedImage if O_DIRECT is refused).
+
+    ``via_fd``: reopen the file that descriptor holds (``/proc/self/fd/N``)
+    rather than whatever ``path`` names now. The image directory is live
+    (catalog.py): by a later mode switch the image may have been renamed or
+    removed while open, and its name may even hold another image.
 
     ``aio="native"`` serves the direct modes' descriptors with Linux AIO on an
     eventfd (seed 004: no thread hop per request). Linux AIO is only
@@ -53,6 +60,14 @@ def file_opener(path: str, writable: bool, aio: str = "threads") -> Callable[[Ca
         raise ValueError(f"unknown I/O engine {aio!r} (one of {', '.join(AIO_ENGINES)})")
 
     def open_for(mode: CacheMode) -> Backend:
+        if via_fd is None:
+            return open_path(path, mode)
+        try:
+            return open_path(f"/proc/self/fd/{via_fd}", mode)
+        except DirectIOUnsupported as exc:  # name the image, not the descriptor
+            raise DirectIOUnsupported(str(exc).replace(f"/proc/self/fd/{via_fd}", path)) from None
+
+    def open_path(path: str, mode: CacheMode) -> Backend:
         if aio == "io_uring":
             from cachefs.backend.uring import UringBackend
             return UringBackend.open(path, writable=writable, direct=mode.direct, sync=mode.write_through)

@@ -323,6 +323,8 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def write(self, fh, off, buf):
         h = self._handle(fh)
+        if off + len(buf) > h.image.size and h.image.writable and not self.read_only:
+            await h.image.grow_to(off + len(buf))
         self._begin()
         try:
             await h.image.write(off, buf, h.mode)

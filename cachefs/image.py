@@ -123,6 +123,7 @@ class Image:
         self._flush_done = 0
         self._flush_running: trio.Event | None = None
         self.flushes_merged = 0
+        self._growing = trio.Lock()
         self.backends.get(mode.default)     # fail now (e.g. no O_DIRECT here), not at first I/O
 
     # -------------------------------------------------------------- common
@@ -194,6 +195,13 @@ class Image:
     def info(self) -> dict:
         return {"format": self.format, "cluster_size": self.cluster_size, "virtual_size": self.size,
                 "allocated": self.allocated_bytes(), "writable": self.writable}
+
+    async def grow_to(self, end: int) -> None:
+        """A write past the end grows the disk (to whole sectors), as it grows any file:
+        ``cp`` and backup tools write into a new file without an ftruncate first."""
+        async with self._growing:  # two appenders must not race a grow into a refused shrink
+            if end > self.size:
+                await self.truncate(-(-end // 512) * 512)
 
     def _check_range(self, offset: int, length: int) -> None:
         if not self.writable:
@@ -562,7 +570,7 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
                      cache_bytes: int | None = None, aio: str = "threads") -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
     lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    backends = BackendSet(file_opener(path, writable, aio), lock_fd)
+    backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
     lock = None
     try:
         lock = ImageLock.acquire(lock_fd, path, writable)
