@@ -44,7 +44,17 @@ $(STAMP): pyproject.toml setup.py cachefs/native/build.py | deps
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
 
-venv: $(STAMP)
+# mount(8) looks for /sbin/mount.fuse.cachefs before anything else (strace of
+# util-linux 2.38: newfstatat("/sbin/mount.fuse.cachefs"), then /sbin/mount.fuse).
+# Pointed at this tree's venv on every `make venv`, so the tree being tested is
+# the one mount(8) runs (CI tests a fresh clone elsewhere on the same machine).
+HELPER := /sbin/mount.fuse.cachefs
+.PHONY: mount-helper
+mount-helper: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(HELPER); \
+	else echo "mount-helper: not root, $(HELPER) not linked (mount -t fuse.cachefs and fstab need it)"; fi
+
+venv: $(STAMP) mount-helper
 
 test: deps venv
 	$(VPY) -m pytest -q
@@ -87,6 +97,7 @@ bench-modes: deps venv
 	bash bench/cache_modes.sh
 
 clean:
+	@if [ "$$(readlink $(HELPER))" = "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" ]; then rm -f $(HELPER); fi
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp
 	rm -f cachefs/native/_cachefs_native.c cachefs/native/_cachefs_native*.so cachefs/native/_cachefs_native*.o
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
