@@ -86,6 +86,7 @@ def log_path(cfg: MountConfig) -> str | None:
         if cfg.log_file:
             return os.path.abspath(cfg.log_file)
         run = "/run/cachefs" if os.geteuid() == 0 else os.path.expanduser("~/.cache/cachefs")
+        os.makedirs(run, exist_ok=True)  # ours to make; the directory of a --log is the admin's
         return os.path.join(run, cfg.mountpoint.strip("/").replace("/", "_") + ".log")
     return None
 
@@ -95,7 +96,6 @@ def _open_log(path: str | None):
     if path is None:
         return sys.stderr
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         return open(path, "a", buffering=1)
     except OSError as exc:
         raise CachefsError(f"cannot open the log {path}: {exc.strerror}") from None
@@ -217,7 +217,9 @@ def _serve(cfg: MountConfig, tell, where: str | None) -> int:
 
 def _fuse_options(cfg: MountConfig) -> set[str]:
     import pyfuse3
-    options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs"}
+    # The source column of findmnt/df/mount names the image directory, as sshfs names its remote.
+    source = cfg.image_dir if "," not in cfg.image_dir else "cachefs"
+    options = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cachefs"}
     if cfg.allow_other:
         options.add("allow_other")
     if cfg.allow_other or cfg.default_permissions:
