@@ -3,7 +3,14 @@
 This is the one place where errors become FUSEError (STYLE.md habit 4):
 OSError keeps its errno, damaged metadata and detected corruption become EIO,
 a refused operation on a valid image becomes its errno. Everything else about
-an image belongs to image.py.
+an image belongs to image.py; which images there are, under which names,
+belongs to catalog.py (the image directory is the truth).
+
+Files look like the image files behind them: owner, group, modes and times
+are the image file's, and chmod, chown and utimens change it, so a VM that
+runs as its own user can own its disk (``-o allow_other`` turns on the
+kernel's ``default_permissions`` check). sshfs's ``uid=``, ``gid=`` and
+``umask=`` override only what is shown.
 
 Handlers never block the trio thread: all backend I/O goes through the
 backend's worker threads.
