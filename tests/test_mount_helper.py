@@ -1,0 +1,126 @@
+"""mount(8), fstab and mount.fuse.cachefs: real mounts made by util-linux's mount, not by our CLI.
+
+mount(8) runs /sbin/mount.fuse.cachefs, which `make venv` links to the venv
+of the tree under test (Makefile, mount-helper). The helper is the editable
+install, so it runs this tree's code.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cachefs, is_mounted, run
+
+HELPER = Path("/sbin/mount.fuse.cachefs")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) of a FUSE type needs root")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def helper_is_this_tree():
+    ours = Path(sys.executable).parent / "mount.fuse.cachefs"
+    if not ours.exists() or not HELPER.exists() or HELPER.resolve() != ours.resolve():
+        pytest.fail(f"{HELPER} does not lead to {ours}; run `make venv` in this tree (it links the helper)")
+
+
+@pytest.fixture
+def images(workdir) -> Path:
+    d = workdir / "imgs"
+    d.mkdir()
+    cachefs("create", d / "x.qcow2", "16M")
+    return d
+
+
+@pytest.fixture
+def mnt(workdir):
+    """A mountpoint that is unmounted again whatever the test did."""
+    m = workdir / "mnt"
+    m.mkdir()
+    yield m
+    if is_mounted(m):
+        cachefs("umount", m, check=False, timeout=60)
+    if is_mounted(m):  # the last resort, so that no dead mount outlives the test
+        subprocess.run(["fusermount3", "-uz", str(m)], capture_output=True)
+        pytest.fail(f"cachefs umount left {m} mounted")
+
+
+def xattr(path, name: str) -> str:
+    return run("getfattr", "--only-values", "-n", name, path).stdout
+
+
+def no_traceback(log: Path) -> None:
+    assert "Traceback" not in (log.read_text() if log.exists() else "")
+
+
+def test_mount_t_fuse_cachefs(images, mnt, workdir):
+    log = workdir / "cachefs.log"
+    run("mount", "-t", "fuse.cachefs", images, mnt, "-o", f"cache=none,aio=native,log={log}")
+    assert is_mounted(mnt)
+    assert run("findmnt", "-n", "-o", "FSTYPE", mnt).stdout.strip() == "fuse.cachefs"
+    assert xattr(mnt / "x.raw", "user.cachefs.cache") == "none"
+    assert "none:native" in xattr(mnt / "x.raw", "user.cachefs.stats.aio").split(",")
+    run("dd", "if=/dev/urandom", f"of={mnt / 'x.raw'}", "bs=64k", "count=4", "oflag=direct", "conv=notrunc")
+    cachefs("umount", mnt)
+    assert not is_mounted(mnt)
+    no_traceback(log)
+    run("qemu-img", "check", images / "x.qcow2")
+
+
+def test_fstab_line(images, mnt, workdir):
+    log = workdir / "cachefs.log"
+    fstab = workdir / "fstab"
+    fstab.write_text(f"# the README's line, plus a log in the test's directory\n"
+                     f"{images} {mnt} fuse.cachefs cache=writeback,nofail,log={log} 0 0\n")
+    run("mount", "--fstab", fstab, mnt)
+    assert xattr(mnt / "x.raw", "user.cachefs.cache") == "writeback"
+    with open(mnt / "x.raw", "r+b") as f:
+        f.write(b"fstab" * 1000)
+    cachefs("umount", mnt)
+    assert not is_mounted(mnt)
+    no_traceback(log)
+    run("qemu-img", "check", images / "x.qcow2")
+
+
+def test_cachefs_hash_source_and_ro(images, mnt, workdir):
+    """The `cachefs#SRC` spelling mount.fuse3 users know; ro from the fstab line reaches every image."""
+    fstab = workdir / "fstab"
+    fstab.write_text(f"cachefs#{images} {mnt} fuse.cachefs ro,log={workdir / 'log'} 0 0\n")
+    run("mount", "--fstab", fstab, mnt)
+    with pytest.raises(OSError) as info:
+        open(mnt / "x.raw", "r+b")
+    assert info.value.errno == errno.EROFS
+    assert open(mnt / "x.raw", "rb").read(512) == bytes(512)
+
+
+@pytest.mark.parametrize("opt,words", [
+    ("bogus", "unknown mount option"),
+    ("noexec", "not supported"),
+    ("cache=fast", "choose one of"),
+    ("uid=nosuchuser-cachefs", "no such user"),
+])
+def test_refused_option_leaves_no_mount(images, mnt, opt, words):
+    r = run("mount", "-t", "fuse.cachefs", images, mnt, "-o", f"cache=none,{opt}", check=False)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"-o {opt}: {words}" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not is_mounted(mnt)
+
+
+def test_fake_and_verbose_and_sloppy(images, mnt):
+    """mount -f checks everything and mounts nothing; -v says why an option has no effect; -s drops unknowns."""
+    r = run("mount", "-fsv", "-t", "fuse.cachefs", images, mnt, "-o", "cache=none,nofail,frobnicate")
+    assert "nofail: no effect here" in r.stderr and "frobnicate" in r.stderr
+    assert not is_mounted(mnt)
+
+
+def test_cli_flag_and_option_must_agree(images, mnt):
+    r = cachefs("mount", images, mnt, "--cache", "none", "-o", "cache=writeback", check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "cachefs: --cache none and -o cache=writeback disagree; give one of them"
+    assert not is_mounted(mnt)
