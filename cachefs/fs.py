@@ -42,6 +42,7 @@ from cachefs import native
 from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
 from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.image import Image
+from cachefs.mounts import command_of
 from cachefs.policy import CacheMode, mode_named
 
 log = logging.getLogger("cachefs.fs")
@@ -379,7 +380,7 @@ class CachefsOperations(pyfuse3.Operations):
 
     def open_handles(self) -> list[str]:
         """One line per open handle: which image, who opened it, how (for the log of a forced stop)."""
-        return [f"{h.entry.name or h.image.path} opened by pid {h.pid} ({_comm(h.pid)}), "
+        return [f"{h.entry.name or h.image.path} opened by pid {h.pid} ({command_of(h.pid)}), "
                 f"{'read-write' if h.flags & os.O_ACCMODE else 'read-only'}, mode {h.mode.name}"
                 for h in self.handles.values()]
 
@@ -459,14 +460,6 @@ async def flush_images(images: list[Image]) -> list[str]:
             log.error("flush of %s failed: %s", img.path, exc)
             failed.append(f"{img.path}: {exc}")
     return failed
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "exited"
 
 
 def _invalidate(inode: int) -> None:

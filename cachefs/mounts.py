@@ -57,7 +57,7 @@ def holders(path: str, proc: str = "/proc") -> list[tuple[int, str]]:
     found = []
     for pid in (int(p) for p in os.listdir(proc) if p.isdigit()):
         if pid != os.getpid() and _uses(f"{proc}/{pid}", path, prefix):
-            found.append((pid, _comm(f"{proc}/{pid}")))
+            found.append((pid, command_of(pid, proc)))
     return found
 
 
@@ -83,9 +83,10 @@ def _readlink(link: str) -> str:
         return ""
 
 
-def _comm(pdir: str) -> str:
+def command_of(pid: int, proc: str = "/proc") -> str:
+    """A process's command name (comm), "exited" once it is gone."""
     try:
-        with open(os.path.join(pdir, "comm")) as f:
+        with open(f"{proc}/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
-        return "?"
+        return "exited"
