@@ -32,7 +32,7 @@ import trio
 
 from cachefs.backend import Backend, IOCounters
 from cachefs.backend.file import FileBackend
-from cachefs.errors import DirectIOUnsupported
+from cachefs.errors import CachefsError
 from cachefs.policy import CacheMode
 
 
@@ -62,10 +62,11 @@ def file_opener(path: str, writable: bool, aio: str = "threads", *,
     def open_for(mode: CacheMode) -> Backend:
         if via_fd is None:
             return open_path(path, mode)
+        proc = f"/proc/self/fd/{via_fd}"
         try:
-            return open_path(f"/proc/self/fd/{via_fd}", mode)
-        except DirectIOUnsupported as exc:  # name the image, not the descriptor
-            raise DirectIOUnsupported(str(exc).replace(f"/proc/self/fd/{via_fd}", path)) from None
+            return open_path(proc, mode)
+        except CachefsError as exc:  # one line that names the image, not the descriptor
+            raise type(exc)(str(exc).replace(proc, path)) from None
 
     def open_path(path: str, mode: CacheMode) -> Backend:
         if aio == "io_uring":

@@ -56,7 +56,7 @@ def backing_name(visible: str, qcow2: bool) -> str:
 @attrs.frozen
 class Found:
     """One image file seen by a directory scan."""
-    name: str              # visible
+    visible: str
     path: str
     ident: tuple[int, int]  # (st_dev, st_ino)
 
@@ -80,16 +80,16 @@ def scan(image_dir: str) -> tuple[dict[str, list[Found]], float]:
 
 def clash_message(found: list[Found]) -> str:
     a, b = (os.path.basename(f.path) for f in found[:2])
-    return f"{a} and {b} would both appear as {found[0].name}; rename one of them"
+    return f"{a} and {b} would both appear as {found[0].visible}; rename one of them"
 
 
 @attrs.define(eq=False)
 class Entry:
-    """A served image. Invariant: ``name`` is None only while ``handles`` > 0 (removed, still open)."""
+    """A served image. Invariant: ``visible`` is None only while ``handles`` > 0 (removed, still open)."""
     inode: int
     image: Image
     ident: tuple[int, int]
-    name: str | None
+    visible: str | None
     handles: int = 0
 
 
@@ -104,7 +104,7 @@ class Catalog:
         self._open = opener
         self.by_name: dict[str, Entry] = {}
         self.by_inode: dict[int, Entry] = {}
-        self.skipped: dict[str, str] = {}  # visible name -> why it is not served
+        self.skipped: dict[str, str] = {}  # visible name -> "PATH: why it is not served"
         self._next_inode = ROOT_INODE + 1
         self._lock = trio.Lock()
         self._seen_mtime: int | None = None  # of the directory, at a trusted scan
@@ -140,7 +140,7 @@ class Catalog:
             gone, moved = await self._drop_missing(found)
             await self._adopt(found, fatal)
             for e in moved:
-                if e.name is None:  # moved onto a name another served image keeps
+                if e.visible is None:  # moved onto a name another served image keeps
                     await self._detach(e)
             self._seen_mtime = mtime if scanned_at - mtime > RACY_NS else None
             return gone
@@ -151,7 +151,7 @@ class Catalog:
         gone, moved = [], []
         for name, e in list(self.by_name.items()):
             now = idents.get(e.ident)
-            if now is not None and now.name == name:
+            if now is not None and now.visible == name:
                 continue
             del self.by_name[name]
             gone.append(name)
@@ -159,7 +159,7 @@ class Catalog:
                 log.info("%s: removed from %s", name, self.image_dir)
                 await self._detach(e)
             else:
-                e.name = None  # renamed: _adopt gives it its new name
+                e.visible = None  # renamed: _adopt gives it its new name
                 moved.append(e)
         return gone, moved
 
@@ -168,7 +168,7 @@ class Catalog:
         for name, group in found.items():
             mine = [f for f in group if f.ident in served]
             if len(group) > 1 and not mine:
-                self._skip(name, clash_message(group))
+                self._skip(name, f"{group[0].path}: {clash_message(group)}")
                 continue
             f = mine[0] if mine else group[0]
             if f.ident in served:
@@ -180,12 +180,12 @@ class Catalog:
                 del self.skipped[name]
 
     def _rename(self, e: Entry, f: Found) -> None:
-        if e.name != f.name:
-            log.info("%s: now %s (%s)", e.name or os.path.basename(e.image.path), f.name, f.path)
-        e.name = f.name
+        if e.visible != f.visible:
+            log.info("%s: now %s (%s)", e.visible or os.path.basename(e.image.path), f.visible, f.path)
+        e.visible = f.visible
         e.image.path = f.path
-        self.by_name[f.name] = e
-        self.skipped.pop(f.name, None)
+        self.by_name[f.visible] = e
+        self.skipped.pop(f.visible, None)
 
     async def _open_new(self, f: Found, fatal) -> None:
         try:
@@ -193,17 +193,18 @@ class Catalog:
         except fatal:
             raise
         except (CachefsError, OSError) as exc:
-            self._skip(f.name, f"{os.path.basename(f.path)}: {exc}")
+            why = str(exc)
+            self._skip(f.visible, why if why.startswith(f.path) else f"{f.path}: {why}")
             return
         self.add(img, f)
 
     def add(self, img: Image, f: Found) -> Entry:
         """Serve an image just opened (by a scan, or by create(2) through the mount)."""
-        e = Entry(self._next_inode, img, f.ident, f.name)
+        e = Entry(self._next_inode, img, f.ident, f.visible)
         self._next_inode += 1
-        self.by_inode[e.inode] = self.by_name[f.name] = e
-        self.skipped.pop(f.name, None)
-        log.info("serving %s as %s (%s)", f.path, f.name, img.format)
+        self.by_inode[e.inode] = self.by_name[f.visible] = e
+        self.skipped.pop(f.visible, None)
+        log.info("serving %s as %s (%s)", f.path, f.visible, img.format)
         return e
 
     def _skip(self, name: str, why: str) -> None:
@@ -291,7 +292,7 @@ class Catalog:
         """Take ``name`` out of the directory (unlink/rename through the mount); the entry lives on."""
         e = self.by_name.pop(name, None)
         if e is not None:
-            e.name = None
+            e.visible = None
         return e
 
     def opened(self, e: Entry) -> None:
@@ -299,12 +300,12 @@ class Catalog:
 
     async def released(self, e: Entry) -> None:
         e.handles -= 1
-        if e.handles == 0 and e.name is None:
+        if e.handles == 0 and e.visible is None:
             await self._detach(e)
 
     async def _detach(self, e: Entry) -> None:
         """The entry has no name: close it now, or at its last close."""
-        e.name = None
+        e.visible = None
         if e.handles:
             log.info("%s stays open until its last close", e.image.path)
             return
@@ -317,7 +318,7 @@ class Catalog:
         for e in list(self.by_inode.values()):
             why = await close_quietly(e.image)
             if why:
-                problems.append(f"{e.name or e.image.path}: {why}")
+                problems.append(f"{e.visible or e.image.path}: {why}")
         self.by_inode.clear()
         self.by_name.clear()
         return problems

@@ -157,11 +157,11 @@ def _daemon(cfg: MountConfig, stream, where: str, wfd: int) -> int:
 
 def _await_ready(rfd: int, where: str) -> int:
     """Relay the daemon's warnings to stderr until it says ok (0) or error (1)."""
-    print(f"cachefs: log: {where}", file=sys.stderr)
     with os.fdopen(rfd) as pipe:
         for line in pipe:
             line = line.rstrip("\n")
             if line == "ok":
+                print(f"cachefs: log: {where}", file=sys.stderr)
                 return 0
             if line.startswith("error: "):
                 print(f"cachefs: {line.removeprefix('error: ')}", file=sys.stderr)
@@ -175,10 +175,10 @@ def _foreground_ready(where: str | None):
     def tell(msg: str) -> None:
         if msg == "ok":
             sd_notify("READY=1")
+            if where:
+                print(f"cachefs: log: {where}", file=sys.stderr)
         else:
             print(f"cachefs: {msg.removeprefix('error: ')}", file=sys.stderr)
-    if where:
-        print(f"cachefs: log: {where}", file=sys.stderr)
     return tell
 
 
@@ -267,7 +267,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
         await catalog.close_all()
         raise
     for name, why in catalog.skipped.items():
-        tell(f"warning: not serving {why}" if why.startswith(name) else f"warning: not serving {name}: {why}")
+        tell(f"warning: not serving {why}")
     try:
         # FUSE's default of 12 background requests would cap a QD32 client.
         log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))

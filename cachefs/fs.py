@@ -380,7 +380,7 @@ class CachefsOperations(pyfuse3.Operations):
 
     def open_handles(self) -> list[str]:
         """One line per open handle: which image, who opened it, how (for the log of a forced stop)."""
-        return [f"{h.entry.name or h.image.path} opened by pid {h.pid} ({command_of(h.pid)}), "
+        return [f"{h.entry.visible or h.image.path} opened by pid {h.pid} ({command_of(h.pid)}), "
                 f"{'read-write' if h.flags & os.O_ACCMODE else 'read-only'}, mode {h.mode.name}"
                 for h in self.handles.values()]
 

@@ -233,7 +233,7 @@ def merge(flags: MountOptions, given: MountOptions) -> MountOptions:
     out: dict[str, object] = {}
     for f in attrs.fields(MountOptions):
         a, b = getattr(flags, f.name), getattr(given, f.name)
-        if f.name == "ignored":
+        if f is attrs.fields(MountOptions).ignored:
             out[f.name] = a + b
         elif isinstance(a, bool):
             out[f.name] = a or b
