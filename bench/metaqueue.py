@@ -11,7 +11,7 @@ For each job and each of writeback and none, on a fresh 1 GiB qcow2 each time:
   flushes from its own counters (tests/test_metaqueue_mount.py proves they
   equal strace's count).
 
-Jobs (DESIGN.md section 3, issue 4):
+Jobs (docs/design.md, "One fdatasync per guest flush"; issue 4):
   alloc-flush16   4000 random 4k writes over 1 GiB, fdatasync every 16
   alloc-flush1    the same, fdatasync after every write
   alloc-flush128  the same, fdatasync every 128

@@ -1,4 +1,4 @@
-"""The image directory is the truth (DESIGN.md section 5).
+"""The image directory is the truth (docs/design.md, "The image directory and the mount's life").
 
 The mount shows what the image directory holds *now*, not what it held when
 it was mounted: an image copied in appears at the next lookup or readdir,

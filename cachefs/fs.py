@@ -13,7 +13,8 @@ kernel's ``default_permissions`` check). sshfs's ``uid=``, ``gid=`` and
 ``umask=`` override only what is shown.
 
 Handlers never block the trio thread: all backend I/O goes through the
-backend's worker threads.
+backend's I/O engine (a thread pool, Linux AIO or io_uring), and the
+kernel's page-cache invalidation runs in a worker thread.
 
 Cache modes reach this layer at two points (policy.py). At open, the
 handle's concrete mode comes from the image's mode and the opener's flags,
@@ -38,7 +39,7 @@ import attrs
 import pyfuse3
 import trio
 
-from cachefs import native
+from cachefs.backend import buffer_pool_stats
 from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
 from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.image import Image
@@ -390,7 +391,7 @@ class CachefsOperations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE:
             return {"pid": str(os.getpid()), "images": str(len(self.catalog.by_name)),
                     "skipped": json.dumps(self.catalog.skipped), "invalidations": str(self.invalidations),
-                    "buffer_pool": json.dumps(native.POOL.stats()),
+                    "buffer_pool": json.dumps(buffer_pool_stats()),
                     "peak_requests": str(self.peak_in_progress), "open_handles": str(len(self.handles)),
                     **self.root_info}
         img = self._image(inode)

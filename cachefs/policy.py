@@ -1,4 +1,4 @@
-"""QEMU's cache modes as policy objects (DESIGN.md section 2; seeds 000-002).
+"""QEMU's cache modes as policy objects (docs/cache-modes.md; seeds 000-002).
 
 A mode is three independent answers, and every other layer asks the mode
 instead of branching on its name (STYLE.md habit 3):

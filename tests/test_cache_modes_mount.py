@@ -1,4 +1,4 @@
-"""Cache modes seen from outside the daemon, against real mounts (DESIGN.md section 2).
+"""Cache modes seen from outside the daemon, against real mounts (docs/cache-modes.md).
 
 Nothing here trusts the daemon's word alone. Each promise is checked where
 the kernel can see it:
@@ -344,7 +344,7 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, mounted, images, workdir):
           f"fd flags: { {n: oct(fd_flags(m.pid, backing(images, n))[io[n]]) for n in names} }")
     assert st.total(SYNC_CALLS) == sum(syncs.values()), f"syncs on descriptors other than the images': {st.by_fd}"
 
-    # No page cache anywhere in the direct modes (DESIGN.md: "no page cache holds the guest's data
+    # No page cache anywhere in the direct modes (docs/cache-modes.md: "no page cache holds the guest's data
     # anywhere on the host"): not the cachefs file's (its handles are direct_io, so every read
     # reaches the daemon), not the backing file's (O_DIRECT). The buffered modes cache both.
     for name in names:

@@ -33,7 +33,7 @@ from scratch with the fault armed before the flush that writes that item:
   alone must leave a corruption-free file.
 
 The ftruncate that extends the file over a new reservation is not sticky
-either. A failed fdatasync is sticky (DESIGN.md section 2): that flush and
+either. A failed fdatasync is sticky (docs/cache-modes.md): that flush and
 every later one fail, even after the fault is gone. A failed guest data write
 fails that write and aborts its allocation; nothing leaks and later writes
 work.

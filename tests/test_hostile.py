@@ -1,6 +1,6 @@
 """Hostile images: damaged headers are skipped, damaged table entries fail only their range.
 
-DESIGN.md: "An image that cannot be opened is skipped (listed under skipped
+The design brief: "An image that cannot be opened is skipped (listed under skipped
 with a one-line reason); a damaged table entry makes just that guest range
 return EIO." In every case the mount itself succeeds, a good image next to
 the hostile one keeps working, the daemon logs no traceback, and the hostile

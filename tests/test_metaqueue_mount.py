@@ -1,4 +1,4 @@
-"""One backend fdatasync per guest flush, counted from outside the daemon (DESIGN.md section 3).
+"""One backend fdatasync per guest flush, counted from outside the daemon (docs/design.md, "One fdatasync per guest flush").
 
 The workload is the one QEMU's qcow2 driver needs ~2 fdatasyncs per flush
 for (measured with qemu-storage-daemon: 506 for 250): 4000 allocating 4k

@@ -1,6 +1,6 @@
 """Interop matrix: images made by qemu-img/qemu-io, served by a real mount, checked by qemu-img.
 
-For each variant (DESIGN.md section 3: "cachefs reads, byte for byte, any
+For each variant (the design brief: "cachefs reads, byte for byte, any
 image that qemu-img create or convert makes" and "every image cachefs
 writes passes qemu-img check"):
 
@@ -476,7 +476,7 @@ def kill_daemon(m) -> None:
 
 
 def test_daemon_killed_after_fsync_keeps_flushed_data(workdir, mounted):
-    """DESIGN.md invariant 4 (for a process crash): what a completed fsync covered survives
+    """Crash invariant 4 (docs/design.md) (for a process crash): what a completed fsync covered survives
     SIGKILL, and qemu-img check then finds at most leaks (exit 0 or 3), never corruption."""
     d = workdir / "images"
     d.mkdir()
