@@ -9,7 +9,7 @@ Three backends drive a real file: ``FileBackend`` (a thread per syscall,
 buffered or O_DIRECT), ``AioBackend`` (O_DIRECT only, Linux native AIO) and
 ``UringBackend`` (buffered or O_DIRECT, io_uring). The last two complete
 into an eventfd, no thread per request (DESIGN.md section 4), through the
-engine they share, ``eventfd_engine.EventfdEngine``.
+engine they share, ``eventfd.EventfdEngine``.
 
 Contract shared by every backend:
 
@@ -91,17 +91,18 @@ class Backend(Protocol):
 
 
 # Imported last: the implementations import ALIGN and IOCounters from here.
-from .eventfd_engine import EngineUnavailable  # noqa: E402
+from .eventfd import EngineUnavailable  # noqa: E402
 from .aio import AioBackend, AioUnavailable  # noqa: E402
 from .uring import UringBackend, UringUnavailable  # noqa: E402
 from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Write, replay  # noqa: E402
-from .file import FileBackend, filesystem_type  # noqa: E402
+from .file import FileBackend, buffer_pool_stats, filesystem_type  # noqa: E402
 from .memory import MemoryBackend  # noqa: E402
 
 __all__ = [
     "ALIGN",
     "Backend",
     "IOCounters",
+    "buffer_pool_stats",
     "FileBackend",
     "AioBackend",
     "AioUnavailable",

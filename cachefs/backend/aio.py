@@ -3,7 +3,7 @@
 DESIGN.md section 4 (seed 004): requests go to the kernel with io_submit and
 complete into an eventfd whose readiness trio awaits, so a 4 KiB read costs
 no worker-thread round trip. The submitter/reaper machinery (batching,
-cancellation, the system task) is ``eventfd_engine.EventfdEngine``, shared
+cancellation, the system task) is ``eventfd.EventfdEngine``, shared
 with the io_uring backend; this module adds what is Linux AIO's own. The
 protocol, the counters and the O_DIRECT bounce-buffer rules are
 FileBackend's (see cachefs.backend.file): unaligned reads read the covering
@@ -34,7 +34,7 @@ import trio
 from .. import native
 from . import IOCounters
 from . import file as file_mod
-from .eventfd_engine import EngineUnavailable, EventfdEngine, _Op
+from .eventfd import EngineUnavailable, EventfdEngine, _Op
 from .file import Buffer, _as_bytes_view, open_backing
 
 #: Requests in flight per backend. io_setup charges about twice this against

@@ -82,6 +82,11 @@ def buffer_address(mv: memoryview) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(mv))
 
 
+def buffer_pool_stats() -> dict[str, int]:
+    """Hits, misses and bytes of the pool the aligned buffers come from."""
+    return native.POOL.stats()
+
+
 def _as_bytes_view(data: Buffer) -> memoryview:
     mv = memoryview(data)
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")

@@ -1,7 +1,7 @@
 """UringBackend: file I/O through io_uring, buffered or O_DIRECT, no thread per request.
 
 DESIGN.md section 4, issue 5. The same model as AioBackend (the submitter
-and reaper of ``eventfd_engine.EventfdEngine``: one io_uring_submit per
+and reaper of ``eventfd.EventfdEngine``: one io_uring_submit per
 scheduler batch, completions on an eventfd trio awaits), on an io_uring
 instead of an AIO context. What io_uring changes:
 
@@ -40,7 +40,7 @@ import os
 
 from .. import native
 from . import IOCounters
-from .eventfd_engine import EngineUnavailable, EventfdEngine, _Op
+from .eventfd import EngineUnavailable, EventfdEngine, _Op
 from .file import Buffer, _as_bytes_view, open_backing
 
 #: SQ ring entries (= requests in flight) per backend; the CQ ring gets twice that.
