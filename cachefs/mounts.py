@@ -33,15 +33,17 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def parse_line(line: str) -> MountEntry:
+    """One mountinfo line; ValueError or IndexError if it is not one."""
+    fields = line.split(" ")
+    sep = fields.index("-")
+    major, minor = (int(x) for x in fields[2].split(":"))
+    return MountEntry(int(fields[0]), (major, minor), _unescape(fields[4]),
+                      fields[sep + 1], _unescape(fields[sep + 2]))
+
+
 def parse_mountinfo(text: str) -> list[MountEntry]:
-    out = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        sep = fields.index("-")
-        major, minor = (int(x) for x in fields[2].split(":"))
-        out.append(MountEntry(int(fields[0]), (major, minor), _unescape(fields[4]),
-                              fields[sep + 1], _unescape(fields[sep + 2])))
-    return out
+    return [parse_line(line) for line in text.splitlines()]
 
 
 def mount_at(path: str, mountinfo: str = MOUNTINFO) -> MountEntry | None:
@@ -49,6 +51,40 @@ def mount_at(path: str, mountinfo: str = MOUNTINFO) -> MountEntry | None:
     with open(mountinfo) as f:
         entries = parse_mountinfo(f.read())
     return next((e for e in reversed(entries) if e.path == path), None)
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str:
+    """The type (ext4, xfs, tmpfs, ...) of the filesystem holding ``path``.
+
+    Matches mountinfo by device number first, then by the longest mount
+    point that prefixes the resolved path. "unknown" if neither works. Only
+    for messages (a refused O_DIRECT names the filesystem), so a line it
+    cannot parse is skipped rather than raised.
+    """
+    real = os.path.realpath(path)
+    probe = real if os.path.exists(real) else os.path.dirname(real)
+    try:
+        st = os.stat(probe)
+        dev: tuple[int, int] | None = (os.major(st.st_dev), os.minor(st.st_dev))
+    except OSError:
+        dev = None
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "unknown"
+    best: tuple[int, int, str] | None = None  # (device matches, prefix length, type)
+    for line in lines:
+        try:
+            m = parse_line(line)
+        except (ValueError, IndexError):
+            continue
+        if not (probe + "/").startswith(m.path.rstrip("/") + "/"):
+            continue
+        key = (int(m.dev == dev), len(m.path), m.fstype)
+        if best is None or key[:2] >= best[:2]:  # later lines are mounted on top
+            best = key
+    return best[2] if best else "unknown"
 
 
 def holders(path: str, proc: str = "/proc") -> list[tuple[int, str]]:

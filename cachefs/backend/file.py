@@ -45,6 +45,7 @@ import trio
 
 from .. import native
 from ..errors import DirectIOUnsupported
+from ..mounts import filesystem_type
 from . import ALIGN, IOCounters
 
 #: Worker threads that may be in a syscall at once, per backend.
@@ -157,58 +158,6 @@ class _RangeLocks:
         finally:
             self._held.remove(entry)
             entry[2].set()
-
-
-# ---------------------------------------------------------------- filesystem type
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def filesystem_type(path: str | os.PathLike[str]) -> str:
-    """The type (ext4, xfs, tmpfs, ...) of the filesystem holding ``path``.
-
-    Matches /proc/self/mountinfo by device number first, then by the longest
-    mount point that prefixes the resolved path. "unknown" if neither works.
-    """
-    real = os.path.realpath(path)
-    probe = real if os.path.exists(real) else os.path.dirname(real)
-    try:
-        dev = os.stat(probe).st_dev
-        devid = f"{os.major(dev)}:{os.minor(dev)}"
-    except OSError:
-        devid = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return "unknown"
-    best: tuple[int, int, str] | None = None  # (device matches, prefix length, type)
-    for line in lines:
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-            mountpoint, majmin, fstype = _unescape_mountinfo(fields[4]), fields[2], fields[sep + 1]
-        except (ValueError, IndexError):
-            continue
-        prefix = mountpoint.rstrip("/") + "/"
-        if not (probe + "/").startswith(prefix):
-            continue
-        key = (int(majmin == devid), len(mountpoint), fstype)
-        if best is None or key[:2] >= best[:2]:  # later lines are mounted on top
-            best = key
-    return best[2] if best else "unknown"
 
 
 # ---------------------------------------------------------------- the backend
