@@ -92,7 +92,7 @@ def wait_events(ctx: native.AioContext, want: int, timeout: float = 10.0) -> lis
 
 
 def test_opcodes_are_the_kernel_abi():
-    for name in ("PREAD", "PWRITE", "FSYNC", "FDSYNC"):
+    for name in ("PREAD", "PWRITE", "FDSYNC"):
         assert getattr(native, f"IOCB_CMD_{name}") == getattr(native.lib, f"IOCB_CMD_{name}")
     assert native.ffi.sizeof("struct iocb") == 64  # <linux/aio_abi.h>: "64 bytes"
     assert native.ffi.sizeof("struct io_event") == 32

@@ -55,7 +55,6 @@ __all__ = [
     "AioRequest",
     "IOCB_CMD_PREAD",
     "IOCB_CMD_PWRITE",
-    "IOCB_CMD_FSYNC",
     "IOCB_CMD_FDSYNC",
     "UringContext",
     "UringRequest",
@@ -216,7 +215,6 @@ def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
 # same values with or without the compiled module.
 IOCB_CMD_PREAD = 0
 IOCB_CMD_PWRITE = 1
-IOCB_CMD_FSYNC = 2
 IOCB_CMD_FDSYNC = 3
 
 _READS_INTO_BUFFER = frozenset({IOCB_CMD_PREAD})
@@ -463,7 +461,7 @@ class UringRequest:
 class UringContext(_SlotContext):
     """An io_uring of ``depth`` entries whose completions signal ``eventfd``.
 
-    The same contract as AioContext, so one engine drives either:
+    The same contract as AioContext, so one backend class drives either:
 
     - Invariant: a buffer stays referenced (``_slots``) from ``submit_many``
       until its completion is reaped or the ring is torn down; a cancelled
@@ -477,7 +475,7 @@ class UringContext(_SlotContext):
     Differences from Linux AIO: a bad request (a bad fd, an unaligned
     O_DIRECT buffer) is not refused by the submission but completes with
     -errno; and there is no per-request cancel here (file I/O cannot be
-    cancelled by either engine).
+    cancelled through either context).
 
     Not thread-safe: one trio thread drives it.
     """

@@ -6,7 +6,7 @@ run by hand (``python cachefs/native/build.py``) to compile in place.
 The module is assembled from *sections*. Each section contributes C
 declarations (``cdef``) and the C source that implements or includes them.
 A section may also name libraries to link (io_uring links liburing). A new
-engine adds a section here and its Python wrapper in ``__init__.py``;
+kernel interface adds a section here and its Python wrapper in ``__init__.py``;
 nothing else needs to change.
 """
 
@@ -88,7 +88,6 @@ section(
     struct io_event { ...; };
     static const int IOCB_CMD_PREAD;
     static const int IOCB_CMD_PWRITE;
-    static const int IOCB_CMD_FSYNC;
     static const int IOCB_CMD_FDSYNC;
     static const int IOCB_FLAG_RESFD;
     #define EFD_NONBLOCK ...
