@@ -231,7 +231,7 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
 
 
 async def _open_catalog(cfg: MountConfig):
-    from cachefs.backend import EngineUnavailable
+    from cachefs.backend import SubmitterUnavailable
     from cachefs.catalog import Catalog
     from cachefs.errors import DirectIOUnsupported
     from cachefs.image import open_image
@@ -244,7 +244,7 @@ async def _open_catalog(cfg: MountConfig):
     catalog = Catalog(cfg.image_dir, opener)
     try:
         # The whole directory is on that filesystem / this host: refuse, no fallback.
-        await catalog.refresh(force=True, fatal=(DirectIOUnsupported, EngineUnavailable))
+        await catalog.refresh(force=True, fatal=(DirectIOUnsupported, SubmitterUnavailable))
     except BaseException:
         await catalog.close_all()
         raise

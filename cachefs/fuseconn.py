@@ -4,7 +4,7 @@ The FUSE kernel module sends at most ``max_background`` asynchronous
 requests at once (default 12, fs/fuse/inode.c FUSE_DEFAULT_MAX_BACKGROUND);
 O_DIRECT AIO reads and writes from a client like fio or QEMU are such
 requests. So a QD32 client gets at most 12 in flight through the mount,
-whatever pyfuse3's ``max_tasks`` and the engine's depth allow (measured
+whatever pyfuse3's ``max_tasks`` and the submitter's depth allow (measured
 here before this module: a peak of 7 requests in flight on the backend under
 fio QD32). libfuse 3 does not take ``max_background`` as a mount option and
 pyfuse3 does not expose ``fuse_conn_info``, so the limit is raised the way

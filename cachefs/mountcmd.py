@@ -16,7 +16,7 @@ import click
 
 from cachefs.errors import CachefsError
 from cachefs.mounts import holders, mount_at
-from cachefs.mountopts import (AIO_ENGINES, CREATE_FORMATS, MountOptionError, MountOptions, check_engine, merge,
+from cachefs.mountopts import (CREATE_FORMATS, SUBMITTERS, MountOptionError, MountOptions, check_submitter, merge,
                                parse_options)
 from cachefs.policy import MODES
 
@@ -30,8 +30,8 @@ MNT_DETACH = 2  # <sys/mount.h>
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--cache", "cache_mode", default=None, type=click.Choice(list(MODES)),
               help="Cache mode of every image (default writeback; see docs/cache-modes.md).")
-@click.option("--aio", default=None, type=click.Choice(list(AIO_ENGINES)),
-              help="I/O engine: a thread pool (the default), Linux AIO on an eventfd (O_DIRECT modes only), "
+@click.option("--aio", default=None, type=click.Choice(list(SUBMITTERS)),
+              help="I/O submitter: a thread pool (the default), Linux AIO on an eventfd (O_DIRECT modes only), "
                    "or io_uring on an eventfd (every mode).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other; "
@@ -80,7 +80,7 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
         read_only=opts.read_only, allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
         foreground=foreground, debug=opts.debug, **{k: v for k, v in given.items() if v is not None},
     )
-    check_engine(cfg.cache_mode, cfg.aio)
+    check_submitter(cfg.cache_mode, cfg.aio)
     discover_images(cfg.image_dir)  # refuse name clashes before anything starts
     return cfg
 

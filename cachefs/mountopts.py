@@ -41,7 +41,9 @@ import attrs
 from cachefs.errors import CachefsError
 from cachefs.policy import MODES
 
-AIO_ENGINES = ("threads", "native", "io_uring")
+#: The values of ``--aio``/``-o aio=``: the submitter that carries a
+#: backend's requests to the kernel (see cachefs.backend).
+SUBMITTERS = ("threads", "native", "io_uring")
 CREATE_FORMATS = ("qcow2", "raw")
 
 
@@ -160,7 +162,7 @@ def _path(value: str) -> str:
 #: Options that carry a value: option (= field) -> converter raising ValueError(why).
 VALUES: dict[str, Callable[[str], object]] = {
     "cache": _one_of(MODES),
-    "aio": _one_of(AIO_ENGINES),
+    "aio": _one_of(SUBMITTERS),
     "create_format": _one_of(CREATE_FORMATS),
     "uid": _id(lambda name: pwd.getpwnam(name).pw_uid, "user"),
     "gid": _id(lambda name: grp.getgrnam(name).gr_gid, "group"),
@@ -244,7 +246,7 @@ def merge(flags: MountOptions, given: MountOptions) -> MountOptions:
     return MountOptions(**out)
 
 
-def check_engine(cache: str, aio: str) -> None:
+def check_submitter(cache: str, aio: str) -> None:
     """Refuse Linux AIO for a mode that never opens the image O_DIRECT.
 
     io_submit on a buffered file runs synchronously inside the call, so

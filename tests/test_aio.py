@@ -331,7 +331,7 @@ async def test_one_tick_of_requests_is_one_io_submit(disk_dir):
     data = pattern(64 * ALIGN, 9)
     path = make_file(disk_dir, data)
     with AioBackend.open(path, writable=False) as be:
-        await be.pread(0, ALIGN)  # starts the engine
+        await be.pread(0, ALIGN)  # starts the batcher and reaper
         calls, submitted = be.aio.submit_calls, be.aio.submitted
         out: dict[int, bytes] = {}
 
@@ -501,7 +501,7 @@ async def test_close_fails_waiting_requests(disk_dir):
 
 
 def test_backend_across_trio_runs(disk_dir):
-    """The engine is a system task of whichever run uses the backend; an
+    """The batcher and reaper are a system task of whichever run uses the backend; an
     unclosed backend does not keep trio.run from returning."""
     data = pattern(8 * ALIGN, 14)
     be = AioBackend.open(make_file(disk_dir, data), writable=True)
@@ -510,7 +510,7 @@ def test_backend_across_trio_runs(disk_dir):
         return await be.pread(3, 5 * ALIGN)
 
     assert trio.run(use) == data[3 : 3 + 5 * ALIGN]
-    assert be._engine_scope is None  # stopped with its run
+    assert be._tasks_scope is None  # stopped with its run
     assert trio.run(use) == data[3 : 3 + 5 * ALIGN]
     be.close()
 

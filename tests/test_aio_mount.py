@@ -1,7 +1,7 @@
-"""`cachefs mount --aio native`: the Linux AIO engine behind a real mount.
+"""`cachefs mount --aio native`: the Linux AIO submitter behind a real mount.
 
 fio with crc32c verification at queue depth 32 (libaio, O_DIRECT) through
-each direct mode, the engine visible in the stats, the image clean after;
+each direct mode, the submitter visible in the stats, the image clean after;
 and the refusals a user can hit.
 """
 
@@ -16,7 +16,7 @@ from test_fio import check_clean, fio, image  # noqa: F401 (image is a fixture)
 
 
 @pytest.mark.parametrize("mode", ["none", "directsync", "auto"])
-def test_native_engine_serves_direct_descriptors(mounted, image, mode):
+def test_native_submitter_serves_direct_descriptors(mounted, image, mode):
     m = mounted(image, "--cache", mode, "--aio", "native")
     f = m / "vm.raw"
     fio(f, "--ioengine=libaio", "--direct=1", "--iodepth=32", "--rw=randwrite", "--bs=4k", "--size=32M",
@@ -31,7 +31,7 @@ def test_native_engine_serves_direct_descriptors(mounted, image, mode):
     check_clean(image / "vm.qcow2")
 
 
-def test_native_engine_needs_a_direct_mode(image, workdir):
+def test_native_submitter_needs_a_direct_mode(image, workdir):
     mnt = workdir / "mnt"
     mnt.mkdir()
     r = cachefs("mount", image, mnt, "--cache", "writeback", "--aio", "native", check=False)

@@ -1,10 +1,10 @@
 """Issue 5, "concurrency through the stack": a QD32 client keeps 32 requests
-in flight on the backend, whichever engine serves the mount.
+in flight on the backend, whichever submitter serves the mount.
 
 Three limits stand between fio's 32 and the backing file: the FUSE kernel
 module's background-request limit (12 by default; the daemon raises it
-through fusectl, cachefs/fuseconn.py), pyfuse3's max_tasks, and the engine's
-depth (threads, or AIO/io_uring slots). The engines count what they have
+through fusectl, cachefs/fuseconn.py), pyfuse3's max_tasks, and the submitter's
+depth (threads, or AIO/io_uring slots). The submitters count what they have
 handed to the kernel and not yet reaped; the peak is in the stats.
 """
 
@@ -27,24 +27,24 @@ def filled(workdir):
     return d
 
 
-@pytest.mark.parametrize("engine", ["threads", "native", "io_uring"])
-def test_qd32_reaches_the_backend(mounted, filled, engine):
+@pytest.mark.parametrize("submitter", ["threads", "native", "io_uring"])
+def test_qd32_reaches_the_backend(mounted, filled, submitter):
     # directsync overwrites: every backend write waits for the device (O_DSYNC),
     # so requests pile up in the daemon as far as the stack lets them. (With
     # fast reads they are answered before the next ones arrive: the peak then
     # shows that the daemon, not the device, is the bottleneck.)
-    m = mounted(filled, "--aio", engine, "--cache", "directsync")
+    m = mounted(filled, "--aio", submitter, "--cache", "directsync")
     assert fuseconn.queue_limit(str(m.path)) == 64
     r = run("fio", "--name=qd32", f"--filename={m / 'vm.raw'}", "--rw=randwrite", "--bs=4k", "--size=32M",
             "--ioengine=libaio", "--iodepth=32", "--direct=1", "--number_ios=1500", "--output-format=terse",
             timeout=120)
     assert r.returncode == 0, r.stderr
     stats = m.stats()["images"]["vm.raw"]
-    assert stats["stats.aio"] == f"directsync:{engine}"
+    assert stats["stats.aio"] == f"directsync:{submitter}"
     peak = int(os.getxattr(m.path, "user.cachefs.peak_requests"))
     in_flight = int(stats["stats.directsync.peak_in_flight"])
     assert peak <= 64 and in_flight <= peak
-    if engine == "threads":
+    if submitter == "threads":
         # Every O_DSYNC write blocks its worker thread, so nothing completes
         # early: the stack's limit shows. The kernel's default of 12
         # background requests would cap both at 12; measured: 32 and 32.

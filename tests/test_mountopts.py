@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cachefs.errors import CachefsError
-from cachefs.mountopts import (IGNORED, REFUSED, MountOptionError, MountOptions, check_engine, merge,
+from cachefs.mountopts import (IGNORED, REFUSED, MountOptionError, MountOptions, check_submitter, merge,
                                parse_options)
 from cachefs.policy import MODES
 
@@ -125,11 +125,11 @@ def test_flags_and_options_agree_or_are_refused():
 
 def test_native_aio_needs_a_direct_mode():
     for mode in ("none", "directsync", "auto"):
-        check_engine(mode, "native")
+        check_submitter(mode, "native")
     for mode in ("writeback", "writethrough", "unsafe"):
         with pytest.raises(MountOptionError, match="needs O_DIRECT"):
-            check_engine(mode, "native")
-    check_engine("writeback", "io_uring")
+            check_submitter(mode, "native")
+    check_submitter("writeback", "io_uring")
 
 
 def test_errors_are_cachefs_errors():

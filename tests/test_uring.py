@@ -2,7 +2,7 @@
 
 Like tests/test_aio.py (whose disk fixture and helpers this reuses): every
 file lives on a filesystem that really does direct I/O, nothing about the
-engine is mocked. The only stand-in is ``hold_completions``, which lets the
+submitter is mocked. The only stand-in is ``hold_completions``, which lets the
 kernel finish but delays handing results to the backend, to make
 "cancelled while in flight" deterministic.
 """
@@ -23,9 +23,9 @@ import trio
 import trio.testing
 
 from cachefs import native
-from cachefs.backend import ALIGN, Backend, EngineUnavailable, UringBackend, UringUnavailable
+from cachefs.backend import ALIGN, Backend, SubmitterUnavailable, UringBackend, UringUnavailable
 from cachefs.backend import uring as uring_mod
-from cachefs.backendset import engine_name, file_opener
+from cachefs.backendset import file_opener, submitter_name
 from cachefs.errors import CachefsError
 from cachefs.policy import mode_named
 from test_aio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401
@@ -279,7 +279,7 @@ async def test_one_tick_of_requests_is_one_submit(disk_dir, direct):
     data = pattern(64 * ALIGN, 9)
     path = make_file(disk_dir, data)
     with UringBackend.open(path, writable=False, direct=direct) as be:
-        await be.pread(0, ALIGN)  # starts the engine
+        await be.pread(0, ALIGN)  # starts the batcher and reaper
         calls, submitted = be.uring.submit_calls, be.uring.submitted
         out: dict[int, bytes] = {}
 
@@ -454,7 +454,7 @@ def test_backend_across_trio_runs(disk_dir):
         return await be.pread(3, 5 * ALIGN)
 
     assert trio.run(use) == data[3 : 3 + 5 * ALIGN]
-    assert be._engine_scope is None  # stopped with its run
+    assert be._tasks_scope is None  # stopped with its run
     assert trio.run(use) == data[3 : 3 + 5 * ALIGN]
     be.close()
 
@@ -469,7 +469,7 @@ def test_file_opener_serves_every_mode_with_io_uring(disk_dir):
         mode = mode_named(name)
         with open_for(mode) as be:
             assert isinstance(be, UringBackend) and be.direct == mode.direct
-            assert engine_name(be) == "io_uring"
+            assert submitter_name(be) == "io_uring"
     with pytest.raises(ValueError):
         file_opener(str(path), True, "io-uring")
 
@@ -488,7 +488,7 @@ def test_unavailable_is_one_line_naming_the_reason(disk_dir, monkeypatch, why):
     with pytest.raises(UringUnavailable) as info:
         UringBackend.open(path, writable=True)
     msg = str(info.value)
-    assert isinstance(info.value, EngineUnavailable) and isinstance(info.value, CachefsError)
+    assert isinstance(info.value, SubmitterUnavailable) and isinstance(info.value, CachefsError)
     assert "\n" not in msg and str(path) in msg and want in msg and "--aio threads" in msg
     assert sorted(os.listdir(disk_dir)) == ["img"]  # nothing opened, nothing created
 

@@ -1,8 +1,8 @@
-"""`cachefs mount --aio io_uring`: the io_uring engine behind a real mount.
+"""`cachefs mount --aio io_uring`: the io_uring submitter behind a real mount.
 
 fio with crc32c verification through a buffered mode (writeback: io_uring
 serves buffered descriptors too, unlike Linux AIO) and a direct one (none,
-fio itself on libaio at queue depth 32); the engine visible in the stats;
+fio itself on libaio at queue depth 32); the submitter visible in the stats;
 `qemu-img check` clean and `qemu-img compare` agreeing with what the mount
 served. And the refusal when the kernel will not give a ring.
 """
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(native.uring_available() is not None, reason=str
 
 
 @pytest.mark.parametrize("mode", ["writeback", "none"])
-def test_io_uring_engine_serves_the_mount(mounted, image, workdir, mode):
+def test_io_uring_submitter_serves_the_mount(mounted, image, workdir, mode):
     m = mounted(image, "--cache", mode, "--aio", "io_uring")
     f = m / "vm.raw"
     direct = ["--ioengine=libaio", "--direct=1", "--iodepth=32"] if mode == "none" else ["--fsync=64"]

@@ -3,13 +3,14 @@
 This layer owns the backing file and nothing above it: it knows offsets and
 bytes, not clusters, cache modes or FUSE. It must not import cachefs.qcow2
 or pyfuse3 (tests/test_backend.py checks). The layers above talk to the
-``Backend`` protocol, so an engine test can swap the real file for
+``Backend`` protocol, so a core test can swap the real file for
 ``MemoryBackend``, and a fault test can wrap either in ``FaultyBackend``.
-Three backends drive a real file: ``FileBackend`` (a thread per syscall,
-buffered or O_DIRECT), ``AioBackend`` (O_DIRECT only, Linux native AIO) and
-``UringBackend`` (buffered or O_DIRECT, io_uring). The last two complete
-into an eventfd, no thread per request (DESIGN.md section 4), through the
-engine they share, ``eventfd.EventfdEngine``.
+Three backends drive a real file, one per *submitter*, what ``--aio``
+picks to carry requests to the kernel: ``FileBackend`` (``threads``: a
+thread per syscall, buffered or O_DIRECT), ``AioBackend`` (``native``:
+Linux AIO, O_DIRECT only) and ``UringBackend`` (``io_uring``: buffered or
+O_DIRECT). The last two complete into an eventfd, no thread per request,
+through what they share, ``eventfd.EventfdBackend``.
 
 Contract shared by every backend:
 
@@ -47,9 +48,9 @@ class IOCounters:
     ``direct_bytes`` counts bytes the kernel moved on the O_DIRECT file
     descriptor, padding and read-modify-write reads included, so
     ``direct_bytes - bytes_read - bytes_written`` is the bounce overhead.
-    ``in_flight``/``peak_in_flight``: requests the engine has handed to the
-    kernel (or to a worker thread) and not yet seen complete; the peak shows
-    whether a QD32 client really keeps 32 requests busy on the backend.
+    ``in_flight``/``peak_in_flight``: requests the submitter has handed to
+    the kernel (or to a worker thread) and not yet seen complete; the peak
+    shows whether a QD32 client really keeps 32 requests busy on the backend.
     """
 
     reads: int = 0
@@ -91,7 +92,7 @@ class Backend(Protocol):
 
 
 # Imported last: the implementations import ALIGN and IOCounters from here.
-from .eventfd import EngineUnavailable  # noqa: E402
+from .eventfd import SubmitterUnavailable  # noqa: E402
 from .aio import AioBackend, AioUnavailable  # noqa: E402
 from .uring import UringBackend, UringUnavailable  # noqa: E402
 from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Write, replay  # noqa: E402
@@ -108,7 +109,7 @@ __all__ = [
     "AioUnavailable",
     "UringBackend",
     "UringUnavailable",
-    "EngineUnavailable",
+    "SubmitterUnavailable",
     "filesystem_type",
     "MemoryBackend",
     "FaultyBackend",

@@ -1,17 +1,17 @@
-"""AioBackend: O_DIRECT file I/O through Linux native AIO, no thread per request.
+"""AioBackend: the ``native`` submitter, O_DIRECT file I/O through Linux AIO.
 
-DESIGN.md section 4 (seed 004): requests go to the kernel with io_submit and
-complete into an eventfd whose readiness trio awaits, so a 4 KiB read costs
-no worker-thread round trip. The submitter/reaper machinery (batching,
-cancellation, the system task) is ``eventfd.EventfdEngine``, shared
-with the io_uring backend; this module adds what is Linux AIO's own. The
+Seed 004: requests go to the kernel with io_submit and complete into an
+eventfd whose readiness trio awaits, so a 4 KiB read costs no worker-thread
+round trip. The batcher/reaper machinery (batching, cancellation, the
+system task) is ``eventfd.EventfdBackend``, shared with the io_uring
+backend; this module adds what is Linux AIO's own. The
 protocol, the counters and the O_DIRECT bounce-buffer rules are
 FileBackend's (see cachefs.backend.file): unaligned reads read the covering
 aligned range and return the caller's slice; unaligned writes are
 read-modify-write under the same two invariants (``_ranges`` held over a
 write's aligned range, ``_eof_lock`` over any write that may move
 end-of-file). Linux AIO is only asynchronous for O_DIRECT (buffered
-io_submit silently blocks the submitter), so O_DIRECT is required.
+io_submit silently blocks the trio thread), so O_DIRECT is required.
 
 Writes that move end-of-file go through a worker thread instead: ext4 runs
 such a direct write synchronously *inside* io_submit (ext4_dio_write_iter:
@@ -34,7 +34,7 @@ import trio
 from .. import native
 from . import IOCounters
 from . import file as file_mod
-from .eventfd import EngineUnavailable, EventfdEngine, _Op
+from .eventfd import EventfdBackend, SubmitterUnavailable, _Op
 from .file import Buffer, _as_bytes_view, open_backing
 
 #: Requests in flight per backend. io_setup charges about twice this against
@@ -45,20 +45,20 @@ DEFAULT_DEPTH = 128
 IOCB_CMD_FDSYNC = native.IOCB_CMD_FDSYNC
 
 
-class AioUnavailable(EngineUnavailable):
+class AioUnavailable(SubmitterUnavailable):
     """Native AIO cannot be used: no compiled module, or io_setup refused."""
 
 
-class AioBackend(EventfdEngine):
+class AioBackend(EventfdBackend):
     """An O_DIRECT backing file driven by native AIO (the Backend protocol)."""
 
     OP_READ = native.IOCB_CMD_PREAD
     OP_WRITE = native.IOCB_CMD_PWRITE
-    engine_label = "aio"
+    label = "aio"
 
     def __init__(self, fd: int, path: str, *, sync: bool, writable: bool, depth: int = DEFAULT_DEPTH) -> None:
         ctx = native.AioContext(depth)  # first: it may raise, and then holds nothing
-        self._init_engine(ctx, fd, path, direct=True, sync=sync, writable=writable)
+        self._init_eventfd(ctx, fd, path, direct=True, sync=sync, writable=writable)
         self.counters = IOCounters()
         #: False: fdatasync runs os.fdatasync in a thread (IOCB_CMD_FDSYNC was refused).
         self.native_fdsync = True
@@ -66,7 +66,7 @@ class AioBackend(EventfdEngine):
         self.extend_via_thread = True
         self.thread_writes = 0
 
-    #: The AioContext (the engine's ``ctx``).
+    #: The AioContext (``ctx``).
     aio = property(lambda self: self.ctx)
 
     @classmethod

@@ -1,31 +1,31 @@
-"""EventfdEngine: batched submission and eventfd completion, for AIO and io_uring.
+"""EventfdBackend: batched submission and eventfd completion, for AIO and io_uring.
 
-DESIGN.md section 4 (seed 004): a native engine hands requests to the
-kernel in batches and learns of completions through an eventfd whose
-readiness trio awaits, so a request costs no worker-thread round trip.
-Linux AIO (``AioBackend``) and io_uring (``UringBackend``) differ only in
-the context that talks to the kernel (``native.AioContext`` /
-``native.UringContext``, one contract); everything between a caller and
-that context lives here, once.
+The ``native`` and ``io_uring`` submitters hand requests to the kernel in
+batches and learn of completions through an eventfd whose readiness trio
+awaits, so a request costs no worker-thread round trip. Linux AIO
+(``AioBackend``) and io_uring (``UringBackend``) differ only in the context
+that talks to the kernel (``native.AioContext`` / ``native.UringContext``,
+one contract); everything between a caller and that context lives here,
+once.
 
 How a request travels:
 
 - the calling task queues an ``_Op`` and parks (``wait_task_rescheduled``);
-- the *submitter* task, woken by the first request of a scheduler batch,
+- the *batcher* task, woken by the first request of a scheduler batch,
   runs after every task of that batch has queued its own, and hands them
   all to one ``submit_many`` (at most ``depth`` in flight; the rest wait);
 - the *reaper* task waits for the eventfd (``trio.lowlevel.wait_readable``),
   reaps every completion and reschedules each waiting task with its result.
 
-The two engine tasks run as one trio *system task*, started lazily by the
-first request and stopped by ``close``. Why a system task: ``open`` is
+The two tasks run as one trio *system task*, started lazily by the first
+request and stopped by ``close``. Why a system task: ``open`` is
 synchronous and nursery-free like FileBackend's, and a backend outlives the
 FUSE handler that first touches it, so no caller nursery has the right
 lifetime. A system task lives as long as the trio run, needs no nursery,
 and is cancelled when the main task exits, so an unclosed backend never
 keeps ``trio.run`` from returning. A system task must never raise (trio
-would turn it into TrioInternalError), so engine failures are delivered to
-the waiting requests as EIO instead.
+would turn it into TrioInternalError), so its failures are delivered to the
+waiting requests as EIO instead.
 
 Cancellation: a task cancelled while its read or sync is in flight stops
 waiting at once; the kernel may still fill the buffer, which the context
@@ -60,15 +60,15 @@ from . import file as file_mod
 from .file import _RangeLocks
 
 
-class EngineUnavailable(CachefsError, native.NativeUnavailable):
-    """A native ``--aio`` engine cannot run here (no compiled module, or the
-    kernel refused the context). The mount is refused, never silently served
-    by another engine."""
+class SubmitterUnavailable(CachefsError, native.NativeUnavailable):
+    """A native ``--aio`` submitter cannot run here (no compiled module, or
+    the kernel refused the context). The mount is refused, never silently
+    served by another submitter."""
 
 
 @attrs.define(eq=False)
 class _Op:
-    """One request between its caller, the submitter and the reaper."""
+    """One request between its caller, the batcher and the reaper."""
 
     opcode: int
     fd: int
@@ -82,17 +82,17 @@ class _Op:
     submitted: bool = False
 
 
-class EventfdEngine(file_mod.DirectWrites):
+class EventfdBackend(file_mod.DirectWrites):
     """Base of the backends whose requests complete into an eventfd."""
 
     OP_READ: int
     OP_WRITE: int
-    #: For task names and messages ("AIO", "io_uring").
-    engine_label = "native"
+    #: For task names and messages ("aio", "io_uring").
+    label = "native"
     #: Submit a request from its own task when nothing is queued (see ``_io``).
     submit_inline = True
 
-    def _init_engine(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
+    def _init_eventfd(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
         self.ctx = ctx
         self.fd: int | None = fd
         self.path = path
@@ -104,8 +104,8 @@ class EventfdEngine(file_mod.DirectWrites):
         self._eof_lock = trio.Lock()
         self._pending: deque[_Op] = deque()  # queued, not yet submitted
         self._live: set[_Op] = set()  # ops whose task waits, for close()
-        self._submitter = None  # the submitter task while it is parked
-        self._engine_scope: trio.CancelScope | None = None  # set while the engine runs
+        self._batcher = None  # the batcher task while it is parked
+        self._tasks_scope: trio.CancelScope | None = None  # set while the tasks run
 
     def _request(self, op: _Op):
         """The context's request object for ``op`` (token: the op itself)."""
@@ -117,7 +117,7 @@ class EventfdEngine(file_mod.DirectWrites):
         native.fadvise(self._fd(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        """Fail waiting requests (EBADF), stop the engine, tear the context down.
+        """Fail waiting requests (EBADF), stop the tasks, tear the context down.
 
         Blocks until the kernel is done with in-flight buffers (only requests
         of cancelled or failed callers can still be there).
@@ -125,7 +125,7 @@ class EventfdEngine(file_mod.DirectWrites):
         fd, self.fd = self.fd, None
         if fd is None:
             return
-        scope, self._engine_scope = self._engine_scope, None
+        scope, self._tasks_scope = self._tasks_scope, None
         if scope is not None:
             scope.cancel()
         for op in list(self._live):
@@ -169,18 +169,18 @@ class EventfdEngine(file_mod.DirectWrites):
     async def _truncate_fd(self, fd: int, size: int) -> None:
         await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
-    # -------------------------------------------------------------- engine
+    # -------------------------------------------------------------- submission and completion
 
     async def _io(self, fd: int, opcode: int, buf, offset: int, *, abortable: bool, flags: int = 0) -> int:
         """Queue one request, wait for its completion; bytes moved, or OSError."""
         if self.fd is None:
             raise OSError(errno.EBADF, f"{self.path}: backend is closed")
-        if self._engine_scope is None:
-            self._start_engine()
+        if self._tasks_scope is None:
+            self._start_tasks()
         op = _Op(opcode, fd, buf, offset, current_task(), abortable, flags)
         self._live.add(op)
         if self.submit_inline and not self._pending and not self.ctx.in_flight:
-            # An idle engine (QD1): submit from this task. Waking the submitter
+            # Nothing in flight (QD1): submit from this task. Waking the batcher
             # would cost a whole scheduler round on every request's latency.
             # With requests in flight they queue, so that the ones that arrive
             # together share one submission.
@@ -213,37 +213,37 @@ class EventfdEngine(file_mod.DirectWrites):
         reschedule(task, result if isinstance(result, outcome.Outcome) else outcome.Value(result))
 
     def _kick(self) -> None:
-        """Wake the parked submitter if there is something it can submit."""
-        if self._submitter is not None and self._pending and self.ctx.free_slots:
-            task, self._submitter = self._submitter, None
+        """Wake the parked batcher if there is something it can submit."""
+        if self._batcher is not None and self._pending and self.ctx.free_slots:
+            task, self._batcher = self._batcher, None
             reschedule(task)
 
-    def _start_engine(self) -> None:
-        scope = self._engine_scope = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._engine, scope, name=f"cachefs-{self.engine_label} {self.path}")
+    def _start_tasks(self) -> None:
+        scope = self._tasks_scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._run_tasks, scope, name=f"cachefs-{self.label} {self.path}")
 
-    async def _engine(self, scope: trio.CancelScope) -> None:
+    async def _run_tasks(self, scope: trio.CancelScope) -> None:
         try:
             with scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._submit_loop)
+                    nursery.start_soon(self._batch_loop)
                     nursery.start_soon(self._reap_loop)
         except Exception as exc:  # noqa: BLE001 - a system task must not raise
             for op in list(self._live):
-                err = OSError(errno.EIO, f"{self.path}: {self.engine_label} engine failed: {exc!r}")
+                err = OSError(errno.EIO, f"{self.path}: {self.label} submitter failed: {exc!r}")
                 self._complete(op, outcome.Error(err))
         finally:
-            self._submitter = None
-            if self._engine_scope is scope:
-                self._engine_scope = None
+            self._batcher = None
+            if self._tasks_scope is scope:
+                self._tasks_scope = None
 
-    async def _submit_loop(self) -> None:
+    async def _batch_loop(self) -> None:
         while True:
             while not (self._pending and self.ctx.free_slots):
-                self._submitter = current_task()
+                self._batcher = current_task()
 
                 def abort(_raise_cancel) -> Abort:
-                    self._submitter = None
+                    self._batcher = None
                     return Abort.SUCCEEDED
 
                 await wait_task_rescheduled(abort)

@@ -1,18 +1,18 @@
-"""UringBackend: file I/O through io_uring, buffered or O_DIRECT, no thread per request.
+"""UringBackend: the ``io_uring`` submitter, buffered or O_DIRECT, no thread per request.
 
-DESIGN.md section 4, issue 5. The same model as AioBackend (the submitter
-and reaper of ``eventfd.EventfdEngine``: one io_uring_submit per
-scheduler batch, completions on an eventfd trio awaits), on an io_uring
-instead of an AIO context. What io_uring changes:
+Issue 5. The same model as AioBackend (the batcher and reaper of
+``eventfd.EventfdBackend``: one io_uring_submit per scheduler batch,
+completions on an eventfd trio awaits), on an io_uring instead of an AIO
+context. What io_uring changes:
 
 - Buffered I/O is asynchronous too. A read the page cache holds completes
   inside io_uring_submit; one that misses waits for the page without
-  blocking the submitter; a buffered write or an fsync the kernel cannot do
+  blocking the trio thread; a buffered write or an fsync the kernel cannot do
   without blocking is punted to io_uring's own kernel workers (io-wq). So
   this backend serves every cache mode: writeback, writethrough and unsafe
   buffered, none and directsync with O_DIRECT, where Linux AIO only does
   the direct ones.
-- A direct write that moves end-of-file does not stall the submitter: the
+- A direct write that moves end-of-file does not stall the trio thread: the
   submission is non-blocking (IOCB_NOWAIT), ext4 answers -EAGAIN for an
   extending write under it, and io_uring punts the write to io-wq. So
   there is no ``extend_via_thread`` here, unlike AioBackend.
@@ -30,7 +30,7 @@ When io_uring cannot be had (module built without liburing, or the kernel
 refuses the ring: kernel.io_uring_disabled, a seccomp filter, a kernel
 without CONFIG_IO_URING), ``open`` raises UringUnavailable with one line
 naming the reason; the mount is then refused rather than served by
-another engine the user did not ask for.
+another submitter the user did not ask for.
 """
 
 from __future__ import annotations
@@ -40,30 +40,30 @@ import os
 
 from .. import native
 from . import IOCounters
-from .eventfd import EngineUnavailable, EventfdEngine, _Op
+from .eventfd import EventfdBackend, SubmitterUnavailable, _Op
 from .file import Buffer, _as_bytes_view, open_backing
 
 #: SQ ring entries (= requests in flight) per backend; the CQ ring gets twice that.
 DEFAULT_DEPTH = 128
 
 
-class UringUnavailable(EngineUnavailable):
+class UringUnavailable(SubmitterUnavailable):
     """io_uring cannot be used: no compiled module or liburing, or the kernel refused the ring."""
 
 
-class UringBackend(EventfdEngine):
+class UringBackend(EventfdBackend):
     """A backing file, buffered or O_DIRECT, driven by io_uring (the Backend protocol)."""
 
     OP_READ = native.IORING_OP_READ
     OP_WRITE = native.IORING_OP_WRITE
-    engine_label = "io_uring"
+    label = "io_uring"
 
     def __init__(self, ring: native.UringContext, fd: int, path: str, *, direct: bool, sync: bool,
                  writable: bool) -> None:
-        self._init_engine(ring, fd, path, direct=direct, sync=sync, writable=writable)
+        self._init_eventfd(ring, fd, path, direct=direct, sync=sync, writable=writable)
         self.counters = IOCounters()
 
-    #: The UringContext (the engine's ``ctx``).
+    #: The UringContext (``ctx``).
     uring = property(lambda self: self.ctx)
 
     @classmethod
