@@ -116,7 +116,9 @@ class Image:
         self.by_mode: dict[str, ModeCounters] = {}
         self.sync_error: int | None = None  # errno of the failed fdatasync, forever after
         self.switch_error: str | None = None  # why the last live mode switch was refused
-        self.inflight = 0                   # data I/O running outside the write lock
+        # Guest I/O that looked up a mapping outside the write lock and may
+        # still use it: a writeout applies due frees only while this is zero.
+        self.inflight = 0
         # Group commit: flushes are numbered as they start; a flush that
         # arrives while one runs waits for the next, and all waiters share it.
         self._flush_started = 0
@@ -388,9 +390,12 @@ class Qcow2Image(Image):
     # -------------------------------------------------------------- reads
 
     async def _read(self, be, offset: int, length: int):
-        extents = await run_async(self.engine.plan_read(offset, length), be.pread)
+        # Counted before planning: plan_read may wait for an L2 table after it
+        # has mapped an earlier cluster, and a free of that cluster's host
+        # cluster must not be applied meanwhile (tests/test_inflight_race.py).
         self.inflight += 1
         try:
+            extents = await run_async(self.engine.plan_read(offset, length), be.pread)
             if len(extents) == 1:  # the common case: no join, so no copy
                 return await self._read_extent(be, extents[0])
             parts = [await self._read_extent(be, ext) for ext in extents]

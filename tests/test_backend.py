@@ -35,7 +35,7 @@ from cachefs.backend import (
     filesystem_type,
     replay,
 )
-from cachefs.backend import file as file_mod
+from cachefs.backend import base as base_mod
 from cachefs.errors import UnsupportedImage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ async def test_open_flags_in_fdinfo(disk_dir):
 async def test_direct_aligned_write_from_aligned_buffer_needs_no_bounce(disk_dir):
     path = make_file(disk_dir, b"")
     with FileBackend.open(path, writable=True, direct=True) as be:
-        buf = file_mod.aligned_memory(2 * ALIGN)
+        buf = base_mod.aligned_memory(2 * ALIGN)
         buf[:] = pattern(2 * ALIGN, 3)
         await be.pwrite(ALIGN, buf)
         assert be.counters.bounce_requests == 0
@@ -253,12 +253,12 @@ async def test_deep_queue_of_reads(disk_dir):
 async def test_direct_without_native_module(disk_dir, monkeypatch):
     """The mmap bounce buffer and ctypes address check stand in for native."""
     monkeypatch.setattr(native, "available", lambda: False)
-    assert file_mod.aligned_memory(100).readonly is False
+    assert base_mod.aligned_memory(100).readonly is False
     path = make_file(disk_dir, pattern(5000, 7))
     model = bytearray(path.read_bytes())
     with FileBackend.open(path, writable=True, direct=True) as be:
-        buf = file_mod.aligned_memory(ALIGN)
-        assert file_mod.buffer_address(buf) % ALIGN == 0
+        buf = base_mod.aligned_memory(ALIGN)
+        assert base_mod.buffer_address(buf) % ALIGN == 0
         buf[:] = pattern(ALIGN, 8)
         await be.pwrite(0, buf)
         assert be.counters.bounce_requests == 0

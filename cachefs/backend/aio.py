@@ -4,14 +4,14 @@ Seed 004: requests go to the kernel with io_submit and complete into an
 eventfd whose readiness trio awaits, so a 4 KiB read costs no worker-thread
 round trip. The batcher/reaper machinery (batching, cancellation, the
 system task) is ``eventfd.EventfdBackend``, shared with the io_uring
-backend; this module adds what is Linux AIO's own. The
-protocol, the counters and the O_DIRECT bounce-buffer rules are
-FileBackend's (see cachefs.backend.file): unaligned reads read the covering
-aligned range and return the caller's slice; unaligned writes are
-read-modify-write under the same two invariants (``_ranges`` held over a
-write's aligned range, ``_eof_lock`` over any write that may move
-end-of-file). Linux AIO is only asynchronous for O_DIRECT (buffered
-io_submit silently blocks the trio thread), so O_DIRECT is required.
+backend; this module adds what is Linux AIO's own. The protocol, the
+counters and the O_DIRECT bounce-buffer rules are ``base.BackingFile``'s:
+unaligned reads read the covering aligned range and return the caller's
+slice; unaligned writes are read-modify-write under the same two invariants
+(``_ranges`` held over a write's aligned range, ``_eof_lock`` over any write
+that may move end-of-file). Linux AIO is only asynchronous for O_DIRECT
+(buffered io_submit silently blocks the trio thread), so O_DIRECT is
+required, and BackingFile never calls the buffered primitives here.
 
 Writes that move end-of-file go through a worker thread instead: ext4 runs
 such a direct write synchronously *inside* io_submit (ext4_dio_write_iter:
@@ -32,10 +32,9 @@ import os
 import trio
 
 from .. import native
-from . import IOCounters
-from . import file as file_mod
-from .eventfd import EventfdBackend, SubmitterUnavailable, _Op
-from .file import Buffer, _as_bytes_view, open_backing
+from .base import open_backing
+from .eventfd import EventfdBackend, Request, SubmitterUnavailable
+from .file import write_all
 
 #: Requests in flight per backend. io_setup charges about twice this against
 #: the system-wide fs.aio-max-nr (65536 by default).
@@ -58,8 +57,7 @@ class AioBackend(EventfdBackend):
 
     def __init__(self, fd: int, path: str, *, sync: bool, writable: bool, depth: int = DEFAULT_DEPTH) -> None:
         ctx = native.AioContext(depth)  # first: it may raise, and then holds nothing
-        self._init_eventfd(ctx, fd, path, direct=True, sync=sync, writable=writable)
-        self.counters = IOCounters()
+        super().__init__(ctx, fd, path, direct=True, sync=sync, writable=writable)
         #: False: fdatasync runs os.fdatasync in a thread (IOCB_CMD_FDSYNC was refused).
         self.native_fdsync = True
         #: Writes that move EOF go through a thread (module docstring); counted.
@@ -121,27 +119,14 @@ class AioBackend(EventfdBackend):
             await trio.to_thread.run_sync(os.fdatasync, fd)
         self.counters.fdatasyncs += 1
 
-    async def _pread_buffered_view(self, fd: int, offset: int, length: int) -> memoryview:
-        raise AssertionError("AioBackend is O_DIRECT only")  # open() refuses buffered
-
-    async def pwrite(self, offset: int, data: Buffer) -> None:
-        fd = self._fd()
-        mv = _as_bytes_view(data)
-        if offset < 0:
-            raise OSError(errno.EINVAL, f"bad write offset {offset}")
-        if len(mv):
-            await self._pwrite_direct(fd, offset, mv)
-        self.counters.writes += 1
-        self.counters.bytes_written += len(mv)
-
     # -------------------------------------------------------------- O_DIRECT
 
     async def _direct_write(self, fd: int, buf, offset: int, *, extends: bool = False) -> None:
         if extends and self.extend_via_thread:
             self.thread_writes += 1
-            await trio.to_thread.run_sync(file_mod._write_all, fd, buf, offset, True)
+            await trio.to_thread.run_sync(write_all, fd, buf, offset, True)
             return
         await self._write_loop(fd, buf, offset, direct=True)
 
-    def _request(self, op: _Op) -> native.AioRequest:
+    def _request(self, op: Request) -> native.AioRequest:
         return native.AioRequest(op.opcode, op.fd, op.buf, op.offset, op)

@@ -10,7 +10,7 @@ once.
 
 How a request travels:
 
-- the calling task queues an ``_Op`` and parks (``wait_task_rescheduled``);
+- the calling task queues a ``Request`` and parks (``wait_task_rescheduled``);
 - the *batcher* task, woken by the first request of a scheduler batch,
   runs after every task of that batch has queued its own, and hands them
   all to one ``submit_many`` (at most ``depth`` in flight; the rest wait);
@@ -36,9 +36,9 @@ could be overwritten by the late write. Its cancellation takes effect when
 it completes (one device round trip), as with FileBackend's threads.
 
 The subclass provides the context (``ctx``), its request type
-(``_request``) and opcodes (``OP_READ``/``OP_WRITE``), and the protocol
-methods that differ (open, pread/pwrite, fdatasync). The O_DIRECT
-read-modify-write comes from ``file.DirectWrites``.
+(``_request``) and opcodes (``OP_READ``/``OP_WRITE``), and what differs
+(open, fdatasync, buffered I/O). Everything else, O_DIRECT read-modify-write
+included, is ``base.BackingFile``'s.
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from .. import native
 from ..errors import CachefsError
-from . import ALIGN
-from . import file as file_mod
-from .file import _RangeLocks
+from .base import ALIGN, BackingFile
 
 
 class SubmitterUnavailable(CachefsError, native.NativeUnavailable):
@@ -67,7 +65,7 @@ class SubmitterUnavailable(CachefsError, native.NativeUnavailable):
 
 
 @attrs.define(eq=False)
-class _Op:
+class Request:
     """One request between its caller, the batcher and the reaper."""
 
     opcode: int
@@ -82,7 +80,7 @@ class _Op:
     submitted: bool = False
 
 
-class EventfdBackend(file_mod.DirectWrites):
+class EventfdBackend(BackingFile):
     """Base of the backends whose requests complete into an eventfd."""
 
     OP_READ: int
@@ -92,29 +90,17 @@ class EventfdBackend(file_mod.DirectWrites):
     #: Submit a request from its own task when nothing is queued (see ``_io``).
     submit_inline = True
 
-    def _init_eventfd(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
+    def __init__(self, ctx, fd: int, path: str, *, direct: bool, sync: bool, writable: bool) -> None:
+        super().__init__(fd, path, direct=direct, sync=sync, writable=writable)
         self.ctx = ctx
-        self.fd: int | None = fd
-        self.path = path
-        self.direct = direct
-        self.sync = sync
-        self.writable = writable
-        self.align = ALIGN
-        self._ranges = _RangeLocks()
-        self._eof_lock = trio.Lock()
-        self._pending: deque[_Op] = deque()  # queued, not yet submitted
-        self._live: set[_Op] = set()  # ops whose task waits, for close()
+        self._pending: deque[Request] = deque()  # queued, not yet submitted
+        self._live: set[Request] = set()  # ops whose task waits, for close()
         self._batcher = None  # the batcher task while it is parked
         self._tasks_scope: trio.CancelScope | None = None  # set while the tasks run
 
-    def _request(self, op: _Op):
+    def _request(self, op: Request):
         """The context's request object for ``op`` (token: the op itself)."""
         raise NotImplementedError
-
-    # -------------------------------------------------------------- protocol (shared part)
-
-    def drop_page_cache(self) -> None:
-        native.fadvise(self._fd(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Fail waiting requests (EBADF), stop the tasks, tear the context down.
@@ -140,13 +126,7 @@ class EventfdBackend(file_mod.DirectWrites):
         self.ctx.close()
         os.close(fd)
 
-    async def truncate(self, size: int) -> None:
-        fd = self._fd()
-        async with self._eof_lock:
-            await trio.to_thread.run_sync(os.ftruncate, fd, size)
-
-    # -------------------------------------------------------------- O_DIRECT primitives
-    # What file.DirectWrites builds its unaligned writes on.
+    # -------------------------------------------------------------- what BackingFile builds on
 
     async def _direct_read(self, fd: int, buf: memoryview, offset: int) -> int:
         done = 0
@@ -177,7 +157,7 @@ class EventfdBackend(file_mod.DirectWrites):
             raise OSError(errno.EBADF, f"{self.path}: backend is closed")
         if self._tasks_scope is None:
             self._start_tasks()
-        op = _Op(opcode, fd, buf, offset, current_task(), abortable, flags)
+        op = Request(opcode, fd, buf, offset, current_task(), abortable, flags)
         self._live.add(op)
         if self.submit_inline and not self._pending and not self.ctx.in_flight:
             # Nothing in flight (QD1): submit from this task. Waking the batcher
@@ -205,7 +185,7 @@ class EventfdBackend(file_mod.DirectWrites):
             raise OSError(-res, f"{self.path}: {os.strerror(-res)}")
         return res
 
-    def _complete(self, op: _Op, result) -> None:
+    def _complete(self, op: Request, result) -> None:
         task, op.task = op.task, None
         if task is None:
             return  # its caller was cancelled: drop the result
@@ -250,7 +230,7 @@ class EventfdBackend(file_mod.DirectWrites):
             self._submit_pending()
 
     def _submit_pending(self) -> None:
-        batch: list[_Op] = []
+        batch: list[Request] = []
         room = self.ctx.free_slots
         while self._pending and len(batch) < room:
             op = self._pending.popleft()

@@ -1,7 +1,7 @@
 """Test wrappers: FaultyBackend injects errors, RecordingBackend logs writes.
 
 Both wrap any backend and pass everything else through, like an nbdkit
-filter. They exist for the fault matrix (DESIGN.md, habit 8: every named
+filter. They exist for the fault matrix (STYLE.md habit 8: every named
 metadata write x {EIO, ENOSPC} x {once, always}) and for power-cut
 simulation: replaying a prefix of the recorded writes onto the image as it
 was at the last completed sync.
@@ -17,7 +17,7 @@ from typing import Literal
 import attrs
 import trio
 
-from . import Backend, IOCounters
+from .base import Backend, IOCounters
 
 Op = Literal["pread", "pwrite", "fdatasync", "truncate"]
 OPS: tuple[str, ...] = ("pread", "pwrite", "fdatasync", "truncate")

@@ -1,11 +1,11 @@
-"""MemoryBackend: the backend protocol over a bytearray, for engine tests.
+"""MemoryBackend: the backend protocol over a bytearray, for tests of the core.
 
 Every call passes through one trio checkpoint so concurrent tasks interleave
 as they would against a real file, but each operation is atomic.
 
 ``direct=True`` does not change what is stored; it only counts what an
 O_DIRECT file would have had to bounce (``bounce_requests`` and padded
-``direct_bytes``), so an engine test can assert that a path does no
+``direct_bytes``), so a core test can assert that a path does no
 read-modify-write without a real disk (seed 003: compressed clusters are
 written whole so an O_DIRECT backend does no RMW).
 """
@@ -16,7 +16,7 @@ import errno
 
 import trio
 
-from . import ALIGN, IOCounters
+from .base import IOCounters, align_down, align_up
 
 
 class MemoryBackend:
@@ -40,8 +40,7 @@ class MemoryBackend:
     def _count_direct(self, offset: int, length: int) -> None:
         if not self.direct or length == 0:
             return
-        lo = offset & ~(ALIGN - 1)
-        hi = (offset + length + ALIGN - 1) & ~(ALIGN - 1)
+        lo, hi = align_down(offset), align_up(offset + length)
         if (lo, hi) != (offset, offset + length):
             self.counters.bounce_requests += 1
         self.counters.direct_bytes += hi - lo

@@ -20,8 +20,8 @@ context. What io_uring changes:
   Linux 5.1, so there is no thread fallback for it either. ftruncate (rare:
   image growth, O_DIRECT tail trimming) still runs in a worker thread.
 
-O_DIRECT descriptors follow FileBackend's rules through
-``file.DirectWrites`` (aligned bounce buffers, read-modify-write under
+O_DIRECT descriptors follow the rules of ``base.BackingFile`` (aligned
+bounce buffers, read-modify-write under
 ``_ranges`` and ``_eof_lock``). Buffered descriptors need no alignment:
 reads land in a buffer and are copied out once (callers want bytes),
 writes go from the caller's memory with no copy.
@@ -39,9 +39,8 @@ import errno
 import os
 
 from .. import native
-from . import IOCounters
-from .eventfd import EventfdBackend, SubmitterUnavailable, _Op
-from .file import Buffer, _as_bytes_view, open_backing
+from .base import open_backing
+from .eventfd import EventfdBackend, Request, SubmitterUnavailable
 
 #: SQ ring entries (= requests in flight) per backend; the CQ ring gets twice that.
 DEFAULT_DEPTH = 128
@@ -57,11 +56,6 @@ class UringBackend(EventfdBackend):
     OP_READ = native.IORING_OP_READ
     OP_WRITE = native.IORING_OP_WRITE
     label = "io_uring"
-
-    def __init__(self, ring: native.UringContext, fd: int, path: str, *, direct: bool, sync: bool,
-                 writable: bool) -> None:
-        self._init_eventfd(ring, fd, path, direct=direct, sync=sync, writable=writable)
-        self.counters = IOCounters()
 
     #: The UringContext (``ctx``).
     uring = property(lambda self: self.ctx)
@@ -99,18 +93,6 @@ class UringBackend(EventfdBackend):
         await self._io(fd, native.IORING_OP_FSYNC, None, 0, abortable=True, flags=native.IORING_FSYNC_DATASYNC)
         self.counters.fdatasyncs += 1
 
-    async def pwrite(self, offset: int, data: Buffer) -> None:
-        fd = self._fd()
-        mv = _as_bytes_view(data)
-        if offset < 0:
-            raise OSError(errno.EINVAL, f"bad write offset {offset}")
-        if len(mv) and not self.direct:
-            await self._write_loop(fd, mv, offset, direct=False)
-        elif len(mv):
-            await self._pwrite_direct(fd, offset, mv)
-        self.counters.writes += 1
-        self.counters.bytes_written += len(mv)
-
     async def _pread_buffered_view(self, fd: int, offset: int, length: int) -> memoryview:
         # Unzeroed: only the bytes the kernel filled are looked at.
         buf = memoryview(native.aligned_buffer(length, zero=False))
@@ -122,12 +104,15 @@ class UringBackend(EventfdBackend):
             done += n
         return buf[:done]
 
+    async def _pwrite_buffered(self, fd: int, mv: memoryview, offset: int) -> None:
+        await self._write_loop(fd, mv, offset, direct=False)  # from the caller's memory, no copy
+
     # -------------------------------------------------------------- O_DIRECT
 
     async def _direct_write(self, fd: int, buf, offset: int, *, extends: bool = False) -> None:
         await self._write_loop(fd, buf, offset, direct=True)  # extending ones too (module docstring)
 
-    def _request(self, op: _Op) -> native.UringRequest:
+    def _request(self, op: Request) -> native.UringRequest:
         return native.UringRequest(op.opcode, op.fd, op.buf, op.offset, op, op.flags)
 
 
