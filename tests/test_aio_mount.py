@@ -23,10 +23,10 @@ def test_native_submitter_serves_direct_descriptors(mounted, image, mode):
         "--number_ios=3000", "--do_verify=1")
     fio(f, "--ioengine=libaio", "--direct=1", "--iodepth=8", "--rw=write", "--bs=1M", "--size=32M",
         "--offset=64M", "--do_verify=1")
-    engines = os.getxattr(f, "user.cachefs.stats.aio").decode()
+    submitters = os.getxattr(f, "user.cachefs.stats.aio").decode()
     direct = "none" if mode == "auto" else mode
-    assert f"{direct}:native" in engines.split(","), engines
-    assert all(e.endswith(":native") or not e.startswith(("none", "directsync")) for e in engines.split(","))
+    assert f"{direct}:native" in submitters.split(","), submitters
+    assert all(s.endswith(":native") or not s.startswith(("none", "directsync")) for s in submitters.split(","))
     m.umount()
     check_clean(image / "vm.qcow2")
 
