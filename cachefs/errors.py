@@ -1,25 +1,52 @@
-"""The project's error types, translated to errno only at the FUSE boundary (fs.py)."""
+"""The project's error types. Each carries the errno a client gets for it;
+fs.py is the one place that turns it into a FUSE reply (STYLE.md habit 4).
+"""
+
+import errno as _errno
 
 
 class CachefsError(Exception):
     """Base class: a user-facing problem whose message is one line."""
 
+    errno = _errno.EIO
+
 
 class CorruptImage(CachefsError):
-    """On-disk metadata violates the qcow2 specification."""
+    """On-disk metadata violates the qcow2 specification: the image is marked corrupt and read-only."""
+
+    errno = _errno.EIO
 
 
 class UnsupportedImage(CachefsError):
-    """A valid image that uses something cachefs cannot serve (or cannot write)."""
+    """A valid image that uses something cachefs cannot serve (or cannot write).
+
+    A write it refuses fails as on a read-only medium."""
+
+    errno = _errno.EROFS
+
+
+class UnsupportedOperation(UnsupportedImage):
+    """A request a writable image cannot carry out: shrinking it, or a size whose L1 table is too large.
+    (``qemu-img resize`` without ``--shrink`` refuses the first the same way.)"""
+
+    errno = _errno.EOPNOTSUPP
 
 
 class DirectIOUnsupported(UnsupportedImage):
-    """The backing filesystem refuses O_DIRECT, which cache modes none and directsync need."""
+    """The backing filesystem refuses O_DIRECT, which cache modes none and directsync need.
+
+    EINVAL is what open(2) with O_DIRECT says on such a filesystem, which is what QEMU and dd probe for."""
+
+    errno = _errno.EINVAL
 
 
 class ImageLocked(CachefsError):
     """Another process (QEMU, or another cachefs) holds the image."""
 
+    errno = _errno.EBUSY
+
 
 class DamagedMetadata(CachefsError):
     """One table entry is invalid: only the guest range behind it fails (EIO)."""
+
+    errno = _errno.EIO

@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 from cachefs.backend import buffer_pool_stats
-from cachefs.errors import CachefsError, CorruptImage, DamagedMetadata, DirectIOUnsupported, UnsupportedImage
+from cachefs.errors import CachefsError
 from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.image import Image
 from cachefs.mounts import command_of
@@ -91,15 +91,12 @@ class Presentation:
 
 
 def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
+    """The errno a client gets: an OSError's own, a CachefsError's class errno, else EIO."""
     if isinstance(exc, pyfuse3.FUSEError):
         return exc
     if isinstance(exc, OSError) and exc.errno:
         return pyfuse3.FUSEError(exc.errno)
-    if isinstance(exc, (DamagedMetadata, CorruptImage)):
-        return pyfuse3.FUSEError(errno.EIO)
-    if isinstance(exc, UnsupportedImage):
-        return pyfuse3.FUSEError(errno.EROFS)
-    return pyfuse3.FUSEError(errno.EIO)
+    return pyfuse3.FUSEError(getattr(exc, "errno", None) or errno.EIO)
 
 
 def translated(fn):
@@ -302,11 +299,7 @@ class CachefsOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY and (self.read_only or not img.writable):
             raise pyfuse3.FUSEError(errno.EROFS)
         mode = img.mode.for_open(flags)
-        try:
-            img.backends.get(mode)  # open its descriptor now: a refusal fails open(2), not every read
-        except DirectIOUnsupported as exc:
-            log.warning("open of %s: %s", img.path, exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None  # what the filesystem itself would say
+        img.backends.get(mode)  # open its descriptor now: a refusal fails open(2), not every read
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(e, flags, mode.direct, ctx.pid)
@@ -436,7 +429,9 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
             await img.switch_mode(mode)
-        except UnsupportedImage as exc:
+        except CachefsError as exc:
+            # Whatever refused the new flags (no O_DIRECT here, no io_uring), the old mode stays:
+            # to setxattr that is a value this file cannot take. The reason is in cache_error.
             log.error("%s: %s", img.path, exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         # Whatever the kernel cached under the old mode is dropped.
