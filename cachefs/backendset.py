@@ -138,7 +138,11 @@ class BackendSet:
         self.lock_fd = lock_fd
         self._open: dict[str, ModeBackend] = {}
         self.counters: dict[str, IOCounters] = {}
-        self.unsynced = False
+        self._unsynced = False
+        #: The data plane's count of completed fast writes through descriptors that are not
+        #: O_DSYNC (cachefs/dataplane.py), which never pass ModeBackend.pwrite; None without it.
+        self.fast_writes: Callable[[], int] | None = None
+        self._fast_synced = 0  # that count when the last fdatasync started
         # Invariant: ``_users`` counts calls that may touch a backend right
         # now; ``close_all`` runs only when it is zero and ``_closed`` keeps
         # new calls out meanwhile, so no worker thread ever uses a closed fd.
@@ -146,6 +150,18 @@ class BackendSet:
         self._idle = trio.Event()
         self._idle.set()
         self._reopened: trio.Event | None = None
+
+    @property
+    def unsynced(self) -> bool:
+        """Some completed write may not be durable yet: a pwrite here, or a fast write in C."""
+        return self._unsynced or (self.fast_writes is not None and self.fast_writes() != self._fast_synced)
+
+    @unsynced.setter
+    def unsynced(self, value: bool) -> None:
+        # Cleared when an fdatasync starts: the fast writes counted so far are covered by it.
+        self._unsynced = value
+        if not value and self.fast_writes is not None:
+            self._fast_synced = self.fast_writes()
 
     def get(self, mode: CacheMode) -> ModeBackend:
         be = self._open.get(mode.name)

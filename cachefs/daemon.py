@@ -16,6 +16,13 @@ Two ways down:
 - SIGTERM or SIGINT is the admin's "stop now": every image is flushed *while
   still serving* (a client blocked in a request is not stranded), the open
   handles are logged, and the mount is detached.
+
+With the data plane on (the default when the native module has it; docs/design.md
+"Two planes"), the daemon mounts ``/dev/fuse`` itself (cachefs/fusemount.py), a
+C thread serves it (cachefs/dataplane.py), and pyfuse3 is initialised on one end
+of a socketpair, ``/dev/fd/M``, so libfuse mounts and unmounts nothing. Both ways
+down are the same from outside; inside, the C thread stops first (it has drained
+its fast requests), then pyfuse3's loop, and a SIGTERM detaches the mount here.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ class MountConfig:
     umask: int | None = None
     # What create(2) through the mount makes of NAME.raw: a qcow2 image (NAME.qcow2) or a raw file.
     create_format: str = "qcow2"
+    # "on", "off", or None: on when the native module has the data plane, else off (said in one line).
+    dataplane: str | None = None
     pid_file: str | None = None
     log_file: str | None = None
     foreground: bool = False
@@ -215,11 +224,14 @@ def _serve(cfg: MountConfig, tell, where: str | None) -> int:
                 pass
 
 
+def _fsname(cfg: MountConfig) -> str:
+    # The source column of findmnt/df/mount names the image directory, as sshfs names its remote.
+    return cfg.image_dir if "," not in cfg.image_dir else "cachefs"
+
+
 def _fuse_options(cfg: MountConfig) -> set[str]:
     import pyfuse3
-    # The source column of findmnt/df/mount names the image directory, as sshfs names its remote.
-    source = cfg.image_dir if "," not in cfg.image_dir else "cachefs"
-    options = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cachefs"}
+    options = set(pyfuse3.default_options) | {f"fsname={_fsname(cfg)}", "subtype=cachefs"}
     if cfg.allow_other:
         options.add("allow_other")
     if cfg.allow_other or cfg.default_permissions:
@@ -251,48 +263,125 @@ async def _open_catalog(cfg: MountConfig):
     return catalog
 
 
+def _new_dataplane(cfg: MountConfig, tell):
+    """--dataplane on/off as asked; by default on when the module has it, else off, said in one line.
+
+    The C side is created before anything is mounted: when io_uring is refused
+    (or `on` was asked for without the module), the mount is refused in one line.
+    """
+    from cachefs.dataplane import DataPlane, why_unavailable
+    if cfg.dataplane == "off":
+        return None
+    why = why_unavailable()
+    if why is not None and cfg.dataplane is None:
+        tell(f"warning: data plane off: {why}")
+        return None
+    return DataPlane(max_background=MAX_TASKS)
+
+
+@attrs.define
+class _OwnMount:
+    """The data plane's mount: /dev/fuse mounted here, and the C thread that serves it."""
+    plane: object  # cachefs.dataplane.DataPlane
+    fuse_fd: int
+    mountpoint: str
+
+    def close(self, *, detach: bool) -> None:
+        """Detach the mount after a signal (libfuse will not: it did not mount it), then free the plane."""
+        from cachefs.fusemount import detach as detach_mount
+        if self.fuse_fd >= 0:
+            if detach:
+                detach_mount(self.mountpoint, self.fuse_fd)
+            else:
+                os.close(self.fuse_fd)
+            self.fuse_fd = -1
+        self.plane.close()
+
+
+def _mount_dataplane(cfg: MountConfig, ops, plane) -> _OwnMount:
+    """mount(2) here, pyfuse3 on its end of the socketpair, then the C thread on /dev/fuse."""
+    import pyfuse3
+
+    from cachefs import fusemount
+    try:
+        fd = fusemount.mount(cfg.mountpoint, fsname=_fsname(cfg), options=_fuse_options(cfg))
+    except BaseException:
+        plane.close()
+        raise
+    own = _OwnMount(plane, fd, cfg.mountpoint)
+    try:
+        pyfuse3.init(ops, f"/dev/fd/{plane.libfuse_fd}", _fuse_options(cfg))
+        plane.start(fd)
+    except BaseException:
+        own.close(detach=True)
+        raise
+    return own
+
+
 async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
     import pyfuse3
 
+    from cachefs.dataplane import FastPaths
     from cachefs.fs import CachefsOperations, Presentation
 
     catalog = await _open_catalog(cfg)
-    ops = CachefsOperations(
-        catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
-        create_qcow2=cfg.create_format == "qcow2",
-        root_info={"log": where or "stderr", "image_dir": cfg.image_dir})
+    own = None
     try:
-        pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
+        plane = _new_dataplane(cfg, tell)
+        ops = CachefsOperations(
+            catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
+            create_qcow2=cfg.create_format == "qcow2",
+            root_info={"log": where or "stderr", "image_dir": cfg.image_dir},
+            fast=plane and FastPaths(plane, read_only=cfg.read_only))
+        if plane is not None:
+            own = _mount_dataplane(cfg, ops, plane)
+        else:
+            pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
     except BaseException:
         await catalog.close_all()
         raise
     for name, why in catalog.skipped.items():
         tell(f"warning: not serving {why}")
-    try:
-        # FUSE's default of 12 background requests would cap a QD32 client.
-        log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))
-    except OSError as exc:
-        log.warning("FUSE queue limit left at the kernel default: %s", exc)
+    if own is None:
+        try:
+            # FUSE's default of 12 background requests would cap a QD32 client.
+            # (The data plane sets it in the INIT reply instead.)
+            log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))
+        except OSError as exc:
+            log.warning("FUSE queue limit left at the kernel default: %s", exc)
     if cfg.pid_file:
         _write_pid_file(cfg.pid_file)
     tell("ok")
-    log.info("serving %d image(s): %s", len(catalog.by_name), ", ".join(catalog.names()) or "none")
-    stopped = await _run_until_unmounted(ops)
+    log.info("serving %d image(s): %s (data plane %s)", len(catalog.by_name),
+             ", ".join(catalog.names()) or "none", "on" if own else "off")
+    stopped = await _run_until_unmounted(ops, own and own.plane)
     sd_notify("STOPPING=1")
+    if own is not None:
+        await own.plane.finish()  # pyfuse3's loop has returned: nothing more to relay
     problems = await catalog.close_all()
     try:
         # After a signal the mount is still there: detach it. After an
         # unmount from outside it is gone already (and nothing else may be
         # unmounted in its place).
-        pyfuse3.close(unmount=stopped)
+        pyfuse3.close(unmount=stopped and own is None)
     except Exception as exc:
         log.info("unmount: %s", exc)
+    if own is not None:
+        try:
+            own.close(detach=stopped)
+        except OSError as exc:
+            log.info("unmount: %s", exc)
     log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
     return 1 if problems else 0
 
 
-async def _run_until_unmounted(ops) -> bool:
-    """Serve until the kernel ends the connection (False) or a signal stops us (True)."""
+async def _run_until_unmounted(ops, plane=None) -> bool:
+    """Serve until the kernel ends the connection (False) or a signal stops us (True).
+
+    With the data plane, the kernel's end is seen by the C thread (``plane.serve``
+    then ends pyfuse3's loop), and a signal stops the C thread's reading before
+    pyfuse3's loop: its fast requests in flight are answered first.
+    """
     import pyfuse3
     import trio
 
@@ -309,11 +398,15 @@ async def _run_until_unmounted(ops) -> bool:
                     log.warning("open at stop: %s", line)
                 await flush_images(ops.catalog.images())
                 stopped = True
+                if plane is not None:
+                    await plane.stop()
                 pyfuse3.terminate()
                 return
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signal)
+        if plane is not None:
+            nursery.start_soon(plane.serve, pyfuse3.terminate)
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped

@@ -42,6 +42,7 @@ import trio
 from cachefs.backend import buffer_pool_stats
 from cachefs.errors import CachefsError
 from cachefs.catalog import Catalog, Entry, visible_name
+from cachefs.dataplane import NoFastPaths
 from cachefs.image import Image
 from cachefs.mounts import command_of
 from cachefs.policy import CacheMode, mode_named
@@ -127,8 +128,12 @@ class CachefsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, catalog: Catalog, *, show: Presentation = Presentation(),
-                 create_qcow2: bool = True, root_info: dict[str, str] | None = None):
+                 create_qcow2: bool = True, root_info: dict[str, str] | None = None, fast=None):
         super().__init__()
+        # The data plane's side of each handle (cachefs/dataplane.py): publish at open, take
+        # back at release, pause around a resize or a live switch. NoFastPaths: --dataplane off.
+        self.fast = fast or NoFastPaths()
+        self._invalidate = self.fast.invalidate or _invalidate
         self.catalog = catalog
         self.show = show
         self.read_only = show.read_only
@@ -203,7 +208,8 @@ class CachefsOperations(pyfuse3.Operations):
         if fields.update_size:
             self._writable_mount()
             if attr.st_size != img.size:
-                await img.truncate(attr.st_size)
+                async with self.fast.paused(inode):
+                    await img.truncate(attr.st_size)
         # Owner, modes and times are the image file's own (issue 9): a VM
         # that runs as another user needs its disk to be really its own.
         fd = img.backends.fd
@@ -251,7 +257,9 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def create(self, parent_inode, name, mode, flags, ctx):
         e = await self._new_image(parent_inode, name, mode, ctx)
-        return self._open_entry(e, flags, ctx), self._attr(e.inode)
+        fi = self._open_entry(e, flags, ctx)
+        await self.fast.opened(fi.fh, self.handles[fi.fh])  # before the reply: C may serve its next request
+        return fi, self._attr(e.inode)
 
     @translated
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -292,7 +300,9 @@ class CachefsOperations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode, flags, ctx):
-        return self._open_entry(self._entry(inode), flags, ctx)
+        fi = self._open_entry(self._entry(inode), flags, ctx)
+        await self.fast.opened(fi.fh, self.handles[fi.fh])  # before the reply: C may serve its next request
+        return fi
 
     def _open_entry(self, e: Entry, flags: int, ctx) -> pyfuse3.FileInfo:
         img = e.image
@@ -326,7 +336,8 @@ class CachefsOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self._handle(fh)
         if off + len(buf) > h.image.size and h.image.writable and not self.read_only:
-            await h.image.grow_to(off + len(buf))
+            async with self.fast.paused(h.inode):
+                await h.image.grow_to(off + len(buf))
         self._begin()
         try:
             await h.image.write(off, buf, h.mode)
@@ -350,7 +361,7 @@ class CachefsOperations(pyfuse3.Operations):
             self.invalidations += 1
             # In a thread: the kernel waits for page locks that a cached read
             # holds until this very loop answers it.
-            await trio.to_thread.run_sync(_invalidate, inode)
+            await trio.to_thread.run_sync(self._invalidate, inode)
 
     @translated
     async def flush(self, fh):
@@ -368,6 +379,7 @@ class CachefsOperations(pyfuse3.Operations):
         await h.image.flush(h.mode)
 
     async def release(self, fh):
+        await self.fast.released(fh)  # unpublished and drained: C no longer uses its descriptor
         h = self.handles.pop(fh, None)
         if h is not None:
             await self.catalog.released(h.entry)
@@ -386,14 +398,14 @@ class CachefsOperations(pyfuse3.Operations):
                     "skipped": json.dumps(self.catalog.skipped), "invalidations": str(self.invalidations),
                     "buffer_pool": json.dumps(buffer_pool_stats()),
                     "peak_requests": str(self.peak_in_progress), "open_handles": str(len(self.handles)),
-                    **self.root_info}
+                    **self.fast.root_info(), **self.root_info}
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}
         out["cache"] = img.mode.name
         out["path"] = img.path
         if img.switch_error:
             out["cache_error"] = img.switch_error
-        out.update({f"stats.{k}": str(v) for k, v in img.stats().items()})
+        out.update({f"stats.{k}": str(v) for k, v in self.fast.merge_stats(inode, img.stats()).items()})
         return out
 
     @translated
@@ -404,6 +416,7 @@ class CachefsOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         key = os.fsdecode(name)
         if not key.startswith(XATTR_PREFIX):
+            # The data plane gives this answer itself (dp_loop.c dp_foreign_xattr): keep them alike.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(key[len(XATTR_PREFIX):])
         if value is None:
@@ -428,14 +441,15 @@ class CachefsOperations(pyfuse3.Operations):
             log.warning("setxattr cache: %s", exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
-            await img.switch_mode(mode)
+            async with self.fast.paused(inode):  # drained first: the descriptors C uses are reopened
+                await img.switch_mode(mode)
         except CachefsError as exc:
             # Whatever refused the new flags (no O_DIRECT here, no io_uring), the old mode stays:
             # to setxattr that is a value this file cannot take. The reason is in cache_error.
             log.error("%s: %s", img.path, exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         # Whatever the kernel cached under the old mode is dropped.
-        await trio.to_thread.run_sync(_invalidate, inode)
+        await trio.to_thread.run_sync(self._invalidate, inode)
 
     # -------------------------------------------------------------- lifecycle
 

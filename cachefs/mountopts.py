@@ -45,6 +45,8 @@ from cachefs.policy import MODES
 #: backend's requests to the kernel (see cachefs.backend).
 SUBMITTERS = ("threads", "native", "io_uring")
 CREATE_FORMATS = ("qcow2", "raw")
+#: ``--dataplane``/``-o dataplane=``: the C data plane serves reads and writes (docs/design.md "Two planes").
+DATAPLANE = ("on", "off")
 
 
 class MountOptionError(CachefsError):
@@ -66,6 +68,7 @@ class MountOptions:
     log: str | None = None
     pid_file: str | None = None
     create_format: str | None = None
+    dataplane: str | None = None
     debug: bool = False
     # (option, why it has no effect), for `mount.fuse.cachefs -v`.
     ignored: tuple[tuple[str, str], ...] = ()
@@ -164,6 +167,7 @@ VALUES: dict[str, Callable[[str], object]] = {
     "cache": _one_of(MODES),
     "aio": _one_of(SUBMITTERS),
     "create_format": _one_of(CREATE_FORMATS),
+    "dataplane": _one_of(DATAPLANE),
     "uid": _id(lambda name: pwd.getpwnam(name).pw_uid, "user"),
     "gid": _id(lambda name: grp.getgrnam(name).gr_gid, "group"),
     "umask": _umask,

@@ -24,6 +24,9 @@ MODULE_NAME = "cachefs.native._cachefs_native"
 # Each entry: (name, cdef, C source, libraries). Order is the order in the module.
 SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = []
 
+#: This directory: a section whose C lives in files here #includes them by name.
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def section(name: str, cdef: str, source: str = "", libraries: tuple[str, ...] = ()) -> None:
     SECTIONS.append((name, cdef, source, libraries))
@@ -359,6 +362,46 @@ else:
     section("io_uring", cdef=_URING_CDEF, source=_URING_STUB_SOURCE)
 
 
+# The data plane (DESIGN.md section 4, issue 11; ../shared/DATAPLANE.md): one C thread that
+# owns /dev/fuse and serves published READs and WRITEs on io_uring, forwarding everything else
+# to libfuse over a socketpair. Too big for a string here, so its C is in dp_*.c / dp*.h beside
+# this file. Python drives it through the functions below (cachefs/dataplane.py); each returns
+# >= 0 or -errno. Without liburing it compiles to stubs (dp_stub.c) and dp_built() == 0.
+_DP_CDEF = """
+    struct dp { ...; };
+    static const int DP_MAP_ABSENT, DP_MAP_WRITABLE, DP_MAP_READONLY, DP_MAP_ZERO;
+    static const int DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN;
+    static const int DP_C_FORWARDED, DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_NIMAGE;
+    static const int DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS;
+    static const int DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N;
+    static const int DP_STOP_READING, DP_QUIT;
+    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED;
+
+    int dp_built(void);
+    int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
+                  struct dp **out);
+    int dp_start(struct dp *dp, int fuse_fd);
+    void dp_request(struct dp *dp, unsigned what);
+    unsigned dp_state(struct dp *dp);
+    void dp_waiting(struct dp *dp, int delta);
+    int dp_join(struct dp *dp);
+    void dp_destroy(struct dp *dp);
+    uint64_t dp_ticket(struct dp *dp);
+    int dp_drained(struct dp *dp, uint64_t ticket);
+    int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned cluster_bits, int identity);
+    int dp_image_pause(struct dp *dp, uint64_t ino, int paused);
+    int dp_image_remove(struct dp *dp, uint64_t ino);
+    int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries);
+    int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+    int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
+                          int sync);
+    int dp_handle_unpublish(struct dp *dp, uint64_t fh);
+    int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
+    void dp_counters(struct dp *dp, uint64_t *out, int n);
+    int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
+"""
+
+
 def make_ffibuilder() -> FFI:
     builder = FFI()
     builder.cdef("\n".join(cdef for _name, cdef, _src, _libs in SECTIONS))
@@ -368,9 +411,17 @@ def make_ffibuilder() -> FFI:
         MODULE_NAME,
         "\n".join(src for _name, _cdef, src, _libs in SECTIONS),
         libraries=sorted({lib for *_rest, libs in SECTIONS for lib in libs}),
+        include_dirs=[HERE],
         extra_compile_args=["-O2", "-Wall"],
     )
     return builder
+
+
+if have_liburing():
+    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_loop.c"\n',
+            libraries=("uring", "pthread"))
+else:
+    section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')
 
 
 ffibuilder = make_ffibuilder()

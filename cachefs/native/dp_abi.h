@@ -1,0 +1,20 @@
+/* The data plane's ABI with Python (cachefs/dataplane.py): shared by dp.h and dp_stub.c. */
+#ifndef CACHEFS_DP_ABI_H
+#define CACHEFS_DP_ABI_H
+
+/* What a published guest cluster is (the mapping contract, DATAPLANE.md). An entry is
+ * host_offset | state: host offsets are cluster aligned, so the low bits are free. */
+enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO = 3 };
+
+/* Per-image counters: the order of dp_image_counters()'s output. */
+enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
+       DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_NIMAGE };
+/* Whole-connection counters: dp_counters()'s output. */
+enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
+       DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N };
+
+/* What Python asks (dp_request) and what the loop tells (dp_state). */
+enum { DP_STOP_READING = 1, DP_QUIT = 2 };
+enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16 };
+
+#endif

@@ -1,0 +1,607 @@
+/* The data plane's thread: one event loop over one io_uring (DATAPLANE.md "Shape").
+ *
+ * Every wakeup drains /dev/fuse (non-blocking) while a request slot is free, then drains
+ * libfuse's replies from the socketpair, then sleeps in io_uring_submit_and_wait until a
+ * backend I/O completes or a poll fires: /dev/fuse readable, the socket readable (or writable
+ * again when a forward had to wait), or Python's control eventfd. A fast request holds its
+ * slot until its last backend piece completes and its reply is written; a forwarded one only
+ * until the socket took it, so the pool bounds memory and, once empty, stops the reading of
+ * /dev/fuse (back-pressure) until a fast request completes.
+ *
+ * Who answers what (DATAPLANE.md "Requests that get no reply, or two"): a fast request is
+ * answered here, once, after its backend write completed (so a flush that follows covers it);
+ * a forwarded one only by libfuse; FORGET and BATCH_FORGET by nobody; an INTERRUPT of a fast
+ * request is dropped (letting it finish is a correct answer), any other goes to libfuse.
+ * Notifications from libfuse (unique 0) are written by an io-wq worker, never by this thread:
+ * notify_inval_inode waits for page locks that a READ in our own queue may hold.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* cffi's Python.h defines it already */
+#endif
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include "dp.h"
+
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE };
+#define TAG(t) ((uint64_t)(t) << 56)
+#define UNTAG(ud) ((ud) & ((1ull << 56) - 1))
+
+static void dp_finish(struct dp *dp, struct dp_slot *s);
+
+/* ------------------------------------------------------------ small helpers */
+
+static struct io_uring_sqe *dp_sqe(struct dp *dp) {
+    struct io_uring_sqe *sqe;
+    while (!(sqe = io_uring_get_sqe(&dp->ring)))
+        io_uring_submit(&dp->ring);  /* the SQ ring is full: hand it over and take a new one */
+    return sqe;
+}
+
+static void dp_free_slot(struct dp *dp, struct dp_slot *s) {
+    s->next = dp->free;
+    dp->free = s;
+}
+
+/* Tell Python (its trio task awaits evt_fd): a state bit newly set, or progress for a drain. */
+static void dp_post(struct dp *dp, unsigned bits) {
+    unsigned old = __atomic_fetch_or(&dp->state, bits, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if ((old & bits) != bits || !bits)
+        (void)!write(dp->evt_fd, &one, sizeof one);
+}
+
+static void dp_write_fuse(struct dp *dp, struct iovec *iov, int n) {
+    while (writev(dp->fuse_fd, iov, n) < 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno == ENODEV)  /* unmounted or aborted: nobody wants the answer any more */
+            dp->dead = 1;
+        else if (errno != ENOENT)  /* ENOENT: the request was interrupted and is gone */
+            dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+        return;
+    }
+}
+
+static void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_t len) {
+    struct fuse_out_header oh = { (uint32_t)sizeof oh + (err ? 0 : len), err, unique };
+    struct iovec iov[2] = { { &oh, sizeof oh }, { (void *)data, len } };
+    dp_write_fuse(dp, iov, err || !len ? 1 : 2);
+}
+
+/* ------------------------------------------------------------ the fast path */
+
+static void dp_submit_piece(struct dp *dp, struct dp_slot *s, int i) {
+    struct dp_piece *p = &s->piece[i];
+    struct io_uring_sqe *sqe = dp_sqe(dp);
+    if (s->write)
+        io_uring_prep_write(sqe, s->fd, s->data + p->buf, p->len, p->host);
+    else
+        io_uring_prep_read(sqe, s->fd, s->data + p->buf, p->len, p->host);
+    io_uring_sqe_set_data64(sqe, TAG(T_IO) | (uint64_t)(s - dp->slots) << 8 | (uint64_t)i);
+}
+
+/* Serve a READ or WRITE here if its handle is published and its range maps. 1: taken. */
+static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    const struct fuse_read_in *in = (const void *)(ih + 1);  /* fh, offset, size: as fuse_write_in */
+    int write = ih->opcode == FUSE_WRITE;
+    if (s->len < DP_HDR || ih->total_extlen || (write && s->len != DP_HDR + in->size))
+        return 0;
+    pthread_mutex_lock(&dp->lock);
+    struct dp_handle *h = dp_map_get(&dp->handles, in->fh);
+    int fast = h && !h->img->paused && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
+    if (fast) {
+        s->seq = ++dp->seq;
+        s->img = h->img;
+        s->fd = h->fd;
+        s->sync = h->sync;
+        s->write = write;
+        __atomic_store_n(&s->active, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&dp->lock);
+    if (!fast)
+        return 0;
+    if (++dp->active > (int)dp->g[DP_G_PEAK_ACTIVE])
+        dp->g[DP_G_PEAK_ACTIVE] = dp->active;
+    dp_count(&dp->g[DP_G_FAST], 1);
+    s->err = 0;
+    s->pieces_left = s->npieces;
+    if (s->npieces == 0)
+        dp_finish(dp, s);  /* all zeros, or past the guest's end */
+    for (int i = 0; i < s->npieces; i++)
+        dp_submit_piece(dp, s, i);
+    return 1;
+}
+
+static void dp_piece_done(struct dp *dp, struct dp_slot *s, int i, int res) {
+    struct dp_piece *p = &s->piece[i];
+    if (res < 0) {
+        if (!s->err)
+            s->err = res;  /* the backend's errno reaches the client (DATAPLANE.md "Errors") */
+    } else if ((uint32_t)res < p->len) {
+        if (s->write && res > 0) {  /* a short write: write the rest */
+            p->host += res;
+            p->buf += res;
+            p->len -= res;
+            dp_submit_piece(dp, s, i);
+            return;
+        }
+        if (s->write && !s->err)
+            s->err = -EIO;
+        else if (!s->write)  /* the file ends before the guest does: zeros, as Python pads */
+            memset(s->data + p->buf + res, 0, p->len - res);
+    }
+    if (--s->pieces_left == 0)
+        dp_finish(dp, s);
+}
+
+/* The last piece is done: count, answer, free. */
+static void dp_finish(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    uint64_t *c = s->img->c;
+    uint32_t size = ((const struct fuse_read_in *)(ih + 1))->size;
+    if (s->write && !s->sync)
+        dp_count(&c[DP_C_UNSYNCED_WRITES], 1);  /* before the reply: the next flush must see it */
+    if (s->err) {
+        dp_count(&c[DP_C_ERRORS], 1);
+        dp_reply(dp, ih->unique, s->err, NULL, 0);
+    } else if (s->write) {
+        struct fuse_write_out out = { .size = size };
+        dp_count(&c[DP_C_FAST_WRITES], 1);
+        dp_count(&c[DP_C_BYTES_WRITTEN], size);
+        dp_reply(dp, ih->unique, 0, &out, sizeof out);
+    } else {
+        dp_count(&c[DP_C_FAST_READS], 1);
+        dp_count(&c[DP_C_BYTES_READ], s->reply_len);
+        dp_reply(dp, ih->unique, 0, s->data, s->reply_len);
+    }
+    __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
+    dp->active--;
+    dp->completed = 1;
+    dp_free_slot(dp, s);
+}
+
+/* An INTERRUPT of a fast request: let it finish (1: drop the INTERRUPT). */
+static int dp_interrupts_fast(struct dp *dp, struct dp_slot *s) {
+    uint64_t unique = ((const struct fuse_interrupt_in *)((struct fuse_in_header *)s->hdr + 1))->unique;
+    for (int i = 0; i < DP_NSLOT; i++) {
+        struct dp_slot *o = &dp->slots[i];
+        if (o->active && ((struct fuse_in_header *)o->hdr)->unique == unique)
+            return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ forwarding to libfuse */
+
+static void dp_track_add(struct dp *dp, uint64_t unique, uint32_t opcode) {
+    for (int i = 0; i < DP_TRACK; i++)
+        if (!dp->track[i].unique) {
+            dp->track[i] = (struct dp_track){ unique, opcode };
+            return;
+        }
+    /* Full: that reply goes unpatched, a missed hint and nothing worse. */
+}
+
+static uint32_t dp_track_take(struct dp *dp, uint64_t unique) {
+    for (int i = 0; i < DP_TRACK; i++)
+        if (dp->track[i].unique == unique) {
+            dp->track[i].unique = 0;
+            return dp->track[i].opcode;
+        }
+    return 0;
+}
+
+static void dp_count_forward(struct dp *dp, const struct fuse_in_header *ih) {
+    struct dp_image *im = NULL;
+    dp_count(&dp->g[DP_G_FORWARDED], 1);
+    pthread_mutex_lock(&dp->lock);
+    if (ih->opcode == FUSE_READ || ih->opcode == FUSE_WRITE) {
+        struct dp_handle *h = dp_map_get(&dp->handles, ((const struct fuse_read_in *)(ih + 1))->fh);
+        im = h ? h->img : NULL;
+    }
+    if (!im && ih->nodeid)
+        im = dp_map_get(&dp->images, ih->nodeid);
+    if (im)
+        dp_count(&im->c[DP_C_FORWARDED], 1);
+    pthread_mutex_unlock(&dp->lock);
+}
+
+/* One request, unchanged, as one message. 0, -EAGAIN (socket full), or -errno. */
+static int dp_send(struct dp *dp, struct dp_slot *s) {
+    struct iovec iov[2] = { { s->hdr, s->len < DP_HDR ? s->len : DP_HDR },
+                            { s->data, s->len > DP_HDR ? s->len - DP_HDR : 0 } };
+    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = s->len > DP_HDR ? 2 : 1 };
+    for (;;) {
+        if (sendmsg(dp->sock_fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+            return 0;
+        if (errno != EINTR)
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
+/* The socket refused a request for good: it still needs its one answer, unless it gets none. */
+static void dp_forward_failed(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    dp_count(&dp->g[DP_G_FORWARD_ERRORS], 1);
+    if (ih->opcode != FUSE_FORGET && ih->opcode != FUSE_BATCH_FORGET && ih->opcode != FUSE_INTERRUPT)
+        dp_reply(dp, ih->unique, -EIO, NULL, 0);
+    dp_free_slot(dp, s);
+}
+
+/* Send what waited for room, in order; stop at the first that still has none. */
+static void dp_flush_sendq(struct dp *dp) {
+    while (dp->sendq) {
+        struct dp_slot *s = dp->sendq;
+        int rc = dp->sock_eof ? -EPIPE : dp_send(dp, s);
+        if (rc == -EAGAIN)
+            return;
+        dp->sendq = s->next;
+        if (rc < 0)
+            dp_forward_failed(dp, s);
+        else
+            dp_free_slot(dp, s);
+    }
+    dp->sendq_tail = NULL;
+}
+
+static void dp_forward(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    dp_count_forward(dp, ih);
+    if (ih->opcode == FUSE_INIT || ih->opcode == FUSE_OPEN || ih->opcode == FUSE_CREATE)
+        dp_track_add(dp, ih->unique, ih->opcode);
+    s->next = NULL;
+    int rc = dp->sendq || dp->sock_eof ? -EAGAIN : dp_send(dp, s);
+    if (rc == 0) {
+        dp_free_slot(dp, s);
+    } else if (rc == -EAGAIN) {  /* keep the order: behind whatever already waits */
+        if (dp->sendq_tail)
+            dp->sendq_tail->next = s;
+        else
+            dp->sendq = s;
+        dp->sendq_tail = s;
+        dp_count(&dp->g[DP_G_SEND_QUEUED], 1);
+        if (dp->sock_eof)
+            dp_flush_sendq(dp);
+    } else {
+        dp_forward_failed(dp, s);
+    }
+}
+
+/* ------------------------------------------------------------ libfuse's replies */
+
+/* INIT: max_background/congestion_threshold (u16 at 16 and 18 of fuse_init_out) replace the
+ * fusectl write; max_write is only ever lowered, to what the socketpair carries in one message. */
+static void dp_patch_init(struct dp *dp, struct fuse_init_out *o, size_t len) {
+    o->max_background = (uint16_t)dp->max_background;
+    o->congestion_threshold = (uint16_t)(dp->max_background * 3 / 4);
+    if (len >= offsetof(struct fuse_init_out, map_alignment) && o->max_write + 4096 + DP_HDR > dp->msg_limit) {
+        o->max_write = (dp->msg_limit - 4096 - DP_HDR) & ~4095u;
+        o->max_pages = (uint16_t)(o->max_write / 4096);
+    }
+    dp_post(dp, DP_ST_INIT_DONE);
+}
+
+static void dp_patch_reply(struct dp *dp, struct fuse_out_header *oh, size_t n) {
+    uint32_t opcode = dp_track_take(dp, oh->unique);
+    char *arg = (char *)(oh + 1);
+    size_t len = n - sizeof *oh;
+    if (!opcode || oh->error)
+        return;
+    if (opcode == FUSE_INIT && len >= offsetof(struct fuse_init_out, max_write)) {
+        dp_patch_init(dp, (struct fuse_init_out *)arg, len);
+    } else if (opcode != FUSE_INIT && len >= sizeof(struct fuse_open_out)) {
+        /* OPEN's reply is fuse_open_out; CREATE's ends with it, after the entry. Without
+         * FOPEN_PARALLEL_DIRECT_WRITES, direct writes to one inode take its lock exclusively. */
+        struct fuse_open_out *o = (void *)(arg + len - sizeof *o);
+        if (o->open_flags & FOPEN_DIRECT_IO)
+            o->open_flags |= FOPEN_PARALLEL_DIRECT_WRITES;
+    }
+}
+
+/* A notification: written by an io-wq worker (IOSQE_ASYNC), never blocking this thread. */
+static void dp_note(struct dp *dp, const char *msg, size_t n) {
+    struct dp_note *note = malloc(sizeof *note + n);
+    if (!note) {
+        dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+        return;
+    }
+    note->len = n;
+    memcpy(note->data, msg, n);
+    struct io_uring_sqe *sqe = dp_sqe(dp);
+    io_uring_prep_write(sqe, dp->fuse_fd, note->data, (unsigned)n, (uint64_t)-1);
+    sqe->flags |= IOSQE_ASYNC;
+    io_uring_sqe_set_data64(sqe, TAG(T_NOTE) | (uint64_t)(uintptr_t)note);
+    dp->notes_in_flight++;
+    dp_count(&dp->g[DP_G_NOTIFICATIONS], 1);
+}
+
+static void dp_drain_sock(struct dp *dp) {
+    while (!dp->sock_eof) {
+        ssize_t n = recv(dp->sock_fd, dp->rbuf, DP_RBUF, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {  /* EAGAIN: drained; 0 or an error: libfuse's end is closed */
+            dp->sock_eof = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+            return;
+        }
+        struct fuse_out_header *oh = (void *)dp->rbuf;
+        if ((size_t)n < sizeof *oh) {
+            dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+        } else if (n > DP_RBUF) {  /* cut (cannot happen below max_pages): still one answer */
+            dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+            dp_reply(dp, oh->unique, -EIO, NULL, 0);
+        } else if (oh->unique == 0) {
+            dp_note(dp, dp->rbuf, n);
+        } else {
+            struct iovec iov = { dp->rbuf, (size_t)n };
+            dp_patch_reply(dp, oh, n);
+            dp_count(&dp->g[DP_G_REPLIES], 1);
+            dp_write_fuse(dp, &iov, 1);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ reading /dev/fuse */
+
+/* GETXATTR of a name outside user.cachefs.: no such attribute, the answer fs.getxattr gives.
+ * The kernel asks for security.capability before every write through a cached handle
+ * (file_remove_privs), so answering it here keeps those writes out of Python. */
+static int dp_foreign_xattr(struct dp *dp, struct dp_slot *s) {
+    static const char prefix[] = "user.cachefs.";
+    size_t at = sizeof(struct fuse_in_header) + sizeof(struct fuse_getxattr_in);
+    char name[sizeof prefix];
+    if (s->len < at + 1 || ((struct fuse_in_header *)s->hdr)->total_extlen)
+        return 0;
+    for (size_t i = 0; i < sizeof name; i++) {  /* the name spans both iovecs */
+        size_t pos = at + i;
+        name[i] = pos >= s->len ? 0 : pos < DP_HDR ? ((char *)s->hdr)[pos] : s->data[pos - DP_HDR];
+    }
+    if (strncmp(name, prefix, sizeof prefix - 1) == 0)
+        return 0;
+    dp_count(&dp->g[DP_G_FAST], 1);
+    dp_reply(dp, ((struct fuse_in_header *)s->hdr)->unique, -ENODATA, NULL, 0);
+    dp_free_slot(dp, s);
+    return 1;
+}
+
+static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    dp_count(&dp->g[DP_G_REQUESTS], 1);
+    if ((ih->opcode == FUSE_READ || ih->opcode == FUSE_WRITE) && dp_try_fast(dp, s))
+        return;
+    if (ih->opcode == FUSE_GETXATTR && dp_foreign_xattr(dp, s))
+        return;
+    if (ih->opcode == FUSE_INTERRUPT && s->len >= sizeof *ih + 8 && dp_interrupts_fast(dp, s)) {
+        dp_free_slot(dp, s);
+        return;
+    }
+    dp_forward(dp, s);
+}
+
+/* Read requests while a slot is free. The first iovec is exactly 80 bytes, so a WRITE's
+ * payload lands at the start of the page-aligned buffer, ready for O_DIRECT without a copy. */
+static void dp_drain_fuse(struct dp *dp) {
+    while (dp->free && dp->reading) {
+        struct dp_slot *s = dp->free;
+        struct iovec iov[2] = { { s->hdr, DP_HDR }, { s->data, DP_DATA } };
+        ssize_t n = readv(dp->fuse_fd, iov, 2);
+        if (n < 0) {
+            if (errno == EINTR || errno == ENOENT)  /* ENOENT: interrupted before we read it */
+                continue;
+            if (errno != EAGAIN)  /* ENODEV: unmounted; anything else: no way to go on */
+                dp->dead = 1;
+            return;
+        }
+        dp->free = s->next;
+        s->len = (uint32_t)n;
+        dp_dispatch(dp, s);
+    }
+}
+
+/* ------------------------------------------------------------ the loop */
+
+static void dp_poll(struct dp *dp, int fd, unsigned events, int tag, int *armed) {
+    if (*armed)
+        return;
+    struct io_uring_sqe *sqe = dp_sqe(dp);
+    io_uring_prep_poll_add(sqe, fd, events);
+    io_uring_sqe_set_data64(sqe, TAG(tag));
+    *armed = 1;
+}
+
+static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
+    switch (ud >> 56) {
+    case T_IO:
+        dp_piece_done(dp, &dp->slots[(ud >> 8) & 0xffff], (int)(ud & 0xff), res);
+        break;
+    case T_FUSE_POLL:
+        dp->fuse_polled = 0;
+        break;
+    case T_SOCK_POLL:
+        dp->sock_polled = 0;
+        break;
+    case T_SOCK_POLLOUT:
+        dp->sock_out_polled = 0;
+        break;
+    case T_CTL_POLL: {
+        uint64_t v;
+        dp->ctl_polled = 0;
+        (void)!read(dp->ctl_fd, &v, sizeof v);
+        break;
+    }
+    case T_NOTE:
+        free((void *)(uintptr_t)UNTAG(ud));
+        dp->notes_in_flight--;
+        if (res < 0 && res != -ENOENT && res != -ENODEV)
+            dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+        break;
+    }
+}
+
+static void dp_reap(struct dp *dp) {
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&dp->ring, head, cqe) {
+        n++;
+        dp_cqe(dp, cqe->user_data, cqe->res);
+    }
+    io_uring_cq_advance(&dp->ring, n);
+}
+
+/* Python's requests in, the loop's state out. 1 when the loop may end. */
+static int dp_control(struct dp *dp) {
+    unsigned req = __atomic_load_n(&dp->requests, __ATOMIC_ACQUIRE);
+    if ((req & (DP_STOP_READING | DP_QUIT)) || dp->dead || dp->sock_eof)
+        dp->reading = 0;
+    if (dp->active == 0 && dp->dead)
+        dp_post(dp, DP_ST_DEAD);
+    if (dp->active == 0 && !dp->reading)
+        dp_post(dp, DP_ST_STOPPED);
+    if (dp->completed && __atomic_load_n(&dp->drain_waiters, __ATOMIC_ACQUIRE))
+        dp_post(dp, 0);
+    dp->completed = 0;
+    return dp->active == 0 && ((req & DP_QUIT) || dp->sock_eof);
+}
+
+static void *dp_main(void *arg) {
+    struct dp *dp = arg;
+    for (;;) {
+        dp_drain_fuse(dp);
+        dp_drain_sock(dp);
+        dp_flush_sendq(dp);
+        if (dp_control(dp))
+            break;
+        if (dp->reading && dp->free)
+            dp_poll(dp, dp->fuse_fd, POLLIN, T_FUSE_POLL, &dp->fuse_polled);
+        if (!dp->sock_eof)
+            dp_poll(dp, dp->sock_fd, POLLIN, T_SOCK_POLL, &dp->sock_polled);
+        if (dp->sendq && !dp->sock_eof)
+            dp_poll(dp, dp->sock_fd, POLLOUT, T_SOCK_POLLOUT, &dp->sock_out_polled);
+        dp_poll(dp, dp->ctl_fd, POLLIN, T_CTL_POLL, &dp->ctl_polled);
+        io_uring_submit_and_wait(&dp->ring, 1);  /* -EINTR and friends: just go round again */
+        dp_reap(dp);
+    }
+    dp_post(dp, DP_ST_EXITED);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ Python's handle on it */
+
+static int dp_alloc_buffers(struct dp *dp) {
+    /* mmap: untouched pages cost nothing, so 64 MiB of slots is what the load touches. */
+    char *data = mmap(NULL, (size_t)DP_NSLOT * DP_DATA, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data == MAP_FAILED)
+        return -ENOMEM;
+    for (int i = DP_NSLOT - 1; i >= 0; i--) {
+        dp->slots[i].data = data + (size_t)i * DP_DATA;
+        dp_free_slot(dp, &dp->slots[i]);
+    }
+    dp->rbuf = mmap(NULL, DP_RBUF, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return dp->rbuf == MAP_FAILED ? -ENOMEM : 0;
+}
+
+int dp_built(void) { return 1; }
+
+/* -errno when io_uring is refused (seccomp, kernel.io_uring_disabled): the mount says so. */
+/* Before the mount exists (dp_start gets its descriptor), so a refusal leaves nothing mounted. */
+int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit, struct dp **out) {
+    struct dp *dp = calloc(1, sizeof *dp);
+    struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE, .cq_entries = 4096 };
+    int rc;
+    if (!dp)
+        return -ENOMEM;
+    *dp = (struct dp){ .fuse_fd = -1, .sock_fd = sock_fd, .evt_fd = evt_fd, .reading = 1,
+                       .max_background = max_background, .msg_limit = msg_limit, .rbuf = MAP_FAILED };
+    pthread_mutex_init(&dp->lock, NULL);
+    dp->ctl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    rc = dp->ctl_fd < 0 ? -errno : io_uring_queue_init_params(512, &dp->ring, &p);
+    if (rc < 0) {
+        if (dp->ctl_fd >= 0)
+            close(dp->ctl_fd);
+        free(dp);
+        return rc;
+    }
+    if ((rc = dp_map_init(&dp->images)) < 0 || (rc = dp_map_init(&dp->handles)) < 0 ||
+        (rc = dp_alloc_buffers(dp)) < 0) {
+        dp->started = -1;
+        dp_destroy(dp);
+        return rc;
+    }
+    *out = dp;
+    return 0;
+}
+
+int dp_start(struct dp *dp, int fuse_fd) {
+    sigset_t all, old;
+    dp->fuse_fd = fuse_fd;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);  /* signals are Python's, in its main thread */
+    int rc = pthread_create(&dp->thread, NULL, dp_main, dp);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0)
+        dp->started = 1;
+    return -rc;
+}
+
+void dp_request(struct dp *dp, unsigned what) {
+    uint64_t one = 1;
+    __atomic_fetch_or(&dp->requests, what, __ATOMIC_RELEASE);
+    (void)!write(dp->ctl_fd, &one, sizeof one);
+}
+
+unsigned dp_state(struct dp *dp) { return __atomic_load_n(&dp->state, __ATOMIC_ACQUIRE); }
+
+void dp_waiting(struct dp *dp, int delta) { __atomic_fetch_add(&dp->drain_waiters, delta, __ATOMIC_RELEASE); }
+
+int dp_join(struct dp *dp) {
+    if (dp->started != 1)
+        return 0;
+    dp->started = 2;
+    return -pthread_join(dp->thread, NULL);
+}
+
+/* After dp_join. Notifications still being written by io-wq keep their buffers (leaked):
+ * the kernel may read them until the connection is gone. */
+void dp_destroy(struct dp *dp) {
+    if (dp->started == 1)
+        return;  /* never free what a running thread uses */
+    io_uring_queue_exit(&dp->ring);
+    if (dp->slots[0].data)
+        munmap(dp->slots[0].data, (size_t)DP_NSLOT * DP_DATA);
+    if (dp->rbuf != MAP_FAILED)
+        munmap(dp->rbuf, DP_RBUF);
+    for (uint32_t i = 0; dp->images.keys && i < dp->images.cap;)
+        if (!dp->images.keys[i] || dp_image_remove(dp, dp->images.keys[i]) < 0)
+            i++;  /* a removal may shift another image into slot i: look at it again */
+    for (struct dp_image *im = dp->dead_images, *next; im; im = next) {
+        next = im->next_dead;
+        free(im);
+    }
+    dp_map_free(&dp->images);
+    dp_map_free(&dp->handles);
+    close(dp->ctl_fd);
+    pthread_mutex_destroy(&dp->lock);
+    free(dp);
+}
+
+/* notify_inval_inode written by the caller's thread (a trio worker): it returns once the kernel
+ * dropped the pages, as pyfuse3.invalidate_inode does, so a reply sent after it is ordered. */
+int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len) {
+    if (dp->fuse_fd < 0)
+        return -ENOTCONN;
+    struct { struct fuse_out_header oh; struct fuse_notify_inval_inode_out arg; } m = {
+        { sizeof m, FUSE_NOTIFY_INVAL_INODE, 0 }, { ino, off, len } };
+    while (write(dp->fuse_fd, &m, sizeof m) < 0)
+        if (errno != EINTR)
+            return -errno;
+    return 0;
+}

@@ -1,0 +1,28 @@
+/* The data plane without liburing at build time: the same names, each saying -ENOSYS, and
+ * dp_built() == 0, so `--dataplane on` is refused in one line (cachefs/dataplane.py). */
+#include <errno.h>
+#include <stdint.h>
+#include "dp_abi.h"
+struct dp { int unused; };
+int dp_built(void) { return 0; }
+int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
+              struct dp **out) { return -ENOSYS; }
+int dp_start(struct dp *dp, int fuse_fd) { return -ENOSYS; }
+void dp_request(struct dp *dp, unsigned what) {}
+unsigned dp_state(struct dp *dp) { return 0; }
+void dp_waiting(struct dp *dp, int delta) {}
+int dp_join(struct dp *dp) { return 0; }
+void dp_destroy(struct dp *dp) {}
+uint64_t dp_ticket(struct dp *dp) { return 0; }
+int dp_drained(struct dp *dp, uint64_t ticket) { return 1; }
+int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned cluster_bits, int identity) { return -ENOSYS; }
+int dp_image_pause(struct dp *dp, uint64_t ino, int paused) { return -ENOSYS; }
+int dp_image_remove(struct dp *dp, uint64_t ino) { return -ENOSYS; }
+int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries) { return -ENOSYS; }
+int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
+int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
+                      int sync) { return -ENOSYS; }
+int dp_handle_unpublish(struct dp *dp, uint64_t fh) { return -ENOSYS; }
+int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n) { return -ENOSYS; }
+void dp_counters(struct dp *dp, uint64_t *out, int n) {}
+int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len) { return -ENOSYS; }
