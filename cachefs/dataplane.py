@@ -50,6 +50,7 @@ import trio
 from cachefs import native
 from cachefs.backend import ALIGN
 from cachefs.errors import CachefsError
+from cachefs.policy import MODES
 
 log = logging.getLogger("cachefs.dataplane")
 
@@ -65,6 +66,7 @@ SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>: beyond wmem_max, for root
 #: dp_image_counters()'s order (dp_abi.h), with the names they get in stats.
 IMAGE_COUNTERS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded",
                   "fast_errors", "fast_unsynced_writes")
+HANDLE_COUNTERS = ("reads", "writes", "bytes_read", "bytes_written")  # dp_handle_counters()
 CONNECTION_COUNTERS = ("requests", "fast", "forwarded", "replies", "notifications", "forward_errors",
                        "reply_errors", "peak_active", "send_queued")
 
@@ -212,6 +214,13 @@ class DataPlane:
         native.lib.dp_handle_unpublish(self._dp, fh)
         return self.ticket()
 
+    def handle_counters(self, fh: int) -> list[int] | None:
+        """C's counts of a published handle's fast requests (HANDLE_COUNTERS), at dispatch."""
+        out = native.ffi.new("uint64_t[]", len(HANDLE_COUNTERS))
+        if self._dp is None or native.lib.dp_handle_counters(self._dp, fh, out, len(HANDLE_COUNTERS)) < 0:
+            return None
+        return list(out)
+
     def ticket(self) -> int:
         return native.lib.dp_ticket(self._dp)
 
@@ -278,6 +287,10 @@ class _Published:
     inode: int
     handle: object     # fs.Handle: .image, .flags, .direct_io, .mode
     fast_write: bool = False
+    mode: object = None  # the concrete mode whose descriptor C was given
+    # Of C's handle counters: what is charged to a mode already, and the writes at the last flush.
+    counted: list[int] = attrs.Factory(lambda: [0] * len(HANDLE_COUNTERS))
+    flushed_writes: int = 0
 
 
 class FastPaths:
@@ -292,6 +305,8 @@ class FastPaths:
         self.read_only = read_only
         self.handles: dict[int, _Published] = {}
         self._images: dict[int, object] = {}
+        # inode -> concrete mode name -> fast HANDLE_COUNTERS served through that mode's descriptor.
+        self._by_mode: dict[int, dict[str, list[int]]] = {}
         self.invalidate = plane.invalidate_inode
 
     def _publish_image(self, inode: int, image) -> None:
@@ -309,10 +324,31 @@ class FastPaths:
         self.handles[fh] = _Published(handle.inode, handle)
         await self._publish_inode(handle.inode)
 
+    def take_wrote(self, fh: int) -> bool:
+        """A fast write went through ``fh`` since the last call: its close owes a flush (fs.flush)."""
+        p = self.handles.get(fh)
+        now = p and self.plane.handle_counters(fh)
+        if not now:
+            return False
+        wrote, p.flushed_writes = now[1] != p.flushed_writes, now[1]
+        return wrote
+
+    def _charge(self, fh: int, p: _Published) -> None:
+        """Charge the handle's fast requests since the last look to the mode it was published with."""
+        now = self.plane.handle_counters(fh)
+        if now is None or p.mode is None:
+            return
+        acc = self._by_mode.setdefault(p.inode, {}).setdefault(p.mode.name, [0] * len(HANDLE_COUNTERS))
+        for i, (n, seen) in enumerate(zip(now, p.counted)):
+            acc[i] += n - seen
+        p.counted = now
+
     async def released(self, fh: int) -> None:
-        p = self.handles.pop(fh, None)
+        p = self.handles.get(fh)
         if p is None:
             return
+        self._charge(fh, p)
+        del self.handles[fh]
         await self.plane.drain(self.plane.unpublish_handle(fh))
         await self._publish_inode(p.inode)  # a cached handle gone: direct writes may be fast again
 
@@ -328,7 +364,8 @@ class FastPaths:
             fast_write = (image.writable and not self.read_only and not mixed
                           and p.handle.flags & os.O_ACCMODE != os.O_RDONLY)
             withdrawn |= p.fast_write and not fast_write
-            p.fast_write = fast_write
+            self._charge(fh, p)
+            p.fast_write, p.mode = fast_write, mode
             self.plane.publish_handle(fh, inode, be.fd, direct=be.direct, fast_write=fast_write,
                                       sync=mode.write_through)
         if withdrawn:
@@ -351,14 +388,28 @@ class FastPaths:
                 await self._publish_inode(inode)
             self.plane.pause_image(inode, False)
 
+    #: Image counters that count both planes: stats key -> C counter added to it.
+    FOLDED = {"guest_reads": "fast_reads", "guest_writes": "fast_writes", "guest_bytes_read": "fast_bytes_read",
+              "guest_bytes_written": "fast_bytes_written", "backend_reads": "fast_reads",
+              "backend_writes": "fast_writes", "backend_bytes_written": "fast_bytes_written"}
+
     def merge_stats(self, inode: int, stats: dict) -> dict:
-        """The image's stats with C's counters added: guest_* count both planes, fast_* the C part."""
+        """The image's stats with C's counters added: guest_*, backend_* and the per-mode guest_writes
+        and direct_bytes count both planes (a fast request is a guest request and a backend one, through
+        that mode's descriptor); fast_* and forwarded are the C part."""
+        for fh, p in list(self.handles.items()):
+            if p.inode == inode:
+                self._charge(fh, p)
         fast = self.plane.image_counters(inode)
         out = dict(stats)
-        for guest, part in (("guest_reads", "fast_reads"), ("guest_writes", "fast_writes"),
-                            ("guest_bytes_read", "fast_bytes_read"), ("guest_bytes_written", "fast_bytes_written")):
-            if guest in out:
-                out[guest] += fast[part]
+        for key, part in self.FOLDED.items():
+            if key in out:
+                out[key] += fast[part]
+        for name, (_, writes, bytes_read, bytes_written) in self._by_mode.get(inode, {}).items():
+            out[f"{name}.guest_writes"] = out.get(f"{name}.guest_writes", 0) + writes
+            if MODES[name].direct:  # the kernel moved them on the O_DIRECT descriptor
+                out[f"{name}.direct_bytes"] = out.get(f"{name}.direct_bytes", 0) + bytes_read + bytes_written
+                out["direct_bytes"] = out.get("direct_bytes", 0) + bytes_read + bytes_written
         out.update(fast)
         return out
 
@@ -376,6 +427,9 @@ class NoFastPaths:
 
     async def released(self, fh: int) -> None:
         pass
+
+    def take_wrote(self, fh: int) -> bool:
+        return False
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):

@@ -368,13 +368,14 @@ class CachefsOperations(pyfuse3.Operations):
         # close(2) of a handle that wrote makes its data durable, as the
         # mission's "flush-on-close" promises; readers closing cost nothing.
         h = self._handle(fh)
-        if h.wrote:
+        if self.fast.take_wrote(fh) | h.wrote:  # its writes may have been served in C
             h.wrote = False
             await h.image.flush(h.mode)
 
     @translated
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
+        self.fast.take_wrote(fh)  # this sync covers the handle's fast writes too
         h.wrote = False
         await h.image.flush(h.mode)
 

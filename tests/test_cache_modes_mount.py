@@ -314,10 +314,16 @@ def missing(view: Path, written: dict[int, bytes]) -> list[int]:
 # ---------------------------------------------------------------- 1 + 2: flags and syncs per mode
 
 
+@pytest.mark.parametrize("plane", ["on", "off"])
 @pytest.mark.parametrize("mode", CONCRETE)
-def test_mode_flags_and_syncs_seen_from_outside(mode, mounted, images, workdir):
-    """Each concrete mode: the daemon's descriptor flags, the syncs it makes, what a flush leaves in the file."""
-    m = mounted(images, "--cache", mode)
+def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, workdir):
+    """Each concrete mode: the daemon's descriptor flags, the syncs it makes, what a flush leaves in the file.
+
+    With the data plane on, the raw image's reads and writes are served in C on io_uring (issue 11),
+    which strace does not see: for it the writes are counted by the data plane instead. Its syncs
+    are Python's either way, and strace counts them.
+    """
+    m = mounted(images, "--cache", mode, "--dataplane", plane)
     names = ("vm.raw", "disk.img")
     want = (mode in DIRECT, mode in WRITE_THROUGH)
 
@@ -375,7 +381,10 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, mounted, images, workdir):
     for name in names:
         # strace saw the data go out through that very descriptor: it really was traced,
         # and every write to a writethrough image went through the O_DSYNC fd.
-        assert st.count(WRITE_CALLS, [io[name]]) >= WRITES, (name, st.by_fd)
+        if plane == "on" and name == "disk.img":  # io_uring, on that descriptor (dataplane.py)
+            assert stat_of(m / name, "fast_writes") == WRITES, xattr(m / name, "stats.forwarded")
+        else:
+            assert st.count(WRITE_CALLS, [io[name]]) >= WRITES, (name, st.by_fd)
         assert st.count(("fsync", "sync_file_range", "syncfs", "sync"), [io[name]]) == 0, st.by_fd
         n = syncs[name]
         if mode == "unsafe" or mode in WRITE_THROUGH:

@@ -396,6 +396,11 @@ _DP_CDEF = """
     int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                           int sync);
     int dp_handle_unpublish(struct dp *dp, uint64_t fh);
+    int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n);
+    static const int DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N;
+    int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
+                      uint64_t *out, uint32_t *reply_len);
+    static const int DP_MAXPIECE;
     int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
     void dp_counters(struct dp *dp, uint64_t *out, int n);
     int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);

@@ -29,7 +29,6 @@
 #define DP_HDR 80              /* fuse_in_header + fuse_read_in / fuse_write_in: the data's offset */
 #define DP_DATA ((1u << 20) + 4096)  /* max_write (1 MiB, libfuse's) plus room for any other request */
 #define DP_RBUF ((1u << 20) + 65536) /* one libfuse reply: a 1 MiB READ reply and its header */
-#define DP_MAXPIECE 8          /* backend I/Os per fast request (a mapping split in host runs) */
 #define DP_TRACK 256           /* forwarded INIT/OPEN/CREATE whose reply may be patched */
 
 #include "dp_abi.h"
@@ -62,6 +61,7 @@ struct dp_handle {
     unsigned align;            /* O_DIRECT: offsets and sizes must be multiples; else 1 */
     int fast_write;            /* off while a cached and a direct handle share the inode */
     int sync;                  /* O_DSYNC: a completed write is durable, no fdatasync owed */
+    uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
 };
 
 struct dp_piece { uint64_t host; uint32_t buf, len; };

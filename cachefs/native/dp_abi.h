@@ -2,6 +2,8 @@
 #ifndef CACHEFS_DP_ABI_H
 #define CACHEFS_DP_ABI_H
 
+#define DP_MAXPIECE 8          /* backend I/Os per fast request (a mapping split in host runs) */
+
 /* What a published guest cluster is (the mapping contract, DATAPLANE.md). An entry is
  * host_offset | state: host offsets are cluster aligned, so the low bits are free. */
 enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO = 3 };
@@ -9,6 +11,8 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
        DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_NIMAGE };
+/* Per-handle counters, counted at dispatch: Python charges them to the handle's cache mode. */
+enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
 enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
        DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N };

@@ -99,6 +99,8 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
     struct dp_handle *h = dp_map_get(&dp->handles, in->fh);
     int fast = h && !h->img->paused && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
     if (fast) {
+        h->c[DP_H_READS + write]++;
+        h->c[DP_H_BYTES_READ + write] += write ? in->size : s->reply_len;
         s->seq = ++dp->seq;
         s->img = h->img;
         s->fd = h->fd;

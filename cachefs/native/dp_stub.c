@@ -23,6 +23,9 @@ int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t coun
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                       int sync) { return -ENOSYS; }
 int dp_handle_unpublish(struct dp *dp, uint64_t fh) { return -ENOSYS; }
+int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n) { return -ENOSYS; }
+int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
+                  uint64_t *out, uint32_t *reply_len) { return -ENOSYS; }
 int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n) { return -ENOSYS; }
 void dp_counters(struct dp *dp, uint64_t *out, int n) {}
 int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len) { return -ENOSYS; }

@@ -213,9 +213,14 @@ int dp_drained(struct dp *dp, uint64_t ticket) {
     return !busy;
 }
 
-static int dp_resize_chunks(struct dp_image *im, uint64_t vsize) {
+static uint64_t dp_chunks_for(const struct dp_image *im, uint64_t vsize) {
     uint64_t clusters = (vsize + (1ull << im->cluster_bits) - 1) >> im->cluster_bits;
-    uint64_t n = (clusters + (1u << DP_CHUNK_BITS) - 1) >> DP_CHUNK_BITS;
+    return (clusters + (1u << DP_CHUNK_BITS) - 1) >> DP_CHUNK_BITS;
+}
+
+/* The chunk array covers what was mapped so far: it grows with dp_map_clusters, up to the
+ * guest's size, so an image with nothing published costs nothing. */
+static int dp_resize_chunks(struct dp_image *im, uint64_t n) {
     for (uint64_t i = n; i < im->nchunks; i++) {  /* shrinking: Python drained first */
         free(im->chunks[i]);
         im->chunks[i] = NULL;
@@ -249,7 +254,7 @@ int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned clust
     }
     im->cluster_bits = cluster_bits;
     im->identity = identity;
-    rc = identity ? 0 : dp_resize_chunks(im, vsize);
+    rc = identity || dp_chunks_for(im, vsize) >= im->nchunks ? 0 : dp_resize_chunks(im, dp_chunks_for(im, vsize));
     if (rc == 0)
         im->vsize = vsize;
     pthread_mutex_unlock(&dp->lock);
@@ -294,8 +299,10 @@ int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count,
     struct dp_image *im = dp_map_get(&dp->images, ino);
     for (uint64_t i = 0; im && !im->identity && rc == 0 && i < count; i++) {
         uint64_t cl = first + i, chunk = cl >> DP_CHUNK_BITS;
-        if (chunk >= im->nchunks) {
-            rc = -ERANGE;
+        if (cl >= (im->vsize + (1ull << im->cluster_bits) - 1) >> im->cluster_bits) {
+            rc = -ERANGE;  /* past the guest's last cluster */
+        } else if (chunk >= im->nchunks && (rc = dp_resize_chunks(im, chunk + 1)) < 0) {
+            break;
         } else if (!im->chunks[chunk] && DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT &&
                    !(im->chunks[chunk] = calloc(1u << DP_CHUNK_BITS, sizeof(uint64_t)))) {
             rc = -ENOMEM;
@@ -335,7 +342,9 @@ int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned
         free(h);
         rc = rc < 0 ? rc : -ENOMEM;
     } else {
+        struct dp_handle was = *h;
         *h = (struct dp_handle){ im, fd, align, fast_write, sync };
+        memcpy(h->c, was.c, sizeof h->c);
     }
     pthread_mutex_unlock(&dp->lock);
     return rc;
@@ -348,6 +357,36 @@ int dp_handle_unpublish(struct dp *dp, uint64_t fh) {
     pthread_mutex_unlock(&dp->lock);
     free(h);
     return h ? 0 : -ENOENT;
+}
+
+/* A handle's counters (DP_H_*) since it was first published, or -ENOENT. */
+int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n) {
+    pthread_mutex_lock(&dp->lock);
+    struct dp_handle *h = dp_map_get(&dp->handles, fh);
+    for (int i = 0; h && i < n && i < DP_H_N; i++)
+        out[i] = h->c[i];
+    pthread_mutex_unlock(&dp->lock);
+    return h ? 0 : -ENOENT;
+}
+
+/* For tests (and stage 2's): plan a request of handle `fh` as the loop would, into `data`
+ * (size bytes; zero clusters are zeroed there). Returns the number of pieces, written to
+ * `out` as (host offset, buffer offset, length) triples, with the reply length in
+ * `*reply_len`; -1 when the request would be forwarded; -ENOENT without such a handle. */
+int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
+                  uint64_t *out, uint32_t *reply_len) {
+    struct dp_slot s = { .data = data };
+    pthread_mutex_lock(&dp->lock);
+    struct dp_handle *h = dp_map_get(&dp->handles, fh);
+    int rc = !h ? -ENOENT : h->img->paused || dp_plan(h->img, h, write, off, size, data, &s) ? -1 : s.npieces;
+    pthread_mutex_unlock(&dp->lock);
+    for (int i = 0; i < rc; i++) {
+        out[3 * i] = s.piece[i].host;
+        out[3 * i + 1] = s.piece[i].buf;
+        out[3 * i + 2] = s.piece[i].len;
+    }
+    *reply_len = s.reply_len;
+    return rc;
 }
 
 /* An image's counters (DP_C_*), or -ENOENT. */
