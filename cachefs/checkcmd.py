@@ -1,8 +1,8 @@
 """`cachefs check` and the repair of dirty lazy-refcount images at open.
 
 The checker itself (cachefs/qcow2/check.py) is sans-I/O; this module feeds
-it from a file, shows progress on a terminal, applies repair writes in the
-order the checker gives (refcount blocks, sync, then tables, then header).
+it from a file, shows progress on a terminal, and carries out the repair's
+write and sync requests (check.write_repair) with plan.run_sync.
 """
 
 from __future__ import annotations
@@ -23,11 +23,27 @@ def _reader(fd: int, progress=None):
     return pread
 
 
-def _apply(fd: int, writes) -> None:
+class _FileIO:
+    """plan.py's write requests on a file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def pwrite(self, offset: int, data) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def truncate(self, size: int, grow: bool) -> None:
+        now = os.fstat(self.fd).st_size
+        if (now < size) if grow else (now > size):
+            os.ftruncate(self.fd, size)
+
+
+def _apply(fd: int, writes) -> int:
     """Apply repair writes in check.repair's order, then make them durable."""
-    for off, data in writes:
-        os.pwrite(fd, data, off)
-    os.fdatasync(fd)
+    return run_sync(qcheck.write_repair(writes), _reader(fd), _FileIO(fd))
 
 
 def check_fd(fd: int, *, repair: str | None = None, show_progress: bool = False):
@@ -42,8 +58,7 @@ def check_fd(fd: int, *, repair: str | None = None, show_progress: bool = False)
     repaired = 0
     if repair and not result.clean:
         writes = run_sync(qcheck.repair(result, repair), _reader(fd))
-        _apply(fd, writes)
-        repaired = len(writes)
+        repaired = _apply(fd, writes)
         result = run_sync(qcheck.check_image(size), _reader(fd))
     return result, repaired
 

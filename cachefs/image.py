@@ -5,19 +5,19 @@ write lock the engine plans it; the data writes happen; then the plan commits
 (or aborts). Writes that only overwrite exclusively owned clusters release the
 lock before their data I/O, so they run concurrently; reads never take it.
 
-A guest flush writes the metadata out in dependency order: every dirty item
-whose ordering edges are durable, then one fdatasync, repeated until nothing
-that was dirty remains (meta.py). Frees that became due are applied in memory
-afterwards and go out with the next flush.
+A guest flush drives the engine's metadata queue (qcow2/metaqueue.py): every
+dirty item whose ordering edges are durable, then one fdatasync, repeated
+until nothing that was dirty remains. The queue decides; this layer does the
+requests it yields on the flushing handle's descriptor (``_QueueIO``).
 
-A failed fdatasync is sticky (DESIGN.md section 2): the kernel may have
+A failed fdatasync is sticky (docs/design.md, "Errors"): the kernel may have
 dropped the dirty pages it could not write, so no later flush of this image
 may report success until it is opened again.
 
 Every guest request carries the concrete cache mode of the handle it came
 through (policy.py). The mode picks the backend descriptor (backendset.py)
 and answers the three questions asked here, each in one place:
-``write_through`` after a write (``_after_write``), ``honour_flush`` at a
+``write_through`` after a write (``write``), ``honour_flush`` at a
 flush (``flush``), ``direct`` only through the descriptor's flags. An
 fdatasync is skipped when no completed write needs one (writes through an
 O_DSYNC descriptor are durable already), which is how writethrough and
@@ -39,6 +39,7 @@ from cachefs.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.engine import Engine, open_engine
+from cachefs.qcow2.metaqueue import Generations
 from cachefs.qcow2.plan import ExtentKind, run_async
 
 log = logging.getLogger("cachefs.image")
@@ -116,15 +117,10 @@ class Image:
         self.by_mode: dict[str, ModeCounters] = {}
         self.sync_error: int | None = None  # errno of the failed fdatasync, forever after
         self.switch_error: str | None = None  # why the last live mode switch was refused
-        # Guest I/O that looked up a mapping outside the write lock and may
-        # still use it: a writeout applies due frees only while this is zero.
-        self.inflight = 0
-        # Group commit: flushes are numbered as they start; a flush that
-        # arrives while one runs waits for the next, and all waiters share it.
-        self._flush_started = 0
-        self._flush_done = 0
+        # Group commit: a flush that arrives while one runs waits for the
+        # next, and all waiters share it. The numbers (qcow2: the queue's).
+        self.commits = Generations()
         self._flush_running: trio.Event | None = None
-        self.flushes_merged = 0
         self._growing = trio.Lock()
         self.backends.get(mode.default)     # fail now (e.g. no O_DIRECT here), not at first I/O
 
@@ -180,9 +176,9 @@ class Image:
             "backend_reads": total("reads"), "backend_writes": total("writes"),
             "backend_bytes_written": total("bytes_written"), "backend_fdatasyncs": total("fdatasyncs"),
             "direct_bytes": total("direct_bytes"), "bounce_requests": total("bounce_requests"),
-            "flush_failures": self.guest.flush_failures, "flushes_merged": self.flushes_merged,
+            "flush_failures": self.guest.flush_failures, "flushes_merged": self.commits.merged,
             "descriptors": ",".join(self.backends.modes_open()),
-            "aio": ",".join(f"{m}:{e}" for m, e in self.backends.engines().items()),
+            "aio": ",".join(f"{m}:{e}" for m, e in self.backends.submitters().items()),
         }
         for name in sorted(set(self.by_mode) | set(b)):
             g, io = self.by_mode.get(name, ModeCounters()), b.get(name)
@@ -252,24 +248,24 @@ class Image:
     async def _shared_flush(self, be, *, reserve: bool) -> None:
         """Make everything acknowledged before this call durable, sharing the work with other flushes.
 
-        Invariant: flush number N starts after every flush numbered below N
-        has ended, so a caller that arrived while N-1 ran is covered by N.
+        The numbering and its invariant: metaqueue.Generations. Here only the
+        waiting: one flush runs at a time, the others wait for its end.
         """
-        ticket = self._flush_started + 1
+        commits = self.commits
+        ticket = commits.ticket()
         started_own = False
-        while self._flush_done < ticket:
+        while not commits.covered(ticket):
             if self._flush_running is not None:
                 await self._flush_running.wait()
                 continue
-            self._flush_started += 1
-            gen, self._flush_running, started_own = self._flush_started, trio.Event(), True
+            gen, self._flush_running, started_own = commits.begin(), trio.Event(), True
             try:
                 await self._flush_durable(be, reserve=reserve)
             finally:
                 done, self._flush_running = self._flush_running, None
                 done.set()
-            self._flush_done = gen
-        self.flushes_merged += not started_own
+            commits.end(gen)
+        commits.merged += not started_own
 
     async def switch_mode(self, new: Mode) -> None:
         """Change the image's mode live: flush, then reopen the descriptors with the new flags.
@@ -300,12 +296,21 @@ class Image:
         """Write everything (whatever the mode: unsafe too), sync, release the lock."""
         try:
             if self.writable:
-                async with self.backends.in_use():
-                    await self._close_writeout(self.backends.get(self.mode.default))
+                await self.write_back_all()
         finally:
             if self.lock is not None:
                 self.lock.release()
             self.backends.close()
+
+    async def write_back(self) -> None:
+        """Write and sync everything queued, reserving nothing (what a writethrough write does)."""
+        async with self.backends.in_use():
+            await self._make_durable(self.backend)
+
+    async def write_back_all(self) -> None:
+        """What a close writes, without closing: everything, synced, nothing left reserved."""
+        async with self.backends.in_use():
+            await self._close_writeout(self.backend)
 
     # Format hooks.
     async def _read(self, be, offset: int, length: int) -> bytes:
@@ -354,15 +359,16 @@ class RawImage(Image):
 
 
 class Qcow2Image(Image):
-    """A qcow2 image served through the engine."""
+    """A qcow2 image served through the engine and its metadata queue."""
 
     format = "qcow2"
 
     def __init__(self, path, backends, lock, writable, engine: Engine, mode: Mode = WRITEBACK):
         self.engine = engine
+        self.queue = engine.queue
         super().__init__(path, backends, lock, writable and engine.writable, mode)
+        self.commits = self.queue.commits
         self.write_lock = trio.Lock()
-        self.early_writeouts = 0
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
 
     @property
@@ -373,16 +379,20 @@ class Qcow2Image(Image):
     def cluster_size(self) -> int:
         return self.engine.cs
 
+    @property
+    def early_writeouts(self) -> int:
+        return self.queue.early_writeouts
+
     def stats(self) -> dict:
         out = super().stats()
-        c = self.engine.counters
+        c, q = self.engine.counters, self.queue
         out.update(metadata_writes=c.metadata_writes, metadata_bytes=c.metadata_bytes,
                    metadata_batches=c.batches, allocations=c.allocations, frees=c.frees,
                    zero_writes=c.zero_writes, cow_reads=c.cow_reads,
-                   queue_depth=len(self.engine._dirty_items()), pending_frees=len(self.engine.refs.pending),
+                   queue_depth=len(q.dirty_items()), pending_frees=len(q.pending),
                    cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
                    from_reservation=c.from_reservation, data_first=c.data_first,
-                   early_writeouts=self.early_writeouts)
+                   early_writeouts=q.early_writeouts)
         honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
         out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         return out
@@ -390,17 +400,18 @@ class Qcow2Image(Image):
     # -------------------------------------------------------------- reads
 
     async def _read(self, be, offset: int, length: int):
+        q = self.queue
         # Counted before planning: plan_read may wait for an L2 table after it
         # has mapped an earlier cluster, and a free of that cluster's host
         # cluster must not be applied meanwhile (tests/test_inflight_race.py).
-        self.inflight += 1
+        q.inflight += 1
         try:
             extents = await run_async(self.engine.plan_read(offset, length), be.pread)
             if len(extents) == 1:  # the common case: no join, so no copy
                 return await self._read_extent(be, extents[0])
             parts = [await self._read_extent(be, ext) for ext in extents]
         finally:
-            self.inflight -= 1
+            q.inflight -= 1
         return b"".join(parts)
 
     async def _read_extent(self, be, ext) -> bytes:
@@ -432,21 +443,23 @@ class Qcow2Image(Image):
                 await run_async(eng.commit(plan), be.pread)
                 self._zcache = None
                 if eng.cache.over_budget:
-                    await self._writeout_early(be)
+                    await self._run_queue(be, self.queue.writeout_early())
                 return
-            self.inflight += 1
+            # In place: the data I/O runs without the lock, counted so that no
+            # free of these clusters is applied meanwhile.
+            self.queue.inflight += 1
         try:
             await self._data_writes(be, plan)
         finally:
-            self.inflight -= 1
+            self.queue.inflight -= 1
 
     async def _data_writes(self, be, plan) -> None:
         try:
-            for host, payload in _merge(plan.data_writes):
-                await be.pwrite(host, payload)
+            for w in plan.data_writes:
+                await be.pwrite(w.host_offset, w.data)
         finally:
             if plan.data_writes:
-                self.engine.data_written()
+                self.queue.data_written()
 
     async def truncate(self, size: int) -> None:
         if not self.writable:
@@ -459,85 +472,45 @@ class Qcow2Image(Image):
 
     # -------------------------------------------------------------- flush
 
+    async def _run_queue(self, be, gen):
+        """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock."""
+        return await run_async(gen, be.pread, _QueueIO(self, be))
+
     async def _make_durable(self, be) -> None:
         async with self.write_lock:
-            if self.engine.dirty:
-                await self._writeout(be)
-            else:
-                await self._sync(be)
+            await self._run_queue(be, self.queue.make_durable())
 
     async def _flush_durable(self, be, *, reserve: bool) -> None:
-        """A guest flush: reserve clusters for the next interval, then write out and sync.
-
-        The reservation's refcount raise rides in this flush's one fdatasync
-        (refcount.py), so the next flush's L2 updates wait for nothing. Modes
-        that never queue metadata (writethrough) have no fdatasync to save.
-        """
         async with self.write_lock:
-            if reserve:
-                await run_async(self.engine.prepare_flush(), be.pread)
-            if be.size() < self.engine.min_file_size:
-                await be.truncate(self.engine.min_file_size)  # a hole: no disk space
-            if self.engine.dirty:
-                await self._writeout(be)
-            else:
-                await self._sync(be)
-
-    async def _writeout(self, be) -> None:
-        """Write every dirty item in dependency order, one sync per round.
-
-        Caller holds write_lock. A round whose writes fail leaves the items
-        dirty, so a later flush retries them; only a failed sync is sticky.
-        Through an O_DSYNC descriptor each round's writes are durable when
-        they complete, so the rounds cost no fdatasync (``_sync``).
-        """
-        eng = self.engine
-        for _ in range(64):
-            batch = eng.writeout_batch()
-            if not batch and not eng.needs_sync:
-                break
-            for item, offset, payload in batch:
-                if payload:
-                    await be.pwrite(offset, payload)
-            eng.written(batch)
-            await self._sync(be)
-            await run_async(eng.synced(apply_frees=False), be.pread)
-        else:
-            raise CorruptImage("metadata writeout does not converge")
-        if self.inflight == 0:
-            # The L2 changes that dropped these references are durable now and
-            # no I/O that looked them up is still running (invariant 2).
-            await run_async(eng.refs.apply_frees(), be.pread)
-
-    async def _writeout_early(self, be) -> None:
-        """Too much of the table cache is dirty: write what is ready now, without a sync.
-
-        DESIGN.md section 3: the queue writes out early when its memory fills,
-        and does not sync. Written tables may be evicted (meta.TableCache), so
-        memory stays bounded. Only if nothing was ready (every dirty table
-        waits for a sync) does a full writeout with syncs run. Caller holds
-        write_lock.
-        """
-        eng = self.engine
-        batch = eng.writeout_batch()
-        for item, offset, payload in batch:
-            if payload:
-                await be.pwrite(offset, payload)
-        eng.written(batch)
-        self.early_writeouts += 1
-        eng.cache.trim()
-        if eng.cache.over_budget:
-            await self._writeout(be)
+            await self._run_queue(be, self.queue.flush(reserve=reserve))
 
     async def _close_writeout(self, be) -> None:
         async with self.write_lock:
-            await run_async(self.engine.release_reservation(), be.pread)
-            if be.size() > self.engine.allocated_end >= self.engine.min_file_size:
-                await be.truncate(self.engine.allocated_end)  # the reservation's hole goes too
-            for _ in range(8):  # frees applied in one round dirty refblocks for the next
-                await self._writeout(be)
-                if not self.engine.dirty:
-                    break
+            await self._run_queue(be, self.queue.close())
+
+
+class _QueueIO:
+    """The metadata queue's requests, done on one descriptor (plan.py).
+
+    A sync goes through the image: it is skipped when no completed write
+    needs one (an O_DSYNC descriptor), and a failure is sticky.
+    """
+
+    __slots__ = ("image", "be")
+
+    def __init__(self, image: Image, be) -> None:
+        self.image, self.be = image, be
+
+    def pwrite(self, offset: int, data):
+        return self.be.pwrite(offset, data)
+
+    def sync(self):
+        return self.image._sync(self.be)
+
+    async def truncate(self, size: int, grow: bool) -> None:
+        now = self.be.size()
+        if (now < size) if grow else (now > size):
+            await self.be.truncate(size)
 
 
 def _padded(view: memoryview, length: int):
@@ -546,20 +519,6 @@ def _padded(view: memoryview, length: int):
     if len(view) >= length:
         return view
     return bytes(view) + bytes(length - len(view))
-
-
-def _merge(writes):
-    """Coalesce data writes that are contiguous on the host into one pwrite."""
-    run_start, parts = None, []
-    for w in writes:
-        if run_start is not None and run_start + sum(len(p) for p in parts) == w.host_offset:
-            parts.append(w.data)
-            continue
-        if parts:
-            yield run_start, parts[0] if len(parts) == 1 else b"".join(parts)
-        run_start, parts = w.host_offset, [w.data]
-    if parts:
-        yield run_start, parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _repair_buffered(path: str) -> None:

@@ -5,7 +5,7 @@ switch, coherence) is tests/test_cache_modes_mount.py. Here an image runs
 over an in-memory file whose every write and fdatasync is recorded, so a
 power cut can be simulated at any point: the durable prefix plus any subset
 of the writes no completed sync covers. Each mode's promise is then checked
-sector by sector (DESIGN.md section 2):
+sector by sector (docs/cache-modes.md, "The promises"):
 
 - writeback, none: what a completed guest flush covered survives;
 - writethrough, directsync: every acknowledged write survives, with no
@@ -42,7 +42,7 @@ from cachefs.qcow2.check import check_image
 from cachefs.qcow2.create import new_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
-from memimage import MemImage
+from memimage import read_all
 
 CONCRETE = [WRITEBACK, WRITETHROUGH, NONE, DIRECTSYNC, UNSAFE]
 SECTOR = 512
@@ -233,14 +233,11 @@ def cut_state(base: bytes, events: list, cut: int, rng: random.Random) -> bytear
     return replay(base, list(durable) + [e for e in maybe if rng.random() < 0.5])
 
 
-def read_guest(buf: bytearray, sectors: int) -> bytes:
+async def read_guest(buf: bytearray, sectors: int) -> bytes:
     reader = lambda off, n: bytes(buf[off:off + n])  # noqa: E731
     result = run_sync(check_image(len(buf)), reader)
     assert not result.corruptions, result.corruptions
-    engine = run_sync(open_engine(len(buf), writable=False), reader)
-    img = MemImage.__new__(MemImage)
-    img.buf, img.engine = buf, engine
-    return img.read(0, sectors * SECTOR)
+    return await read_all(buf, sectors * SECTOR)
 
 
 @pytest.mark.parametrize("mode", CONCRETE, ids=lambda m: m.name)
@@ -269,7 +266,7 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
     checked_promises = 0
     for n, cut in enumerate(cuts):
         state = cut_state(base, events, cut, rng)
-        data = read_guest(state, sectors)
+        data = await read_guest(state, sectors)
         safe = guaranteed(ops, cut, mode)
         for s, allowed in allowed_by_sector(ops, safe, sectors).items():
             got = data[s * SECTOR:(s + 1) * SECTOR]
@@ -286,7 +283,7 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
     # A clean close writes everything, whatever the mode (unsafe too).
     await img.close()
     final = replay(base, rec.events)
-    data = read_guest(final, sectors)
+    data = await read_guest(final, sectors)
     every = {i for i, op in enumerate(ops) if op.kind == "write"}
     for s, allowed in allowed_by_sector(ops, every, sectors).items():
         assert data[s * SECTOR:(s + 1) * SECTOR] in allowed
@@ -344,7 +341,7 @@ async def test_writethrough_write_is_durable_on_return_metadata_included():
         state = cut_state(base, rec.events, len(rec.events), random.Random(0))
         # No flush ever happened, and the write is there with every later-unsynced write dropped.
         assert isinstance(rec.events[-1], Sync)
-        assert read_guest(state, (4 << 20) // SECTOR)[off:off + 4096] == data
+        assert (await read_guest(state, (4 << 20) // SECTOR))[off:off + 4096] == data
     assert img.stats()["queue_depth"] == 0, "writethrough never leaves metadata queued"
 
 
@@ -355,7 +352,7 @@ async def test_mixed_modes_on_one_image_keep_cow_data_before_its_l2_entry():
     await img.write(0, b"w" * 4096, WRITEBACK)                # allocates; data buffered, L2 queued
     await img.write(1 << 20, b"t" * 4096, WRITETHROUGH)       # must write out the queue durably
     state = cut_state(base, rec.events, len(rec.events), random.Random(1))
-    data = read_guest(state, (4 << 20) // SECTOR)
+    data = await read_guest(state, (4 << 20) // SECTOR)
     assert data[(1 << 20):(1 << 20) + 4096] == b"t" * 4096
     # The writeback write may or may not be durable, but if its L2 entry is, so is its data.
     assert data[:4096] in (b"w" * 4096, bytes(4096))
@@ -390,7 +387,7 @@ async def test_switch_flushes_first_and_reopens_with_the_new_flags():
     await img.switch_mode(NONE)
     assert img.mode is NONE and opened == ["writeback", "none"]
     assert backends.modes_open() == ["none"]
-    assert isinstance(rec.events[-1], Sync) and not img.engine.dirty
+    assert isinstance(rec.events[-1], Sync) and not img.engine.queue.dirty
     assert await img.read(0, 4096) == b"s" * 4096
     await img.close()
 

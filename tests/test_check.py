@@ -16,7 +16,7 @@ from hypothesis import assume, event, given, settings, strategies as st
 
 from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
-from cachefs.qcow2.check import check_image, exit_code, rebuild_refcounts, repair
+from cachefs.qcow2.check import check_image, rebuild_refcounts, repair
 from cachefs.qcow2.plan import run_sync
 
 # qemu-img/qemu-io are installed by `make test`; a missing tool must fail, not skip.
@@ -75,7 +75,7 @@ def assert_agrees(path: str):
     rc, q = qemu_check(path)
     ours = our_check(path)
     detail = (ours.corruptions[:5], ours.leaks[:5], q)
-    assert exit_code(ours) == rc, detail
+    assert ours.exit_code() == rc, detail
     assert len(ours.corruptions) == q.get("corruptions", 0), detail
     assert ours.leaked_clusters == q.get("leaks", 0), detail
     assert ours.errors == q.get("check-errors", 0), detail
@@ -441,5 +441,5 @@ def test_random_metadata_damage_gets_qemus_verdict(fuzz_images, tmp_path_factory
     # Some bit flips make qemu-img itself give up without a JSON verdict:
     # nothing to compare against, so the example is not informative.
     assume(q)
-    assert (exit_code(ours), len(ours.corruptions), ours.leaked_clusters, ours.errors) == \
+    assert (ours.exit_code(), len(ours.corruptions), ours.leaked_clusters, ours.errors) == \
         (rc, q.get("corruptions", 0), q.get("leaks", 0), q.get("check-errors", 0)), ours.corruptions[:5]

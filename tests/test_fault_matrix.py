@@ -172,7 +172,7 @@ async def learn(sc: Scenario) -> Learned:
     data: dict[int, list[tuple[int, int]]] = {}
     seen: set[int] = set()
     current = [0]
-    orig = img.engine.writeout_batch
+    orig = img.engine.queue.writeout_batch
 
     def batch():
         out = orig()
@@ -181,7 +181,7 @@ async def learn(sc: Scenario) -> Learned:
                 items.setdefault(current[0], []).append(
                     Item(item.name, item.kind, off, len(p), off >= fresh_end and off not in seen))
         return out
-    img.engine.writeout_batch = batch
+    img.engine.queue.writeout_batch = batch
     for i, step in enumerate(sc.steps):
         current[0] = i
         before = len(rec.events)
@@ -226,13 +226,13 @@ class Run:
         self.img, self.rec, self.faulty = await open_recorded(bytearray(self.base), WRITEBACK, faulty=True)
         self.store = self.faulty.inner
         self.meta: dict[tuple[int, int], str] = {}  # (offset, length) of a metadata write -> its kind
-        orig = self.img.engine.writeout_batch
+        orig = self.img.engine.queue.writeout_batch
 
         def batch():
             out = orig()
             self.meta.update({(off, len(p)): item.kind for item, off, p in out if p})
             return out
-        self.img.engine.writeout_batch = batch
+        self.img.engine.queue.writeout_batch = batch
         return self
 
     async def step(self, i: int) -> None:
@@ -516,7 +516,7 @@ async def test_reservation_truncate_fault(err, times, tmp_path):
         run.assert_crash_safe("while the truncate fault lasts")
         run.faulty.clear()
     await run.flush()
-    assert len(run.store.data) >= run.img.engine.min_file_size
+    assert len(run.store.data) >= run.img.engine.queue.min_file_size
     run.assert_crash_safe("after the retried flush")
     await run.finish()
     await run.close_clean()
@@ -541,14 +541,14 @@ async def test_fdatasync_fault_is_sticky(where, err, times, tmp_path):
     code = ERRNOS[err]
     run = await Run(BIG, tmp_path).open()
     await run.run_until(step)
-    eng, armed = run.img.engine, []
-    orig = eng.written
+    queue, armed = run.img.engine.queue, []
+    orig = queue.written
 
     def written(batch):
         orig(batch)
         if not armed and any(item.kind == kind for item, _, p in batch if p):
             armed.append(run.faulty.inject("fdatasync", code, times=TIMES[times]))
-    eng.written = written
+    queue.written = written
 
     with pytest.raises(OSError) as exc:
         await run.step(step)

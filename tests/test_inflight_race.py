@@ -72,7 +72,7 @@ async def test_a_read_waiting_for_an_l2_table_keeps_the_cluster_it_already_mappe
     buf = await two_tables()
     img = await open_image(buf)
     assert await img.read(A * CS, CS) == b"A" * CS  # the first table is cached, the second not
-    GatedView.blocked_offset = img.engine.l1[B // (CS // 8)] & fmt.OFFSET_MASK
+    GatedView.blocked_offset = img.engine.map.l1[B // (CS // 8)] & fmt.OFFSET_MASK
     GatedView.gate = trio.Event()
     got = []
 

@@ -32,9 +32,8 @@ import pytest
 from cachefs.backend.faulty import Sync, replay
 from cachefs.policy import NONE, WRITEBACK
 from cachefs.qcow2.check import check_image
-from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_sync
-from memimage import MemImage
+from memimage import read_all
 from test_cache_modes import SECTOR, Op, allowed_by_sector, cut_state, fresh_qcow2, guaranteed, open_recorded
 
 async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int) -> tuple[list[Op], int]:
@@ -71,13 +70,11 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
     return ops, grown
 
 
-def guest_after_cut(state: bytearray) -> tuple[bytes, object]:
+async def guest_after_cut(state: bytearray) -> tuple[bytes, object]:
     reader = lambda off, n: bytes(state[off:off + n])  # noqa: E731
     result = run_sync(check_image(len(state)), reader)
     assert not result.corruptions, result.corruptions[:5]
-    img = MemImage.__new__(MemImage)
-    img.buf, img.engine = state, run_sync(open_engine(len(state), writable=False), reader)
-    return img.read(0, img.engine.size), result
+    return await read_all(state), result
 
 
 def resize_guaranteed(ops: list[Op], cut: int) -> int | None:
@@ -114,7 +111,7 @@ async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, clu
         base = compressed_qcow2(tmp_path, size, cluster_bits)
     else:
         base = bytes(fresh_qcow2(size, cluster_bits))
-    initial, _ = guest_after_cut(bytearray(base))
+    initial, _ = await guest_after_cut(bytearray(base))
     initial = initial.ljust(size + (8 << 20), b"\0")  # the grown tail reads as zeros
     cache = 4 * cs if source == "tiny-cache" else None
     img, rec, _ = await open_recorded(bytearray(base), mode, cache_bytes=cache)
@@ -134,7 +131,7 @@ async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, clu
     for n, cut in enumerate(cuts):
         for _ in range(2):  # two random subsets of the uncovered writes per cut
             state = cut_state(base, events, cut, rng)
-            data, result = guest_after_cut(state)
+            data, result = await guest_after_cut(state)
             states += 1
             safe = guaranteed(ops, cut, mode)
             must_size = resize_guaranteed(ops, cut)

@@ -4,7 +4,7 @@ What it owns: recounting every reference an image makes to its host clusters
 and comparing the count with the stored refcounts, exactly as QEMU's
 ``qcow2_check_refcounts`` (block/qcow2-refcount.c) does, so that our verdict
 and ``qemu-img check``'s agree: the same clusters are called leaked or
-corrupt, and the exit codes match (:func:`exit_code`).
+corrupt, and the exit codes match (:meth:`CheckResult.exit_code`).
 
 A reference is counted for (spec "Host cluster management"): the header
 cluster, the active L1 table, every L2 table it names and every data cluster
@@ -33,7 +33,7 @@ import attrs
 from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.engine import read_header as engine_read_header
-from cachefs.qcow2.plan import ReadRequest
+from cachefs.qcow2.plan import ReadRequest, SyncRequest, WriteRequest
 
 # qemu-img check's exit codes (qemu-img.c img_check).
 EXIT_CLEAN = 0
@@ -86,18 +86,14 @@ class CheckResult:
         return not (self.corruptions or self.leaks or self.errors)
 
     def exit_code(self) -> int:
-        return exit_code(self)
-
-
-def exit_code(result: CheckResult) -> int:
-    """qemu-img check's mapping: 1 check errors, 2 corruptions, 3 leaks only, 0 clean."""
-    if result.errors:
-        return EXIT_CHECK_ERRORS
-    if result.corruptions:
-        return EXIT_CORRUPT
-    if result.leaks:
-        return EXIT_LEAKS
-    return EXIT_CLEAN
+        """qemu-img check's mapping: 1 check errors, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.errors:
+            return EXIT_CHECK_ERRORS
+        if self.corruptions:
+            return EXIT_CORRUPT
+        if self.leaks:
+            return EXIT_LEAKS
+        return EXIT_CLEAN
 
 
 def _typecode(refcount_order: int) -> str:
@@ -448,6 +444,17 @@ def repair(result: CheckResult, mode: str):
         if incompat != hdr.incompatible:
             writes.append((72, struct.pack(">Q", incompat)))
     return writes
+
+
+def write_repair(writes):
+    """Generator: apply repair writes in the order given, then one sync (plan.py requests).
+
+    Returns how many writes there were.
+    """
+    for offset, data in writes:
+        yield WriteRequest(offset, data)
+    yield SyncRequest()
+    return len(writes)
 
 
 def rebuild_refcounts(file_size: int):

@@ -41,11 +41,8 @@ COMPRESSION_ZSTD = 1
 
 # Header extension types (spec "Header extensions").
 EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
 
 # L1 entry: bit 63 COPIED, bits 9-55 offset, the rest reserved (spec "L1 table").
 L1_COPIED = 1 << 63
@@ -266,12 +263,6 @@ def decode_compressed(entry: int, cluster_bits: int) -> Compressed:
     offset = entry & ((1 << x) - 1)
     extra = (entry & ((1 << 62) - 1)) >> x
     return Compressed(offset=offset, nb_sectors=extra + 1)
-
-
-def encode_compressed(offset: int, length: int, cluster_bits: int) -> int:
-    x = compressed_shift(cluster_bits)
-    sectors = (offset + length - 1) // 512 - offset // 512  # additional sectors
-    return L2_COMPRESSED | (sectors << x) | offset
 
 
 def encode_table(entries) -> bytes:

@@ -2,7 +2,7 @@
 
 Every metadata change in cachefs marks a :class:`MetaItem` dirty and names the
 items that must be *durable* before this one may be written (``deps``). The
-crash-consistency rules of DESIGN.md section 3 are then plain edges:
+crash invariants (docs/design.md, "Crash invariants") are then plain edges:
 
 - an L2 table that points at a new cluster depends on the refcount block that
   raised that cluster's refcount, and on the ``data`` item (the guest data,
@@ -16,8 +16,10 @@ that dropped the reference is durable (invariant 2), see refcount.py.
 
 Items form a DAG by kind (refblock/data < reftable/l2 < l1 < header), so a
 flusher that repeatedly writes every dirty item whose deps are durable and then
-syncs always terminates. QEMU's qcow2-cache.c stores the same ordering as
-cache dependencies; we store it per item so a reviewer can read it off.
+syncs always terminates (metaqueue.py). QEMU's qcow2-cache.c stores the same
+ordering as cache dependencies; we store it per item so a reviewer can read it
+off. Each item also knows where its bytes go (:meth:`MetaItem.placed`), so the
+queue writes items without knowing what they are.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import enum
 import weakref
+from typing import Any
 
 import attrs
 
@@ -57,6 +60,11 @@ class MetaItem:
         self.state = State.DIRTY
         self.deps.update(d for d in deps if d is not None and not d.durable and d is not self)
 
+    def placed(self) -> tuple[int, bytes]:
+        """(host offset, bytes) to write. The ``data`` item has none: it is
+        guest data already written, waiting only for the sync."""
+        return -1, b""
+
 
 @attrs.define(eq=False)
 class Table(MetaItem):
@@ -72,21 +80,56 @@ class Table(MetaItem):
             return fmt.RefcountBlock.encode(self.entries, self.order)
         return fmt.encode_table(self.entries)
 
+    def placed(self) -> tuple[int, bytes]:
+        return self.offset, self.encode()
+
 
 @attrs.define(eq=False)
 class TableChunk(MetaItem):
-    """One cluster-sized slice of the in-memory L1 table or refcount table."""
+    """One cluster-sized slice of the in-memory L1 table or refcount table.
+
+    ``owner`` holds the whole table (cluster.ClusterMap, refcount.Refcounts)
+    and knows where it lives now: a table can move while a chunk is dirty.
+    """
 
     index: int = 0
+    owner: Any = attrs.field(default=None, repr=False)
+
+    def placed(self) -> tuple[int, bytes]:
+        return self.owner.encode_chunk(self.index)
+
+
+@attrs.define(eq=False)
+class HeaderItem(MetaItem):
+    """The image header: the fields we change (size, feature bits) live here.
+
+    ``locate`` fills in where the L1 and refcount tables are now: those move
+    with their owners (resize, refcount-table growth), and the header on disk
+    must follow only once it is written.
+    """
+
+    hdr: Any = attrs.field(default=None, repr=False)  # format.Header
+    locate: Any = attrs.field(default=None, repr=False)  # Header -> Header with current table locations
+
+    def update(self, *deps: MetaItem, **fields) -> None:
+        """Change header fields; the header is written once ``deps`` are durable."""
+        self.hdr = attrs.evolve(self.hdr, **fields)
+        self.touch(*deps)
+
+    def current(self) -> fmt.Header:
+        return self.locate(self.hdr) if self.locate is not None else self.hdr
+
+    def placed(self) -> tuple[int, bytes]:
+        return 0, self.current().encode()
 
 
 class TableCache:
     """Bounded LRU of L2 tables and refcount blocks, keyed by host offset.
 
     Only tables that are not dirty are evicted; dirty ones stay until
-    written. The image layer watches :attr:`over_budget` and writes the ready
-    metadata out early, without a sync, when too much of the cache is dirty,
-    so memory stays bounded whatever the image size.
+    written. The metadata queue watches :attr:`over_budget` and writes the
+    ready metadata out early, without a sync, when too much of the cache is
+    dirty, so memory stays bounded whatever the image size.
     """
 
     def __init__(self, capacity: int):
@@ -96,8 +139,6 @@ class TableCache:
         # hold a table the LRU dropped; a later lookup must find that same
         # object, not load a second copy whose update would be lost.
         self._live: weakref.WeakValueDictionary[int, Table] = weakref.WeakValueDictionary()
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -108,10 +149,7 @@ class TableCache:
             table = self._live.get(offset)
             if table is not None:
                 self.put(table)
-        if table is None:
-            self.misses += 1
-        else:
-            self.hits += 1
+        if table is not None:
             self._tables.move_to_end(offset)
         return table
 

@@ -1,10 +1,20 @@
-"""The sans-I/O protocol between the qcow2 engine and whoever does the I/O.
+"""The sans-I/O protocol between the qcow2 core and whoever does the I/O.
 
-Engine methods that may need metadata from disk are generators: they yield a
-:class:`ReadRequest` and are sent back the bytes; their return value is the
-plan. This keeps every decision in pure code (STYLE.md, the h11 model) while
-the caller decides how reads happen: from a bytearray in tests, or from an
-async backend under trio.
+The core's generators yield requests and are sent back the results; their
+return value is the plan. This keeps every decision in pure code (STYLE.md,
+the h11 model) while the caller decides how I/O happens: over a bytearray in
+tests and in ``cachefs check``, over an async backend under trio in the
+image layer.
+
+- :class:`ReadRequest`: the engine needs metadata (or COW source data) from
+  the file; it is sent back the bytes.
+- :class:`WriteRequest`, :class:`SyncRequest`, :class:`TruncateRequest`: the
+  metadata queue (metaqueue.py) writes tables, makes them durable, and
+  extends or trims the file. They are sent back nothing.
+
+:func:`run_sync` and :func:`run_async` drive any of these generators: reads
+go to ``pread``, everything else to ``io`` (an object with ``pwrite``,
+``sync`` and ``truncate``; async ones for :func:`run_async`).
 """
 
 from __future__ import annotations
@@ -21,29 +31,71 @@ class ReadRequest:
     length: int
 
 
-Gen = Generator[ReadRequest, bytes, Any]
+@attrs.frozen
+class WriteRequest:
+    offset: int
+    data: Any  # bytes or memoryview
+
+    def perform(self, io):
+        return io.pwrite(self.offset, self.data)
 
 
-def run_sync(gen: Gen, pread: Callable[[int, int], bytes]):
-    """Drive an engine generator with a synchronous reader (tests, the checker)."""
+@attrs.frozen
+class SyncRequest:
+    """Make every completed write durable (fdatasync)."""
+
+    def perform(self, io):
+        return io.sync()
+
+
+@attrs.frozen
+class TruncateRequest:
+    """Set the file's length to ``size``, but only in one direction.
+
+    ``grow``: extend a shorter file (a hole: no disk space); otherwise cut a
+    longer one. The queue knows how long the file must be, not how long it is
+    (guest data writes past the end extend it too).
+    """
+
+    size: int
+    grow: bool
+
+    def perform(self, io):
+        return io.truncate(self.size, self.grow)
+
+
+Request = ReadRequest | WriteRequest | SyncRequest | TruncateRequest
+Gen = Generator[Request, Any, Any]
+
+
+def run_sync(gen: Gen, pread: Callable[[int, int], bytes], io=None):
+    """Drive a core generator with synchronous I/O (tests, the checker)."""
     try:
         req = next(gen)
         while True:
-            req = gen.send(pread(req.offset, req.length))
+            if type(req) is ReadRequest:
+                req = gen.send(pread(req.offset, req.length))
+            else:
+                req = gen.send(req.perform(io))
     except StopIteration as stop:
         return stop.value
 
 
-async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]]):
-    """Drive an engine generator with an async reader (the image layer)."""
+async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]], io=None):
+    """Drive a core generator with async I/O (the image layer)."""
     try:
         req = next(gen)
         while True:
-            data = await pread(req.offset, req.length)
+            if type(req) is ReadRequest:
+                data = await pread(req.offset, req.length)
+            else:
+                data = await req.perform(io)
             req = gen.send(data)
     except StopIteration as stop:
         return stop.value
 
+
+# ---------------------------------------------------------------- plans
 
 class ExtentKind(enum.Enum):
     ZERO = "zero"            # unallocated or zero cluster: reads as zeros
@@ -63,13 +115,58 @@ class Extent:
     compressed: Any = None        # COMPRESSED: format.Compressed of the whole cluster
     in_cluster: int = 0           # COMPRESSED: offset of guest_offset inside its cluster
 
+    def continued_by(self, nxt: Extent) -> bool:
+        """Zeros and damage join their kind; data joins when it is contiguous on the host too."""
+        if nxt.kind is not self.kind:
+            return False
+        if self.kind is ExtentKind.DATA:
+            return self.host_offset + self.length == nxt.host_offset
+        return self.kind is not ExtentKind.COMPRESSED
+
+    @staticmethod
+    def span(run: list[Extent], source=None) -> Extent:
+        first = run[0]
+        return attrs.evolve(first, length=sum(e.length for e in run))
+
 
 @attrs.frozen
 class DataWrite:
     """Guest data to put at a host offset before the plan's metadata may commit."""
 
     host_offset: int
-    data: Any  # bytes or memoryview
+    data: Any  # bytes, bytearray or memoryview
+    # Where ``data`` starts in the guest request's buffer when it is a slice of
+    # it (None: a buffer of its own, e.g. a COW body with old head and tail).
+    at: int | None = None
+
+    def continued_by(self, nxt: DataWrite) -> bool:
+        return self.host_offset + len(self.data) == nxt.host_offset
+
+    @staticmethod
+    def span(run: list[DataWrite], source) -> DataWrite:
+        """One write for a host-contiguous run: a slice of the request when
+        the run is one (no copy), else the parts joined."""
+        first, last = run[0], run[-1]
+        if all(a.at is not None and b.at == a.at + len(a.data) for a, b in zip(run, run[1:])):
+            return DataWrite(first.host_offset, source[first.at:last.at + len(last.data)], first.at)
+        return DataWrite(first.host_offset, b"".join(w.data for w in run))
+
+
+def merge_runs(pieces: list, source=None) -> list:
+    """Adjacent pieces that continue each other become one (extents of a read,
+    data writes of a write): one backend request per run, not per cluster.
+    ``source``: the request buffer data writes may be slices of."""
+    if len(pieces) < 2:
+        return pieces
+    out, run = [], [pieces[0]]
+    for p in pieces[1:]:
+        if run[-1].continued_by(p):
+            run.append(p)
+            continue
+        out.append(run[0] if len(run) == 1 else type(p).span(run, source))
+        run = [p]
+    out.append(run[0] if len(run) == 1 else type(run[0]).span(run, source))
+    return out
 
 
 @attrs.frozen

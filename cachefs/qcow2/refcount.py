@@ -1,19 +1,19 @@
-"""Host cluster refcounts: lookup, allocation, deferred frees, table growth.
+"""Host cluster refcounts: lookup, allocation, the reservation, table growth.
 
 spec "Host cluster management": a two-level structure. The refcount table
 (kept whole in memory, written back in cluster-sized chunks) points at
 refcount blocks (cached, see meta.TableCache).
 
 Allocation raises a refcount in memory and marks the block dirty; whoever then
-points at the cluster records a dependency on that block (invariant 1).
-Frees are *deferred*: :meth:`Refcounts.defer_free` records the item whose
-durability must come first, and :meth:`Refcounts.apply_frees` lowers the
-refcount only after that item is clean (invariant 2). Until then the cluster
-stays allocated, so it cannot be handed out again while old metadata on disk
-may still point at it.
+points at the cluster records a dependency on what makes that refcount
+durable and reachable (:meth:`Refcounts.counted`, invariant 1). Frees are
+deferred by the metadata queue (metaqueue.py) until the L2 change that
+dropped the reference is durable (invariant 2), and only then come back here
+as a refcount change. Until then the cluster stays allocated, so it cannot be
+handed out again while old metadata on disk may still point at it.
 
-Reserve ahead (DESIGN.md section 3, "One fdatasync per guest flush"): at each
-flush the engine raises the refcounts of a run of clusters past the end of the
+Reserve ahead (docs/design.md, "One fdatasync per guest flush"): at each
+flush the queue raises the refcounts of a run of clusters past the end of the
 file *before* anything points at them; that raise becomes durable with the
 flush's one fdatasync. Allocations then come from the reservation, so the L2
 entry that uses such a cluster has no refcount block to wait for (invariant 1
@@ -33,7 +33,7 @@ import attrs
 
 from cachefs.errors import CorruptImage, DamagedMetadata
 from cachefs.qcow2 import format as fmt
-from cachefs.qcow2.meta import MetaItem, State, Table, TableCache, TableChunk
+from cachefs.qcow2.meta import HeaderItem, State, Table, TableCache, TableChunk
 from cachefs.qcow2.plan import ReadRequest
 
 
@@ -44,14 +44,10 @@ class Allocation:
     fresh: bool      # never written since it entered the file: reads as zeros after a crash
 
 
-@attrs.frozen
-class PendingFree:
-    cluster: int
-    after: MetaItem  # must be durable before the refcount may drop
-
-
 class Refcounts:
-    def __init__(self, hdr: fmt.Header, reftable: list[int], cache: TableCache, file_size: int):
+    def __init__(self, header: HeaderItem, reftable: list[int], cache: TableCache, file_size: int):
+        hdr = header.hdr
+        self.header = header
         self.cluster_bits = hdr.cluster_bits
         self.cs = hdr.cluster_size
         self.order = hdr.refcount_order
@@ -65,13 +61,17 @@ class Refcounts:
         self.cache = cache
         # Invariant: no cluster at or past end_cluster is referenced or allocated.
         self.end_cluster = -(-file_size // self.cs)
+        # Invariant: no host byte at or past written_high was ever written, so
+        # such clusters read as zeros (a hole or past EOF) without COW.
+        self.written_high = file_size
         self.free_hint = 0
-        self.pending: list[PendingFree] = []
         # Clusters being handed out as contiguous runs: a refcount block
         # created meanwhile must not land inside them. A list, because a run
         # can trigger refcount-table growth, which hands out a run of its own.
         self.handing_out: list[range] = []
-        # callback(deps, old_clusters) set by the engine: the header must follow a moved table.
+        # The table moved and the header pointing at it is not durable yet.
+        self._moved = False
+        # callback(old_clusters) set by the engine: free the old table once the header is durable.
         self.on_table_moved = None
         # Invariant: every cluster here has refcount 1, nothing points at it,
         # and nothing was ever written to it (so it is fresh); ascending.
@@ -157,8 +157,32 @@ class Refcounts:
     def chunk(self, index: int) -> TableChunk:
         c = self.chunks.get(index)
         if c is None:
-            c = self.chunks[index] = TableChunk(name=f"reftable[{index}]", kind="reftable", index=index)
+            c = self.chunks[index] = TableChunk(name=f"reftable[{index}]", kind="reftable", index=index,
+                                                owner=self)
         return c
+
+    def counted(self, cluster: int):
+        """Generator: what must be durable before anything may point at ``cluster`` (invariant 1).
+
+        Not just the refcount block that counts it: a new block counts only
+        once it is reachable, through its refcount-table entry, and through
+        the header if the table moved. (Found by tests/test_fault_matrix.py:
+        an L2 entry durable before the reftable entry of its new block is
+        "refcount=0 reference=1" to qemu-img check.)
+        """
+        block_idx = cluster // self.per_block
+        block = yield from self.load_block(self.block_offset(block_idx))
+        deps = [block, self.chunk(block_idx * 8 // self.cs)]
+        if self._moved and self.header.durable:
+            self._moved = False
+        if self._moved:
+            deps.append(self.header)
+        return deps
+
+    def note_written(self, end: int) -> None:
+        """Host bytes up to ``end`` may have been written (see written_high)."""
+        if end > self.written_high:
+            self.written_high = end
 
     def change(self, cluster: int, delta: int):
         """Add delta to a refcount. Returns the block item that now holds it."""
@@ -268,17 +292,6 @@ class Refcounts:
             self.handing_out.remove(run)
         return first, blocks
 
-    def defer_free(self, cluster: int, after: MetaItem) -> None:
-        self.pending.append(PendingFree(cluster, after))
-
-    def apply_frees(self):
-        """Drop the refcounts whose dropping reference is now durable."""
-        ready = [p for p in self.pending if p.after.durable]
-        self.pending = [p for p in self.pending if not p.after.durable]
-        for p in ready:
-            yield from self.change(p.cluster, -1)
-        return len(ready)
-
     # ------------------------------------------------------------ growth
 
     def _grow_table(self, min_entries: int):
@@ -301,8 +314,10 @@ class Refcounts:
         for i in range(clusters):
             pointed = (self.cache.get(o) for o in self.table[i * per_cluster:(i + 1) * per_cluster] if o)
             self.chunk(i).touch(*[b for b in pointed if b is not None])
+        self.header.touch(*[self.chunk(i) for i in range(clusters)], *blocks)
+        self._moved = True
         if self.on_table_moved is not None:
-            self.on_table_moved([self.chunk(i) for i in range(clusters)] + blocks, old)
+            self.on_table_moved(old)
 
     def encode_chunk(self, index: int) -> tuple[int, bytes]:
         per = self.cs // 8
