@@ -173,10 +173,6 @@ class Engine:
         return self.overlap.writable
 
     @property
-    def read_only_reason(self) -> str | None:
-        return self.overlap.read_only_reason
-
-    @property
     def needs_repair(self) -> bool:
         """Crashed under lazy refcounts: refcounts must be rebuilt before writing."""
         return self.header.hdr.dirty

@@ -163,27 +163,7 @@ def parse_header_untrusted(buf: bytes, file_size: int) -> Header:
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise CorruptImage(f"cluster_bits {cluster_bits} out of range 9..21")
     cs = 1 << cluster_bits
-    kw = {}
-    if version == 3:
-        if len(buf) < V3_HEADER_LENGTH:
-            raise CorruptImage("truncated v3 header")
-        incompat, compat, autoclear, rorder, hlen = struct.unpack_from(">QQQII", buf, 72)
-        if hlen < V3_HEADER_LENGTH or hlen % 8 or hlen > cs or hlen > len(buf):
-            raise CorruptImage(f"header_length {hlen} is invalid")
-        if rorder > 6:
-            raise CorruptImage(f"refcount_order {rorder} exceeds 6")
-        unknown = incompat & ~KNOWN_INCOMPAT
-        if unknown:
-            raise UnsupportedImage(f"unknown incompatible feature bits {unknown:#x}")
-        ctype = buf[104] if hlen > 104 else COMPRESSION_DEFLATE
-        if bool(incompat & INCOMPAT_COMPRESSION) != (ctype != COMPRESSION_DEFLATE):
-            raise CorruptImage("compression type field and feature bit disagree")
-        if ctype not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
-            raise UnsupportedImage(f"unknown compression type {ctype}")
-        kw = dict(incompatible=incompat, compatible=compat, autoclear=autoclear,
-                  refcount_order=rorder, header_length=hlen, compression_type=ctype)
-    else:
-        kw = dict(header_length=V2_HEADER_LENGTH)
+    kw = _v3_fields_untrusted(buf, cs) if version == 3 else dict(header_length=V2_HEADER_LENGTH)
     hlen = kw["header_length"]
     _check_table("L1 table", l1_off, l1_size * 8, cs, file_size, MAX_L1_BYTES)
     if l1_size < max_l1_entries(size, cluster_bits):
@@ -206,6 +186,27 @@ def parse_header_untrusted(buf: bytes, file_size: int) -> Header:
         snapshots_offset=snap_off, backing_file_offset=backing_off,
         backing_file_size=backing_size, crypt_method=crypt, extensions=exts, **kw,
     )
+
+
+def _v3_fields_untrusted(buf: bytes, cs: int) -> dict:
+    """The header fields v3 adds (spec "Header", bytes 72 onwards), validated."""
+    if len(buf) < V3_HEADER_LENGTH:
+        raise CorruptImage("truncated v3 header")
+    incompat, compat, autoclear, rorder, hlen = struct.unpack_from(">QQQII", buf, 72)
+    if hlen < V3_HEADER_LENGTH or hlen % 8 or hlen > cs or hlen > len(buf):
+        raise CorruptImage(f"header_length {hlen} is invalid")
+    if rorder > 6:
+        raise CorruptImage(f"refcount_order {rorder} exceeds 6")
+    unknown = incompat & ~KNOWN_INCOMPAT
+    if unknown:
+        raise UnsupportedImage(f"unknown incompatible feature bits {unknown:#x}")
+    ctype = buf[104] if hlen > 104 else COMPRESSION_DEFLATE
+    if bool(incompat & INCOMPAT_COMPRESSION) != (ctype != COMPRESSION_DEFLATE):
+        raise CorruptImage("compression type field and feature bit disagree")
+    if ctype not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
+        raise UnsupportedImage(f"unknown compression type {ctype}")
+    return dict(incompatible=incompat, compatible=compat, autoclear=autoclear,
+                refcount_order=rorder, header_length=hlen, compression_type=ctype)
 
 
 def _check_table(what: str, offset: int, nbytes: int, cs: int, file_size: int, limit: int | None) -> None:
