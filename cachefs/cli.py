@@ -269,6 +269,8 @@ MODE_STAT_KEYS = ("guest_writes", "guest_flushes", "flushes_ignored", "fdatasync
                   "bounce_requests", "peak_in_flight")
 STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes", "stats.guest_flushes",
              "stats.backend_fdatasyncs", "stats.metadata_writes")
+#: What the data plane served in C, and what it forwarded to pyfuse3 (docs/design.md "Two planes").
+FAST_STAT_KEYS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded", "fast_errors")
 
 
 @main.command()
@@ -297,6 +299,8 @@ def stats(mountpoint, as_json):
             if f"stats.{mode}.guest_flushes" in x:
                 per = " ".join(f"{k}={x.get(f'stats.{mode}.{k}', '-')}" for k in MODE_STAT_KEYS)
                 click.echo(f"{'':<20}   {mode}: {per}")
+        if "stats.fast_reads" in x:
+            click.echo(f"{'':<20}   data plane: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in FAST_STAT_KEYS))
     for name, why in skipped.items():
         click.echo(f"{name:<20} not served: {why}")
 

@@ -6,7 +6,9 @@ Kept small on purpose:
   st_blocks and fdatasync behave differently there).
 - ``mounted``: a factory that mounts an image directory with the real CLI
   and always unmounts it again, failing the test if the daemon logged a
-  Python traceback.
+  Python traceback. A test (or module) marked ``both_planes`` runs twice,
+  with the data plane on and off (``--dataplane``, issue 11), unless it
+  passes ``--dataplane`` itself.
 - plain helpers (import them with ``from conftest import ...``):
   ``qemu_img``, ``qemu_io``, ``cachefs``, ``make_random_raw``, ``sha256``.
 """
@@ -185,8 +187,23 @@ class Mount:
             pytest.fail(f"the cachefs daemon logged a traceback:\n{text}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_planes: run the test's mounts with --dataplane on and off")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_planes") and "mounted" in metafunc.fixturenames:
+        metafunc.parametrize("plane", ["on", "off"], indirect=True, ids=lambda p: f"plane-{p}")
+
+
 @pytest.fixture
-def mounted(workdir):
+def plane(request) -> str | None:
+    """The --dataplane value of a ``both_planes`` test; None elsewhere (the default)."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def mounted(workdir, plane):
     """Factory: ``mounted(image_dir, *extra_cli_args) -> Mount`` (mountpoint under workdir).
 
     The mount is live when the call returns. Teardown always unmounts
@@ -197,6 +214,8 @@ def mounted(workdir):
     mounts: list[Mount] = []
 
     def mount(image_dir, *extra) -> Mount:
+        if plane is not None and "--dataplane" not in map(str, extra):
+            extra = (*extra, "--dataplane", plane)
         n = len(mounts)
         mnt = workdir / f"mnt{n}"
         mnt.mkdir()

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import qemu_img, run
 
+pytestmark = pytest.mark.both_planes  # issue 11: with the data plane on and off
+
 # fio is installed by `make test`; a missing fio must fail, not skip.
 
 MiB = 1 << 20

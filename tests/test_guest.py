@@ -15,11 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_guest_writes_survive_remount_in_both_cache_modes(workdir):
-    env = dict(os.environ, CACHEFS=str(Path(sys.executable).parent / "cachefs"))
+@pytest.mark.parametrize("fmt,plane", [("qcow2", "on"), ("qcow2", "off"), ("raw", "on")])
+def test_guest_writes_survive_remount_in_both_cache_modes(workdir, fmt, plane):
+    """qcow2 with the data plane on (forwarded to pyfuse3 in stage 1) and off; a raw disk whose
+    reads and writes the data plane serves in C."""
+    env = dict(os.environ, CACHEFS=str(Path(sys.executable).parent / "cachefs"), FORMAT=fmt,
+               MOUNT_OPTS=f"--dataplane {plane}")
     r = subprocess.run(["bash", "examples/boot-guest.sh", str(workdir / "guest")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
@@ -27,3 +33,7 @@ def test_guest_writes_survive_remount_in_both_cache_modes(workdir):
     assert out.count("cachefs-guest: write done") == 2, out
     assert out.count("cachefs-guest: verify OK") == 2, out
     assert out.count("qemu-img check: clean") == 2, out
+    if fmt == "raw":  # the guest's disk I/O was served in C, not forwarded
+        fast = [int(w.split("=")[1]) for line in out.splitlines() if "data plane:" in line
+                for w in line.split() if w.startswith("fast_writes=")]
+        assert len(fast) == 2 and min(fast) >= 10, out

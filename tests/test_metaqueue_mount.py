@@ -114,6 +114,7 @@ def acked_blocks(log_text: str, seed: int) -> dict[int, bytes]:
 
 
 @pytest.mark.parametrize("mode", ["writeback", "none"])
+@pytest.mark.both_planes
 def test_sigkill_rounds_leave_leaks_at_most_and_keep_acknowledged_writes(mode, mounted, workdir):
     """SIGKILL the daemon mid-workload, round after round, on one image: after each crash
     qemu-img check finds leaks at most, every fsync-acknowledged write is there, and the

@@ -32,6 +32,8 @@ import pytest
 
 from conftest import cachefs, is_mounted, make_random_raw, qemu_img, qemu_io, sha256
 
+pytestmark = pytest.mark.both_planes  # issue 11: with the data plane on and off
+
 KiB, MiB = 1 << 10, 1 << 20
 
 
