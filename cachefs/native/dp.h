@@ -88,6 +88,7 @@ struct dp {
     unsigned max_background;
     uint32_t msg_limit;        /* the largest message the socketpair carries */
     struct io_uring ring;
+    int ring_disabled;         /* created disabled: the loop thread enables it (single issuer) */
     pthread_t thread;
     int started;
     pthread_mutex_t lock;
@@ -100,6 +101,7 @@ struct dp {
     int completed;             /* one completed since the last look: wake a drain */
     int reading, dead, quitting, sock_eof;
     int fuse_polled, sock_polled, sock_out_polled, ctl_polled;
+    int fuse_ready, sock_ready;  /* may have something to read: not seen EAGAIN since the last poll */
     int notes_in_flight;
     char *rbuf;
     struct dp_track track[DP_TRACK];

@@ -27,6 +27,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include "dp.h"
 
@@ -326,13 +327,15 @@ static void dp_note(struct dp *dp, const char *msg, size_t n) {
     dp_count(&dp->g[DP_G_NOTIFICATIONS], 1);
 }
 
+/* Only after its poll fired: a recv that finds nothing is a syscall per wakeup for nothing. */
 static void dp_drain_sock(struct dp *dp) {
-    while (!dp->sock_eof) {
+    while (dp->sock_ready && !dp->sock_eof) {
         ssize_t n = recv(dp->sock_fd, dp->rbuf, DP_RBUF, MSG_DONTWAIT | MSG_TRUNC);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {  /* EAGAIN: drained; 0 or an error: libfuse's end is closed */
             dp->sock_eof = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+            dp->sock_ready = 0;
             return;
         }
         struct fuse_out_header *oh = (void *)dp->rbuf;
@@ -392,7 +395,7 @@ static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
 /* Read requests while a slot is free. The first iovec is exactly 80 bytes, so a WRITE's
  * payload lands at the start of the page-aligned buffer, ready for O_DIRECT without a copy. */
 static void dp_drain_fuse(struct dp *dp) {
-    while (dp->free && dp->reading) {
+    while (dp->free && dp->reading && dp->fuse_ready) {
         struct dp_slot *s = dp->free;
         struct iovec iov[2] = { { s->hdr, DP_HDR }, { s->data, DP_DATA } };
         ssize_t n = readv(dp->fuse_fd, iov, 2);
@@ -401,6 +404,7 @@ static void dp_drain_fuse(struct dp *dp) {
                 continue;
             if (errno != EAGAIN)  /* ENODEV: unmounted; anything else: no way to go on */
                 dp->dead = 1;
+            dp->fuse_ready = 0;
             return;
         }
         dp->free = s->next;
@@ -427,9 +431,11 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
         break;
     case T_FUSE_POLL:
         dp->fuse_polled = 0;
+        dp->fuse_ready = 1;
         break;
     case T_SOCK_POLL:
         dp->sock_polled = 0;
+        dp->sock_ready = 1;
         break;
     case T_SOCK_POLLOUT:
         dp->sock_out_polled = 0;
@@ -476,15 +482,17 @@ static int dp_control(struct dp *dp) {
 
 static void *dp_main(void *arg) {
     struct dp *dp = arg;
+    if (dp->ring_disabled)  /* this thread becomes the ring's single issuer (liburing 2.3 lacks the helper) */
+        syscall(__NR_io_uring_register, dp->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
     for (;;) {
         dp_drain_fuse(dp);
         dp_drain_sock(dp);
         dp_flush_sendq(dp);
         if (dp_control(dp))
             break;
-        if (dp->reading && dp->free)
+        if (dp->reading && !dp->fuse_ready)
             dp_poll(dp, dp->fuse_fd, POLLIN, T_FUSE_POLL, &dp->fuse_polled);
-        if (!dp->sock_eof)
+        if (!dp->sock_eof && !dp->sock_ready)
             dp_poll(dp, dp->sock_fd, POLLIN, T_SOCK_POLL, &dp->sock_polled);
         if (dp->sendq && !dp->sock_eof)
             dp_poll(dp, dp->sock_fd, POLLOUT, T_SOCK_POLLOUT, &dp->sock_out_polled);
@@ -517,15 +525,26 @@ int dp_built(void) { return 1; }
 /* Before the mount exists (dp_start gets its descriptor), so a refusal leaves nothing mounted. */
 int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit, struct dp **out) {
     struct dp *dp = calloc(1, sizeof *dp);
-    struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE, .cq_entries = 4096 };
+    /* One thread submits and reaps, so the kernel may run completion work only when it waits
+     * (DEFER_TASKRUN, 6.1): no interrupting the loop per completion. The ring starts disabled so
+     * that the loop thread, not this one, becomes its issuer. Older kernels get a plain ring. */
+    struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
+                                          IORING_SETUP_R_DISABLED /*XDEFER*/,
+                                 .cq_entries = 4096 };
     int rc;
     if (!dp)
         return -ENOMEM;
     *dp = (struct dp){ .fuse_fd = -1, .sock_fd = sock_fd, .evt_fd = evt_fd, .reading = 1,
+                       .fuse_ready = 1, .sock_ready = 1,
                        .max_background = max_background, .msg_limit = msg_limit, .rbuf = MAP_FAILED };
     pthread_mutex_init(&dp->lock, NULL);
     dp->ctl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     rc = dp->ctl_fd < 0 ? -errno : io_uring_queue_init_params(512, &dp->ring, &p);
+    dp->ring_disabled = rc == 0;
+    if (rc == -EINVAL) {
+        p = (struct io_uring_params){ .flags = IORING_SETUP_CQSIZE, .cq_entries = 4096 };
+        rc = io_uring_queue_init_params(512, &dp->ring, &p);
+    }
     if (rc < 0) {
         if (dp->ctl_fd >= 0)
             close(dp->ctl_fd);

@@ -343,7 +343,7 @@ int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned
         rc = rc < 0 ? rc : -ENOMEM;
     } else {
         struct dp_handle was = *h;
-        *h = (struct dp_handle){ im, fd, align, fast_write, sync };
+        *h = (struct dp_handle){ .img = im, .fd = fd, .align = align, .fast_write = fast_write, .sync = sync };
         memcpy(h->c, was.c, sizeof h->c);
     }
     pthread_mutex_unlock(&dp->lock);

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The data plane side by side (issue 11): 4k random read and write, O_DIRECT, on one raw file,
+# through every server in one run, each as IOPS:
+#   host       the raw file itself (the limit)
+#   probe      ../shared/bench/fuse-ceiling (the fastest FUSE server here: the ceiling)
+#   qsd        qemu-storage-daemon exporting the raw file over FUSE (driver=raw, cache.direct=on,
+#              aio=native: the peer)
+#   dp-on      cachefs --cache none --dataplane on (the C data plane serves the raw image)
+#   dp-off     cachefs --cache none --dataplane off (pyfuse3 serves everything, as before)
+# Usage (root): bench/dataplane.sh [WORKDIR] [SIZE_MB] [RUNTIME_S] [ROUNDS]
+# JOBS="randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1" picks jobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=$(realpath -m "${1:-/var/tmp/cachefs-dpbench}"); SZ=${2:-1024}; RT=${3:-6}; ROUNDS=${4:-2}
+JOBS=${JOBS:-randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1}
+CACHEFS=${CACHEFS:-.venv/bin/cachefs}
+PROBE=${PROBE:-$(realpath -m ../shared/bench/fuse-ceiling/mount.sh)}
+mkdir -p "$W/img" "$W/mnt" "$W/probe"
+qsd_pid=""
+cleanup() {
+  mountpoint -q "$W/mnt" && "$CACHEFS" umount "$W/mnt" || true
+  mountpoint -q "$W/probe" && umount "$W/probe" || true
+  if [ -n "$qsd_pid" ]; then kill "$qsd_pid" 2>/dev/null || true; wait "$qsd_pid" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+[ -f "$W/img/t.raw" ] && [ "$(stat -c %s "$W/img/t.raw")" = $((SZ << 20)) ] ||
+  dd if=/dev/urandom of="$W/img/t.raw" bs=1M count="$SZ" status=none  # written: no sparse reads
+
+run() { # target file job
+  local rw=${3%-qd*} qd=${3##*-qd} engine=libaio
+  [ "$qd" = 1 ] && engine=psync
+  fio --name="$3" --filename="$2" --ioengine=$engine --iodepth="$qd" --rw="$rw" --bs=4k --direct=1 \
+      --size=${SZ}M --runtime="$RT" --time_based --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
+}
+wait_file() { for _ in $(seq 100); do [ -e "$1" ] && return 0; sleep 0.1; done; echo "no $1" >&2; return 1; }
+target_up() { # target -> prints the file to test
+  case $1 in
+    host) echo "$W/img/t.raw" ;;
+    probe) "$PROBE" "$W/img/t.raw" "$W/probe" && echo "$W/probe/f" ;;
+    qsd) touch "$W/exp.raw"
+         qemu-storage-daemon --blockdev driver=file,filename="$W/img/t.raw",node-name=f0,cache.direct=on,aio=native \
+           --blockdev driver=raw,file=f0,node-name=n0 \
+           --export type=fuse,id=e,node-name=n0,mountpoint="$W/exp.raw",writable=on >"$W/qsd.log" 2>&1 &
+         qsd_pid=$!
+         for _ in $(seq 100); do grep -q " $W/exp.raw fuse" /proc/mounts && break; sleep 0.1; done
+         echo "$W/exp.raw" ;;
+    dp-on|dp-off) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --dataplane "${1#dp-}" --log "$W/cachefs.log" \
+                    2>/dev/null && echo "$W/mnt/t.raw" ;;
+  esac
+}
+target_down() {
+  case $1 in
+    probe) umount "$W/probe" ;;
+    qsd) kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid="" ;;
+    dp-*) "$CACHEFS" umount "$W/mnt" ;;
+  esac
+}
+
+echo "# $(date -u +%FT%TZ) $(nproc) cpus, ${SZ} MiB raw file, ${RT}s per job, $ROUNDS rounds, IOPS"
+printf '%-10s' target; for j in $JOBS; do printf ' %15s' "$j"; done; echo
+for round in $(seq "$ROUNDS"); do
+  for t in host probe qsd dp-on dp-off; do
+    f=$(target_up "$t")
+    printf '%-10s' "$t"
+    for j in $JOBS; do printf ' %15s' "$(run "$t" "$f" "$j")"; done; echo
+    target_down "$t"
+  done
+done
