@@ -312,6 +312,7 @@ class FastPaths:
     def _publish_image(self, inode: int, image) -> None:
         raw = image.format == "raw"
         self.plane.publish_image(inode, size=image.size, cluster_size=image.cluster_size, identity=raw)
+        log.debug("inode %d: %s, %d bytes", inode, image.format, image.size)
         if inode not in self._images:
             self._images[inode] = image
             image.backends.fast_writes = lambda: self.plane.unsynced_writes(inode)
@@ -368,6 +369,7 @@ class FastPaths:
             p.fast_write, p.mode = fast_write, mode
             self.plane.publish_handle(fh, inode, be.fd, direct=be.direct, fast_write=fast_write,
                                       sync=mode.write_through)
+            log.debug("fh %d of inode %d: fd %d (%s)%s", fh, inode, be.fd, mode.name, "" if fast_write else ", reads")
         if withdrawn:
             await self.plane.drain(self.plane.ticket())
 

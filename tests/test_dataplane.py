@@ -14,12 +14,22 @@ from __future__ import annotations
 import pytest
 
 from cachefs import dataplane, native
+from cachefs.mountopts import MountOptionError, MountOptions, merge, parse_options
 
-pytestmark = pytest.mark.skipif(dataplane.why_unavailable() is not None,
-                                reason=str(dataplane.why_unavailable()))
+needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
+                                     reason=str(dataplane.why_unavailable()))
 
 KiB, MiB = 1 << 10, 1 << 20
 FORWARD = None
+
+
+def test_the_option():
+    assert parse_options(["cache=none,dataplane=off"]).dataplane == "off"
+    assert parse_options([]).dataplane is None  # the daemon decides: on when the module has it
+    with pytest.raises(MountOptionError, match="dataplane=maybe: choose one of on, off"):
+        parse_options(["dataplane=maybe"])
+    with pytest.raises(MountOptionError, match="--dataplane on and -o dataplane=off disagree"):
+        merge(MountOptions(dataplane="on"), parse_options(["dataplane=off"]))
 
 
 @pytest.fixture
@@ -47,6 +57,7 @@ def plan(p, fh, off, size, *, write=False, data=None):
     return [tuple(out[3 * i:3 * i + 3]) for i in range(n)], reply[0], bytes(ffi.buffer(buf, size))
 
 
+@needs_dataplane
 def test_raw_identity_mapping(plane):
     plane.publish_image(7, size=10 * MiB + 1000, identity=True)
     plane.publish_handle(1, 7, 99, direct=False, fast_write=True, sync=False)
@@ -62,6 +73,7 @@ def test_raw_identity_mapping(plane):
                                     native.ffi.new("uint32_t *")) == -2  # -ENOENT
 
 
+@needs_dataplane
 def test_direct_alignment_and_short_tail(plane):
     plane.publish_image(7, size=10 * MiB + 1000, identity=True)
     plane.publish_handle(1, 7, 99, direct=True, fast_write=True, sync=False)
@@ -73,6 +85,7 @@ def test_direct_alignment_and_short_tail(plane):
     assert plan(plane, 1, 10 * MiB, 4096)[:2] == ([(10 * MiB, 0, 4096)], 1000)
 
 
+@needs_dataplane
 def test_fast_write_off_and_pause(plane):
     plane.publish_image(7, size=MiB, identity=True)
     plane.publish_handle(1, 7, 99, direct=False, fast_write=False, sync=False)
@@ -90,6 +103,7 @@ def entries(*pairs):
     return native.ffi.new("uint64_t[]", [host | state for host, state in pairs])
 
 
+@needs_dataplane
 def test_mapped_image_serves_only_what_is_published(plane):
     lib = native.lib
     cs = 64 * KiB
@@ -119,6 +133,7 @@ def test_mapped_image_serves_only_what_is_published(plane):
     assert lib.dp_map_clusters(plane._dp, 9, 64 * MiB // cs, 1, entries((0, lib.DP_MAP_ZERO))) == -34  # ERANGE
 
 
+@needs_dataplane
 def test_too_many_pieces_are_forwarded(plane):
     lib = native.lib
     cs = 4 * KiB
@@ -130,6 +145,7 @@ def test_too_many_pieces_are_forwarded(plane):
     assert plan(plane, 3, 0, (lib.DP_MAXPIECE + 1) * cs) is FORWARD
 
 
+@needs_dataplane
 def test_drain_ticket_and_remove(plane):
     plane.publish_image(7, size=MiB, identity=True)
     plane.publish_handle(1, 7, 99, direct=False, fast_write=True, sync=False)

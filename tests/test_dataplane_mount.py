@@ -10,6 +10,7 @@ seen from outside; and the one-line refusals (io_uring denied, no module).
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -88,7 +89,7 @@ def test_fio_verify_served_in_c(mounted, raw, mode):
 
 @pytest.mark.parametrize("mode", ["none", "writeback"])
 def test_fio_verify_with_the_data_plane_off(mounted, raw, mode):
-    m = mounted(raw, "--cache", mode, "--dataplane", "off")
+    m = mounted(raw, "--cache", mode, "-o", "dataplane=off")  # as fstab would say it
     assert os.getxattr(m.path, "user.cachefs.dataplane") == b"off"
     f = m / "disk.raw"
     fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=4000", "--do_verify=1")
@@ -134,6 +135,39 @@ def test_unaligned_direct_requests_are_forwarded_and_right(mounted, raw):
 
 
 @needs_dataplane
+def test_reads_at_the_end_and_growth(mounted, workdir):
+    """A READ past the guest's end is short (C), a write past it grows the disk (Python), and C
+    serves the grown part at once (the size is published again)."""
+    d = workdir / "images"
+    d.mkdir()
+    tail = os.urandom(MiB + 512)
+    (d / "odd.raw").write_bytes(tail)  # not a multiple of 4096
+    m = mounted(d, "--cache", "none", "--create-format", "raw")
+    fd = os.open(m / "odd.raw", os.O_RDONLY | os.O_DIRECT)
+    try:
+        before = image_stats(m, "odd.raw")["fast_reads"]
+        assert os.pread(fd, 8192, MiB) == tail[MiB:]  # 512 bytes: the file's end is the guest's
+        assert os.pread(fd, 4096, 2 * MiB) == b""
+        assert image_stats(m, "odd.raw")["fast_reads"] == before + 2
+    finally:
+        os.close(fd)
+    data = os.urandom(8 * MiB)
+    with open(m / "new.raw", "wb") as f:  # created through the mount: empty, grows with each write
+        for off in range(0, len(data), 256 * 1024):
+            f.write(data[off:off + 256 * 1024])
+    assert (m / "new.raw").stat().st_size == len(data)
+    fd = os.open(m / "new.raw", os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, MiB)  # page aligned: the kernel cuts a direct request at its page boundaries
+    try:
+        got = b"".join(buf[:os.preadv(fd, [buf], off)] for off in range(0, len(data), MiB))
+    finally:
+        os.close(fd)
+    assert got == data
+    s = image_stats(m, "new.raw")
+    assert s["fast_reads"] >= 8 and s["fast_errors"] == 0, s
+
+
+@needs_dataplane
 @pytest.mark.parametrize("how", ["fsync", "close"])
 def test_a_flush_after_fast_writes_syncs(mounted, raw, how):
     """The fast writes never pass ModeBackend.pwrite; the flush must still fdatasync for them."""
@@ -152,6 +186,36 @@ def test_a_flush_after_fast_writes_syncs(mounted, raw, how):
             assert syncs() == before + 1
         os.close(fd)  # flush-on-close: once after a fast write, never twice
         assert syncs() == before + 1
+
+
+@needs_dataplane
+@pytest.mark.parametrize("mode", ["none", "writeback"])
+def test_backend_errno_reaches_the_client(mounted, workdir, mode):
+    """ENOSPC from the backing file (a sparse image on a full filesystem), hit by a write served in
+    C: the client gets ENOSPC, the daemon counts it, and the image keeps serving."""
+    fs = workdir / "small"
+    fs.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", fs)
+    try:
+        (fs / "images").mkdir()
+        with open(fs / "images" / "sparse.raw", "wb") as f:
+            f.truncate(64 * MiB)
+        m = mounted(fs / "images", "--cache", mode)
+        fd = os.open(m / "sparse.raw", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = aligned(pattern(7) * 16)  # 64 KiB
+            with pytest.raises(OSError) as exc:
+                for off in range(0, 64 * MiB, len(buf)):
+                    os.pwrite(fd, buf, off)
+            assert exc.value.errno == errno.ENOSPC, exc.value
+            assert os.preadv(fd, [buf], 0) == len(buf) and buf[:BLOCK] == pattern(7)  # still serving
+        finally:
+            os.close(fd)
+        s = image_stats(m, "sparse.raw")
+        assert s["fast_errors"] >= 1 and s["fast_writes"] >= 1, s
+        m.umount()
+    finally:
+        run("umount", "-l", fs, check=False)
 
 
 @needs_dataplane
