@@ -356,6 +356,14 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
              ", ".join(catalog.names()) or "none", "on" if own else "off")
     stopped = await _run_until_unmounted(ops, own and own.plane)
     sd_notify("STOPPING=1")
+    problems = await _shut_down(catalog, own, stopped)
+    log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
+    return 1 if problems else 0
+
+
+async def _shut_down(catalog, own: _OwnMount | None, stopped: bool) -> list[str]:
+    """Flush and close every image, then let go of the mount; the images' problems, one line each."""
+    import pyfuse3
     if own is not None:
         await own.plane.finish()  # pyfuse3's loop has returned: nothing more to relay
     problems = await catalog.close_all()
@@ -371,8 +379,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
             own.close(detach=stopped)
         except OSError as exc:
             log.info("unmount: %s", exc)
-    log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
-    return 1 if problems else 0
+    return problems
 
 
 async def _run_until_unmounted(ops, plane=None) -> bool:
