@@ -307,6 +307,7 @@ class FastPaths:
         self._images: dict[int, object] = {}
         # inode -> concrete mode name -> fast HANDLE_COUNTERS served through that mode's descriptor.
         self._by_mode: dict[int, dict[str, list[int]]] = {}
+        self._pauses: dict[int, int] = {}  # inode -> callers inside paused()
         self.invalidate = plane.invalidate_inode
 
     def _publish_image(self, inode: int, image) -> None:
@@ -376,19 +377,29 @@ class FastPaths:
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):
         """Forward the image's requests while its descriptors or size change (a live mode switch, a
-        resize); then publish it again with what is there now."""
+        resize); then publish it again with what is there now.
+
+        Invariant: the image stays paused in C while any caller is inside (``_pauses``): two
+        appenders growing the disk, or a grow during a switch, must not resume C while the other
+        is still changing what C would use.
+        """
         image = self._images.get(inode)
         if image is None:
             yield
             return
-        await self.plane.drain(self.plane.pause_image(inode, True))
+        self._pauses[inode] = self._pauses.get(inode, 0) + 1
         try:
+            await self.plane.drain(self.plane.pause_image(inode, True))
             yield
         finally:
-            self._publish_image(inode, image)
-            if image.format == "raw":
-                await self._publish_inode(inode)
-            self.plane.pause_image(inode, False)
+            self._pauses[inode] -= 1
+            if not self._pauses[inode]:
+                del self._pauses[inode]
+                self._publish_image(inode, image)
+                if image.format == "raw":
+                    await self._publish_inode(inode)
+                if inode not in self._pauses:  # nobody paused it again meanwhile
+                    self.plane.pause_image(inode, False)
 
     #: Image counters that count both planes: stats key -> C counter added to it.
     FOLDED = {"guest_reads": "fast_reads", "guest_writes": "fast_writes", "guest_bytes_read": "fast_bytes_read",
