@@ -88,7 +88,7 @@ def test_mode_names_round_trip_and_bad_names_are_one_line():
 
 
 def test_no_code_branches_on_a_modes_name():
-    """STYLE.md habit 3: a mode is asked, never compared by name, outside policy.py."""
+    """A mode is asked, never compared by name, outside policy.py (docs/cache-modes.md)."""
     src = Path(__file__).resolve().parent.parent / "cachefs"
     pattern = re.compile(r"""(\.name\s*[!=]=|[!=]=\s*["'](?:%s)["']|["'](?:%s)["']\s*[!=]=)""" % (
         "|".join(MODES), "|".join(MODES)))

@@ -1,4 +1,4 @@
-"""The qcow2 core against a bytearray model (STYLE.md habit 8, first level).
+"""The qcow2 core against a bytearray model (docs/design.md, "The core does no I/O").
 
 A hypothesis state machine drives MemImage (the production image layer,
 engine and metadata queue over an in-memory file) with writes of every shape,

@@ -1,7 +1,7 @@
 """The mapping-change hook: every change of a guest cluster's mapping is reported, first.
 
-The data plane (DATAPLANE.md, "The mapping contract") serves published
-mappings from C, so it must hear of every change before it takes effect:
+The data plane (docs/design.md, "Two planes") serves published mappings
+from C, so it must hear of every change before it takes effect:
 allocation, copy-on-write, a zero-write (our discard, which frees the old
 host cluster), and growth of the disk. ``Engine.on_mapping_change`` is that
 subscription; cluster.ClusterMap.remap and .grow are the only places that

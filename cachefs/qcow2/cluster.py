@@ -13,8 +13,8 @@ What it owns:
   :meth:`ClusterMap.remap`; growth of the virtual disk through
   :meth:`ClusterMap.grow`. Both report the change to subscribers first, as a
   :class:`MappingChange`, before it takes effect. The data plane follows
-  these reports (DATAPLANE.md, "The mapping contract": unpublish before any
-  mapping change).
+  these reports (docs/design.md, "Two planes": Python takes a mapping back,
+  and drains what C was serving through it, before the change).
 
 Ordering (docs/design.md, "Ordering stored as data"): a new L2 table needs no
 edges of its own (nothing reaches it until its L1 entry is written); the L1

@@ -79,7 +79,10 @@ class Overlap:
                 self.mark_corrupt(f"refusing to write {item.name} over {owner or 'unowned'} cluster {c}")
 
     def mark_corrupt(self, why: str) -> None:
-        """Corruption marks the image and makes it read-only (STYLE.md habit 4). Raises CorruptImage."""
+        """Corruption marks the image and makes it read-only (docs/design.md, "Validation and damage").
+
+        Raises CorruptImage.
+        """
         self.read_only_reason = f"corruption detected: {why}"
         hdr = self.header.hdr
         if hdr.version >= 3:

@@ -1,10 +1,10 @@
 """The sans-I/O protocol between the qcow2 core and whoever does the I/O.
 
 The core's generators yield requests and are sent back the results; their
-return value is the plan. This keeps every decision in pure code (STYLE.md,
-the h11 model) while the caller decides how I/O happens: over a bytearray in
-tests and in ``cachefs check``, over an async backend under trio in the
-image layer.
+return value is the plan. This keeps every decision in pure code (the h11
+model; docs/design.md, "The core does no I/O") while the caller decides how
+I/O happens: over a bytearray in tests and in ``cachefs check``, over an
+async backend under trio in the image layer.
 
 - :class:`ReadRequest`: the engine needs metadata (or COW source data) from
   the file; it is sent back the bytes.
