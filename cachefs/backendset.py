@@ -147,8 +147,8 @@ class BackendSet:
         # now; ``close_all`` runs only when it is zero and ``_closed`` keeps
         # new calls out meanwhile, so no worker thread ever uses a closed fd.
         self._users = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._in_use = _InUse(self)
+        self._idle: trio.Event | None = None  # set when _users drops to 0 while a quiesce waits
         self._reopened: trio.Event | None = None
 
     @property
@@ -195,18 +195,18 @@ class BackendSet:
         asynccontextmanager: it wraps every guest request, and a generator
         based context manager costs several microseconds more each time.
         """
-        return _InUse(self)
+        return self._in_use  # stateless: one per set, not one per request
 
     async def _enter(self) -> None:
         while self._reopened is not None:
             await self._reopened.wait()
         self._users += 1
-        if self._users == 1:
-            self._idle = trio.Event()
 
     def _leave(self) -> None:
         self._users -= 1
-        if self._users == 0:
+        # The event exists only while a quiesce waits: every request would
+        # otherwise make one each time the image turns busy (issue 10, hot path).
+        if self._users == 0 and self._idle is not None:
             self._idle.set()
 
     @contextlib.asynccontextmanager
@@ -216,7 +216,10 @@ class BackendSet:
             await self._reopened.wait()
         self._reopened = trio.Event()
         try:
-            await self._idle.wait()
+            if self._users:
+                self._idle = trio.Event()
+                await self._idle.wait()
+                self._idle = None
             yield
         finally:
             ev, self._reopened = self._reopened, None
