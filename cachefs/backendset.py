@@ -178,9 +178,6 @@ class BackendSet:
         """Concrete mode -> submitter of its open descriptor."""
         return {name: submitter_name(be) for name, be in sorted(self._open.items())}
 
-    #: The old name; image.py still calls it (it is another change's file).
-    engines = submitters
-
     @property
     def fd(self) -> int | None:
         """A descriptor for fstat: the lock's, or any open backend's."""
