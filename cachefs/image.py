@@ -34,7 +34,7 @@ import attrs
 import trio
 
 from cachefs.backendset import BackendSet, file_opener
-from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage
+from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
 from cachefs.qcow2 import format as fmt
@@ -355,7 +355,7 @@ class RawImage(Image):
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
         if size < self.size:
-            raise OSError(errno.EOPNOTSUPP, "shrinking an image is refused")
+            raise UnsupportedOperation("shrinking an image is refused")
         async with self.backends.in_use():
             await self.backend.truncate(size)
         self._size = size
@@ -468,10 +468,8 @@ class Qcow2Image(Image):
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
         async with self.backends.in_use(), self.write_lock:
-            try:
-                await run_async(self.engine.resize(size), self.backend.pread)
-            except UnsupportedImage as exc:
-                raise OSError(errno.EOPNOTSUPP, str(exc)) from None
+            # A refused size raises UnsupportedOperation: EOPNOTSUPP at fs.py.
+            await run_async(self.engine.resize(size), self.backend.pread)
 
     # -------------------------------------------------------------- flush
 

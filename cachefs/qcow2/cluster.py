@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import attrs
 
-from cachefs.errors import DamagedMetadata, UnsupportedImage
+from cachefs.errors import DamagedMetadata, UnsupportedImage, UnsupportedOperation
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.meta import HeaderItem, MetaItem, State, Table, TableCache, TableChunk
 from cachefs.qcow2.plan import ReadRequest
@@ -244,7 +244,7 @@ class ClusterMap:
 
     def _move_l1(self, need: int):
         if need * 8 > fmt.MAX_L1_BYTES:
-            raise UnsupportedImage("the new size needs an L1 table beyond 32 MiB")
+            raise UnsupportedOperation("the new size needs an L1 table beyond 32 MiB")
         old = self._l1_clusters()
         clusters = -(-need * 8 // self.cs)
         first, blocks = yield from self.refs.alloc_at_end(clusters)

@@ -32,7 +32,7 @@ import zlib
 
 import attrs
 
-from cachefs.errors import CorruptImage, DamagedMetadata, UnsupportedImage
+from cachefs.errors import CorruptImage, DamagedMetadata, UnsupportedImage, UnsupportedOperation
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.cluster import ClusterMap
 from cachefs.qcow2.meta import HeaderItem, TableCache
@@ -378,5 +378,5 @@ class Engine:
         """Generator: grow the virtual size (shrinking is refused, as qemu-img does without --shrink)."""
         self.overlap.check_writable()
         if new_size < self.size:
-            raise UnsupportedImage("shrinking an image is not supported")
+            raise UnsupportedOperation("shrinking an image is not supported")
         yield from self.map.grow(-(-new_size // 512) * 512)
