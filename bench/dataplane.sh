@@ -33,20 +33,19 @@ run() { # target file job
       --size=${SZ}M --runtime="$RT" --time_based --output-format=json 2>/dev/null |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
 }
-wait_file() { for _ in $(seq 100); do [ -e "$1" ] && return 0; sleep 0.1; done; echo "no $1" >&2; return 1; }
-target_up() { # target -> prints the file to test
+target_up() { # target -> F, the file to test (run in this shell: it keeps qsd's pid)
   case $1 in
-    host) echo "$W/img/t.raw" ;;
-    probe) "$PROBE" "$W/img/t.raw" "$W/probe" && echo "$W/probe/f" ;;
+    host) F="$W/img/t.raw" ;;
+    probe) "$PROBE" "$W/img/t.raw" "$W/probe" >"$W/probe.log" 2>&1; F="$W/probe/f" ;;
     qsd) touch "$W/exp.raw"
          qemu-storage-daemon --blockdev driver=file,filename="$W/img/t.raw",node-name=f0,cache.direct=on,aio=native \
            --blockdev driver=raw,file=f0,node-name=n0 \
            --export type=fuse,id=e,node-name=n0,mountpoint="$W/exp.raw",writable=on >"$W/qsd.log" 2>&1 &
          qsd_pid=$!
          for _ in $(seq 100); do grep -q " $W/exp.raw fuse" /proc/mounts && break; sleep 0.1; done
-         echo "$W/exp.raw" ;;
+         F="$W/exp.raw" ;;
     dp-on|dp-off) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --dataplane "${1#dp-}" --log "$W/cachefs.log" \
-                    2>/dev/null && echo "$W/mnt/t.raw" ;;
+                    2>/dev/null; F="$W/mnt/t.raw" ;;
   esac
 }
 target_down() {
@@ -61,9 +60,9 @@ echo "# $(date -u +%FT%TZ) $(nproc) cpus, ${SZ} MiB raw file, ${RT}s per job, $R
 printf '%-10s' target; for j in $JOBS; do printf ' %15s' "$j"; done; echo
 for round in $(seq "$ROUNDS"); do
   for t in host probe qsd dp-on dp-off; do
-    f=$(target_up "$t")
+    target_up "$t"
     printf '%-10s' "$t"
-    for j in $JOBS; do printf ' %15s' "$(run "$t" "$f" "$j")"; done; echo
+    for j in $JOBS; do printf ' %15s' "$(run "$t" "$F" "$j")"; done; echo
     target_down "$t"
   done
 done
