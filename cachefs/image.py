@@ -400,6 +400,25 @@ class Qcow2Image(Image):
         out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         return out
 
+    async def _core(self, gen, be, io=None):
+        """Drive one of the core's generators on ``be``: every planner and queue
+        entry point runs through here.
+
+        The one boundary for corruption (docs/design.md, "Validation and
+        damage"): a CorruptImage raised anywhere in the core (an overlap, a
+        refcount that would drop below zero, a cluster allocated twice)
+        marks the image corrupt and read-only, as QEMU's
+        qcow2_signal_corruption does, and fails the request with it (EIO);
+        later writes get EROFS, and the corrupt bit reaches the header at
+        the next writeout.
+        """
+        try:
+            return await run_async(gen, be.pread, io)
+        except CorruptImage as exc:
+            self.engine.overlap.corrupted(str(exc))
+            log.error("%s: %s; the image is now read-only", self.path, exc)
+            raise
+
     # -------------------------------------------------------------- reads
 
     async def _read(self, be, offset: int, length: int):
@@ -409,7 +428,7 @@ class Qcow2Image(Image):
         # cluster must not be applied meanwhile (tests/test_inflight_race.py).
         q.inflight += 1
         try:
-            extents = await run_async(self.engine.plan_read(offset, length), be.pread)
+            extents = await self._core(self.engine.plan_read(offset, length), be)
             if len(extents) == 1:  # the common case: no join, so no copy
                 return await self._read_extent(be, extents[0])
             parts = [await self._read_extent(be, ext) for ext in extents]
@@ -435,15 +454,15 @@ class Qcow2Image(Image):
     async def _write(self, be, offset: int, data) -> None:
         eng = self.engine
         async with self.write_lock:
-            plan = await run_async(eng.plan_write(offset, data), be.pread)
+            plan = await self._core(eng.plan_write(offset, data), be)
             if plan.needs_commit:
                 try:
                     await self._data_writes(be, plan)
                 except BaseException:
                     with trio.CancelScope(shield=True):
-                        await run_async(eng.abort(plan), be.pread)
+                        await self._core(eng.abort(plan), be)
                     raise
-                await run_async(eng.commit(plan), be.pread)
+                await self._core(eng.commit(plan), be)
                 self._zcache = None
                 if eng.cache.over_budget:
                     await self._run_queue(be, self.queue.writeout_early())
@@ -469,13 +488,13 @@ class Qcow2Image(Image):
             raise OSError(errno.EROFS, "image is read-only")
         async with self.backends.in_use(), self.write_lock:
             # A refused size raises UnsupportedOperation: EOPNOTSUPP at fs.py.
-            await run_async(self.engine.resize(size), self.backend.pread)
+            await self._core(self.engine.resize(size), self.backend)
 
     # -------------------------------------------------------------- flush
 
     async def _run_queue(self, be, gen):
         """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock."""
-        return await run_async(gen, be.pread, _QueueIO(self, be))
+        return await self._core(gen, be, _QueueIO(self, be))
 
     async def _make_durable(self, be) -> None:
         async with self.write_lock:

@@ -14,9 +14,11 @@ import trio
 
 from cachefs.backend import MemoryBackend
 from cachefs.backendset import BackendSet
-from cachefs.errors import UnsupportedOperation
+from cachefs.errors import CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.fs import _fuse_error
 from cachefs.image import RawImage
+from cachefs.policy import WRITEBACK, WRITETHROUGH
+from cachefs.qcow2 import format as fmt
 from memimage import new_buffer, open_memory
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -63,3 +65,90 @@ def test_raw_shrink_is_an_unsupported_operation():
         await img.truncate(2 * MiB)
         assert img.size == 2 * MiB
     trio.run(main)
+
+
+# ---------------------------------------------------------------- corruption found in the core
+
+CS = 64 * KiB
+
+
+def _underflow_image() -> tuple[bytearray, int]:
+    """An image whose guest cluster 0 maps to a host cluster with refcount 0 (and its host offset).
+
+    Its L2 entry still says COPIED (refcount 1), so the engine writes over it
+    in place; a full cluster of zeros frees it, and that free is the one that
+    would take its refcount below zero.
+    """
+    buf = new_buffer(16 * MiB)
+
+    async def fill():
+        img = await open_memory(buf)
+        await img.write(0, b"\x5a" * CS)
+        await img.close()
+    trio.run(fill)
+    hdr = fmt.parse_header_untrusted(bytes(buf[:CS]), len(buf))
+    l2 = int.from_bytes(buf[hdr.l1_table_offset:hdr.l1_table_offset + 8], "big") & fmt.OFFSET_MASK
+    host = int.from_bytes(buf[l2:l2 + 8], "big") & fmt.OFFSET_MASK
+    assert host and hdr.refcount_order == 4
+    block = int.from_bytes(buf[hdr.refcount_table_offset:hdr.refcount_table_offset + 8], "big") & fmt.OFFSET_MASK
+    at = block + 2 * (host // CS)
+    assert int.from_bytes(buf[at:at + 2], "big") == 1
+    buf[at:at + 2] = (0).to_bytes(2, "big")
+    return buf, host
+
+
+def _corrupt_bit(buf: bytearray) -> bool:
+    return fmt.parse_header_untrusted(bytes(buf[:CS]), len(buf)).corrupt
+
+
+@pytest.mark.parametrize("mode", [WRITEBACK, WRITETHROUGH], ids=lambda m: m.name)
+def test_refcount_underflow_marks_the_image_corrupt(mode):
+    """refcount.py's CorruptImage fails the request that met it (EIO), leaves the
+    image read-only (EROFS for the next write) and sets the header's corrupt
+    bit by close, as QEMU's qcow2_signal_corruption does. Under writeback the
+    free is applied by the flush; under writethrough by the write's own writeout."""
+    buf, _ = _underflow_image()
+
+    async def main():
+        img = await open_memory(buf, mode=mode)
+        assert img.engine.writable
+        with pytest.raises(CorruptImage) as info:
+            await img.write(0, bytes(CS))     # zeros: the cluster is freed
+            await img.flush()
+        assert "would become -1" in str(info.value)
+        assert _client_errno(info.value) == errno.EIO
+        assert not img.engine.writable
+        with pytest.raises(UnsupportedImage) as info:
+            await img.write(CS, b"\xa5" * 4096)
+        assert _client_errno(info.value) == errno.EROFS
+        assert await img.read(CS, 4096) == bytes(4096)  # reads go on
+        await img.close()
+    trio.run(main)
+    assert _corrupt_bit(buf)
+
+    async def reopen():
+        img = await open_memory(buf)
+        assert not img.engine.writable  # marked corrupt: served read-only from now on
+        with pytest.raises((OSError, UnsupportedImage)) as info:
+            await img.write(0, b"x" * 4096)
+        assert _client_errno(info.value) == errno.EROFS
+    trio.run(reopen)
+
+
+def test_corruption_is_not_written_to_a_read_only_open():
+    """A CorruptImage met through a read-only open marks nothing on disk."""
+    buf = new_buffer(16 * MiB)
+    before = bytes(buf)
+
+    async def main():
+        img = await open_memory(buf, writable=False)
+
+        def bad():
+            raise CorruptImage("found while reading")
+            yield
+        with pytest.raises(CorruptImage):
+            await img._core(bad(), img.backend)
+        await img.flush()
+        await img.close()
+    trio.run(main)
+    assert bytes(buf) == before

@@ -83,8 +83,21 @@ class Overlap:
 
         Raises CorruptImage.
         """
+        self.corrupted(why)
+        raise CorruptImage(why)
+
+    def corrupted(self, why: str) -> None:
+        """Mark the image corrupt and read-only, without raising.
+
+        The image layer calls this for a CorruptImage raised anywhere in the
+        core (refcount.py's underflow, a double allocation) at the one place
+        it drives the core (image.Qcow2Image._core). An image that is read-only
+        already keeps its reason and its header: one opened read-only must not
+        be written, one marked already needs nothing more.
+        """
+        if not self.writable:
+            return
         self.read_only_reason = f"corruption detected: {why}"
         hdr = self.header.hdr
         if hdr.version >= 3:
             self.header.update(incompatible=hdr.incompatible | fmt.INCOMPAT_CORRUPT)
-        raise CorruptImage(why)
