@@ -152,3 +152,48 @@ def test_corruption_is_not_written_to_a_read_only_open():
         await img.close()
     trio.run(main)
     assert bytes(buf) == before
+
+
+# ---------------------------------------------------------------- a writeout tries every ready item
+
+def test_failed_metadata_write_does_not_stop_the_round():
+    """A flush whose first metadata write fails still writes the round's other
+    ready items, reports the first error, and keeps the failed item dirty: the
+    next flush writes it, and the image closes clean (STYLE.md habit 4)."""
+    from cachefs.backend.faulty import Sync, Write
+    from cachefs.qcow2.check import check_image
+    from cachefs.qcow2.meta import State
+    from cachefs.qcow2.plan import run_sync
+    from test_cache_modes import open_recorded
+
+    buf = new_buffer(64 * MiB)
+    hdr = fmt.parse_header_untrusted(bytes(buf[:CS]), len(buf))
+    block = int.from_bytes(buf[hdr.refcount_table_offset:hdr.refcount_table_offset + 8], "big") & fmt.OFFSET_MASK
+    assert block > 0
+
+    async def main():
+        img, rec, faulty = await open_recorded(buf, WRITEBACK, faulty=True)
+        await img.write(0, b"\x11" * CS)
+        await img.write(8 * MiB, b"\x22" * CS)
+        q = img.queue
+        started = len(rec.events)
+        # The first flush reserves, so its first round writes the header's dirty
+        # bit (offset 0, first by offset) and the refcount block (tests/test_metaqueue.py).
+        fault = faulty.inject("pwrite", errno.EIO, times=1, offset_range=(0, 512))
+        with pytest.raises(OSError) as info:
+            await img.flush()
+        assert info.value.errno == errno.EIO and fault.hits == 1
+        after = rec.events[started:]
+        assert not any(isinstance(e, Write) and e.offset < 512 for e in after)
+        assert any(isinstance(e, Write) and block <= e.offset < block + CS for e in after), \
+            "the refcount block in the failed header's round was not written"
+        assert not any(isinstance(e, Sync) for e in after[1:])  # reported before the round's sync
+        assert q.header.state is State.DIRTY  # the failed item waits for the next flush
+        await img.flush()
+        assert not q.dirty
+        assert bytes(await img.read(0, CS)) == b"\x11" * CS
+        assert bytes(await img.read(8 * MiB, CS)) == b"\x22" * CS
+        await img.close()
+    trio.run(main)
+    result = run_sync(check_image(len(buf)), lambda o, n: bytes(buf[o:o + n]))
+    assert not result.corruptions and not result.leaks

@@ -24,9 +24,12 @@ per guest flush"):
 It does no I/O. Its generators yield plan.WriteRequest, SyncRequest,
 TruncateRequest (and ReadRequest, for refcount blocks a free or a
 reservation needs) and are driven by plan.run_async in the image layer, by
-plan.run_sync in tests. A failed request raises out of the driver and leaves
-the generator where it was: items not yet reported written stay dirty, so
-the next flush writes them again.
+plan.run_sync in tests. A round's writes are all tried (STYLE.md habit 4:
+a flush tries every step and reports the first error): an item whose write
+failed stays dirty, the others are written, and the first failure is raised
+once the round's writes are done, before its sync. The next flush writes the
+failed items again (and syncs the others). Any other failed request raises
+out of the driver and leaves the generator where it was.
 """
 
 from __future__ import annotations
@@ -173,10 +176,24 @@ class MetaQueue:
         self._awaiting_sync.clear()
 
     def _write(self, batch):
-        for item, offset, payload in batch:
+        """Generator: write every item of the batch; raise the first failure after trying them all.
+
+        An item whose write failed stays DIRTY, so the next writeout tries it
+        again; nothing in a batch depends on another item of it (each is
+        ready), so the rest may be written meanwhile.
+        """
+        done, first_error = [], None
+        for entry in batch:
+            offset, payload = entry[1], entry[2]
             if payload:
-                yield WriteRequest(offset, payload)
-        self.written(batch)
+                failed = yield WriteRequest(offset, payload, reports_failure=True)
+                if isinstance(failed, OSError):
+                    first_error = first_error or failed
+                    continue
+            done.append(entry)
+        self.written(done)
+        if first_error is not None:
+            raise first_error
 
     # ------------------------------------------------------------ rounds
 

@@ -10,7 +10,9 @@ async backend under trio in the image layer.
   the file; it is sent back the bytes.
 - :class:`WriteRequest`, :class:`SyncRequest`, :class:`TruncateRequest`: the
   metadata queue (metaqueue.py) writes tables, makes them durable, and
-  extends or trims the file. They are sent back nothing.
+  extends or trims the file. They are sent back nothing, except a
+  WriteRequest that ``reports_failure``: it is sent back None, or the OSError
+  its write raised, so the generator can go on with its other writes.
 
 :func:`run_sync` and :func:`run_async` drive any of these generators: reads
 go to ``pread``, everything else to ``io`` (an object with ``pwrite``,
@@ -35,6 +37,9 @@ class ReadRequest:
 class WriteRequest:
     offset: int
     data: Any  # bytes or memoryview
+    # True: a failed write is sent back as its OSError instead of raising out
+    # of the driver (a writeout tries every ready item, metaqueue.py).
+    reports_failure: bool = attrs.field(default=False, kw_only=True)
 
     def perform(self, io):
         return io.pwrite(self.offset, self.data)
@@ -75,8 +80,14 @@ def run_sync(gen: Gen, pread: Callable[[int, int], bytes], io=None):
         while True:
             if type(req) is ReadRequest:
                 req = gen.send(pread(req.offset, req.length))
-            else:
-                req = gen.send(req.perform(io))
+                continue
+            try:
+                data = req.perform(io)
+            except OSError as exc:
+                if not _reports(req):
+                    raise
+                data = exc
+            req = gen.send(data)
     except StopIteration as stop:
         return stop.value
 
@@ -89,10 +100,20 @@ async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]], io=
             if type(req) is ReadRequest:
                 data = await pread(req.offset, req.length)
             else:
-                data = await req.perform(io)
+                try:
+                    data = await req.perform(io)
+                except OSError as exc:
+                    if not _reports(req):
+                        raise
+                    data = exc
             req = gen.send(data)
     except StopIteration as stop:
         return stop.value
+
+
+def _reports(req: Request) -> bool:
+    """Is a failure of ``req`` sent back to the generator (rather than raised out of the driver)?"""
+    return type(req) is WriteRequest and req.reports_failure
 
 
 # ---------------------------------------------------------------- plans
