@@ -1,8 +1,8 @@
-"""`cachefs check` and the repair of dirty lazy-refcount images at open.
+"""`cachefs check`: check (and repair) an image file, report as qemu-img check does.
 
-The checker itself (cachefs/qcow2/check.py) is sans-I/O; this module feeds
-it from a file, shows progress on a terminal, and carries out the repair's
-write and sync requests (check.write_repair) with plan.run_sync.
+The checker (cachefs/qcow2/check.py) and the repair (cachefs/qcow2/repair.py)
+are sans-I/O; this module feeds the checker from a file and shows progress on
+a terminal; repairio.py carries out the repair.
 """
 
 from __future__ import annotations
@@ -13,37 +13,8 @@ import sys
 
 from cachefs.qcow2 import check as qcheck
 from cachefs.qcow2.plan import run_sync
-
-
-def _reader(fd: int, progress=None):
-    def pread(off: int, n: int) -> bytes:
-        if progress is not None:
-            progress(n)
-        return os.pread(fd, n, off)
-    return pread
-
-
-class _FileIO:
-    """plan.py's write requests on a file descriptor."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def pwrite(self, offset: int, data) -> None:
-        os.pwrite(self.fd, data, offset)
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def truncate(self, size: int, grow: bool) -> None:
-        now = os.fstat(self.fd).st_size
-        if (now < size) if grow else (now > size):
-            os.ftruncate(self.fd, size)
-
-
-def _apply(fd: int, writes) -> int:
-    """Apply repair writes in check.repair's order, then make them durable."""
-    return run_sync(qcheck.write_repair(writes), _reader(fd), _FileIO(fd))
+from cachefs.repairio import reader as _reader
+from cachefs.repairio import repair_fd
 
 
 def check_fd(fd: int, *, repair: str | None = None, show_progress: bool = False):
@@ -57,8 +28,7 @@ def check_fd(fd: int, *, repair: str | None = None, show_progress: bool = False)
         result = run_sync(qcheck.check_image(size), _reader(fd))
     repaired = 0
     if repair and not result.clean:
-        writes = run_sync(qcheck.repair(result, repair), _reader(fd))
-        repaired = _apply(fd, writes)
+        repaired = repair_fd(fd, result, repair)
         result = run_sync(qcheck.check_image(size), _reader(fd))
     return result, repaired
 
@@ -111,14 +81,3 @@ def _print_report(result, repaired: int) -> None:
           f"{100 * result.allocated_clusters / total:.2f}% allocated, "
           f"{100 * result.compressed_clusters / total:.2f}% compressed clusters")
     print(f"Image end offset: {result.image_end_offset}")
-
-
-def repair_dirty_sync(fd: int) -> None:
-    """A lazy-refcounts image that was not closed cleanly: rebuild refcounts, clear the dirty bit.
-
-    QEMU does the same on read-write open (qcow2_check_refcounts with
-    BDRV_FIX_ERRORS | BDRV_FIX_LEAKS). Raises CorruptImage if it cannot.
-    """
-    size = os.fstat(fd).st_size
-    writes = run_sync(qcheck.rebuild_refcounts(size), _reader(fd))
-    _apply(fd, writes)

@@ -41,6 +41,7 @@ from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.engine import Engine, open_engine
 from cachefs.qcow2.metaqueue import Generations
 from cachefs.qcow2.plan import ExtentKind, run_async
+from cachefs.repairio import repair_dirty_sync
 
 log = logging.getLogger("cachefs.image")
 
@@ -568,7 +569,6 @@ def _padded(view: memoryview, length: int):
 
 
 def _repair_buffered(path: str) -> None:
-    from cachefs.checkcmd import repair_dirty_sync
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # the repair does unaligned I/O: never O_DIRECT
     try:
         repair_dirty_sync(fd)

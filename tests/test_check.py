@@ -16,7 +16,8 @@ from hypothesis import assume, event, given, settings, strategies as st
 
 from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
-from cachefs.qcow2.check import check_image, rebuild_refcounts, repair
+from cachefs.qcow2.check import check_image
+from cachefs.qcow2.repair import rebuild_refcounts, repair
 from cachefs.qcow2.plan import run_sync
 
 # qemu-img/qemu-io are installed by `make test`; a missing tool must fail, not skip.
@@ -375,7 +376,7 @@ def test_driven_by_run_async(tmp_path):
 def test_refcount_patch_matches_the_codec(order):
     import random
 
-    from cachefs.qcow2.check import _set_refcount
+    from cachefs.qcow2.repair import _set_refcount
 
     rnd = random.Random(order)
     n = 4096 * 8 >> order

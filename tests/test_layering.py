@@ -117,3 +117,44 @@ def test_the_rules_see_a_violation(tmp_path):
                      "class C:\n    from cachefs import native\n")
     mods = imports_of(probe, "cachefs.qcow2")
     assert {"trio", "cachefs.qcow2.meta", "cachefs.native", "cachefs.native.POOL"} <= mods
+
+
+def _graph() -> dict[str, set[str]]:
+    """cachefs module -> the cachefs modules it imports (at any depth in the file)."""
+    paths = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for mod, path in paths.items():
+        deps = set()
+        for imp in imports_of(path):
+            while imp and imp not in paths:
+                imp = imp.rpartition(".")[0]  # `from cachefs.qcow2 import check` names a module
+            if imp and imp != mod:
+                deps.add(imp)
+        graph[mod] = deps
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_image_layer_is_in_no_import_cycle():
+    """image.py is below the commands: nothing it imports (however deep) imports it back.
+    The repair a dirty lazy-refcounts image needs at open is repairio.py, below both
+    image.py and checkcmd.py (issue 10, layering)."""
+    graph = _graph()
+    assert "cachefs.image" not in _reachable(graph, "cachefs.image")
+    assert "cachefs.checkcmd" not in _reachable(graph, "cachefs.image")
+
+
+def test_the_checker_reads_headers_through_the_format_module():
+    """Header reading lives in format.py; the checker and the repair do not depend on the engine."""
+    graph = _graph()
+    for mod in ("cachefs.qcow2.check", "cachefs.qcow2.repair", "cachefs.repairio"):
+        assert "cachefs.qcow2.engine" not in _reachable(graph, mod), mod

@@ -60,7 +60,7 @@ class EngineCounters:
 
 def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES):
     """Generator: read and validate the header and top-level tables, return an Engine."""
-    hdr = yield from read_header(file_size)
+    hdr = yield from fmt.read_header(file_size)
     refuse = _unsupported(hdr)
     if refuse:
         raise UnsupportedImage(refuse)
@@ -73,24 +73,6 @@ def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CA
     if eng.writable:
         yield from eng.refs.scan_end()
     return eng
-
-
-def read_header(file_size: int):
-    """Generator: the validated header of an image file of file_size bytes.
-
-    Two reads: the fixed fields tell the cluster size, and the header with
-    its extensions may fill the whole first cluster (spec "Header extensions").
-    """
-    if file_size < fmt.V2_HEADER_LENGTH:
-        raise CorruptImage("file too small to be a qcow2 image")
-    head = bytes((yield ReadRequest(0, min(file_size, 512))))
-    if head[:4] != fmt.MAGIC:
-        raise CorruptImage("not a qcow2 image (bad magic)")
-    cluster_bits = int.from_bytes(head[20:24], "big")
-    if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
-        raise CorruptImage(f"cluster_bits {cluster_bits} out of range 9..21")
-    first = yield ReadRequest(0, min(file_size, 1 << cluster_bits))
-    return fmt.parse_header_untrusted(bytes(first), file_size)
 
 
 def _unsupported(hdr: fmt.Header) -> str | None:

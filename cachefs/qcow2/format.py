@@ -3,7 +3,8 @@
 Everything here is pure: bytes in, values out (and back). Functions whose
 input comes from an image file say so with ``_untrusted`` and raise only
 :class:`CorruptImage` or :class:`UnsupportedImage`, each with a one-line
-message. The field layout follows QEMU's ``docs/interop/qcow2.rst``
+message; so does :func:`read_header`, the generator (plan.py's ReadRequest)
+that fetches a header's bytes for them. The field layout follows QEMU's ``docs/interop/qcow2.rst``
 (cited below as "spec").
 """
 
@@ -14,6 +15,7 @@ import struct
 import attrs
 
 from cachefs.errors import CorruptImage, UnsupportedImage
+from cachefs.qcow2.plan import ReadRequest
 
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
@@ -146,6 +148,24 @@ def max_l1_entries(size: int, cluster_bits: int) -> int:
     """How many L1 entries a virtual size needs (spec: one per L2 table's reach)."""
     reach = 1 << (2 * cluster_bits - 3)
     return -(-size // reach)
+
+
+def read_header(file_size: int):
+    """Generator: the validated header of an image file of file_size bytes.
+
+    Two reads: the fixed fields tell the cluster size, and the header with
+    its extensions may fill the whole first cluster (spec "Header extensions").
+    """
+    if file_size < V2_HEADER_LENGTH:
+        raise CorruptImage("file too small to be a qcow2 image")
+    head = bytes((yield ReadRequest(0, min(file_size, 512))))
+    if head[:4] != MAGIC:
+        raise CorruptImage("not a qcow2 image (bad magic)")
+    cluster_bits = int.from_bytes(head[20:24], "big")
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise CorruptImage(f"cluster_bits {cluster_bits} out of range 9..21")
+    first = yield ReadRequest(0, min(file_size, 1 << cluster_bits))
+    return parse_header_untrusted(bytes(first), file_size)
 
 
 def parse_header_untrusted(buf: bytes, file_size: int) -> Header:
