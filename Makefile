@@ -38,8 +38,8 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# Rebuilt when the packaging or the native module's build script changes.
-$(STAMP): pyproject.toml setup.py cachefs/native/build.py | deps
+# Rebuilt when the packaging, the native module's build script or its C sources change.
+$(STAMP): pyproject.toml setup.py cachefs/native/build.py $(wildcard cachefs/native/*.c cachefs/native/*.h) | deps
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
