@@ -288,13 +288,6 @@ class Catalog:
 
     # -------------------------------------------------------------- life of an entry
 
-    def forget_name(self, name: str) -> Entry | None:
-        """Take ``name`` out of the directory (unlink/rename through the mount); the entry lives on."""
-        e = self.by_name.pop(name, None)
-        if e is not None:
-            e.visible = None
-        return e
-
     def opened(self, e: Entry) -> None:
         e.handles += 1
 

@@ -29,7 +29,7 @@ from array import array
 
 import attrs
 
-from cachefs.errors import CorruptImage, UnsupportedImage
+from cachefs.errors import UnsupportedImage
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.plan import ReadRequest
 
