@@ -66,6 +66,7 @@ class MountConfig:
     create_format: str = "qcow2"
     # "on", "off", or None: on when the native module has the data plane, else off (said in one line).
     dataplane: str | None = None
+    l2_cache_size: int | None = None  # bytes; None: the engine's default
     pid_file: str | None = None
     log_file: str | None = None
     foreground: bool = False
@@ -252,7 +253,8 @@ async def _open_catalog(cfg: MountConfig):
     mode = mode_named(cfg.cache_mode)
 
     async def opener(path: str):
-        return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio)
+        return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio,
+                                cache_bytes=cfg.l2_cache_size)
     catalog = Catalog(cfg.image_dir, opener)
     try:
         # The whole directory is on that filesystem / this host: refuse, no fallback.

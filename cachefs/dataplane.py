@@ -49,6 +49,7 @@ import trio
 
 from cachefs import native
 from cachefs.backend import ALIGN
+from cachefs.dpmap import MappingPublisher
 from cachefs.errors import CachefsError
 from cachefs.policy import MODES
 
@@ -205,6 +206,20 @@ class DataPlane:
         self._check(native.lib.dp_image_pause(self._dp, ino, int(paused)))
         return self.ticket()
 
+    def map_clusters(self, ino: int, first: int, entries: list[int]) -> None:
+        """Publish guest clusters [first, first + len(entries)): each ``host_offset | DP_MAP_*`` state."""
+        if entries:
+            self._check(native.lib.dp_map_clusters(self._dp, ino, first, len(entries),
+                                                   native.ffi.new("uint64_t[]", entries)))
+
+    def unmap_clusters(self, ino: int, first: int, count: int) -> None:
+        """Take clusters back: their next request is forwarded (drain before changing what they mapped)."""
+        self._check(native.lib.dp_unmap_clusters(self._dp, ino, first, count))
+
+    def map_bytes(self, ino: int) -> int:
+        """Memory C holds for the image's published mapping."""
+        return native.lib.dp_image_map_bytes(self._dp, ino) if self._dp is not None else 0
+
     def publish_handle(self, fh: int, ino: int, fd: int, *, direct: bool, fast_write: bool, sync: bool) -> None:
         self._check(native.lib.dp_handle_publish(self._dp, fh, ino, fd, ALIGN if direct else 1, int(fast_write),
                                                  int(sync)))
@@ -296,8 +311,8 @@ class _Published:
 class FastPaths:
     """Which handles the data plane serves, asked by fs.py at open, release, resize and mode switch.
 
-    Stage 1 of issue 11: raw images only (identity mapping); every request of
-    a qcow2 image is forwarded, and counted as such.
+    A raw image is one identity mapping; a qcow2 image's clusters are published
+    from its cached L2 tables (dpmap.MappingPublisher).
     """
 
     def __init__(self, plane: DataPlane, *, read_only: bool) -> None:
@@ -308,21 +323,35 @@ class FastPaths:
         # inode -> concrete mode name -> fast HANDLE_COUNTERS served through that mode's descriptor.
         self._by_mode: dict[int, dict[str, list[int]]] = {}
         self._pauses: dict[int, int] = {}  # inode -> callers inside paused()
+        self.mappings: dict[int, MappingPublisher] = {}  # qcow2 images' published mappings
+        self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
 
     def _publish_image(self, inode: int, image) -> None:
         raw = image.format == "raw"
         self.plane.publish_image(inode, size=image.size, cluster_size=image.cluster_size, identity=raw)
         log.debug("inode %d: %s, %d bytes", inode, image.format, image.size)
-        if inode not in self._images:
-            self._images[inode] = image
-            image.backends.fast_writes = lambda: self.plane.unsynced_writes(inode)
+        if inode in self._images:
+            return
+        self._images[inode] = image
+        image.backends.fast_writes = lambda: self.plane.unsynced_writes(inode)
+        if not raw:
+            # Stage 2: a qcow2 image's clusters are published as its L2 tables enter the cache.
+            pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
+            image.free_fence = pub.fence
+            image.on_read_only.append(lambda: self._read_only(inode))
+            pub.republish()
+
+    def _read_only(self, inode: int) -> None:
+        """Corruption made the image read-only: C serves nothing of it from now on (forwarded,
+        where Python refuses writes with EROFS and answers reads from what is still valid)."""
+        self.plane.pause_image(inode, True)
+        self.mappings[inode].stop()
+        self._dead.add(inode)
 
     async def opened(self, fh: int, handle) -> None:
         """A handle exists: publish it before its OPEN reply reaches the kernel."""
         self._publish_image(handle.inode, handle.image)
-        if handle.image.format != "raw":
-            return
         self.handles[fh] = _Published(handle.inode, handle)
         await self._publish_inode(handle.inode)
 
@@ -364,6 +393,7 @@ class FastPaths:
             image, mode = p.handle.image, p.handle.mode
             be = image.backends.get(mode)
             fast_write = (image.writable and not self.read_only and not mixed
+                          and not getattr(image, "compress", None)  # compressed in Python only
                           and p.handle.flags & os.O_ACCMODE != os.O_RDONLY)
             withdrawn |= p.fast_write and not fast_write
             self._charge(fh, p)
@@ -396,9 +426,10 @@ class FastPaths:
             if not self._pauses[inode]:
                 del self._pauses[inode]
                 self._publish_image(inode, image)
-                if image.format == "raw":
-                    await self._publish_inode(inode)
-                if inode not in self._pauses:  # nobody paused it again meanwhile
+                if inode in self.mappings:
+                    self.mappings[inode].republish()  # the size may have changed
+                await self._publish_inode(inode)
+                if inode not in self._pauses and inode not in self._dead:  # nobody paused it again
                     self.plane.pause_image(inode, False)
 
     #: Image counters that count both planes: stats key -> C counter added to it.
@@ -424,6 +455,10 @@ class FastPaths:
                 out[f"{name}.direct_bytes"] = out.get(f"{name}.direct_bytes", 0) + bytes_read + bytes_written
                 out["direct_bytes"] = out.get("direct_bytes", 0) + bytes_read + bytes_written
         out.update(fast)
+        pub = self.mappings.get(inode)
+        if pub is not None:  # the mapping C holds: bounded by the L2 cache
+            out.update(fast_map_bytes=self.plane.map_bytes(inode), fast_tables=len(pub.tables),
+                       fast_fences=pub.fences)
         return out
 
     def root_info(self) -> dict[str, str]:

@@ -374,6 +374,11 @@ class Qcow2Image(Image):
         self.commits = self.queue.commits
         self.write_lock = UncontendedLock()
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
+        # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
+        # runs, the only place a deferred free is applied, so no fast request still uses a
+        # host cluster being freed; and told when corruption makes the image read-only.
+        self.free_fence = None
+        self.on_read_only: list = []
 
     @property
     def size(self) -> int:
@@ -418,6 +423,8 @@ class Qcow2Image(Image):
         except CorruptImage as exc:
             self.engine.overlap.corrupted(str(exc))
             log.error("%s: %s; the image is now read-only", self.path, exc)
+            for callback in self.on_read_only:
+                callback()
             raise
 
     # -------------------------------------------------------------- reads
@@ -495,6 +502,8 @@ class Qcow2Image(Image):
 
     async def _run_queue(self, be, gen):
         """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock."""
+        if self.free_fence is not None:
+            await self.free_fence()
         return await self._core(gen, be, _QueueIO(self, be))
 
     async def _make_durable(self, be) -> None:

@@ -16,8 +16,8 @@ import click
 
 from cachefs.errors import CachefsError
 from cachefs.mounts import holders, mount_at
-from cachefs.mountopts import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, MountOptionError, MountOptions, check_submitter,
-                               merge, parse_options)
+from cachefs.mountopts import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, VALUES, MountOptionError, MountOptions,
+                               check_submitter, merge, parse_options)
 from cachefs.policy import MODES
 
 MNT_DETACH = 2  # <sys/mount.h>
@@ -36,12 +36,15 @@ MNT_DETACH = 2  # <sys/mount.h>
 @click.option("--dataplane", default=None, type=click.Choice(list(DATAPLANE)),
               help="Serve reads and writes of raw images in the C data plane (on, the default when the native "
                    "module is built), or everything through pyfuse3 (off).")
+@click.option("--l2-cache-size", "l2_cache_size", default=None, metavar="SIZE",
+              help="Memory for each qcow2 image's L2 tables and refcount blocks, as QEMU's l2-cache-size "
+                   "(default 32M); the data plane publishes the mappings of cached tables only.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other; "
                                                   "implies default_permissions).")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
               help="Mount options, as in fstab: cache=, aio=, dataplane=, ro, rw, allow_other, default_permissions, "
-                   "uid=, gid=, umask=, log=, pid_file=, create_format=, debug. A value given both as a "
+                   "uid=, gid=, umask=, log=, pid_file=, create_format=, l2_cache_size=, debug. A value given both as a "
                    "flag and with -o must agree.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Log file (default: /run/cachefs/MOUNTPOINT.log, or stderr with --foreground).")
@@ -50,15 +53,20 @@ MNT_DETACH = 2  # <sys/mount.h>
 @click.option("--create-format", type=click.Choice(list(CREATE_FORMATS)), default=None,
               help="What creating NAME.raw through the mount makes (default qcow2).")
 @click.option("--debug", is_flag=True)
-def mount(image_dir, mountpoint, cache_mode, aio, dataplane, foreground, allow_other, options, log_file, pid_file,
-          create_format, debug):
+def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, foreground, allow_other, options,
+          log_file, pid_file, create_format, debug):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
     Returns once the mount is live.
     """
     from cachefs.daemon import run_mount
+    try:
+        size = None if l2_cache_size is None else VALUES["l2_cache_size"](l2_cache_size)
+    except ValueError as exc:
+        click.echo(f"cachefs: --l2-cache-size {l2_cache_size}: {exc}", err=True)
+        sys.exit(2)
     flags = MountOptions(cache=cache_mode, aio=aio, allow_other=allow_other, log=log_file, pid_file=pid_file,
-                         create_format=create_format, dataplane=dataplane, debug=debug)
+                         create_format=create_format, dataplane=dataplane, l2_cache_size=size, debug=debug)
     try:
         cfg = mount_config(image_dir, mountpoint, merge(flags, parse_options(options)), foreground=foreground)
     except MountOptionError as exc:  # a usage error: exit 2 as click's own, but in one line
@@ -74,7 +82,7 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
     """
     from cachefs.daemon import MountConfig, discover_images
     given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
-             "dataplane": opts.dataplane,
+             "dataplane": opts.dataplane, "l2_cache_size": opts.l2_cache_size,
              "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,
              # The daemon's working directory is not the caller's: make paths absolute here.
              "log_file": opts.log and os.path.abspath(opts.log),

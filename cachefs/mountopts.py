@@ -69,6 +69,7 @@ class MountOptions:
     pid_file: str | None = None
     create_format: str | None = None
     dataplane: str | None = None
+    l2_cache_size: int | None = None
     debug: bool = False
     # (option, why it has no effect), for `mount.fuse.cachefs -v`.
     ignored: tuple[tuple[str, str], ...] = ()
@@ -162,12 +163,22 @@ def _path(value: str) -> str:
     return value
 
 
+def _bytes(value: str) -> int:
+    """A size as QEMU writes its l2-cache-size: a number with an optional K, M or G suffix."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    num, unit = value.rstrip("kKmMgG"), value[len(value.rstrip("kKmMgG")):].lower()
+    if not num.isdigit() or unit not in units or int(num) * units[unit] < 1:
+        raise ValueError("a size in bytes, with an optional K, M or G suffix (e.g. 4M)")
+    return int(num) * units[unit]
+
+
 #: Options that carry a value: option (= field) -> converter raising ValueError(why).
 VALUES: dict[str, Callable[[str], object]] = {
     "cache": _one_of(MODES),
     "aio": _one_of(SUBMITTERS),
     "create_format": _one_of(CREATE_FORMATS),
     "dataplane": _one_of(DATAPLANE),
+    "l2_cache_size": _bytes,
     "uid": _id(lambda name: pwd.getpwnam(name).pw_uid, "user"),
     "gid": _id(lambda name: grp.getgrnam(name).gr_gid, "group"),
     "umask": _umask,

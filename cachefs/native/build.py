@@ -393,6 +393,7 @@ _DP_CDEF = """
     int dp_image_remove(struct dp *dp, uint64_t ino);
     int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries);
     int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+    uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino);
     int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                           int sync);
     int dp_handle_unpublish(struct dp *dp, uint64_t fh);

@@ -20,6 +20,7 @@ int dp_image_pause(struct dp *dp, uint64_t ino, int paused) { return -ENOSYS; }
 int dp_image_remove(struct dp *dp, uint64_t ino) { return -ENOSYS; }
 int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries) { return -ENOSYS; }
 int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
+uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) { return 0; }
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                       int sync) { return -ENOSYS; }
 int dp_handle_unpublish(struct dp *dp, uint64_t fh) { return -ENOSYS; }

@@ -314,17 +314,49 @@ int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count,
     return !im ? -ENOENT : im->identity ? -EINVAL : rc;
 }
 
-/* Take clusters back (before a free, a COW, a discard...); then drain. */
+/* 1 when no entry of the chunk is published any more. */
+static int dp_chunk_empty(const uint64_t *c) {
+    for (uint32_t i = 0; i < (1u << DP_CHUNK_BITS); i++)
+        if (DP_MAP_STATE(c[i]) != DP_MAP_ABSENT)
+            return 0;
+    return 1;
+}
+
+/* Take clusters back (before a free, a COW, a discard, or as their L2 table leaves Python's
+ * cache); a change of mapping then drains. A chunk left empty is freed at once, so C's
+ * memory follows the L2 cache's bound: a dispatch copies what it needs into its slot under
+ * the lock, and nothing refers to a chunk after that. */
 int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) {
+    const uint64_t mask = (1u << DP_CHUNK_BITS) - 1, end = first + count;
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_map_get(&dp->images, ino);
-    for (uint64_t i = 0; im && !im->identity && i < count; i++) {
-        uint64_t cl = first + i, chunk = cl >> DP_CHUNK_BITS;
-        if (chunk < im->nchunks && im->chunks[chunk])
-            im->chunks[chunk][cl & ((1u << DP_CHUNK_BITS) - 1)] = DP_MAP_ABSENT;
+    for (uint64_t cl = first; im && !im->identity && cl < end;) {
+        uint64_t chunk = cl >> DP_CHUNK_BITS, stop = (chunk + 1) << DP_CHUNK_BITS;
+        uint64_t *c = chunk < im->nchunks ? im->chunks[chunk] : NULL;
+        stop = stop < end ? stop : end;
+        if (c) {
+            for (uint64_t x = cl; x < stop; x++)
+                c[x & mask] = DP_MAP_ABSENT;
+            if (dp_chunk_empty(c)) {
+                free(c);
+                im->chunks[chunk] = NULL;
+            }
+        }
+        cl = stop;
     }
     pthread_mutex_unlock(&dp->lock);
     return im ? 0 : -ENOENT;
+}
+
+/* Memory the mapping chunks of an image take, in bytes (for stats and the bound's test). */
+uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) {
+    uint64_t n = 0;
+    pthread_mutex_lock(&dp->lock);
+    struct dp_image *im = dp_map_get(&dp->images, ino);
+    for (uint64_t i = 0; im && i < im->nchunks; i++)
+        n += im->chunks[i] ? sizeof(uint64_t) << DP_CHUNK_BITS : 0;
+    pthread_mutex_unlock(&dp->lock);
+    return n;
 }
 
 /* Publish (or update) a handle: its requests may be served here from now on. */

@@ -117,14 +117,15 @@ class ClusterMap:
             raise DamagedMetadata(f"L1 entry {l1_idx} points outside the file or at other metadata")
         return off
 
-    def load_l2(self, offset: int):
+    def load_l2(self, offset: int, l1_idx: int):
         table = self.cache.get(offset)
         if table is None:
             buf = yield ReadRequest(offset, self.cs)
             table = self.cache.get(offset)  # loaded by another task meanwhile
             if table is None:
                 entries = fmt.decode_table(bytes(buf).ljust(self.cs, b"\0"))
-                table = self.cache.put(Table(name=f"l2@{offset:#x}", kind="l2", offset=offset, entries=entries))
+                table = self.cache.put(Table(name=f"l2@{offset:#x}", kind="l2", offset=offset, entries=entries,
+                                             l1_index=l1_idx))
         return table
 
     def entry(self, vcluster: int):
@@ -133,7 +134,7 @@ class ClusterMap:
         off = self.l2_offset(l1_idx)
         if off == 0:
             return 0
-        table = yield from self.load_l2(off)
+        table = yield from self.load_l2(off, l1_idx)
         entry = table.entries[idx]
         self.validate(entry, vcluster)
         return entry
@@ -161,13 +162,13 @@ class ClusterMap:
         if off:
             if not self.l1[l1_idx] & fmt.L1_COPIED:
                 raise UnsupportedImage("shared L2 tables (internal snapshots) cannot be written")
-            return (yield from self.load_l2(off)), idx
+            return (yield from self.load_l2(off, l1_idx)), idx
         a = yield from self.allocate("l2")
         off = a.cluster << self.cb
         # A new table is unreachable until its L1 entry is written, so it needs
         # no edges itself; the L1 chunk waits for the table and its refcount.
         table = self.cache.put(Table(name=f"l2@{off:#x}", kind="l2", offset=off,
-                                     entries=[0] * self.l2_entries, state=State.DIRTY))
+                                     entries=[0] * self.l2_entries, state=State.DIRTY, l1_index=l1_idx))
         self.refs.note_written(off + self.cs)
         self.l1[l1_idx] = off | fmt.L1_COPIED
         table.new = True

@@ -74,6 +74,9 @@ class Table(MetaItem):
     entries: list = attrs.field(factory=list, repr=False)
     order: int = 0  # refcount_order, for refblocks
     new: bool = False  # created here and never yet durable (a new L2 table)
+    # An L2 table: the L1 index that points at it, so its guest clusters are
+    # [l1_index * entries, ...). -1 for refcount blocks.
+    l1_index: int = -1
 
     def encode(self) -> bytes:
         if self.kind == "refblock":
@@ -135,6 +138,10 @@ class TableCache:
     def __init__(self, capacity: int):
         self.capacity = max(4, capacity)
         self._tables: collections.OrderedDict[int, Table] = collections.OrderedDict()
+        # Told when a table enters or leaves the cache: the data plane publishes
+        # the mappings of cached L2 tables only, so its memory is bounded as
+        # this cache is (DATAPLANE.md, "The mapping contract").
+        self.listeners: list = []
         # Invariant: at most one live Table object per offset. A plan may still
         # hold a table the LRU dropped; a later lookup must find that same
         # object, not load a second copy whose update would be lost.
@@ -155,11 +162,19 @@ class TableCache:
 
     def put(self, table: Table) -> Table:
         """Insert (or re-insert after an eviction) and trim clean tables."""
+        entering = table.offset not in self._tables
         self._tables[table.offset] = table
         self._tables.move_to_end(table.offset)
         self._live[table.offset] = table
+        if entering:
+            for listener in self.listeners:
+                listener.entered(table)
         self._trim(keep=table)
         return table
+
+    def _left(self, table: Table) -> None:
+        for listener in self.listeners:
+            listener.left(table)
 
     def _trim(self, keep: Table | None = None) -> None:
         # A WRITTEN table may go too: its bytes are in the file, and the engine
@@ -168,15 +183,17 @@ class TableCache:
             for off in [o for o, t in self._tables.items() if t.state is not State.DIRTY and t is not keep]:
                 if len(self._tables) <= self.capacity:
                     break
-                del self._tables[off]
+                self._left(self._tables.pop(off))
 
     def trim(self) -> None:
         """Evict what may be evicted now (after an early writeout)."""
         self._trim()
 
     def drop(self, offset: int) -> None:
-        self._tables.pop(offset, None)
+        table = self._tables.pop(offset, None)
         self._live.pop(offset, None)
+        if table is not None:
+            self._left(table)
 
     @property
     def over_budget(self) -> bool:
