@@ -152,7 +152,9 @@ def create_format(image: str, given: str | None) -> str:
                    "lazy_refcounts (off).")
 @click.option("--cluster-size", default=None, help="Same as -o cluster_size=.")
 @click.option("--refcount-bits", default=None, help="Same as -o refcount_bits=.")
-def create(image, size, fmt_, options, cluster_size, refcount_bits):
+@click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
+              help="Compress-on-write: whole-cluster writes are stored compressed (a backup target).")
+def create(image, size, fmt_, options, cluster_size, refcount_bits, compress):
     """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img)."""
     from cachefs.qcow2.create import new_image
     nbytes = parse_size(size)
@@ -161,14 +163,16 @@ def create(image, size, fmt_, options, cluster_size, refcount_bits):
     if kind == "raw":
         if opts:
             raise click.BadParameter(f"raw images take no options ({', '.join(opts)})", param_hint="-o")
+        if compress:
+            raise click.BadParameter("only qcow2 images can be compressed", param_hint="--compress")
         pieces = []
     else:
         try:
-            pieces = new_image(nbytes, **qcow2_layout(opts))
+            pieces = new_image(nbytes, **qcow2_layout(opts), compress=compress)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="-o") from None
     _write_new(image, pieces, nbytes if kind == "raw" else None)
-    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}")
+    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}" + (f" compress={compress}" if compress else ""))
 
 
 def _write_new(path: str, pieces, truncate_to: int | None) -> None:
@@ -254,6 +258,33 @@ def cache(file, mode):
         why = _xattr_or_none(file, "user.cachefs.cache_error") or os.strerror(exc.errno)
         raise CachefsError(f"{os.path.basename(file)}: cache mode stays {current}: {why}") from None
     click.echo(f"{os.path.basename(file)}: cache mode {current} -> {os.getxattr(file, key).decode()}")
+
+
+# ------------------------------------------------------------------ compress
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("algorithm", required=False, type=click.Choice(["zlib", "zstd", "off"]))
+def compress(file, algorithm):
+    """Show or change whether one mounted image is compress-on-write, live.
+
+    Whole-cluster writes are then stored compressed (qcow2 only). The setting
+    is kept in the image. Without ALGORITHM, prints the current one.
+    """
+    key = "user.cachefs.compress"
+    try:
+        current = os.getxattr(file, key).decode()
+    except OSError:
+        raise CachefsError(f"{file} is not an image of a cachefs mount") from None
+    if algorithm is None:
+        click.echo(current)
+        return
+    try:
+        os.setxattr(file, key, algorithm.encode())
+    except OSError as exc:
+        why = _xattr_or_none(file, "user.cachefs.compress_error") or os.strerror(exc.errno)
+        raise CachefsError(f"{os.path.basename(file)}: compress stays {current}: {why}") from None
+    click.echo(f"{os.path.basename(file)}: compress {current} -> {os.getxattr(file, key).decode()}")
 
 
 def _xattr_or_none(path: str, name: str) -> str | None:

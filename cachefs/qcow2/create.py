@@ -6,12 +6,18 @@ blocks, then the L1 table; every one of those clusters has refcount 1.
 
 from __future__ import annotations
 
+import attrs
+
 from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.compress import header_fields
 
 
 def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
-              lazy_refcounts: bool = False) -> list[tuple[int, bytes]]:
-    """(offset, bytes) pieces of a fresh image; the last piece ends at the file's size."""
+              lazy_refcounts: bool = False, compress: str | None = None) -> list[tuple[int, bytes]]:
+    """(offset, bytes) pieces of a fresh image; the last piece ends at the file's size.
+
+    ``compress``: "zlib" or "zstd" makes it compress-on-write (qcow2/compress.py).
+    """
     if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
         raise ValueError("cluster size must be a power of two from 512 B to 2 MiB")
     if not 0 <= refcount_order <= 6:
@@ -43,6 +49,8 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
         compatible=fmt.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
         header_length=112,
     )
+    if compress is not None:
+        hdr = attrs.evolve(hdr, **header_fields(hdr, compress, empty=True))
     reftable = [block_off + i * cs for i in range(blocks)]
     reftable += [0] * (rt_clusters * cs // 8 - len(reftable))
     counts = [1] * total + [0] * (blocks * per_block - total)

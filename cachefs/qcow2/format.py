@@ -45,6 +45,10 @@ COMPRESSION_ZSTD = 1
 EXT_END = 0x00000000
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
+# cachefs's own: the image is compress-on-write (docs/design.md, "Compress-on-write
+# images"). The spec lets a reader ignore an unknown extension, and QEMU keeps
+# unknown ones when it rewrites the header (qcow2.c: unknown_header_ext).
+EXT_CACHEFS_COMPRESS = 0x63667A31  # "cfz1"
 
 # L1 entry: bit 63 COPIED, bits 9-55 offset, the rest reserved (spec "L1 table").
 L1_COPIED = 1 << 63
@@ -284,6 +288,16 @@ def decode_compressed(entry: int, cluster_bits: int) -> Compressed:
     offset = entry & ((1 << x) - 1)
     extra = (entry & ((1 << 62) - 1)) >> x
     return Compressed(offset=offset, nb_sectors=extra + 1)
+
+
+def encode_compressed(offset: int, length: int, cluster_bits: int) -> int:
+    """The L2 entry of ``length`` compressed bytes at host ``offset`` (spec
+    "Compressed Clusters Descriptor"): the sector count is the fewest
+    512-byte sectors from offset's sector that cover the data, so the host
+    clusters a reader (and qemu-img check) counts are exactly those the
+    bytes touch. The COPIED bit stays clear: compressed clusters never have it."""
+    extra = (offset % 512 + length - 1) // 512
+    return L2_COMPRESSED | extra << compressed_shift(cluster_bits) | offset
 
 
 def encode_table(entries) -> bytes:
