@@ -356,6 +356,9 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
     tell("ok")
     log.info("serving %d image(s): %s (data plane %s)", len(catalog.by_name),
              ", ".join(catalog.names()) or "none", "on" if own else "off")
+    if own is None:
+        log.warning("data plane off: fallocate (discard, write-zeroes) fails with EOPNOTSUPP and "
+                    "SEEK_DATA/SEEK_HOLE see the whole file as data; pyfuse3 serves neither, the data plane does")
     stopped = await _run_until_unmounted(ops, own and own.plane)
     sd_notify("STOPPING=1")
     problems = await _shut_down(catalog, own, stopped)
@@ -415,7 +418,9 @@ async def _run_until_unmounted(ops, plane=None) -> bool:
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signal)
         if plane is not None:
+            from cachefs.dpops import PyServed
             nursery.start_soon(plane.serve, pyfuse3.terminate)
+            nursery.start_soon(PyServed(plane, ops).serve)  # fallocate and lseek (pyfuse3 has neither)
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped

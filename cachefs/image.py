@@ -33,6 +33,7 @@ import os
 import attrs
 import trio
 
+from cachefs import sparse
 from cachefs.backendset import BackendSet, file_opener
 from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.locking import ImageLock
@@ -54,6 +55,10 @@ class GuestCounters:
     bytes_read: int = 0
     bytes_written: int = 0
     flush_failures: int = 0
+    discards: int = 0          # fallocate PUNCH_HOLE (a guest's TRIM with discard=unmap)
+    bytes_discarded: int = 0
+    write_zeroes: int = 0      # fallocate ZERO_RANGE
+    bytes_punched: int = 0     # host bytes given back to the filesystem (sparse.py)
 
 
 @attrs.define
@@ -181,6 +186,8 @@ class Image:
             "backend_bytes_written": total("bytes_written"), "backend_fdatasyncs": total("fdatasyncs"),
             "direct_bytes": total("direct_bytes"), "bounce_requests": total("bounce_requests"),
             "flush_failures": self.guest.flush_failures, "flushes_merged": self.commits.merged,
+            "discards": self.guest.discards, "bytes_discarded": self.guest.bytes_discarded,
+            "write_zeroes": self.guest.write_zeroes, "bytes_punched": self.guest.bytes_punched,
             "descriptors": ",".join(self.backends.modes_open()),
             "aio": ",".join(f"{m}:{e}" for m, e in self.backends.submitters().items()),
         }
@@ -316,6 +323,22 @@ class Image:
         async with self.backends.in_use():
             await self._close_writeout(self.backend)
 
+    # Discard, write-zeroes, preallocation, SEEK_DATA/SEEK_HOLE: sparse.py (fallocate and lseek).
+    async def discard(self, offset: int, length: int, mode: CacheMode | None = None) -> None:
+        await sparse.discard(self, offset, length, self._concrete(mode))
+
+    async def zero_range(self, offset: int, length: int, mode: CacheMode | None = None) -> None:
+        await sparse.zero_range(self, offset, length, self._concrete(mode))
+
+    async def allocate(self, offset: int, length: int, mode: CacheMode | None = None) -> None:
+        await sparse.allocate(self, offset, length, self._concrete(mode))
+
+    async def seek_data(self, offset: int) -> int:
+        return await sparse.seek(self, offset, data=True)
+
+    async def seek_hole(self, offset: int) -> int:
+        return await sparse.seek(self, offset, data=False)
+
     # Format hooks.
     async def _read(self, be, offset: int, length: int) -> bytes:
         raise NotImplementedError
@@ -372,6 +395,7 @@ class Qcow2Image(Image):
         self.queue = engine.queue
         super().__init__(path, backends, lock, writable and engine.writable, mode)
         self.commits = self.queue.commits
+        self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
         self.write_lock = UncontendedLock()
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
         # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
@@ -536,6 +560,10 @@ class _QueueIO:
 
     def sync(self):
         return self.image._sync(self.be)
+
+    async def discard(self, offset: int, length: int) -> None:
+        if await sparse.punch(self.be, offset, length):
+            self.image.guest.bytes_punched += length
 
     async def truncate(self, size: int, grow: bool) -> None:
         now = self.be.size()

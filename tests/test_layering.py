@@ -85,7 +85,7 @@ def test_backends_know_no_qcow2_and_no_fuse():
 
 def test_only_the_backend_and_the_data_plane_glue_import_native():
     """native/: the cffi module. Everything else goes through the backend (habit 7)."""
-    allowed = ("cachefs.backend", "cachefs.native", "cachefs.dataplane")
+    allowed = ("cachefs.backend", "cachefs.native", "cachefs.dataplane", "cachefs.dpops")
     users = [p for p in PKG.rglob("*.py")
              if not any(module_name(p) == a or module_name(p).startswith(a + ".") for a in allowed)]
     assert offenders(users, ("cachefs.native",)) == []
@@ -95,7 +95,7 @@ def test_below_the_front_end_nothing_imports_pyfuse3():
     """image.py, the metadata queue, the catalog and the data-plane glue (once it exists):
     FUSE is fs.py's business."""
     below = [PKG / "image.py", PKG / "catalog.py", PKG / "backendset.py", *files("qcow2/*.py"),
-             *PKG.glob("dataplane*.py")]
+             *PKG.glob("dataplane*.py"), PKG / "dpops.py", PKG / "sparse.py"]
     assert offenders(below, ("pyfuse3",)) == []
 
 

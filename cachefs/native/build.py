@@ -405,6 +405,11 @@ _DP_CDEF = """
     int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
     void dp_counters(struct dp *dp, uint64_t *out, int n);
     int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
+    struct dp_pyreq { uint64_t unique, nodeid, fh, offset, length; uint32_t opcode, mode, uid, gid, pid, padding; };
+    static const int DP_PYQ;
+    int dp_pyq_fd(struct dp *dp);
+    int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max);
+    int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset);
 """
 
 

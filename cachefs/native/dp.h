@@ -109,6 +109,7 @@ struct dp {
     unsigned state;            /* DP_ST_*, atomic */
     int drain_waiters;         /* atomic: Python waits for completions */
     uint64_t g[DP_G_N];
+    struct dp_pyq *pyq;        /* FALLOCATE and LSEEK, served by Python (dp_loop.c) */
 };
 
 /* dp_table.c */

@@ -2,6 +2,8 @@
 #ifndef CACHEFS_DP_ABI_H
 #define CACHEFS_DP_ABI_H
 
+#include <stdint.h>
+
 #define DP_MAXPIECE 8          /* backend I/Os per fast request (a mapping split in host runs) */
 
 /* What a published guest cluster is (the mapping contract, DATAPLANE.md). An entry is
@@ -20,5 +22,15 @@ enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATION
 /* What Python asks (dp_request) and what the loop tells (dp_state). */
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
 enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16 };
+
+/* Requests Python serves (FALLOCATE, LSEEK; dp_loop.c "Python-served requests"): pyfuse3 has
+ * no handler for them and libfuse's ENOSYS would turn them off for the connection's life. C
+ * copies each into a bounded table; Python takes them (dp_pyq_take) and answers from its own
+ * thread (dp_pyq_reply). `mode`: FALLOCATE's mode, or LSEEK's whence. */
+#define DP_PYQ 64
+struct dp_pyreq {
+    uint64_t unique, nodeid, fh, offset, length;
+    uint32_t opcode, mode, uid, gid, pid, padding;
+};
 
 #endif

@@ -39,7 +39,7 @@ import attrs
 from cachefs.errors import CorruptImage
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.meta import HeaderItem, MetaItem, State, Table
-from cachefs.qcow2.plan import SyncRequest, TruncateRequest, WriteRequest
+from cachefs.qcow2.plan import DiscardRequest, SyncRequest, TruncateRequest, WriteRequest
 
 #: Reservation bounds (clusters are reserved in bytes' worth, see prepare_flush).
 MIN_RESERVE_BYTES = 1 << 20
@@ -104,6 +104,8 @@ class MetaQueue:
         self.early_writeouts = 0
         self._allocs_since_flush = 0
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
+        # The driver punches holes for freed host clusters (plan.DiscardRequest): the image layer's does.
+        self.punch_freed = False
 
     def track(self, *chunks: dict) -> None:
         """Tables held whole in memory, as index -> TableChunk (the L1 and refcount tables)."""
@@ -159,11 +161,19 @@ class MetaQueue:
             item.deps.clear()
             self._awaiting_sync.append(item)
             if payload:
-                self.counters.metadata_writes += 1
-                self.counters.metadata_bytes += len(payload)
                 self.refs.note_written(offset + len(payload))
+                if item.kind != "data":  # a compressed-data cluster (qcow2/compress.py) is not metadata
+                    self.counters.metadata_writes += 1
+                    self.counters.metadata_bytes += len(payload)
         if batch:
             self.counters.batches += 1
+
+    def written_by_caller(self, item: MetaItem) -> None:
+        """The caller wrote ``item`` itself (a full compressed-data cluster,
+        qcow2/compress.py): it is durable after the next sync."""
+        item.state = State.WRITTEN
+        item.deps.clear()
+        self._awaiting_sync.append(item)
 
     def synced(self) -> None:
         """A sync completed: every WRITTEN item is durable."""
@@ -268,11 +278,25 @@ class MetaQueue:
         self.pending.append(PendingFree(cluster, after))
 
     def apply_frees(self):
-        """Generator: lower the refcounts whose dropping reference is durable now."""
+        """Generator: lower the refcounts whose dropping reference is durable now.
+
+        With ``punch_freed``, the host clusters that reach refcount 0 get
+        their space back (DiscardRequest) before this generator returns: the
+        caller holds the image's write lock, so nothing can allocate them in
+        between and lose new data to the punch. Only at refcount 0: a
+        compressed cluster's host cluster may hold other clusters' data. A
+        crash before the lowered refcount is durable leaves a leak whose
+        bytes read as zeros, which nothing references.
+        """
         ready = [p for p in self.pending if p.after.durable]
         self.pending = [p for p in self.pending if not p.after.durable]
+        emptied = []
         for p in ready:
-            yield from self.refs.change(p.cluster, -1)
+            block = yield from self.refs.change(p.cluster, -1)
+            if self.punch_freed and block.entries[p.cluster % self.refs.per_block] == 0:
+                emptied.append(p.cluster)
+        for first, count in _runs(sorted(emptied)):
+            yield DiscardRequest(first << self.cb, count << self.cb)
         return len(ready)
 
     # ------------------------------------------------------------ the reservation
@@ -333,3 +357,17 @@ class MetaQueue:
     def allocated_end(self) -> int:
         """Bytes up to the end of the last cluster with a refcount (for trimming at close)."""
         return self.refs.end_cluster << self.cb
+
+
+def _runs(clusters: list[int]):
+    """Sorted cluster numbers as (first, count) runs: one punch per run."""
+    start = prev = None
+    for c in clusters:
+        if prev is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = c
+    if start is not None:
+        yield start, prev - start + 1

@@ -69,7 +69,23 @@ class TruncateRequest:
         return io.truncate(self.size, self.grow)
 
 
-Request = ReadRequest | WriteRequest | SyncRequest | TruncateRequest
+@attrs.frozen
+class DiscardRequest:
+    """Give host bytes [offset, offset+length) back to the filesystem (punch a hole).
+
+    Clusters whose refcount the queue just lowered to zero, so a guest's
+    discard frees disk space as QEMU's discard=unmap does; only yielded when
+    the queue was told its driver punches (``MetaQueue.punch_freed``).
+    """
+
+    offset: int
+    length: int
+
+    def perform(self, io):
+        return io.discard(self.offset, self.length)
+
+
+Request = ReadRequest | WriteRequest | SyncRequest | TruncateRequest | DiscardRequest
 Gen = Generator[Request, Any, Any]
 
 

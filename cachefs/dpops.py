@@ -1,0 +1,136 @@
+"""FALLOCATE and LSEEK: the requests the data plane takes from the kernel and Python serves.
+
+pyfuse3 registers no FUSE fallocate or lseek handler, so libfuse would
+answer ENOSYS, and after one ENOSYS the kernel never sends that opcode again
+on the connection (fs/fuse/file.c: ``no_fallocate``, ``no_lseek``):
+fallocate(2) then fails with EOPNOTSUPP for good, and SEEK_DATA/SEEK_HOLE
+fall back to "all data". The data plane sees every request before libfuse,
+so it keeps these two (dp_loop.c, "Python-served requests"): it copies each
+into a bounded table and writes to an eventfd; :class:`PyServed` takes them,
+serves each in a trio task through the image (sparse.py) and answers it
+itself, one write to /dev/fuse from this thread (``dp_pyq_reply``).
+
+Rules kept here:
+
+- every request taken gets exactly one answer, whatever happens; never
+  ENOSYS (it would switch the opcode off), EOPNOTSUPP instead;
+- a request runs to its end once started (shielded): an INTERRUPT is
+  dropped in C, and a discard half applied at shutdown would be neither;
+- a FALLOCATE without KEEP_SIZE that reaches past the end grows the disk
+  first, as a write past the end does (fs.write), with the image paused in C.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import attrs
+import trio
+
+from cachefs import native
+from cachefs.errors import CachefsError
+from cachefs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+log = logging.getLogger("cachefs.dpops")
+
+FUSE_FALLOCATE = 43  # <linux/fuse.h>
+FUSE_LSEEK = 46
+
+
+@attrs.frozen
+class PyRequest:
+    """One request as C copied it (struct dp_pyreq): ``mode`` is fallocate's mode or lseek's whence."""
+
+    unique: int
+    opcode: int
+    fh: int
+    offset: int
+    length: int
+    mode: int
+    pid: int
+
+
+class PyServed:
+    """Serves the data plane's Python-served requests for one mount, for the mount's life."""
+
+    def __init__(self, plane, ops) -> None:
+        self._dp = plane._dp  # the C object: its pyq_* calls are this module's part of the ABI
+        self.ops = ops
+        self.served = 0
+
+    async def serve(self) -> None:
+        lib, ffi = native.lib, native.ffi
+        fd = lib.dp_pyq_fd(self._dp)
+        buf = ffi.new("struct dp_pyreq[]", lib.DP_PYQ)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                for i in range(lib.dp_pyq_take(self._dp, buf, lib.DP_PYQ)):
+                    r = buf[i]
+                    nursery.start_soon(self._one, PyRequest(r.unique, r.opcode, r.fh, r.offset, r.length,
+                                                            r.mode, r.pid))
+
+    async def _one(self, req: PyRequest) -> None:
+        offset, err = 0, 0
+        with trio.CancelScope(shield=True):
+            try:
+                offset = await self._serve(req)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+                if err != errno.ENXIO:  # ENXIO: SEEK_DATA past the last data, an answer, not a problem
+                    log.warning("%s fh %d [%d, +%d): %s", _name(req), req.fh, req.offset, req.length, exc)
+            except CachefsError as exc:
+                err = exc.errno
+                log.warning("%s fh %d [%d, +%d): %s", _name(req), req.fh, req.offset, req.length, exc)
+            except Exception:
+                err = errno.EIO
+                log.exception("%s fh %d failed", _name(req), req.fh)
+            if err == errno.ENOSYS:
+                err = errno.EOPNOTSUPP  # ENOSYS would turn the opcode off for the connection
+            self.served += 1
+            rc = native.lib.dp_pyq_reply(self._dp, req.unique, -err, offset or 0)
+            if rc < 0 and rc not in (-errno.ENOENT, -errno.ENODEV):
+                log.warning("reply to %s: %s", _name(req), os.strerror(-rc))
+
+    async def _serve(self, req: PyRequest) -> int:
+        h = self.ops.handles.get(req.fh)
+        if h is None:
+            raise OSError(errno.EBADF, "no such handle")
+        img = h.image
+        if req.opcode == FUSE_LSEEK:
+            if req.mode == os.SEEK_DATA:
+                return await img.seek_data(req.offset)
+            if req.mode == os.SEEK_HOLE:
+                return await img.seek_hole(req.offset)
+            raise OSError(errno.EINVAL, f"lseek whence {req.mode}")
+        if self.ops.read_only or not img.writable:
+            raise OSError(errno.EROFS, "read-only")
+        await self._fallocate(h, req)
+        h.wrote = True  # its close flushes, as after a write
+        return 0
+
+    async def _fallocate(self, h, req: PyRequest) -> None:
+        img, mode, end = h.image, req.mode, req.offset + req.length
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
+        if not mode & FALLOC_FL_KEEP_SIZE and end > img.size:
+            async with self.ops.fast.paused(h.inode):  # the size C serves changes
+                await img.grow_to(end)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            await img.discard(req.offset, req.length, h.mode)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            await img.zero_range(req.offset, req.length, h.mode)
+        else:
+            await img.allocate(req.offset, req.length, h.mode)
+
+
+def _name(req: PyRequest) -> str:
+    if req.opcode == FUSE_LSEEK:
+        return {os.SEEK_DATA: "SEEK_DATA", os.SEEK_HOLE: "SEEK_HOLE"}.get(req.mode, "lseek")
+    return f"fallocate({req.mode:#x})"

@@ -1,0 +1,110 @@
+"""Discard, write-zeroes and SEEK_DATA/SEEK_HOLE planned on the mapping. No I/O, no trio.
+
+What it owns (docs/design.md, "Discard, write-zeroes, SEEK_DATA"):
+
+- :func:`plan_clear`: the L2 updates that make whole guest clusters read as
+  zeros without their host clusters. A discard (``fallocate -p``, a guest's
+  TRIM) makes them unallocated: with no backing file (engine.py refuses
+  those) an unallocated cluster reads as zeros, which is all a discard
+  promises. A write-zeroes (``fallocate -z``) makes them zero clusters in
+  v3 (spec "Standard Cluster Descriptor", bit 0), unallocated in v2, which
+  has no zero flag. The host clusters are freed by ``ClusterMap.remap``,
+  which the caller reaches through ``Engine.commit``: the mapping-change
+  hook fires, and the metadata queue lowers each refcount only once the L2
+  table that dropped it is durable (invariant 2) and no I/O still uses it,
+  in the same writeout as everything else, so a discard costs no sync of
+  its own.
+- :func:`plan_seek`: the first data or hole offset at or after a guest
+  offset, for lseek's SEEK_DATA and SEEK_HOLE. Data is what a read takes
+  from the file (plain or compressed clusters); unallocated and zero
+  clusters are holes, and so is the guest's end, as for any file.
+
+Partial clusters at the edges of a range are the caller's: it writes zeros
+there through the ordinary write path (image.py), where they are needed.
+"""
+
+from __future__ import annotations
+
+from cachefs.errors import DamagedMetadata
+from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.plan import L2Update, WritePlan
+
+
+def whole_clusters(offset: int, length: int, cluster_size: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(first cluster, count, edges): the clusters [offset, offset+length) covers whole, and the
+    partial (offset, length) pieces around them."""
+    end = offset + length
+    first, last = -(-offset // cluster_size), end // cluster_size
+    if first >= last:
+        return first, 0, [(offset, length)] if length else []
+    edges = [(offset, first * cluster_size - offset), (last * cluster_size, end - last * cluster_size)]
+    return first, last - first, [(o, n) for o, n in edges if n]
+
+
+def reads_as_zeros(entry: int) -> bool:
+    """Unallocated, or a zero cluster (with or without a preallocated host cluster)."""
+    return not entry & fmt.L2_COMPRESSED and bool(entry & fmt.L2_ZERO or not entry & fmt.OFFSET_MASK)
+
+
+def plan_clear(engine, first: int, count: int, *, zero: bool):
+    """Generator: a WritePlan (no data writes) clearing guest clusters [first, first + count),
+    all in one L2 table. Caller holds the image's write lock, then commits it.
+
+    A range with no L2 table is left alone: it is unallocated already, and
+    creating a table to say "zero" would allocate for nothing.
+    """
+    engine.overlap.check_writable()
+    m = engine.map
+    if (first + count - 1) // m.l2_entries != first // m.l2_entries:
+        raise ValueError("plan_clear covers one L2 table at a time")
+    if m.l2_offset(first // m.l2_entries) == 0:
+        return WritePlan((), ())
+    new = fmt.L2_ZERO if zero and engine.header.hdr.version >= 3 else 0
+    table, idx = yield from m.table_for_write(first)
+    updates = []
+    for i in range(count):
+        entry = table.entries[idx + i]
+        try:
+            m.validate(entry, first + i)
+        except DamagedMetadata:
+            continue  # a damaged entry is not ours to interpret: reads of it keep failing
+        if reads_as_zeros(entry) and not entry & fmt.OFFSET_MASK:
+            continue  # reads as zeros already and holds no host cluster: nothing to change
+        updates.append(L2Update(first + i, new, entry, None, table, idx + i, data_first=False))
+    return WritePlan((), tuple(updates))
+
+
+def is_data(entry: int) -> bool:
+    return not reads_as_zeros(entry)
+
+
+def plan_seek(engine, offset: int, *, data: bool):
+    """Generator: the first guest offset >= ``offset`` that is data (``data``) or a hole; None
+    when SEEK_DATA finds no data before the guest's end (lseek's ENXIO). ``offset`` is below
+    the guest's size (the caller answers ENXIO otherwise).
+
+    A missing L2 table is a hole of a whole table's span, skipped in one step;
+    a damaged entry counts as data (reading it fails, it holds no zeros).
+    """
+    m, cs, size = engine.map, engine.cs, engine.size
+    vcl = offset // cs
+    while vcl * cs < size:
+        l1_idx = vcl // m.l2_entries
+        try:
+            has_table = m.l2_offset(l1_idx) != 0
+        except DamagedMetadata:
+            has_table = True
+        if not has_table:
+            if not data:
+                return max(offset, vcl * cs)
+            vcl = (l1_idx + 1) * m.l2_entries
+            continue
+        try:
+            entry = yield from m.entry(vcl)
+            here = is_data(entry)
+        except DamagedMetadata:
+            here = True
+        if here == data:
+            return max(offset, vcl * cs)
+        vcl += 1
+    return None if data else size
