@@ -206,6 +206,12 @@ class DataPlane:
         self._check(native.lib.dp_image_pause(self._dp, ino, int(paused)))
         return self.ticket()
 
+    @staticmethod
+    def map_states() -> tuple[int, int, int]:
+        """The low bits of a published entry (dp_abi.h): writable, read-only, reads as zeros."""
+        lib = native.lib
+        return lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO
+
     def map_clusters(self, ino: int, first: int, entries: list[int]) -> None:
         """Publish guest clusters [first, first + len(entries)): each ``host_offset | DP_MAP_*`` state."""
         if entries:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 
-from cachefs import native
 from cachefs.errors import DamagedMetadata
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.cluster import MappingChange, MappingKind
@@ -49,8 +48,7 @@ class MappingPublisher:
     """Keeps C's copy of one qcow2 image's mapping; see the module docstring."""
 
     def __init__(self, plane, inode: int, engine) -> None:
-        lib = native.lib
-        self._writable, self._readonly, self._zero = lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO
+        self._writable, self._readonly, self._zero = plane.map_states()
         self.plane = plane
         self.inode = inode
         self.engine = engine
