@@ -16,6 +16,12 @@ The output is what QEMU writes, so a compress-on-write image and a
 - a cluster whose compressed form is not smaller than the cluster, less one
   byte, is stored normally (QEMU: ``-ENOMEM`` from the compressor, then an
   ordinary write).
+
+A cluster of one repeated byte (filler, erased flash, the seed's 0x01 test
+disk) compresses to the same bytes every time, so its output is kept per
+byte value (:meth:`Compressor.uniform`): checked with one memcmp on the trio
+thread, no worker thread, byte for byte what the compressor would give.
+Zeros never get here: a zero cluster stays a zero cluster.
 """
 
 from __future__ import annotations
@@ -57,6 +63,26 @@ class Compressor:
         self._fn = COMPRESSORS[algorithm]
         self.threads = threads
         self.limiter = trio.CapacityLimiter(threads)
+        # byte value -> (the cluster it fills, its compressed form); a few entries only.
+        self._uniform: dict[int, tuple[bytes, bytes | None]] = {}
+
+    def uniform(self, data) -> tuple[bool, bytes | None]:
+        """(True, output) when ``data`` is one byte repeated and its output is known; else (False, None)."""
+        if not len(data):
+            return False, None
+        known = self._uniform.get(data[0])
+        if known is not None and len(data) == len(known[0]) and known[0].startswith(data):  # memcmp
+            return True, known[1]
+        return False, None
+
+    def _remember(self, data, out: bytes | None) -> None:
+        """Keep ``out`` if ``data`` is one repeated byte (first, middle and last bytes tell most others apart)."""
+        b = data[0]
+        if b in self._uniform or len(self._uniform) >= 8 or not b == data[-1] == data[len(data) // 2]:
+            return
+        whole = bytes(data)
+        if whole.count(whole[:1]) == len(whole):
+            self._uniform[b] = (whole, out)
 
     def compress_one(self, data) -> bytes | None:
         """``data`` (one cluster) compressed, or None when it does not shrink (stored normally)."""
@@ -68,6 +94,16 @@ class Compressor:
 
     async def compress(self, clusters: list) -> list[bytes | None]:
         """Each cluster compressed (None: stored normally), in worker threads, batches in parallel."""
+        known = [self.uniform(c) for c in clusters]
+        todo = [c for c, (hit, _) in zip(clusters, known) if not hit]
+        done = iter(await self._compress(todo) if todo else ())
+        out = [value if hit else next(done) for hit, value in known]
+        for c, (hit, _), value in zip(clusters, known, out):
+            if not hit:
+                self._remember(c, value)
+        return out
+
+    async def _compress(self, clusters: list) -> list[bytes | None]:
         if len(clusters) <= 1:
             return await trio.to_thread.run_sync(self._batch, clusters, limiter=self.limiter)
         groups = min(self.threads, len(clusters))

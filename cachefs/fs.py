@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 from cachefs.backend import buffer_pool_stats
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, UnsupportedOperation
 from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.dataplane import NoFastPaths
 from cachefs.image import Image
@@ -403,9 +403,12 @@ class CachefsOperations(pyfuse3.Operations):
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}
         out["cache"] = img.mode.name
+        out["compress"] = img.compress or "off"
         out["path"] = img.path
         if img.switch_error:
             out["cache_error"] = img.switch_error
+        if img.compress_error:
+            out["compress_error"] = img.compress_error
         out.update({f"stats.{k}": str(v) for k, v in self.fast.merge_stats(inode, img.stats()).items()})
         return out
 
@@ -430,12 +433,15 @@ class CachefsOperations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and key == XATTR_PREFIX + "flush":
             await self._flush_all()  # cachefs umount: flush errors reach the admin, not just the log
             return
-        if inode == pyfuse3.ROOT_INODE or key != XATTR_PREFIX + "cache":
-            raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode can be set
+        if inode == pyfuse3.ROOT_INODE or key not in (XATTR_PREFIX + "cache", XATTR_PREFIX + "compress"):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode and compress-on-write can be set
         self._writable_mount()
         img = self._image(inode)
         if ctx.uid not in (0, os.fstat(img.backends.fd).st_uid):
             raise pyfuse3.FUSEError(errno.EPERM)  # a mode is a promise about the owner's data
+        if key == XATTR_PREFIX + "compress":
+            await self._set_compress(inode, img, value.decode(errors="replace").strip())
+            return
         try:
             mode = mode_named(value.decode(errors="replace"))
         except ValueError as exc:
@@ -451,6 +457,24 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         # Whatever the kernel cached under the old mode is dropped.
         await trio.to_thread.run_sync(self._invalidate, inode)
+
+    async def _set_compress(self, inode: int, img: Image, name: str) -> None:
+        """user.cachefs.compress: zlib, zstd or off (docs/design.md, "Compress-on-write images").
+
+        A refusal is EINVAL, its reason in compress_error (as for the cache mode).
+        """
+        try:
+            if name not in ("zlib", "zstd", "off"):
+                raise UnsupportedOperation(f"unknown compression {name!r} (zlib, zstd or off)")
+            # Paused: the data plane forwards every write of a compress-on-write
+            # image and republishes once the setting changed.
+            async with self.fast.paused(inode):
+                await img.set_compress(None if name == "off" else name)
+        except (CachefsError, OSError) as exc:
+            img.compress_error = str(exc)
+            log.error("%s: %s", img.path, exc)
+            raise pyfuse3.FUSEError(exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL) from None
+        img.compress_error = None
 
     # -------------------------------------------------------------- lifecycle
 

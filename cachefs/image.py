@@ -35,6 +35,7 @@ import trio
 
 from cachefs import sparse
 from cachefs.backendset import BackendSet, file_opener
+from cachefs.compressedio import CompressedWrites, FillReader
 from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
@@ -111,6 +112,9 @@ class Image:
     """What the FUSE layer sees; subclasses implement the format."""
 
     format = "raw"
+    #: The compress-on-write algorithm ("zlib", "zstd") or None: only a qcow2 image can be one.
+    compress: str | None = None
+    compress_error: str | None = None  # why the last live compress change was refused (fs.py)
 
     def __init__(self, path: str, backends: BackendSet, lock: ImageLock | None, writable: bool,
                  mode: Mode = WRITEBACK):
@@ -303,6 +307,10 @@ class Image:
             self.mode, self.switch_error = new, None
             log.info("%s: cache mode %s -> %s", self.path, old.name, new.name)
 
+    async def set_compress(self, algorithm: str | None) -> None:
+        """Mark the image compress-on-write ("zlib", "zstd") or not (None), live and durably."""
+        raise UnsupportedOperation(f"{self.format} images cannot be compressed (only qcow2)")
+
     async def close(self) -> None:
         """Write everything (whatever the mode: unsafe too), sync, release the lock."""
         try:
@@ -398,6 +406,7 @@ class Qcow2Image(Image):
         self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
         self.write_lock = UncontendedLock()
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
+        self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
         # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
         # runs, the only place a deferred free is applied, so no fast request still uses a
         # host cluster being freed; and told when corruption makes the image read-only.
@@ -413,6 +422,22 @@ class Qcow2Image(Image):
         return self.engine.cs
 
     @property
+    def compress(self) -> str | None:
+        """The compress-on-write algorithm the header names, or None (the data plane forwards
+        every write of such an image: compressed clusters are never published)."""
+        return self.compressed.algorithm
+
+    async def set_compress(self, algorithm: str | None) -> None:
+        if not self.writable:
+            raise OSError(errno.EROFS, "image is read-only")
+        async with self.backends.in_use():
+            await self.compressed.set_algorithm(algorithm)
+
+    def _reader(self, be):
+        """What the core reads through: host bytes still in the fill cache come from memory."""
+        return FillReader(self.compressed.fill, be) if self.compressed.fill.pending else be
+
+    @property
     def early_writeouts(self) -> int:
         return self.queue.early_writeouts
 
@@ -425,7 +450,7 @@ class Qcow2Image(Image):
                    queue_depth=len(q.dirty_items()), pending_frees=len(q.pending),
                    cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
                    from_reservation=c.from_reservation, data_first=c.data_first,
-                   early_writeouts=q.early_writeouts)
+                   early_writeouts=q.early_writeouts, **self.compressed.stats())
         honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
         out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         return out
@@ -476,7 +501,7 @@ class Qcow2Image(Image):
         if ext.kind is ExtentKind.COMPRESSED:
             desc = ext.compressed
             if self._zcache is None or self._zcache[0] != desc.offset:
-                raw = await be.pread(desc.offset, desc.max_length)
+                raw = await self._reader(be).pread(desc.offset, desc.max_length)
                 self._zcache = (desc.offset, self.engine.decompress(desc, raw))
             return self._zcache[1][ext.in_cluster:ext.in_cluster + ext.length]
         raise OSError(errno.EIO, "damaged image metadata for this range")
@@ -484,9 +509,14 @@ class Qcow2Image(Image):
     # -------------------------------------------------------------- writes
 
     async def _write(self, be, offset: int, data) -> None:
+        if self.compressed.algorithm is not None:
+            return await self.compressed.write(be, offset, data)
+        await self._write_plain(be, offset, data)
+
+    async def _write_plain(self, be, offset: int, data) -> None:
         eng = self.engine
         async with self.write_lock:
-            plan = await self._core(eng.plan_write(offset, data), be)
+            plan = await self._core(eng.plan_write(offset, data), self._reader(be))
             if plan.needs_commit:
                 try:
                     await self._data_writes(be, plan)
