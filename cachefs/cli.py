@@ -217,6 +217,28 @@ def info(image, given, output, as_json, force_share):
         click.echo(line)
 
 
+# ------------------------------------------------------------------ map
+
+@main.command("map")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@FORMAT_OPTION
+@click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
+@FORCE_SHARE_OPTION
+def map_(image, given, output, force_share):
+    """Show which parts of IMAGE, or of a mounted file, hold data (qemu-img map's output).
+
+    On a file of a cachefs mount it asks the mount (SEEK_DATA/SEEK_HOLE), as
+    `qemu-img map -f raw` does; on an image file it reads the mapping itself.
+    """
+    from cachefs.mapcmd import human_lines, json_text, map_entries
+    entries = map_entries(image, given, force_share)
+    if output == "json":
+        click.echo(json_text(entries))
+        return
+    for line in human_lines(entries, image):
+        click.echo(line)
+
+
 # ------------------------------------------------------------------ check
 
 @main.command()
@@ -301,6 +323,8 @@ MODE_STAT_KEYS = ("guest_writes", "guest_flushes", "flushes_ignored", "fdatasync
 STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes", "stats.guest_flushes",
              "stats.backend_fdatasyncs", "stats.metadata_writes")
 #: What the data plane served in C, and what it forwarded to pyfuse3 (docs/design.md "Two planes").
+#: fallocate through the mount (PUNCH_HOLE, ZERO_RANGE) and the host space given back (docs/design.md).
+DISCARD_STAT_KEYS = ("discards", "bytes_discarded", "write_zeroes", "bytes_punched")
 FAST_STAT_KEYS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded", "fast_errors")
 
 
@@ -332,6 +356,8 @@ def stats(mountpoint, as_json):
                 click.echo(f"{'':<20}   {mode}: {per}")
         if "stats.fast_reads" in x:
             click.echo(f"{'':<20}   data plane: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in FAST_STAT_KEYS))
+        if any(x.get(f"stats.{k}", "0") != "0" for k in DISCARD_STAT_KEYS):
+            click.echo(f"{'':<20}   discard: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in DISCARD_STAT_KEYS))
     for name, why in skipped.items():
         click.echo(f"{name:<20} not served: {why}")
 

@@ -108,3 +108,45 @@ def plan_seek(engine, offset: int, *, data: bool):
             return max(offset, vcl * cs)
         vcl += 1
     return None if data else size
+
+
+def plan_map(engine):
+    """Generator: the guest disk as runs of (start, length, Mapping) in qemu-img map's terms.
+
+    Runs join like qemu-img map's entries: same kind, and for data the host
+    offsets continue. A missing L2 table is one unallocated run.
+    """
+    from cachefs.qcow2.cluster import Mapping, MappingKind
+    m, cs, size = engine.map, engine.cs, engine.size
+    runs: list[list] = []
+    vcl = 0
+    while vcl * cs < size:
+        l1_idx = vcl // m.l2_entries
+        if m.l2_offset(l1_idx) == 0:
+            n = min((l1_idx + 1) * m.l2_entries, -(-size // cs)) - vcl
+            _extend(runs, vcl * cs, n * cs, Mapping(MappingKind.UNALLOCATED))
+            vcl += n
+            continue
+        entry = yield from m.entry(vcl)
+        _extend(runs, vcl * cs, cs, Mapping.of(entry, engine.cb))
+        vcl += 1
+    if runs:
+        runs[-1][1] = size - runs[-1][0]  # the last cluster may pass the guest's end
+    return [tuple(r) for r in runs]
+
+
+def has_offset(mapping) -> bool:
+    """qemu-img map gives an offset for plain data and preallocated zero clusters (OFFSET_VALID)."""
+    from cachefs.qcow2.cluster import MappingKind
+    return mapping.kind in (MappingKind.DATA, MappingKind.ZERO) and bool(mapping.host_offset)
+
+
+def _extend(runs: list[list], start: int, length: int, mapping) -> None:
+    if runs:
+        last = runs[-1]
+        prev = last[2]
+        if (prev.kind, has_offset(prev)) == (mapping.kind, has_offset(mapping)) and (
+                not has_offset(mapping) or prev.host_offset + last[1] == mapping.host_offset):
+            last[1] += length
+            return
+    runs.append([start, length, mapping])
