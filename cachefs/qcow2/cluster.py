@@ -190,7 +190,10 @@ class ClusterMap:
 
     def encode_chunk(self, index: int) -> tuple[int, bytes]:
         per = self.cs // 8
-        return self.l1_offset + index * self.cs, fmt.encode_table(self.l1[index * per:(index + 1) * per])
+        # Padded to the whole cluster (the L1 table owns the rest of its last
+        # one): an O_DIRECT backend writes it without a read-modify-write.
+        table = fmt.encode_table(self.l1[index * per:(index + 1) * per]).ljust(self.cs, b"\0")
+        return self.l1_offset + index * self.cs, table
 
     # ------------------------------------------------------------ mapping changes
 

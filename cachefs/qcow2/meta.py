@@ -123,7 +123,11 @@ class HeaderItem(MetaItem):
         return self.locate(self.hdr) if self.locate is not None else self.hdr
 
     def placed(self) -> tuple[int, bytes]:
-        return 0, self.current().encode()
+        # The whole first cluster, as QEMU's qcow2_update_header writes it:
+        # an O_DIRECT backend then writes it without reading it first (seed
+        # 003: no read-modify-write), and nothing but the header lives there.
+        hdr = self.current()
+        return 0, hdr.encode().ljust(hdr.cluster_size, b"\0")
 
 
 class TableCache:
