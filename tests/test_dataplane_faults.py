@@ -1,0 +1,276 @@
+"""Fault injection on the data plane's fast path (issue 11): EIO and ENOSPC from the backing file.
+
+- **EIO from below.** There is no device-mapper in CI, so the image directory
+  is a FUSE passthrough of our own (tests/faultyfs.py) that fails READs or
+  WRITEs in a byte range of the image file once armed. cachefs mounts that
+  lower filesystem, so its backend descriptors, and the C data plane's
+  io_uring requests on them, hit it. A fast read and a fast write that meet
+  the failing host range get EIO, counted in ``fast_errors`` (C's counter:
+  Python's path never sees them), the neighbouring bytes still read right,
+  the failed write changed nothing, and once disarmed everything works
+  again; after unmounting, ``qemu-img check`` is clean. On the way it shows
+  that what cachefs needs from its image directory works on a FUSE lower
+  layer: O_DIRECT opens (the kernel's FUSE direct I/O path) and QEMU's OFD
+  image locks (kept by the kernel on the FUSE inode).
+- **ENOSPC from a hole in a reserved cluster.** A qcow2 image on a small
+  tmpfs: a flush reserves clusters (the file grows over them, as a hole), a
+  4 KiB write into a fresh guest cluster takes one of them and writes only
+  those 4 KiB (engine.py ``_cow``, "Never written"), and the rest of the
+  cluster stays a hole. With the filesystem full, a fast write into that
+  hole is the first thing that needs a block: ENOSPC reaches the client,
+  while writes into the cluster's written part still succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import _env, is_mounted, qemu_img, qemu_io, run
+from test_dataplane_mount import needs_dataplane
+
+HERE = Path(__file__).resolve().parent
+KiB, MiB = 1 << 10, 1 << 20
+BLOCK = 4096
+CLUSTER = 64 * KiB
+NAME = "disk.raw"  # how cachefs serves disk.qcow2, and disk.raw itself
+
+
+class Faulty:
+    """One faultyfs mount: SOURCE served at ``path``, failing requests once armed."""
+
+    def __init__(self, source: Path, path: Path, log: Path) -> None:
+        self.source, self.path, self.log = source, path, log
+        with open(log, "w") as err:  # a file, not a pipe nobody drains: a full pipe would stall the filesystem
+            self.proc = subprocess.Popen([sys.executable, HERE / "faultyfs.py", source, path],
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready" or not is_mounted(path):
+            pytest.fail(f"faultyfs did not start: {line!r}\n{self.stop()}")
+
+    def arm(self, **rules) -> None:
+        """``read=[[lo, hi]], write=[[lo, hi]], errno=N, file=NAME`` (host byte ranges of the lower file)."""
+        os.setxattr(self.path, "user.faulty.arm", json.dumps(rules).encode())
+
+    def disarm(self) -> None:
+        os.setxattr(self.path, "user.faulty.disarm", b"")
+
+    def state(self) -> dict:
+        return json.loads(os.getxattr(self.path, "user.faulty.state"))
+
+    def stop(self) -> str:
+        """Unmount (SIGTERM; a lazy unmount if that did not do it) and return its stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+        self.proc.stdout.close()
+        return self.log.read_text()
+
+
+@pytest.fixture
+def faulty(workdir):
+    """``faulty() -> Faulty``: workdir/src served at workdir/lower (before ``mounted``: torn down after it)."""
+    started: list[Faulty] = []
+
+    def start() -> Faulty:
+        src, lower = workdir / "src", workdir / "lower"
+        lower.mkdir()
+        started.append(Faulty(src, lower, workdir / "faultyfs.log"))
+        return started[-1]
+
+    (workdir / "src").mkdir()
+    yield start
+    errors = [err for f in started if "Traceback" in (err := f.stop())]
+    assert not errors, f"faultyfs logged a traceback:\n{errors[0]}"
+
+
+def fast(m, name: str = NAME) -> dict[str, int]:
+    """C's counters of one image, read from its xattrs (cheap: no CLI run)."""
+    return {k: int(os.getxattr(m / name, f"user.cachefs.stats.{k}"))
+            for k in ("fast_reads", "fast_writes", "fast_errors")}
+
+
+def aligned(data: bytes) -> mmap.mmap:
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    return buf
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    buf = mmap.mmap(-1, size)
+    return buf[:os.preadv(fd, [buf], offset)]
+
+
+def expect_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    assert exc.value.errno == code, exc.value
+
+
+def host_offset(image: Path, fmt: str, guest: int) -> int:
+    """Where guest byte `guest` lives in the image file (qemu-img map: an allocated cluster)."""
+    if fmt == "raw":
+        return guest
+    for e in json.loads(qemu_img("map", "--output=json", "-f", fmt, image).stdout):
+        if e["start"] <= guest < e["start"] + e["length"]:
+            assert e["data"] and "offset" in e, e
+            return e["offset"] + guest - e["start"]
+    raise AssertionError(f"guest offset {guest} not in the map")
+
+
+GUEST = 2 * MiB  # a 64 KiB read here fails; the 4 KiB before its bad block do not
+FAR = 6 * MiB    # another cluster, far from the failing range
+
+
+
+@needs_dataplane
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("mode", ["none", "writeback"])
+def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
+    """cache=none: the backend is O_DIRECT on the lower file (the kernel's FUSE direct I/O);
+    writeback: buffered (the lower answers FOPEN_DIRECT_IO, so no lower page hides the failure)."""
+    image = workdir / "src" / f"disk.{fmt}"
+    if fmt == "qcow2":
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    else:
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+    qemu_io(image, "write -P 0x11 0 4M", "write -P 0x22 4M 4M", fmt=fmt)  # allocated: C may write them
+    host = host_offset(image, fmt, GUEST)
+    bad = [[host + 2 * BLOCK, host + 3 * BLOCK]]  # the third 4 KiB block of GUEST's cluster, on the host
+    low = faulty()
+    m = mounted(low.path, "--cache", mode)
+    assert os.getxattr(m.path, "user.cachefs.dataplane") == b"on"
+    # What cachefs needs of its image directory works on FUSE: QEMU's OFD lock bytes (kept by the
+    # kernel on the FUSE inode) keep qemu-img out of a served image, and cache=none opens O_DIRECT.
+    r = qemu_io(low.path / image.name, "read 0 4k", fmt=fmt, check=False)  # a writer: wants "write"
+    assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr, r
+    assert (low.state()["direct_opens"] > 0) == (mode == "none"), low.state()
+
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert pread(fd, CLUSTER, GUEST) == b"\x11" * CLUSTER  # qcow2: its L2 table is cached and published
+        warm = fast(m)
+        assert pread(fd, CLUSTER, GUEST) == b"\x11" * CLUSTER
+        before = fast(m)
+        assert before["fast_reads"] == warm["fast_reads"] + 1, "not served in C"
+
+        low.arm(read=bad, write=bad, file=image.name)
+        expect_errno(errno.EIO, pread, fd, CLUSTER, GUEST)
+        expect_errno(errno.EIO, pread, fd, BLOCK, GUEST + 2 * BLOCK)
+        expect_errno(errno.EIO, os.pwrite, fd, aligned(b"\x33" * BLOCK), GUEST + 2 * BLOCK)
+        armed = fast(m)
+        assert armed == {**before, "fast_errors": before["fast_errors"] + 3}, (before, armed)
+        # Only the requests that met the failing block: its neighbours and the rest of the disk work.
+        assert pread(fd, 2 * BLOCK, GUEST) == b"\x11" * 2 * BLOCK
+        assert pread(fd, CLUSTER - 3 * BLOCK, GUEST + 3 * BLOCK) == b"\x11" * (CLUSTER - 3 * BLOCK)
+        assert pread(fd, CLUSTER, FAR) == b"\x22" * CLUSTER
+        os.pwrite(fd, aligned(b"\x44" * BLOCK), GUEST + BLOCK)
+        after = fast(m)
+        assert after == {"fast_reads": before["fast_reads"] + 3, "fast_writes": before["fast_writes"] + 1,
+                         "fast_errors": armed["fast_errors"]}, (armed, after)
+        lower = low.state()
+        assert lower["failed_reads"] >= 2 and lower["failed_writes"] >= 1, lower
+
+        low.disarm()
+        # The failed write changed nothing; the one beside it is there.
+        assert pread(fd, CLUSTER, GUEST) == b"\x11" * BLOCK + b"\x44" * BLOCK + b"\x11" * (CLUSTER - 2 * BLOCK)
+        os.pwrite(fd, aligned(b"\x55" * BLOCK), GUEST + 3 * BLOCK)
+        assert fast(m) == {"fast_reads": after["fast_reads"] + 1, "fast_writes": after["fast_writes"] + 1,
+                           "fast_errors": armed["fast_errors"]}
+        assert low.state()["failed_reads"] == lower["failed_reads"]
+    finally:
+        os.close(fd)
+    m.umount()
+    if fmt == "qcow2":
+        assert "No errors were found on the image." in qemu_img("check", image).stdout
+    qemu_io(image, f"read -P 0x11 {GUEST} 4k", f"read -P 0x44 {GUEST + BLOCK} 4k",
+            f"read -P 0x11 {GUEST + 2 * BLOCK} 4k", f"read -P 0x55 {GUEST + 3 * BLOCK} 4k",
+            f"read -P 0x11 {GUEST + 4 * BLOCK} {CLUSTER - 4 * BLOCK}", f"read -P 0x22 {FAR} 64k", fmt=fmt)
+
+
+def fill(path: Path) -> None:
+    """Write `path` until its filesystem has no block left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for chunk in (b"\xff" * MiB, b"\xff" * BLOCK):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    assert os.statvfs(path).f_bavail == 0
+
+
+def image_stat(m, key: str) -> int:
+    return int(os.getxattr(m / NAME, f"user.cachefs.stats.{key}"))
+
+
+@needs_dataplane
+def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
+    fs = workdir / "small"
+    fs.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", fs)
+    try:
+        (fs / "images").mkdir()
+        image = fs / "images" / "disk.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+        m = mounted(fs / "images", "--cache", "none")
+        block = lambda value: aligned(bytes([value]) * BLOCK)  # noqa: E731
+        fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+        filler = fs / "filler"
+        try:
+            os.pwrite(fd, block(1), 0)
+            os.fsync(fd)  # the flush reserves clusters for the next interval: the file covers them, as a hole
+            taken = image_stat(m, "from_reservation")
+            for k in range(2, 6):  # a fresh guest cluster each, from the reservation: 4 KiB written of 64
+                os.pwrite(fd, block(k), k * CLUSTER)
+            assert image_stat(m, "from_reservation") == taken + 4
+            before = fast(m)
+            os.pwrite(fd, block(0x20), 2 * CLUSTER + 4 * BLOCK)  # into the hole while there is room: C
+            assert fast(m)["fast_writes"] == before["fast_writes"] + 1, "not served in C"
+
+            fill(filler)
+            expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)
+            full = fast(m)
+            assert full["fast_errors"] == before["fast_errors"] + 1 and full["fast_writes"] == before["fast_writes"] + 1
+            # Still serving: reads, and writes into blocks the file has.
+            assert pread(fd, BLOCK, 3 * CLUSTER) == bytes([3]) * BLOCK
+            assert pread(fd, BLOCK, 3 * CLUSTER + 8 * BLOCK) == bytes(BLOCK)
+            os.pwrite(fd, block(0x31), 3 * CLUSTER)
+            os.pwrite(fd, block(0x21), 2 * CLUSTER + 4 * BLOCK)
+            assert fast(m) == {"fast_reads": full["fast_reads"] + 2, "fast_writes": full["fast_writes"] + 2,
+                               "fast_errors": full["fast_errors"]}
+
+            filler.unlink()
+            os.pwrite(fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)  # room again
+            assert fast(m)["fast_writes"] == full["fast_writes"] + 3
+        finally:
+            os.close(fd)
+            filler.unlink(missing_ok=True)
+        m.umount()
+        assert "No errors were found on the image." in qemu_img("check", image).stdout
+        qemu_io(image, "read -P 1 0 4k", f"read -P 0 {BLOCK} {CLUSTER - BLOCK}",
+                f"read -P 2 {2 * CLUSTER} 4k", f"read -P 0x21 {2 * CLUSTER + 4 * BLOCK} 4k",
+                f"read -P 0x31 {3 * CLUSTER} 4k", f"read -P 0x30 {3 * CLUSTER + 8 * BLOCK} 4k",
+                f"read -P 0 {3 * CLUSTER + 9 * BLOCK} {CLUSTER - 9 * BLOCK}",
+                f"read -P 5 {5 * CLUSTER} 4k", f"read -P 0 {6 * CLUSTER} 1M")
+    finally:
+        run("umount", "-l", fs, check=False)
