@@ -66,15 +66,18 @@ $(VENV)/.bench: $(STAMP)
 	$(VPY) -m pip install -q -e '.[bench]'
 	@touch $@
 
-# Issue 5: the side-by-side benchmark. The same fio jobs on the host file,
-# qemu-storage-daemon and cachefs with each I/O engine; writes
-# docs/benchmarks.md, docs/bench-*.png and docs/bench-results.json. Needs
-# root; about 50 minutes with the defaults. Settings are variables, e.g. a
-# quick run: `make bench RUNTIME=2 ROUNDS=1 JOBS=randread4k-qd32,seq1m-write`
-# (also REGION, IMG_SIZE, ENGINES, TARGETS, WORK, COUNT; see bench/sidebyside.py).
+# Issues 5 and 11: the side-by-side benchmark. The same fio jobs on the host file,
+# the FUSE ceiling probe (../shared/bench/fuse-ceiling, built into WORK), qemu-storage-daemon,
+# and cachefs with the data plane on (one target per ENGINES, default io_uring native), off
+# (DPOFF_ENGINES, default io_uring) and on a raw image; writes docs/benchmarks.md (with issue
+# 11's target table), docs/bench-*.png and docs/bench-results.json. Needs root; about an hour
+# with the defaults, on a quiet machine. Settings are variables (RUNTIME ROUNDS REGION IMG_SIZE
+# TARGETS ENGINES DPOFF_ENGINES JOBS COUNT WORK DOCS PROBE_DIR CACHEFS; see bench/sidebyside.py),
+# e.g. a quick run of a few minutes that leaves docs/ alone:
+#   make bench RUNTIME=3 ROUNDS=1 REGION=256M JOBS=randread4k-qd32,overwrite4k-qd32 DOCS=/var/tmp/benchsmoke
 # Only the report, from saved results: `make bench-report [RESULTS=file.json]`.
-# bench-modes and bench-metaqueue are the older, separate benchmarks (their
-# results are in docs/benchmark-history.md).
+# bench-modes and bench-metaqueue are the older, separate benchmarks, and bench/dataplane.sh
+# the data plane's quick raw-image comparison (their results are in docs/benchmark-history.md).
 bench: deps venv $(VENV)/.bench
 	$(VPY) bench/sidebyside.py
 

@@ -1,0 +1,180 @@
+"""The target tables of the side-by-side report: issue 11's (the data plane), and issue 5's for
+results from before it (no probe, no data-plane targets).
+
+Every figure is a ratio of medians from the one run the page reports, never across runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from sidebyside_report import Cells, fratio, short, table, target_info
+
+
+@dataclass(frozen=True)
+class Goal:
+    label: str
+    job: str
+    ref: str            # the target it is compared with: qsd, host or probe
+    want: float         # the ratio to reach (at least)
+    image: str = "qcow2"  # the cachefs targets it judges: those serving a qcow2, or a raw image
+
+
+GOALS = (
+    Goal("4k random read, QD32, O_DIRECT", "randread4k-qd32", "qsd", 1.5),
+    Goal("4k random overwrite, QD32, O_DIRECT, prefilled image", "overwrite4k-qd32", "qsd", 1.5),
+    Goal("4k random read, QD1, O_DIRECT", "randread4k-qd1", "qsd", 1.2),
+    Goal("4k random overwrite, QD1, O_DIRECT, prefilled image", "overwrite4k-qd1", "qsd", 1.2),
+    Goal("4k random write, QD1, O_DIRECT, fresh image (allocating)", "randwrite4k-qd1", "qsd", 1.2),
+    *(Goal(f"{bs} sequential {rw}, O_DIRECT, QD1 (seed 004)", f"seq{bs}-{rw}", "host", 0.9)
+      for bs in ("16k", "64k", "256k") for rw in ("read", "write")),
+    Goal("raw image: 4k random read, QD32, O_DIRECT", "randread4k-qd32", "probe", 0.8, "raw"),
+    Goal("raw image: 4k random overwrite, QD32, O_DIRECT", "overwrite4k-qd32", "probe", 0.8, "raw"),
+)
+CPU_LABEL = "daemon CPU per I/O (median over the O_DIRECT jobs both ran)"
+PROBE_JOBS = ("randread4k-qd32", "overwrite4k-qd32", "randwrite4k-qd32", "randread4k-qd1", "overwrite4k-qd1",
+              "randwrite4k-qd1", "seq1m-read", "seq1m-write")
+
+
+def is_dataplane_run(res: dict) -> bool:
+    info = target_info(res)
+    return "probe" in res["targets"] or any(x.get("dataplane") for x in info.values())
+
+
+def verdict(v: float | None, want: float, at_most: bool = False) -> str:
+    """"1.62× ✓ met" or "1.06× ✗ missed by 29%"."""
+    if v is None:
+        return "—"
+    ok = v <= want if at_most else v >= want
+    if ok:
+        return f"{fratio(v)} ✓ met"
+    return f"{fratio(v)} ✗ missed by {abs(v / want - 1) * 100:.0f}%"
+
+
+def goal_cell(c: Cells, g: Goal, t: str, image: str) -> str:
+    if image != g.image:
+        return "n/a"
+    if g.job not in c.jobs:
+        return "not run (job not selected)"
+    for who in (t, g.ref):
+        if c.status(g.job, who) != "ok":
+            return f"— ({who}: {short(c.status(g.job, who))})"
+    return verdict(c.ratio(g.job, t, g.ref), g.want)
+
+
+def cpu_cell(c: Cells, t: str, image: str) -> tuple[str, bool | None]:
+    """The median over O_DIRECT jobs of (daemon CPU per I/O / qsd's), ≤ 1.0 wanted."""
+    if image != "qcow2":
+        return "n/a", None
+    per_job = [(j, c.cpu_us_per_io(j, t), c.cpu_us_per_io(j, "qsd")) for j, job in c.jobs.items() if job["direct"]]
+    ratios = [a / b for _, a, b in per_job if a is not None and b]
+    if not ratios:
+        return "— (no O_DIRECT job ran on both)", None
+    med = statistics.median(ratios)
+    spread = (f" (median of {len(ratios)} jobs, {min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1
+              else f" ({next(j for j, a, b in per_job if a is not None and b)} only)")
+    return verdict(med, 1.0, at_most=True) + spread, med <= 1.0
+
+
+def dataplane_section(res: dict, c: Cells) -> list[str]:
+    """Issue 11's target table: each goal, per cachefs target, measured ratio and met or missed."""
+    info = target_info(res)
+    cols = [t for t in c.targets if info[t]["kind"] == "cachefs"]
+    if not cols:
+        return []
+    rows, met, judged = [], {t: 0 for t in cols}, {t: 0 for t in cols}
+    for g in GOALS:
+        cells = [goal_cell(c, g, t, info[t]["image"]) for t in cols]
+        for t, cell in zip(cols, cells):
+            judged[t] += "✓" in cell or "✗" in cell
+            met[t] += "✓" in cell
+        rows.append([g.label, f"≥ {g.want:.1f}× {g.ref}", *cells])
+    cpu = [cpu_cell(c, t, info[t]["image"]) for t in cols]
+    for t, (_, ok) in zip(cols, cpu):
+        judged[t] += ok is not None
+        met[t] += bool(ok)
+    rows.append([CPU_LABEL, "≤ 1.0× qsd", *[text for text, _ in cpu]])
+    tally = "; ".join(f"{t} {met[t]} of {judged[t]}" for t in cols if judged[t])
+    return ["## Targets (issue 11: the data plane)", "",
+            "Ratios of medians (MB/s; for CPU, of µs per I/O) from this run. ✓ met, ✗ missed, and by how much "
+            "(the measured ratio's shortfall from the target). qcow2 rows judge the targets serving a qcow2 "
+            "image (beside qsd's qcow2 and the host file); raw rows judge those serving a raw image, against "
+            "the ceiling probe on the same kind of raw file. n/a: the row is not about that target.", "",
+            *table(["job", "target", *cols], rows), "",
+            f"Targets met: {tally or 'none judged'}.", "",
+            "Where a target is missed, what limits it needs a profile (`perf`, py-spy) of that job; this "
+            "page does not take one.", "",
+            *probe_fraction(c, info)]
+
+
+def probe_fraction(c: Cells, info: dict[str, dict]) -> list[str]:
+    """Each FUSE server as a fraction of the ceiling probe (the same fio job, O_DIRECT)."""
+    if "probe" not in c.targets:
+        return []
+    cols = [t for t in c.targets if info[t]["kind"] in ("qsd", "cachefs")]
+    rows = []
+    for j in PROBE_JOBS:
+        if j in c.jobs and c.status(j, "probe") == "ok":
+            rows.append([f"`{j}`", *[fratio(c.ratio(j, t, "probe")) if c.status(j, t) == "ok" else "—"
+                                     for t in cols]])
+    if not rows:
+        return []
+    return ["### The data plane as a fraction of the ceiling probe", "",
+            "Median MB/s of each FUSE server over the probe's, same job (the probe serves a raw file; qsd and "
+            "the cachefs qcow2 targets a qcow2 image, so their gap includes qcow2's cost). Every O_DIRECT job "
+            "is in the plot below the overview.", "",
+            *table(["job", *cols], rows), ""]
+
+
+def issue5_section(c: Cells) -> list[str]:
+    """Issue 5's targets (engines vs qsd and host), for results from before the data plane."""
+    engines = [t for t in c.targets if t.startswith("cachefs-")]
+    rows: list[list[str]] = []
+
+    def ratio_row(label: str, goal: str, job: str, ref: str, ok) -> None:
+        if job not in c.jobs:
+            return
+        cells = []
+        for e in engines:
+            v = c.ratio(job, e, ref)
+            cells.append(fratio(v) + (" ✓" if v is not None and ok(v) else " ✗" if v is not None else
+                                      f" ({short(c.status(job, e))})" if c.status(job, e) != "ok" else ""))
+        rows.append([label, goal, *cells])
+
+    ratio_row("4k random read, QD32, O_DIRECT, vs qsd", "≥ 1.0×", "randread4k-qd32", "qsd", lambda v: v >= 1.0)
+    ratio_row("4k random write, QD32, O_DIRECT, vs qsd", "≥ 1.0×", "randwrite4k-qd32", "qsd", lambda v: v >= 1.0)
+    for bs in ("64k", "256k"):
+        for rw in ("read", "write"):
+            ratio_row(f"{bs} sequential {rw}, O_DIRECT, vs host", "≥ 0.90×", f"seq{bs}-{rw}", "host",
+                      lambda v: v >= 0.9)
+    rows += engine_cpu_rows(c, engines)
+    if not rows:
+        return []
+    return ["## Targets (issue 5)", "",
+            "Ratios of medians (MB/s). ✓ the target is met, ✗ it is not.", "",
+            *table(["target", "goal", *engines], rows), ""]
+
+
+def engine_cpu_rows(c: Cells, engines: list[str]) -> list[list[str]]:
+    rows = []
+    for e in engines:
+        if e == "cachefs-threads" or "cachefs-threads" not in engines:
+            continue
+        per_job = [(j, c.cpu_us_per_io(j, e), c.cpu_us_per_io(j, "cachefs-threads"))
+                   for j, job in c.jobs.items() if job["direct"]]
+        ratios = [a / b for _, a, b in per_job if a is not None and b]
+        label = f"{e.split('-', 1)[1]} engine: daemon CPU per I/O vs threads (O_DIRECT jobs)"
+        if ratios:
+            med = statistics.median(ratios)
+            val = f"{fratio(med)} {'✓' if med < 1 else '✗'}" + (
+                f" (median of {len(ratios)} jobs, {min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1
+                else f" ({next(j for j, a, b in per_job if a is not None and b)} only)")
+        else:
+            val = "— (no O_DIRECT job ran on both)"
+        rows.append([label, "< 1.0×", *[val if t == e else "" for t in engines]])
+    return rows
+
+
+def targets_section(res: dict, c: Cells) -> list[str]:
+    return dataplane_section(res, c) if is_dataplane_run(res) else issue5_section(c)
