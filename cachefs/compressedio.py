@@ -105,6 +105,7 @@ class CompressedWrites:
             # Shielded: a cancel between a placement and its L2 change would
             # leave a chunk counted that nothing references (a leak).
             with trio.CancelScope(shield=True):
+                self.fill.keep_open = img.mode.default.write_through
                 self.fill.prune()
                 await img._core(self._plan(chunks), be)
             img._zcache = None

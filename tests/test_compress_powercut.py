@@ -20,7 +20,7 @@ import subprocess
 import pytest
 
 from cachefs.backend.faulty import replay
-from cachefs.policy import NONE, WRITEBACK
+from cachefs.policy import DIRECTSYNC, NONE, WRITEBACK
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
 from memimage import new_buffer
@@ -62,8 +62,10 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
     return ops
 
 
-@pytest.mark.parametrize("mode", [WRITEBACK, NONE], ids=lambda m: m.name)
-@pytest.mark.parametrize("cluster_bits,seed,algorithm", [(16, 11, "zlib"), (12, 12, "zstd")])
+@pytest.mark.parametrize("mode,cluster_bits,seed,algorithm", [
+    (WRITEBACK, 16, 11, "zlib"), (NONE, 16, 13, "zstd"), (NONE, 12, 12, "zstd"), (WRITEBACK, 12, 14, "zlib"),
+    # Every write is durable when acknowledged: the open host cluster is rewritten whole, not sealed.
+    (DIRECTSYNC, 16, 15, "zlib")], ids=lambda v: getattr(v, "name", str(v)))
 async def test_power_cut_states_of_a_compress_on_write_image(mode, cluster_bits, seed, algorithm, tmp_path):
     cs = 1 << cluster_bits
     size = 4 << 20
@@ -74,6 +76,7 @@ async def test_power_cut_states_of_a_compress_on_write_image(mode, cluster_bits,
     stats = img.stats()
     assert stats["compressed_clusters"] > 50 and stats["compress_spanning"] > 0, stats
     assert stats["compress_full_writes"] > 0 and stats["compress_flush_writes"] > 0, stats
+    assert stats["compress_host_clusters"] * 2 < stats["compressed_clusters"], stats  # packed, in every mode
     events = list(rec.events)
     initial = bytes(size)
     cuts = sorted(set(rng.sample(range(len(events) + 1), min(40, len(events) + 1))) | {len(events)})

@@ -118,8 +118,9 @@ class FillCluster(MetaItem):
     owner: "FillCache | None" = attrs.field(default=None, repr=False)
 
     def placed(self) -> tuple[int, bytes]:
-        """Written by the metadata queue (a flush): sealed first, so later chunks go elsewhere."""
-        if self.owner is not None:
+        """Written by the metadata queue (a flush): sealed first, so later chunks go elsewhere
+        (unless the owner keeps it open: write-through, see FillCache.keep_open)."""
+        if self.owner is not None and not self.owner.keep_open:
             self.owner.seal(self)
         return self.offset, bytes(self.buf)
 
@@ -165,6 +166,13 @@ class FillCache:
         self.pending: dict[int, FillCluster] = {}
         self.full: list[FillCluster] = []
         self.counters = FillCounters()
+        # Write-through modes (writethrough, directsync) write out after every
+        # guest write. Sealing then would give each write a host cluster of its
+        # own; instead the open cluster is written whole again each time. The
+        # chunks already there are rewritten with the same bytes, so a torn
+        # write cannot change them, and the new ones are referenced only once
+        # that write is durable. Still whole, aligned writes: no read-modify-write.
+        self.keep_open = False
         engine.queue.track(self.pending)
 
     # ------------------------------------------------------------ placing
@@ -217,6 +225,7 @@ class FillCache:
         """Generator: one more chunk touches ``c``: one more reference (spec "Compressed Clusters")."""
         yield from self.engine.refs.change(c.cluster, 1)
         c.refs += 1
+        c.touch()  # dirty again if a write-through writeout kept it open (keep_open)
 
     def _copy(self, at: int, payload, touched) -> None:
         pos = 0
@@ -251,7 +260,7 @@ class FillCache:
 
     def prune(self) -> None:
         """Forget clusters the metadata queue wrote at a flush."""
-        for cluster in [k for k, c in self.pending.items() if c.state is not State.DIRTY]:
+        for cluster in [k for k, c in self.pending.items() if c.state is not State.DIRTY and c is not self.open]:
             self.counters.flush_writes += 1
             self.written(self.pending[cluster])
 
