@@ -12,14 +12,15 @@ rmdir, all passed through to the real files (os.pread/os.pwrite). xattrs are
 ENOTSUP, except the control ones on the root:
 
 - ``setxattr(ROOT, "user.faulty.arm", JSON)``: ``{"read": [[lo, hi], ...],
-  "write": [[lo, hi], ...], "errno": 5, "file": "disk.qcow2"}`` (all keys
-  optional; errno defaults to EIO, no file means every file). From then on a
-  READ or WRITE request whose byte range meets ``[lo, hi)`` fails with that
-  errno, and touches nothing. Arming again replaces the ranges.
+  "write": [[lo, hi], ...], "fsync": true, "errno": 5, "file": "disk.qcow2"}``
+  (all keys optional; errno defaults to EIO, no file means every file). From
+  then on a READ or WRITE request whose byte range meets ``[lo, hi)`` fails
+  with that errno, and touches nothing; with ``fsync``, so does every FSYNC.
+  Arming again replaces the rules.
 - ``setxattr(ROOT, "user.faulty.disarm", b"")``: no failures any more.
 - ``getxattr(ROOT, "user.faulty.state")``: JSON counters, ``reads``,
   ``writes``, ``failed_reads``, ``failed_writes``, ``opens``,
-  ``direct_opens`` (opens that asked for O_DIRECT), ``fsyncs``.
+  ``direct_opens`` (opens that asked for O_DIRECT), ``fsyncs``, ``failed_fsyncs``.
 
 Page cache: an O_DIRECT open is left to the kernel's FUSE direct I/O path
 (fuse_direct_IO); any other open gets FOPEN_DIRECT_IO, so the kernel keeps
@@ -61,7 +62,7 @@ class FaultyFS(pyfuse3.Operations):
         self.files: dict[int, tuple[int, str]] = {}  # fh -> (real fd, name relative to the root)
         self.rules: dict = {}
         self.counters = dict.fromkeys(("reads", "writes", "failed_reads", "failed_writes", "opens",
-                                       "direct_opens", "fsyncs"), 0)
+                                       "direct_opens", "fsyncs", "failed_fsyncs"), 0)
 
     # ------------------------------------------------------------ inodes and attributes
 
@@ -227,6 +228,10 @@ class FaultyFS(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         self.counters["fsyncs"] += 1
+        rules = self.rules
+        if rules.get("fsync") and rules.get("file") in (None, self.files[fh][1]):
+            self.counters["failed_fsyncs"] += 1
+            raise pyfuse3.FUSEError(rules.get("errno", errno.EIO))
         self._os(os.fdatasync if datasync else os.fsync, self.files[fh][0])
 
     async def release(self, fh):

@@ -18,7 +18,11 @@
   those 4 KiB (engine.py ``_cow``, "Never written"), and the rest of the
   cluster stays a hole. With the filesystem full, a fast write into that
   hole is the first thing that needs a block: ENOSPC reaches the client,
-  while writes into the cluster's written part still succeed.
+  while writes into the cluster's written part still succeed. So does
+  Python's half, a 4 KiB write that takes a fresh reserved cluster.
+- **A failed fdatasync after fast writes.** The flush fdatasyncs for writes
+  C served; when that fails from below, the client's fsync gets EIO, and
+  every later one (the sticky error) until a remount.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _env, is_mounted, qemu_img, qemu_io, run
+from conftest import _env, cachefs, is_mounted, qemu_img, qemu_io, run
 from test_dataplane_mount import needs_dataplane
 
 HERE = Path(__file__).resolve().parent
@@ -206,6 +210,51 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
             f"read -P 0x11 {GUEST + 4 * BLOCK} {CLUSTER - 4 * BLOCK}", f"read -P 0x22 {FAR} 64k", fmt=fmt)
 
 
+
+@needs_dataplane
+def test_a_failed_fdatasync_after_fast_writes_reaches_the_client_and_sticks(faulty, mounted, workdir):
+    """Fast writes never pass ModeBackend.pwrite; the flush still fdatasyncs for them (C's unsynced
+    count), and when that fdatasync fails from below the client's fsync gets EIO, and every later one
+    too (the sticky error: the failed pages may be gone) until a remount."""
+    image = workdir / "src" / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    qemu_io(image, "write -P 0x11 0 1M")
+    low = faulty()
+    m = mounted(low.path, "--cache", "writeback")
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert pread(fd, BLOCK, 0) == b"\x11" * BLOCK  # its L2 table is cached and published
+        before = fast(m)
+        os.pwrite(fd, aligned(b"\x22" * BLOCK), 0)
+        assert fast(m)["fast_writes"] == before["fast_writes"] + 1, "not served in C"
+        low.arm(fsync=True, file=image.name)
+        expect_errno(errno.EIO, os.fsync, fd)
+        low.disarm()
+        expect_errno(errno.EIO, os.fsync, fd)
+        os.pwrite(fd, aligned(b"\x33" * BLOCK), BLOCK)  # still serving
+        expect_errno(errno.EIO, os.fsync, fd)
+        assert fast(m) == {**before, "fast_writes": before["fast_writes"] + 2}
+        assert low.state()["failed_fsyncs"] == 1, low.state()
+    finally:
+        os.close(fd)
+    r = cachefs("umount", m.path, check=False)  # its last flush fails the same way, and it says so
+    assert r.returncode == 1 and "failed" in r.stderr, r
+    assert not is_mounted(m.path)
+    m._wait_daemon_gone()
+    m.check_log()
+    assert "No errors were found on the image." in qemu_img("check", image).stdout
+    m = mounted(low.path, "--cache", "writeback")  # a remount starts clean
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, aligned(b"\x44" * BLOCK), 2 * BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.umount()
+    assert "No errors were found on the image." in qemu_img("check", image).stdout
+    qemu_io(image, "read -P 0x22 0 4k", "read -P 0x33 4k 4k", "read -P 0x44 8k 4k", "read -P 0x11 12k 1012k")
+
+
 def fill(path: Path) -> None:
     """Write `path` until its filesystem has no block left."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -251,6 +300,11 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
             expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)
             full = fast(m)
             assert full["fast_errors"] == before["fast_errors"] + 1 and full["fast_writes"] == before["fast_writes"] + 1
+            # Python's half: a fresh cluster taken from the reservation, its 4 KiB the first block needed.
+            expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x60), 6 * CLUSTER)
+            assert fast(m) == full
+            assert pread(fd, BLOCK, 6 * CLUSTER) == bytes(BLOCK)  # still unallocated, or a hole: zeros
+            full = fast(m)
             # Still serving: reads, and writes into blocks the file has.
             assert pread(fd, BLOCK, 3 * CLUSTER) == bytes([3]) * BLOCK
             assert pread(fd, BLOCK, 3 * CLUSTER + 8 * BLOCK) == bytes(BLOCK)
@@ -262,6 +316,7 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
             filler.unlink()
             os.pwrite(fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)  # room again
             assert fast(m)["fast_writes"] == full["fast_writes"] + 3
+            os.pwrite(fd, block(0x60), 6 * CLUSTER)
         finally:
             os.close(fd)
             filler.unlink(missing_ok=True)
@@ -271,6 +326,7 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
                 f"read -P 2 {2 * CLUSTER} 4k", f"read -P 0x21 {2 * CLUSTER + 4 * BLOCK} 4k",
                 f"read -P 0x31 {3 * CLUSTER} 4k", f"read -P 0x30 {3 * CLUSTER + 8 * BLOCK} 4k",
                 f"read -P 0 {3 * CLUSTER + 9 * BLOCK} {CLUSTER - 9 * BLOCK}",
-                f"read -P 5 {5 * CLUSTER} 4k", f"read -P 0 {6 * CLUSTER} 1M")
+                f"read -P 5 {5 * CLUSTER} 4k", f"read -P 0x60 {6 * CLUSTER} 4k",
+                f"read -P 0 {6 * CLUSTER + BLOCK} {CLUSTER - BLOCK}", f"read -P 0 {7 * CLUSTER} 1M")
     finally:
         run("umount", "-l", fs, check=False)
