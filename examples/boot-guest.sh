@@ -15,6 +15,8 @@
 # CACHES="none writeback" picks QEMU cache modes; KIT where the kernel is kept;
 # FORMAT=raw gives the guest a raw image (served by the data plane in C) instead
 # of a qcow2; MOUNT_OPTS adds `cachefs mount` options (e.g. --dataplane off).
+# TRIM=1: QEMU's discard=unmap,detect-zeroes=unmap, and a boot between the two that deletes
+# half the data and runs fstrim: the image's actual-size must drop (issue 12).
 # Installs what is missing: qemu-system-x86, busybox-static, cpio, and
 # downloads (does not install) the linux-image-*-cloud-amd64 package.
 set -euo pipefail
@@ -69,9 +71,15 @@ if [ "$step" = write ]; then
   done
   (cd /mnt && sha256sum f* > SUMS)
   sync; umount /mnt && sync && say "write done"
+elif [ "$step" = trim ]; then  # delete the four largest files, give their blocks back (TRIM)
+  mount -t ext4 /dev/vda /mnt || { say "trim FAILED (mount)"; poweroff -f; }
+  rm /mnt/f4 /mnt/f5 /mnt/f6 /mnt/f7 && grep -v ' f[4-7]$' /mnt/SUMS > /mnt/S2 && mv /mnt/S2 /mnt/SUMS && sync
+  if out=$(fstrim -v /mnt 2>&1); then say "trim done: $out"; else say "trim FAILED: $out"; fi
+  umount /mnt
 else
+  files=$(sed -n 's/.*cachefs_files=\([0-9]*\).*/\1/p' /proc/cmdline)
   mount -t ext4 /dev/vda /mnt || { say "verify FAILED (mount)"; poweroff -f; }
-  if (cd /mnt && sha256sum -c SUMS >/dev/null 2>&1) && [ "$(wc -l < /mnt/SUMS)" = 8 ]; then
+  if (cd /mnt && sha256sum -c SUMS >/dev/null 2>&1) && [ "$(wc -l < /mnt/SUMS)" = "${files:-8}" ]; then
     say "verify OK"
   else
     say "verify FAILED"
@@ -91,14 +99,20 @@ mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT"
 cleanup() { mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT" || true; }
 trap cleanup EXIT
 
-boot() {  # boot CACHE STEP: one guest run against MNT/vm.raw; prints the guest's verdict line
-  local cache=$1 step=$2 out
+boot() {  # boot CACHE STEP [FILES]: one guest run against MNT/vm.raw; prints the guest's verdict line
+  local cache=$1 step=$2 files=${3:-8} out
   out=$(timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nographic -no-reboot \
         -kernel "$VMLINUZ" -initrd "$INITRD" \
-        -append "console=ttyS0 quiet panic=-1 cachefs_step=$step" \
-        -drive "file=$MNT/vm.raw,format=raw,if=virtio,cache=$cache" 2>&1) || true
+        -append "console=ttyS0 quiet panic=-1 cachefs_step=$step cachefs_files=$files" \
+        -drive "file=$MNT/vm.raw,format=raw,if=virtio,cache=$cache${TRIM:+,discard=unmap,detect-zeroes=unmap}" 2>&1) || true
   echo "$out" | grep -o "cachefs-guest: .*" || { echo "$out" | tail -20; echo "cachefs-guest: no verdict"; }
 }
+
+check_image() {
+  if [ "$FORMAT" = qcow2 ]; then qemu-img check -q "$IMAGES/vm.qcow2" && echo "qemu-img check: clean"
+  else echo "qemu-img check: clean (a raw image has no metadata to check)"; fi
+}
+actual_size() { qemu-img info -f "$FORMAT" --output=json "$IMAGES/vm.$FORMAT" | sed -n 's/.*"actual-size": \([0-9]*\).*/\1/p'; }
 
 status=0
 for cache in ${CACHES:-none writeback}; do
@@ -109,11 +123,22 @@ for cache in ${CACHES:-none writeback}; do
   boot "$cache" write
   "$CACHEFS" stats "$MNT" | grep -A9 '^vm.raw' | grep -E '^vm.raw|data plane:' || true
   "$CACHEFS" umount "$MNT"
-  if [ "$FORMAT" = qcow2 ]; then qemu-img check -q "$IMAGES/vm.qcow2" && echo "qemu-img check: clean"
-  else echo "qemu-img check: clean (a raw image has no metadata to check)"; fi
+  check_image
+  files=8
+  if [ -n "${TRIM:-}" ]; then
+    before=$(actual_size)
+    echo "== QEMU cache=$cache: boot 1b deletes half the data and runs fstrim (discard=unmap)"
+    "$CACHEFS" mount --cache auto $MOUNT_OPTS "$IMAGES" "$MNT"
+    boot "$cache" trim
+    "$CACHEFS" stats "$MNT" | grep -A9 '^vm.raw' | grep -E 'discard:' || true
+    "$CACHEFS" umount "$MNT"
+    after=$(actual_size) files=4
+    check_image
+    echo "fstrim: actual-size before=$before after=$after"
+  fi
   echo "== QEMU cache=$cache: boot 2 verifies (a fresh mount)"
   "$CACHEFS" mount --cache auto $MOUNT_OPTS "$IMAGES" "$MNT"  # QEMU's own open flags pick the mode
-  verdict=$(boot "$cache" verify)
+  verdict=$(boot "$cache" verify $files)
   echo "$verdict"
   "$CACHEFS" umount "$MNT"
   [[ $verdict == *"verify OK"* ]] || status=1

@@ -309,7 +309,7 @@ def test_xattr_values_become_json_values():
 
 def test_help_and_version_short_options():
     assert cachefs("-V").stdout == cachefs("--version").stdout != ""
-    for cmd in ([], ["create"], ["info"], ["check"], ["stats"], ["cache"], ["mount"], ["umount"]):
+    for cmd in ([], ["create"], ["info"], ["check"], ["map"], ["stats"], ["cache"], ["mount"], ["umount"]):
         short = cachefs(*cmd, "-h")
         assert short.stdout.startswith("Usage:") and short.stdout == cachefs(*cmd, "--help").stdout
 
@@ -337,6 +337,8 @@ MISTAKES = [
     ["check", "-U", "-r", "all", "good.qcow2"], ["check", "-r", "everything", "good.qcow2"],
     ["create", "good.qcow2", "1G"], ["create", "nodir/x.qcow2", "1G"], ["create", "x.qcow2", "lots"],
     ["create", "x.qcow2"], ["create", "adir.qcow2", "1G"],
+    ["map", "missing.qcow2"], ["map", "garbage.qcow2"], ["map", "short.qcow2"], ["map", "noext"],
+    ["map", "--output=xml", "good.qcow2"],
     ["stats", "."], ["stats", "good.qcow2"], ["stats", "missing"], ["cache", "good.qcow2"],
     ["frobnicate"],
 ]
@@ -349,7 +351,7 @@ def test_every_mistake_is_one_line(mistakes, args):
     one_line_error(r)
 
 
-@pytest.mark.parametrize("cmd", ["info", "check"])
+@pytest.mark.parametrize("cmd", ["info", "check", "map"])
 def test_permission_denied_is_one_line(mistakes, cmd):
     """Run as nobody when we are root (root reads any file)."""
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []

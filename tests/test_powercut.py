@@ -1,7 +1,8 @@
 """Power-cut simulation of the metadata queue (the dm-log-writes / CrashMonkey idea).
 
 A workload of allocating writes, overwrites, partial writes, all-zero
-clusters (frees), a resize and guest flushes runs over a backend that
+clusters (frees), discards and write-zeroes (fallocate, issue 12), a resize
+and guest flushes runs over a backend that
 records every completed write and fdatasync. For hundreds of cut points,
 the file a power cut would leave is materialized: everything a completed
 sync covered, plus a random subset of the writes no sync covered (the
@@ -37,7 +38,7 @@ from memimage import read_all
 from test_cache_modes import SECTOR, Op, allowed_by_sector, cut_state, fresh_qcow2, guaranteed, open_recorded
 
 async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int) -> tuple[list[Op], int]:
-    """Ops as in test_cache_modes plus overwrites of written ranges and one resize half way."""
+    """Ops as in test_cache_modes plus overwrites of written ranges, discards, write-zeroes and one resize half way."""
     ops: list[Op] = []
     written: list[tuple[int, int]] = []
     grown = size
@@ -54,7 +55,15 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
             ops.append(Op("flush", started=started, done=len(rec.events)))
             continue
         limit = grown if i > n_ops // 2 else size
-        if roll < 0.20:
+        if roll < 0.28:
+            # A discard (fallocate PUNCH_HOLE, issue 12): whole clusters unallocated, partial
+            # edges zeroed. To the guest it reads as zeros, so it is modelled as a write of zeros.
+            n = rng.choice([cs, 3 * cs, 2 * cs + 5 * SECTOR, 7 * SECTOR])
+            off = rng.randrange((limit - n) // SECTOR + 1) * SECTOR
+            await (img.discard if roll < 0.24 else img.zero_range)(off, n)
+            ops.append(Op("write", off, bytes(n), started, len(rec.events)))
+            continue
+        if roll < 0.32:
             off, data = rng.randrange(limit // cs) * cs, bytes(cs)       # a zero cluster: a free
         elif roll < 0.45 and written:
             off, n = rng.choice(written)                                 # overwrite in place

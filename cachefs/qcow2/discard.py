@@ -32,13 +32,14 @@ from cachefs.qcow2.plan import L2Update, WritePlan
 
 def whole_clusters(offset: int, length: int, cluster_size: int) -> tuple[int, int, list[tuple[int, int]]]:
     """(first cluster, count, edges): the clusters [offset, offset+length) covers whole, and the
-    partial (offset, length) pieces around them."""
+    partial (offset, length) pieces around them, each inside one cluster."""
     end = offset + length
     first, last = -(-offset // cluster_size), end // cluster_size
-    if first >= last:
+    if first > last:  # inside one cluster
         return first, 0, [(offset, length)] if length else []
+    # first == last: no whole cluster, but the range may still cross the boundary at first.
     edges = [(offset, first * cluster_size - offset), (last * cluster_size, end - last * cluster_size)]
-    return first, last - first, [(o, n) for o, n in edges if n]
+    return first, last - first, [(o, n) for o, n in edges if n > 0]
 
 
 def reads_as_zeros(entry: int) -> bool:
