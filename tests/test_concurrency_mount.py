@@ -33,7 +33,9 @@ def test_qd32_reaches_the_backend(mounted, filled, submitter):
     # so requests pile up in the daemon as far as the stack lets them. (With
     # fast reads they are answered before the next ones arrive: the peak then
     # shows that the daemon, not the device, is the bottleneck.)
-    m = mounted(filled, "--aio", submitter, "--cache", "directsync")
+    # The Python path's stack (pyfuse3 and the submitters): with the data plane on, these
+    # overwrites would be served in C (its own concurrency: test_dataplane_mount.py).
+    m = mounted(filled, "--aio", submitter, "--cache", "directsync", "--dataplane", "off")
     assert fuseconn.queue_limit(str(m.path)) == 64
     r = run("fio", "--name=qd32", f"--filename={m / 'vm.raw'}", "--rw=randwrite", "--bs=4k", "--size=32M",
             "--ioengine=libaio", "--iodepth=32", "--direct=1", "--number_ios=1500", "--output-format=terse",
