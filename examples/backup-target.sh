@@ -37,7 +37,10 @@ case $copy in
 esac
 end=$(date +%s.%N)
 echo "copied in $(python3 -c "print(f'{$end - $start:.2f}')") s; image in the host page cache: $(fincore --bytes --noheadings --output RES "$img") bytes"
-cachefs stats "$mnt" | head -2
+st() { getfattr --absolute-names --only-values -n "user.cachefs.stats.$1" "$mnt/backup.raw"; }
+echo "compressed clusters: $(st compressed_clusters) in $(st compress_host_clusters) host clusters" \
+     "($(st compress_full_writes) written full, $(st compress_flush_writes) at a flush);" \
+     "stored normally: $(st stored_normally); zero clusters: $(st compress_zero_clusters)"
 cachefs umount "$mnt"
 trap - EXIT
 

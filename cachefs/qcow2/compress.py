@@ -120,8 +120,10 @@ class FillCluster(MetaItem):
     def placed(self) -> tuple[int, bytes]:
         """Written by the metadata queue (a flush): sealed first, so later chunks go elsewhere
         (unless the owner keeps it open: write-through, see FillCache.keep_open)."""
-        if self.owner is not None and not self.owner.keep_open:
-            self.owner.seal(self)
+        if self.owner is not None:
+            self.owner.counters.flush_writes += 1
+            if not self.owner.keep_open:
+                self.owner.seal(self)
         return self.offset, bytes(self.buf)
 
 
@@ -144,7 +146,7 @@ class FillCounters:
     host_clusters: int = 0     # host clusters opened for them
     spanning: int = 0          # chunks continued into the adjacent host cluster
     full_writes: int = 0       # host clusters written full by the image layer
-    flush_writes: int = 0      # host clusters written (sealed) by the metadata queue
+    flush_writes: int = 0      # host clusters written by the metadata queue (a flush or writeout)
 
 
 class FillCache:
@@ -261,7 +263,6 @@ class FillCache:
     def prune(self) -> None:
         """Forget clusters the metadata queue wrote at a flush."""
         for cluster in [k for k, c in self.pending.items() if c.state is not State.DIRTY and c is not self.open]:
-            self.counters.flush_writes += 1
             self.written(self.pending[cluster])
 
     # ------------------------------------------------------------ reading
