@@ -45,10 +45,17 @@ class CompressedWrites:
         self.fill = FillCache(image.engine)
         self.counters = CompressCounters()
         self._compressor: Compressor | None = None
+        self._seen = None  # the header object ``_algorithm`` was read from
+        self._algorithm: str | None = None
 
     @property
     def algorithm(self) -> str | None:
-        return compress_of(self.engine.hdr)
+        """The header's setting. Asked on every write, so read again only when the header changed
+        (HeaderItem.update makes a new Header object)."""
+        hdr = self.engine.header.hdr
+        if hdr is not self._seen:
+            self._seen, self._algorithm = hdr, compress_of(hdr)
+        return self._algorithm
 
     def compressor(self, algorithm: str) -> Compressor:
         if self._compressor is None or self._compressor.algorithm != algorithm:

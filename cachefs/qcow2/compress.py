@@ -279,6 +279,7 @@ def plan_compressed(engine, fill: FillCache, vcluster: int, payload):
     The L2 entry changes now, in memory (reads find the chunk in the fill
     cache); on disk it waits for the fill clusters and their refcounts.
     """
+    engine.overlap.check_writable()  # corruption found meanwhile made the image read-only
     table, idx = yield from engine.map.table_for_write(vcluster)
     engine.map.validate(table.entries[idx], vcluster)
     p = yield from fill.place(payload)
