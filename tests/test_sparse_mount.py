@@ -183,3 +183,24 @@ def test_dataplane_off_says_why(workdir, mounted):
     assert "data plane off: fallocate (discard, write-zeroes) fails with EOPNOTSUPP" in m.log_text()
     r = cachefs("map", m / "o.raw", check=False)
     assert r.returncode == 1 and "--dataplane off" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_more_seeks_at_once_than_the_table_holds(workdir, mounted):
+    """200 threads seek at once, more than the data plane's table of Python-served requests holds
+    (DP_PYQ, 64): the rest wait in their slots (back-pressure), none is lost, refused or mixed up."""
+    from concurrent.futures import ThreadPoolExecutor
+    images = workdir / "images"
+    images.mkdir()
+    extents = _layout_image(images)
+    m = mounted(images)
+    starts = [0, MiB + 100, 3 * MiB, 5 * MiB + CS, 7 * MiB, 10 * MiB]
+    want = {s: next(max(s, o) for o, n in extents if o + n > s) for s in starts}
+    fds = [os.open(m / "s.raw", os.O_RDONLY) for _ in range(200)]
+    try:
+        with ThreadPoolExecutor(200) as pool:
+            got = list(pool.map(lambda i: (starts[i % 6], os.lseek(fds[i], starts[i % 6], os.SEEK_DATA)),
+                                range(200)))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert all(pos == want[s] for s, pos in got), got
