@@ -14,10 +14,11 @@
 # file's bytes in the host page cache right after (fincore), the image's size,
 # qemu-img check. CORPUS_MB and CORPUS_SRC change the corpus (512, those
 # directories). The corpus is also converted with qemu-img convert -c, the
-# ratio reference. ALGORITHM=zstd compares zstd images instead (qsd's image
-# made with -o compression_type=zstd). Not a test: run it on a quiet machine.
+# ratio reference. Every job runs for each of ALGORITHMS (default "zlib zstd":
+# qsd's image made with -o compression_type=, cachefs's with --compress).
+# Not a test: run it on a quiet machine.
 set -euo pipefail
-W=$(realpath -m "${1:-/var/tmp/cachefs-compress-bench}"); SZ=${2:-1000}; ALG=${ALGORITHM:-zlib}
+W=$(realpath -m "${1:-/var/tmp/cachefs-compress-bench}"); SZ=${2:-1000}
 REPO=$(dirname "$(dirname "$(realpath "$0")")")
 CACHEFS=${CACHEFS:-$REPO/.venv/bin/cachefs}
 mkdir -p "$W"; cd "$W"
@@ -40,7 +41,6 @@ if [ ! -f corpus.raw ]; then
 fi
 cat ones.raw corpus.raw > /dev/null  # the source reads come from the page cache in every job
 CORPUS_MB=$(( $(stat -c %s corpus.raw) >> 20 ))
-qopt=""; [ "$ALG" = zstd ] && qopt="-o compression_type=zstd"
 
 timed_dd() { # src dst bs count
   local t0 t1
@@ -54,7 +54,7 @@ res() { fincore --bytes --noheadings --output RES "$1" | tr -d ' '; }
 checked() { qemu-img check "$1" >/dev/null 2>&1 && echo clean || echo "NOT CLEAN"; }
 
 run_qsd() { # src bs count_mb size_mb
-  rm -f q.qcow2 exp.raw; qemu-img create -q -f qcow2 $qopt q.qcow2 "$4M"; touch exp.raw
+  rm -f q.qcow2 exp.raw; qemu-img create -q -f qcow2 -o compression_type="$ALG" q.qcow2 "$4M"; touch exp.raw
   drop q.qcow2  # qemu-img create writes through the page cache; cachefs create drops what it wrote
   qemu-storage-daemon \
     --blockdev driver=file,filename=q.qcow2,node-name=f0,cache.direct=on,aio=native \
@@ -78,27 +78,31 @@ run_cachefs() { # src bs count_mb size_mb
   echo "$t $r $(stat -c %s imgs/c.qcow2) $(checked imgs/c.qcow2)"
 }
 
-echo "# bench/compress.sh  $(date -u +%FT%TZ)  $(nproc) cpus  load $(cut -d' ' -f1-3 /proc/loadavg)  algorithm $ALG"
+echo "# bench/compress.sh  $(date -u +%FT%TZ)  $(nproc) cpus  load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# $(qemu-storage-daemon --version | head -1); cachefs $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
-printf '%-26s %-8s %9s %12s %12s %6s  %s\n' job target seconds page_cache image_bytes x_qsd check
+printf '%-30s %-8s %9s %12s %12s %6s  %s\n' job target seconds page_cache image_bytes x_qsd check
 job() { # name src bs mb
   local q c
   q=($(run_qsd "$2" "$3" "$4" "$4")); c=($(run_cachefs "$2" "$3" "$4" "$4"))
-  printf '%-26s %-8s %9s %12s %12s %6s  %s\n' "$1" qsd "${q[0]}" "${q[1]}" "${q[2]}" "" "${q[3]} ${q[4]:-}"
-  printf '%-26s %-8s %9s %12s %12s %6s  %s\n' "$1" cachefs "${c[0]}" "${c[1]}" "${c[2]}" \
+  printf '%-30s %-8s %9s %12s %12s %6s  %s\n' "$ALG $1" qsd "${q[0]}" "${q[1]}" "${q[2]}" "" "${q[3]} ${q[4]:-}"
+  printf '%-30s %-8s %9s %12s %12s %6s  %s\n' "$ALG $1" cachefs "${c[0]}" "${c[1]}" "${c[2]}" \
     "$(python3 -c "print(f'{${c[0]} / ${q[0]}:.2f}')")" "${c[3]} ${c[4]:-}"
   [ "$1" != corpus-bs1M ] || cp imgs/c.qcow2 corpus-cachefs.qcow2
 }
-job "ones-${SZ}M-bs64k" ones.raw 64k "$SZ"
-job "ones-${SZ}M-bs1M" ones.raw 1M "$SZ"
-job corpus-bs1M corpus.raw 1M "$CORPUS_MB"
-
-t0=$(date +%s.%N); rm -f ref.qcow2; qemu-img convert -c $qopt -O qcow2 corpus.raw ref.qcow2; t1=$(date +%s.%N)
+ratio() {
+t0=$(date +%s.%N); rm -f ref.qcow2; qemu-img convert -c -o compression_type="$ALG" -O qcow2 corpus.raw ref.qcow2; t1=$(date +%s.%N)
 ours=$(stat -c %s corpus-cachefs.qcow2); ref=$(stat -c %s ref.qcow2)
 qemu-img compare -q corpus-cachefs.qcow2 corpus.raw && same=identical || same=DIFFERENT
-python3 - "$ours" "$ref" "$(( CORPUS_MB << 20 ))" "$t0" "$t1" "$same" <<'PY'
+python3 - "$ours" "$ref" "$(( CORPUS_MB << 20 ))" "$t0" "$t1" "$same" "$ALG" <<'PY'
 import sys
 ours, ref, guest, t0, t1, same = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
-print(f"corpus ratio: cachefs {guest / ours:.3f}:1 ({ours} bytes), qemu-img convert -c {guest / ref:.3f}:1 "
+print(f"{sys.argv[7]} corpus ratio: cachefs {guest / ours:.3f}:1 ({ours} bytes), qemu-img convert -c {guest / ref:.3f}:1 "
       f"({ref} bytes, {t1 - t0:.2f} s); cachefs image {100 * (ours - ref) / ref:+.2f}% vs qemu-img; content {same}")
 PY
+}
+for ALG in ${ALGORITHMS:-zlib zstd}; do
+  job "ones-${SZ}M-bs64k" ones.raw 64k "$SZ"
+  job "ones-${SZ}M-bs1M" ones.raw 1M "$SZ"
+  job corpus-bs1M corpus.raw 1M "$CORPUS_MB"
+  ratio
+done
