@@ -250,13 +250,11 @@ def test_a_cached_reader_sees_a_direct_writers_bytes(mounted, raw):
         os.close(direct)
 
 
-@needs_dataplane
-def test_live_mode_switch_under_fio(mounted, raw):
-    m = mounted(raw, "--cache", "writeback")
-    f = m / "disk.raw"
+def switch_modes_under_fio(m, f, *, number_ios: int) -> None:
+    """Switch the cache mode of ``f`` every 50 ms while fio writes and verifies at QD32."""
     job = subprocess.Popen(
         ["fio", "--name=job", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M",
-         "--number_ios=60000", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"],
+         f"--number_ios={number_ios}", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=m.path.parent)
     switches = 0
     modes = ["none", "writethrough", "directsync", "unsafe", "writeback"]
@@ -269,6 +267,13 @@ def test_live_mode_switch_under_fio(mounted, raw):
         out = job.communicate(timeout=120)[0]
     assert job.returncode == 0 and "err= 0" in out and "verify" not in out.lower().replace("verify=", ""), out
     assert switches >= 3, f"fio ended before the switches ({switches}):\n{out}"
+
+
+@needs_dataplane
+def test_live_mode_switch_under_fio(mounted, raw):
+    m = mounted(raw, "--cache", "writeback")
+    f = m / "disk.raw"
+    switch_modes_under_fio(m, f, number_ios=60000)
     s = image_stats(m)
     assert s["fast_writes"] > 1000 and s["fast_errors"] == 0, s
     # After the last switch the descriptor is writeback's again, and C serves it.

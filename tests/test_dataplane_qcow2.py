@@ -27,7 +27,7 @@ import pytest
 
 from conftest import run
 from test_dataplane_mount import (FIO_DIRECT, acked_blocks_are_there, image_stats, needs_dataplane,
-                                  start_writer)
+                                  start_writer, switch_modes_under_fio)
 from test_fio import fio
 
 MiB = 1 << 20
@@ -192,22 +192,7 @@ def test_sigterm_with_qcow2_writers_loses_nothing_acknowledged(mounted, images, 
 def test_live_mode_switch_under_fio_on_qcow2(mounted, images):
     img = qcow2(images, "vm.qcow2", 128 * MiB, fill=(0, 64 * MiB))
     m = mounted(images, "--cache", "writeback")
-    f = m / "vm.raw"
-    job = subprocess.Popen(
-        ["fio", "--name=job", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M",
-         "--number_ios=40000", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=m.path.parent)
-    switches = 0
-    modes = ["none", "writethrough", "directsync", "unsafe", "writeback"]
-    try:
-        while job.poll() is None:
-            os.setxattr(f, "user.cachefs.cache", modes[switches % len(modes)].encode())
-            switches += 1
-            time.sleep(0.05)
-    finally:
-        out = job.communicate(timeout=120)[0]
-    assert job.returncode == 0 and "err= 0" in out, out
-    assert switches >= 3, f"fio ended before the switches ({switches}):\n{out}"
+    switch_modes_under_fio(m, m / "vm.raw", number_ios=40000)
     s = image_stats(m, "vm.raw")
     assert s["fast_writes"] > 1000 and s["fast_errors"] == 0, s
     m.umount()
