@@ -16,6 +16,9 @@ ENOTSUP, except the control ones on the root:
   (all keys optional; errno defaults to EIO, no file means every file). From
   then on a READ or WRITE request whose byte range meets ``[lo, hi)`` fails
   with that errno, and touches nothing; with ``fsync``, so does every FSYNC.
+  ``"slow_read": [[lo, hi, seconds]]`` (and ``"slow_write"``) instead holds
+  such a READ (WRITE) that long before doing it, while other requests are
+  served: a backend request still running when the layer above moves on.
   Arming again replaces the rules.
 - ``setxattr(ROOT, "user.faulty.disarm", b"")``: no failures any more.
 - ``getxattr(ROOT, "user.faulty.state")``: JSON counters, ``reads``,
@@ -62,7 +65,8 @@ class FaultyFS(pyfuse3.Operations):
         self.files: dict[int, tuple[int, str]] = {}  # fh -> (real fd, name relative to the root)
         self.rules: dict = {}
         self.counters = dict.fromkeys(("reads", "writes", "failed_reads", "failed_writes", "opens",
-                                       "direct_opens", "fsyncs", "failed_fsyncs"), 0)
+                                       "direct_opens", "fsyncs", "failed_fsyncs", "slow_reads",
+                                       "slow_writes"), 0)
 
     # ------------------------------------------------------------ inodes and attributes
 
@@ -213,14 +217,22 @@ class FaultyFS(pyfuse3.Operations):
                 self.counters[f"failed_{kind}s"] += 1
                 raise pyfuse3.FUSEError(rules.get("errno", errno.EIO))
 
+    async def _slow(self, kind: str, off: int, size: int) -> None:
+        for lo, hi, seconds in self.rules.get(f"slow_{kind}", ()):
+            if off < hi and lo < off + max(size, 1):
+                self.counters[f"slow_{kind}s"] += 1
+                await trio.sleep(seconds)
+
     async def read(self, fh, off, size):
         self.counters["reads"] += 1
         self._fails("read", fh, off, size)
+        await self._slow("read", off, size)
         return self._os(os.pread, self.files[fh][0], size, off)
 
     async def write(self, fh, off, buf):
         self.counters["writes"] += 1
         self._fails("write", fh, off, len(buf))
+        await self._slow("write", off, len(buf))
         return self._os(os.pwrite, self.files[fh][0], buf, off)
 
     async def flush(self, fh):

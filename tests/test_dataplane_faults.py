@@ -36,6 +36,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -330,3 +332,45 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
                 f"read -P 0 {6 * CLUSTER + BLOCK} {CLUSTER - BLOCK}", f"read -P 0 {7 * CLUSTER} 1M")
     finally:
         run("umount", "-l", fs, check=False)
+
+
+@needs_dataplane
+def test_a_freed_cluster_waits_for_the_fast_read_still_using_it(faulty, mounted, workdir):
+    """The free fence (cachefs/dpmap.py), made deterministic: a fast read of guest cluster X is held
+    in the lower filesystem for a second while X becomes a zero cluster, a flush applies the free of
+    its host cluster H, and a new cluster Y takes H (the lowest free one: no reservation yet) with
+    other bytes. Without the fence, the held read reads H after Y's bytes landed there and hands
+    them to the client as X's; with it, the flush waits for the read, which sees X's old bytes."""
+    image = workdir / "src" / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    qemu_io(image, "write -P 0x11 0 4M")
+    x, y = GUEST, 8 * MiB  # Y: unallocated until the end
+    h = host_offset(image, "qcow2", x)
+    low = faulty()
+    m = mounted(low.path, "--cache", "none")
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert pread(fd, BLOCK, x) == b"\x11" * BLOCK  # X's table is cached: C serves X now
+        low.arm(slow_read=[[h, h + BLOCK, 1.0]], file=image.name)
+        held: list[bytes] = []
+        reader = threading.Thread(target=lambda: held.append(pread(fd, BLOCK, x)))
+        before = fast(m)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while low.state()["slow_reads"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert low.state()["slow_reads"] == 1, "the read did not reach the lower filesystem"
+        os.pwrite(fd, aligned(bytes(CLUSTER)), x)  # forwarded: X becomes a zero cluster, H is to be freed
+        os.fsync(fd)                               # the writeout that applies the free
+        os.pwrite(fd, aligned(b"\x99" * CLUSTER), y)  # allocates: H, the one free cluster
+        reader.join(timeout=30)
+        assert fast(m)["fast_reads"] == before["fast_reads"] + 1  # the held read was C's
+        assert held == [b"\x11" * BLOCK], held[0][:16] if held else "no result"
+        assert pread(fd, BLOCK, x) == bytes(BLOCK) and pread(fd, BLOCK, y) == b"\x99" * BLOCK
+        assert int(os.getxattr(m / NAME, "user.cachefs.stats.fast_fences")) >= 1
+    finally:
+        low.disarm()
+        os.close(fd)
+    m.umount()
+    assert "No errors were found on the image." in qemu_img("check", image).stdout
+    assert host_offset(image, "qcow2", y) == h  # Y did take X's old host cluster
