@@ -229,3 +229,31 @@ async def test_compressed_data_is_durable_before_its_l2_entry():
     kinds = ["sync" if isinstance(e, Sync) else e.offset for e in events if isinstance(e, (Sync, Write))]
     data_at = kinds.index(desc.offset & ~(CS - 1))
     assert "sync" in kinds[data_at:kinds.index(l2)], kinds
+
+
+@pytest.mark.parametrize("refcount_order,cluster_bits", [(0, 9), (1, 12), (2, 16), (6, 21)])
+async def test_refcount_widths_and_cluster_sizes(refcount_order, cluster_bits, tmp_path):
+    """A refcount that cannot count one more chunk starts a new host cluster (refcount_bits=1: one
+    chunk each); descriptors fit every cluster size's sector-count field."""
+    cs = 1 << cluster_bits
+    size = max(4 * MiB, 16 * cs)
+    buf = new_buffer(size, compress="zlib", refcount_order=refcount_order, cluster_bits=cluster_bits)
+    img = await open_memory(buf)
+    rng, model = random.Random(refcount_order), bytearray(size)
+    for _ in range(100 if cluster_bits < 21 else 30):
+        k = rng.choice([1, 2, 5])
+        off = rng.randrange(size // cs - k) * cs
+        data = b"".join(rng.randbytes(cs // 4) + bytes([rng.randrange(1, 9)]) * (cs - cs // 4) for _ in range(k))
+        await img.write(off, data)
+        model[off:off + len(data)] = data
+        if rng.random() < 0.05:
+            await img.flush()
+    assert bytes(await img.read(0, size)) == model
+    stats = img.stats()
+    await img.close()
+    shared = stats["compress_host_clusters"] < stats["compressed_clusters"]
+    assert shared == (refcount_order > 0), stats
+    check_clean(buf)
+    path = tmp_path / "t.qcow2"
+    path.write_bytes(buf)
+    subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
