@@ -6,13 +6,16 @@ FUSE fallocate or lseek); Image's methods of the same names call these.
 - **raw**: the same fallocate(2), or lseek(2), on the image file. The host
   filesystem does the work and knows the holes.
 - **qcow2**: the mapping changes (qcow2/discard.py plans it, no I/O there).
-  Whole clusters become unallocated (discard) or zero clusters (write-zeroes)
-  and their host clusters are freed through the metadata queue, which
+  Whole clusters become unallocated (discard) or zero clusters (write-zeroes,
+  keeping an owned host cluster preallocated, as ZERO_RANGE keeps blocks on
+  a local filesystem); the host clusters dropped are freed through the
+  metadata queue, which
   punches the freed space out of the image file once the refcount drops
   (metaqueue.apply_frees), so a guest's TRIM shrinks the file's allocation
   as QEMU's ``discard=unmap`` does. The partial clusters at the edges get
   zeros through the ordinary write path, unless they read as zeros already.
-  Preallocation (mode 0) is refused with EOPNOTSUPP: see :func:`allocate`.
+  Preallocation (mode 0) makes preallocated zero clusters (v3) whose host
+  clusters get their space, as ``qemu-img create -o preallocation=falloc``.
 
 Every request follows its handle's cache mode, as a write does: in
 writethrough and directsync it is durable when it returns (the metadata
@@ -29,8 +32,8 @@ import os
 
 import trio
 
-from cachefs.errors import UnsupportedOperation
-from cachefs.qcow2.discard import plan_clear, plan_seek, reads_as_zeros, whole_clusters
+from cachefs.qcow2.discard import plan_allocate, plan_clear, plan_seek, reads_as_zeros, whole_clusters
+from cachefs.qcow2.metaqueue import cluster_runs
 
 log = logging.getLogger("cachefs.sparse")
 
@@ -88,19 +91,48 @@ async def zero_range(img, offset: int, length: int, mode) -> None:
 
 
 async def allocate(img, offset: int, length: int, mode) -> None:
-    """fallocate mode 0: reserve the space.
-
-    qcow2 refuses it (EOPNOTSUPP; glibc's posix_fallocate then writes the
-    blocks itself): QEMU never sends it for guest I/O (its raw driver uses
-    mode 0 only to preallocate at create or resize, which ``qemu-img create
-    -o preallocation=falloc`` on the image file does), and a zero cluster
-    reserved ahead would have to survive the discards above.
-    """
+    """fallocate mode 0: reserve the space (raw: on the image file; qcow2: preallocated zero clusters
+    whose host clusters are given their space, qemu-img's preallocation=falloc)."""
     length = _clamped(img, offset, length)
-    if img.format != "raw":
-        raise UnsupportedOperation("fallocate preallocation of a qcow2 image is not supported "
-                                   "(create it with qemu-img -o preallocation=falloc)")
-    await _raw(img, FALLOC_FL_KEEP_SIZE, offset, length, mode)
+    if img.format == "raw":
+        await _raw(img, FALLOC_FL_KEEP_SIZE, offset, length, mode)
+        return
+    if not length:
+        return
+    async with img.backends.in_use():
+        be = img.backends.get(mode)
+        cs, per, eng = img.cluster_size, img.engine.map.l2_entries, img.engine
+        vcl, end = offset // cs, -(-(offset + length) // cs)  # a partial cluster is preallocated whole
+        while vcl < end:
+            n = min(end, (vcl // per + 1) * per) - vcl
+            async with img.write_lock:
+                plan = await img._core(plan_allocate(eng, vcl, n), be)
+                try:
+                    await _give_space(img, be, [u.new_cluster for u in plan.updates])
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await img._core(eng.abort(plan), be)
+                    raise
+                await img._core(eng.commit(plan), be)
+            vcl += n
+        if mode.write_through:
+            await img._make_durable(be)
+
+
+async def _give_space(img, be, clusters: list[int]) -> None:
+    """fallocate the new host clusters (mode 0: the file grows over any past its end); the data item
+    is touched so that a flush syncs that before the entries that need it (plan_allocate)."""
+    cb = img.engine.cb
+    for first, count in cluster_runs(clusters):
+        start, n = first << cb, count << cb
+        if be.fd is None:  # a memory backend (tests): the file only has to cover them
+            if start + n > be.size():
+                await be.truncate(start + n)
+        else:
+            await trio.to_thread.run_sync(fallocate, be.fd, 0, start, n)
+    if clusters:
+        img.backends.unsynced = True
+        img.queue.data_written()
 
 
 async def _clear(img, offset: int, length: int, mode, *, zero: bool) -> None:

@@ -1,7 +1,7 @@
 """Power-cut simulation of the metadata queue (the dm-log-writes / CrashMonkey idea).
 
 A workload of allocating writes, overwrites, partial writes, all-zero
-clusters (frees), discards and write-zeroes (fallocate, issue 12), a resize
+clusters (frees), discards, write-zeroes and preallocation (fallocate, issue 12), a resize
 and guest flushes runs over a backend that
 records every completed write and fdatasync. For hundreds of cut points,
 the file a power cut would leave is materialized: everything a completed
@@ -60,6 +60,9 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
             # edges zeroed. To the guest it reads as zeros, so it is modelled as a write of zeros.
             n = rng.choice([cs, 3 * cs, 2 * cs + 5 * SECTOR, 7 * SECTOR])
             off = rng.randrange((limit - n) // SECTOR + 1) * SECTOR
+            if 0.24 <= roll < 0.26:  # preallocation (mode 0): zero clusters with space; nothing to see
+                await img.allocate(off, n)
+                continue
             await (img.discard if roll < 0.24 else img.zero_range)(off, n)
             ops.append(Op("write", off, bytes(n), started, len(rec.events)))
             continue

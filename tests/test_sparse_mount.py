@@ -77,6 +77,10 @@ def test_punch_and_zero_range_through_the_mount(workdir, mounted, fmt):
     if fmt == "qcow2":
         qemu_img("check", img)
         assert st["stats.bytes_punched"] >= 3 * MiB
+        # -z keeps the whole clusters' space, as on a local filesystem: zero clusters with an offset.
+        zeroed = [e for e in json.loads(qemu_img("map", "--output=json", img).stdout)
+                  if e["start"] <= 5 * MiB + CS and e["start"] + e["length"] >= 6 * MiB]
+        assert zeroed and zeroed[0]["zero"] and "offset" in zeroed[0], zeroed
 
 
 def _layout_image(images) -> list[tuple[int, int]]:
@@ -204,3 +208,34 @@ def test_more_seeks_at_once_than_the_table_holds(workdir, mounted):
         for fd in fds:
             os.close(fd)
     assert all(pos == want[s] for s, pos in got), got
+
+
+def test_fallocate_preallocates_qcow2_clusters(workdir, mounted):
+    """Mode 0 (qemu-img's preallocation=falloc): v3 clusters become zero clusters with their own
+    host space, du grows, reads stay zeros, a write lands in place; v2 has no zero flag: EOPNOTSUPP."""
+    images = workdir / "images"
+    images.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", images / "p.qcow2", "16M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", images / "v2.qcow2", "16M")
+    qemu_io(images / "p.qcow2", f"write -P 0x11 {MiB} {CS}")
+    m = mounted(images)
+    before = _blocks(m / "p.raw")
+    run("fallocate", "-o", "0", "-l", str(8 * MiB), m / "p.raw")
+    assert _blocks(m / "p.raw") - before >= 8 * MiB - CS
+    with open(m / "p.raw", "r+b") as f:
+        assert f.read(MiB) == bytes(MiB) and f.read(CS) == b"\x11" * CS
+        f.seek(2 * MiB + 100)
+        f.write(b"\x22" * 300)
+    fd = os.open(m / "v2.raw", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as exc:
+            fallocate(fd, 0, 0, MiB)
+        assert exc.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    m.umount()
+    qemu_img("check", images / "p.qcow2")
+    entries = json.loads(qemu_img("map", "--output=json", images / "p.qcow2").stdout)
+    assert all(e["present"] and "offset" in e for e in entries if e["start"] < 8 * MiB), entries
+    qemu_io(images / "p.qcow2", f"read -P 0 0 {MiB}", f"read -P 0x11 {MiB} {CS}",
+            f"read -P 0x22 {2 * MiB + 100} 300", f"read -P 0 {2 * MiB + 400} {CS}")

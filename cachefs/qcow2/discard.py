@@ -7,8 +7,9 @@ What it owns (docs/design.md, "Discard, write-zeroes, SEEK_DATA"):
   TRIM) makes them unallocated: with no backing file (engine.py refuses
   those) an unallocated cluster reads as zeros, which is all a discard
   promises. A write-zeroes (``fallocate -z``) makes them zero clusters in
-  v3 (spec "Standard Cluster Descriptor", bit 0), unallocated in v2, which
-  has no zero flag. The host clusters are freed by ``ClusterMap.remap``,
+  v3 (spec "Standard Cluster Descriptor", bit 0) that keep their own host
+  cluster (preallocated), unallocated in v2, which has no zero flag. The
+  host clusters dropped are freed by ``ClusterMap.remap``,
   which the caller reaches through ``Engine.commit``: the mapping-change
   hook fires, and the metadata queue lowers each refcount only once the L2
   table that dropped it is durable (invariant 2) and no I/O still uses it,
@@ -25,7 +26,7 @@ there through the ordinary write path (image.py), where they are needed.
 
 from __future__ import annotations
 
-from cachefs.errors import DamagedMetadata
+from cachefs.errors import DamagedMetadata, UnsupportedOperation
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.plan import L2Update, WritePlan
 
@@ -60,7 +61,7 @@ def plan_clear(engine, first: int, count: int, *, zero: bool):
         raise ValueError("plan_clear covers one L2 table at a time")
     if m.l2_offset(first // m.l2_entries) == 0:
         return WritePlan((), ())
-    new = fmt.L2_ZERO if zero and engine.header.hdr.version >= 3 else 0
+    zero_flag = zero and engine.header.hdr.version >= 3
     table, idx = yield from m.table_for_write(first)
     updates = []
     for i in range(count):
@@ -69,9 +70,66 @@ def plan_clear(engine, first: int, count: int, *, zero: bool):
             m.validate(entry, first + i)
         except DamagedMetadata:
             continue  # a damaged entry is not ours to interpret: reads of it keep failing
-        if reads_as_zeros(entry) and not entry & fmt.OFFSET_MASK:
-            continue  # reads as zeros already and holds no host cluster: nothing to change
-        updates.append(L2Update(first + i, new, entry, None, table, idx + i, data_first=False))
+        new = _cleared(entry, zero_flag)
+        if new != entry:
+            updates.append(L2Update(first + i, new, entry, None, table, idx + i, data_first=False))
+    return WritePlan((), tuple(updates))
+
+
+def _cleared(entry: int, zero_flag: bool) -> int:
+    """The entry that makes one whole cluster read as zeros.
+
+    Discard (and v2, which has no zero flag): unallocated. Write-zeroes in
+    v3: a zero cluster that keeps an exclusively owned host cluster (spec
+    "zero cluster with a host offset": preallocated, as QEMU's write-zeroes
+    without MAY_UNMAP and fallocate's ZERO_RANGE on a local filesystem keep
+    the space, so a later write there allocates nothing); a compressed or
+    shared one is dropped. An entry that reads as zeros with nothing to
+    drop is left as it is.
+    """
+    off = entry & fmt.OFFSET_MASK
+    if reads_as_zeros(entry) and (not off or zero_flag):
+        return entry
+    if zero_flag and off and entry & fmt.L2_COPIED and not entry & fmt.L2_COMPRESSED:
+        return off | fmt.L2_ZERO | fmt.L2_COPIED
+    return fmt.L2_ZERO if zero_flag else 0
+
+
+def plan_allocate(engine, first: int, count: int):
+    """Generator: a WritePlan preallocating guest clusters [first, first + count), all in one L2
+    table (fallocate mode 0, qemu-img's preallocation=falloc). Caller holds the write lock, gives
+    the new host clusters their space (the plan's updates name them), then commits, or aborts.
+
+    Each cluster without a host cluster gets one, as a zero cluster with that
+    offset (v3 only: v2 has no zero flag, refused with EOPNOTSUPP): it reads
+    as zeros whatever the host cluster held, and a later write goes there in
+    place (engine._in_place). Invariant 1 holds through Engine.commit (the
+    refcount first). An entry may wait for the data item only when the host
+    cluster was not reserved: the file's new length must be durable before a
+    reference to a cluster past its old end (qemu-img check calls that
+    corruption).
+    """
+    engine.overlap.check_writable()
+    if engine.header.hdr.version < 3:
+        raise UnsupportedOperation("preallocating clusters of a qcow2 v2 image needs a zero flag it has not")
+    m = engine.map
+    if (first + count - 1) // m.l2_entries != first // m.l2_entries:
+        raise ValueError("plan_allocate covers one L2 table at a time")
+    table, idx = yield from m.table_for_write(first)
+    updates = []
+    for i in range(count):
+        entry = table.entries[idx + i]
+        try:
+            m.validate(entry, first + i)
+        except DamagedMetadata:
+            continue
+        if entry & fmt.L2_COMPRESSED or entry & fmt.OFFSET_MASK:
+            continue  # it has its space already
+        a = yield from m.allocate("data")
+        host = a.cluster << engine.cb
+        engine.refs.note_written(host + engine.cs)
+        updates.append(L2Update(first + i, host | fmt.L2_ZERO | fmt.L2_COPIED, entry, a.cluster, table, idx + i,
+                                data_first=not a.fresh))
     return WritePlan((), tuple(updates))
 
 

@@ -295,7 +295,7 @@ class MetaQueue:
             block = yield from self.refs.change(p.cluster, -1)
             if self.punch_freed and block.entries[p.cluster % self.refs.per_block] == 0:
                 emptied.append(p.cluster)
-        for first, count in _runs(sorted(emptied)):
+        for first, count in cluster_runs(sorted(emptied)):
             yield DiscardRequest(first << self.cb, count << self.cb)
         return len(ready)
 
@@ -359,7 +359,7 @@ class MetaQueue:
         return self.refs.end_cluster << self.cb
 
 
-def _runs(clusters: list[int]):
+def cluster_runs(clusters: list[int]):
     """Sorted cluster numbers as (first, count) runs: one punch per run."""
     start = prev = None
     for c in clusters:
