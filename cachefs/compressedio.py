@@ -25,6 +25,7 @@ import trio
 
 from cachefs.backend.base import bytes_view
 from cachefs.compressor import Compressor
+from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.compress import FillCache, compress_of, header_fields, plan_compressed
 
 
@@ -143,12 +144,15 @@ class CompressedWrites:
         """Turn compress-on-write on ("zlib", "zstd") or off (None); durable when this returns.
 
         Refused in one line (UnsupportedOperation) when the header's
-        compression type is another algorithm (compress.header_fields).
+        compression type is another algorithm and the image may hold
+        compressed clusters (compress.header_fields). An image without a
+        single L2 table (a new one) holds none, so its type may still change.
         """
         img = self.image
         async with img.write_lock:
             img.engine.overlap.check_writable()
-            fields = header_fields(self.engine.hdr, algorithm)
+            empty = not any(e & fmt.OFFSET_MASK for e in self.engine.map.l1)
+            fields = header_fields(self.engine.hdr, algorithm, empty=empty)
             self.engine.header.update(**fields)
         await img.write_back()
 

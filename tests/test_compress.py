@@ -197,12 +197,12 @@ async def test_setting_survives_qemu_img_amend_and_changes_live(tmp_path):
     assert header_of(buf).compatible & fmt.COMPAT_LAZY_REFCOUNTS  # qemu-img rewrote the header
     img = await open_memory(buf)
     assert img.compress == "zstd"
-    with pytest.raises(UnsupportedOperation, match="compression type is zstd"):
-        await img.set_compress("zlib")
     await img.set_compress(None)
     assert img.compress is None and compress_of(header_of(buf)) is None  # durable at once
     await img.write(0, b"a" * CS)
     assert not entry(img, 0) & fmt.L2_COMPRESSED
+    with pytest.raises(UnsupportedOperation, match="compression type is zstd"):
+        await img.set_compress("zlib")  # the image has data now: its type stays
     await img.set_compress("zstd")
     await img.write(CS, b"a" * CS)
     assert entry(img, 1) & fmt.L2_COMPRESSED
@@ -210,6 +210,24 @@ async def test_setting_survives_qemu_img_amend_and_changes_live(tmp_path):
     assert (await open_memory(buf, writable=False)).compress == "zstd"
     path.write_bytes(buf)
     subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
+
+
+async def test_a_new_image_takes_either_algorithm_live(tmp_path):
+    """No L2 table yet, so no compressed cluster: the header's compression type may still change."""
+    buf = new_buffer(4 * MiB)
+    img = await open_memory(buf)
+    await img.set_compress("zstd")
+    hdr = header_of(buf)
+    assert hdr.compression_type == fmt.COMPRESSION_ZSTD and hdr.incompatible & fmt.INCOMPAT_COMPRESSION
+    await img.write(0, b"z" * CS)
+    with pytest.raises(UnsupportedOperation):
+        await img.set_compress("zlib")
+    await img.close()
+    path = tmp_path / "t.qcow2"
+    path.write_bytes(buf)
+    info = subprocess.run(["qemu-img", "info", str(path)], check=True, capture_output=True, text=True).stdout
+    assert "compression type: zstd" in info
+    assert await read_all(bytearray(path.read_bytes()), CS) == b"z" * CS
 
 
 async def test_compressed_data_is_durable_before_its_l2_entry():
