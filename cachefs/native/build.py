@@ -429,7 +429,7 @@ def make_ffibuilder() -> FFI:
 
 
 if have_liburing():
-    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_loop.c"\n',
+    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_loop.c"\n#include "dp_pyq.c"\n',
             libraries=("uring", "pthread"))
 else:
     section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')
