@@ -5,7 +5,7 @@ backend that records every completed write and fdatasync: whole-cluster
 writes (stored compressed, packed into shared host clusters, some spanning
 two), overwrites of compressed clusters, partial writes (copy-on-write out of
 a compressed cluster, possibly one whose host cluster is still in the fill
-cache), zero clusters (our discard: frees a share of a host cluster), and
+cache), zero clusters and discards (fallocate: each frees a share of a host cluster), and
 guest flushes (each seals the partial host cluster). Every cut state, with a
 random subset of the unsynced writes, must be consistent (leaks allowed),
 show every flushed write, and decompress: a compressed L2 entry durable
@@ -45,6 +45,10 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
             continue
         if roll < 0.17 and whole:
             off, data = rng.choice(whole), bytes(cs)                        # discard a compressed cluster
+            if roll < 0.135:  # fallocate PUNCH_HOLE (issue 12); to the guest, zeros like the zero write
+                await img.discard(off, cs)
+                ops.append(Op("write", off, data, started, len(rec.events)))
+                continue
         elif roll < 0.35 and whole:
             off, data = rng.choice(whole), compressible(rng, cs)            # overwrite a compressed one
         elif roll < 0.5:
