@@ -5,7 +5,7 @@ answer ENOSYS, and after one ENOSYS the kernel never sends that opcode again
 on the connection (fs/fuse/file.c: ``no_fallocate``, ``no_lseek``):
 fallocate(2) then fails with EOPNOTSUPP for good, and SEEK_DATA/SEEK_HOLE
 fall back to "all data". The data plane sees every request before libfuse,
-so it keeps these two (dp_loop.c, "Python-served requests"): it copies each
+so it keeps these two (dp_pyq.c): it copies each
 into a bounded table and writes to an eventfd; :class:`PyServed` takes them,
 serves each in a trio task through the image (sparse.py) and answers it
 itself, one write to /dev/fuse from this thread (``dp_pyq_reply``).

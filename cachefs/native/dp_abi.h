@@ -24,7 +24,7 @@ enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATION
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
 enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16 };
 
-/* Requests Python serves (FALLOCATE, LSEEK; dp_loop.c "Python-served requests"): pyfuse3 has
+/* Requests Python serves (FALLOCATE, LSEEK; dp_pyq.c): pyfuse3 has
  * no handler for them and libfuse's ENOSYS would turn them off for the connection's life. C
  * copies each into a bounded table; Python takes them (dp_pyq_take) and answers from its own
  * thread (dp_pyq_reply). `mode`: FALLOCATE's mode, or LSEEK's whence. */
