@@ -58,7 +58,6 @@ class PyServed:
     def __init__(self, plane, ops) -> None:
         self._dp = plane._dp  # the C object: its pyq_* calls are this module's part of the ABI
         self.ops = ops
-        self.served = 0
 
     async def serve(self) -> None:
         lib, ffi = native.lib, native.ffi
@@ -84,16 +83,15 @@ class PyServed:
             except OSError as exc:
                 err = exc.errno or errno.EIO
                 if err != errno.ENXIO:  # ENXIO: SEEK_DATA past the last data, an answer, not a problem
-                    log.warning("%s fh %d [%d, +%d): %s", _name(req), req.fh, req.offset, req.length, exc)
+                    _warn(req, exc)
             except CachefsError as exc:
                 err = exc.errno
-                log.warning("%s fh %d [%d, +%d): %s", _name(req), req.fh, req.offset, req.length, exc)
+                _warn(req, exc)
             except Exception:
                 err = errno.EIO
                 log.exception("%s fh %d failed", _name(req), req.fh)
             if err == errno.ENOSYS:
                 err = errno.EOPNOTSUPP  # ENOSYS would turn the opcode off for the connection
-            self.served += 1
             rc = native.lib.dp_pyq_reply(self._dp, req.unique, -err, offset or 0)
             if rc < 0 and rc not in (-errno.ENOENT, -errno.ENODEV):
                 log.warning("reply to %s: %s", _name(req), os.strerror(-rc))
@@ -128,6 +126,10 @@ class PyServed:
             await img.zero_range(req.offset, req.length, h.mode)
         else:
             await img.allocate(req.offset, req.length, h.mode)
+
+
+def _warn(req: PyRequest, exc: BaseException) -> None:
+    log.warning("%s fh %d [%d, +%d) from pid %d: %s", _name(req), req.fh, req.offset, req.length, req.pid, exc)
 
 
 def _name(req: PyRequest) -> str:
