@@ -69,16 +69,15 @@ def seek_entries(fd: int, size: int) -> list[MapEntry]:
 
 def qcow2_entries(fd: int) -> list[MapEntry]:
     from cachefs.qcow2.cluster import MappingKind
-    from cachefs.qcow2.discard import has_offset, plan_map
+    from cachefs.qcow2.discard import plan_map
     from cachefs.qcow2.engine import open_engine
     from cachefs.qcow2.plan import run_sync
     pread = lambda o, n: os.pread(fd, n, o)  # noqa: E731
     engine = run_sync(open_engine(os.fstat(fd).st_size, writable=False), pread)
     out = []
-    for start, length, m in run_sync(plan_map(engine), pread):
-        data = m.kind in (MappingKind.DATA, MappingKind.COMPRESSED)
-        out.append(MapEntry(start, length, m.kind is not MappingKind.UNALLOCATED, not data, data,
-                            m.host_offset if has_offset(m) else None))
+    for start, length, kind, host in run_sync(plan_map(engine), pread):
+        data = kind in (MappingKind.DATA, MappingKind.COMPRESSED)
+        out.append(MapEntry(start, length, kind is not MappingKind.UNALLOCATED, not data, data, host))
     return out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from cachefs.errors import DamagedMetadata, UnsupportedOperation
 from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.cluster import MappingKind
 from cachefs.qcow2.plan import L2Update, WritePlan
 
 
@@ -142,70 +143,78 @@ def plan_seek(engine, offset: int, *, data: bool):
     when SEEK_DATA finds no data before the guest's end (lseek's ENXIO). ``offset`` is below
     the guest's size (the caller answers ENXIO otherwise).
 
-    A missing L2 table is a hole of a whole table's span, skipped in one step;
-    a damaged entry counts as data (reading it fails, it holds no zeros).
+    A missing L2 table is a hole of a whole table's span, skipped in one
+    step; a loaded table is scanned in one pass over its entries (a
+    SEEK_HOLE across a full 1 TiB disk reads every table once). The
+    entries' bits decide, without validation: a damaged one that claims
+    data counts as data (reading it fails, it holds no zeros), and so does a
+    damaged L1 entry's whole range.
     """
-    m, cs, size = engine.map, engine.cs, engine.size
-    vcl = offset // cs
-    while vcl * cs < size:
-        l1_idx = vcl // m.l2_entries
+    m, cs = engine.map, engine.cs
+    vcl, nclusters, per = offset // cs, -(-engine.size // cs), m.l2_entries
+    while vcl < nclusters:
+        l1_idx, idx = divmod(vcl, per)
+        stop = min(per, nclusters - l1_idx * per)
         try:
-            has_table = m.l2_offset(l1_idx) != 0
+            off = m.l2_offset(l1_idx)
         except DamagedMetadata:
-            has_table = True
-        if not has_table:
-            if not data:
+            off = -1
+        if off <= 0:
+            if (off < 0) == data:  # no table: a hole; a damaged L1 entry: data
                 return max(offset, vcl * cs)
-            vcl = (l1_idx + 1) * m.l2_entries
+            vcl = (l1_idx + 1) * per
             continue
-        try:
-            entry = yield from m.entry(vcl)
-            here = is_data(entry)
-        except DamagedMetadata:
-            here = True
-        if here == data:
-            return max(offset, vcl * cs)
-        vcl += 1
-    return None if data else size
+        entries = (yield from m.load_l2(off, l1_idx)).entries
+        hit = next((i for i in range(idx, stop) if is_data(entries[i]) == data), None)
+        if hit is not None:
+            return max(offset, (l1_idx * per + hit) * cs)
+        vcl = (l1_idx + 1) * per
+    return None if data else engine.size
 
 
 def plan_map(engine):
-    """Generator: the guest disk as runs of (start, length, Mapping) in qemu-img map's terms.
+    """Generator: the guest disk as runs (start, length, kind, offset) in qemu-img map's terms:
+    ``kind`` a MappingKind (UNALLOCATED, ZERO, DATA, COMPRESSED), ``offset`` the host offset
+    where qemu-img map gives one (plain data, preallocated zero clusters), else None.
 
-    Runs join like qemu-img map's entries: same kind, and for data the host
-    offsets continue. A missing L2 table is one unallocated run.
+    Runs join as qemu-img map joins its entries: the same kind, an offset on
+    both or neither, and offsets that continue. A missing L2 table is one
+    unallocated run; a loaded table is read in one pass.
     """
-    from cachefs.qcow2.cluster import Mapping, MappingKind
-    m, cs, size = engine.map, engine.cs, engine.size
+    m, cs = engine.map, engine.cs
+    nclusters, per = -(-engine.size // cs), m.l2_entries
     runs: list[list] = []
-    vcl = 0
-    while vcl * cs < size:
-        l1_idx = vcl // m.l2_entries
-        if m.l2_offset(l1_idx) == 0:
-            n = min((l1_idx + 1) * m.l2_entries, -(-size // cs)) - vcl
-            _extend(runs, vcl * cs, n * cs, Mapping(MappingKind.UNALLOCATED))
-            vcl += n
+    for l1_idx in range(-(-nclusters // per)):
+        first = l1_idx * per
+        n = min(per, nclusters - first)
+        off = m.l2_offset(l1_idx)
+        if off == 0:
+            _join(runs, first * cs, n * cs, MappingKind.UNALLOCATED, None)
             continue
-        entry = yield from m.entry(vcl)
-        _extend(runs, vcl * cs, cs, Mapping.of(entry, engine.cb))
-        vcl += 1
+        entries = (yield from m.load_l2(off, l1_idx)).entries
+        for i in range(n):
+            e = entries[i]
+            if e:
+                m.validate(e, first + i)  # a damaged entry: DamagedMetadata, one line from the CLI
+            _join(runs, (first + i) * cs, cs, *_kind(e))
     if runs:
-        runs[-1][1] = size - runs[-1][0]  # the last cluster may pass the guest's end
+        runs[-1][1] = engine.size - runs[-1][0]  # the last cluster may pass the guest's end
     return [tuple(r) for r in runs]
 
 
-def has_offset(mapping) -> bool:
-    """qemu-img map gives an offset for plain data and preallocated zero clusters (OFFSET_VALID)."""
-    from cachefs.qcow2.cluster import MappingKind
-    return mapping.kind in (MappingKind.DATA, MappingKind.ZERO) and bool(mapping.host_offset)
+def _kind(entry: int) -> tuple[MappingKind, int | None]:
+    if entry & fmt.L2_COMPRESSED:
+        return MappingKind.COMPRESSED, None
+    off = entry & fmt.OFFSET_MASK
+    if entry & fmt.L2_ZERO:
+        return MappingKind.ZERO, off or None
+    return (MappingKind.DATA, off) if off else (MappingKind.UNALLOCATED, None)
 
 
-def _extend(runs: list[list], start: int, length: int, mapping) -> None:
+def _join(runs: list[list], start: int, length: int, kind: MappingKind, host: int | None) -> None:
     if runs:
         last = runs[-1]
-        prev = last[2]
-        if (prev.kind, has_offset(prev)) == (mapping.kind, has_offset(mapping)) and (
-                not has_offset(mapping) or prev.host_offset + last[1] == mapping.host_offset):
+        if last[2] is kind and (last[3] is None) == (host is None) and (host is None or last[3] + last[1] == host):
             last[1] += length
             return
-    runs.append([start, length, mapping])
+    runs.append([start, length, kind, host])
