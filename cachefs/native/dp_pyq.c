@@ -54,40 +54,45 @@ static int dp_pyq_push(struct dp *dp, struct dp_slot *s) {
     return 1;
 }
 
-/* Admit held requests, in order, while the table has room (after Python answered some). */
+/* Admit held requests, in order, while the table has room. `waiting` is set before the first
+ * try: an answer that frees an entry after a failed try then sees it and wakes the loop (the
+ * entry is freed under dp->lock, which orders the two), so no request is left held for good. */
 static void dp_pyq_admit(struct dp *dp) {
     struct dp_pyq *q = dp->pyq;
     if (!q->wait)
         return;
+    __atomic_store_n(&q->waiting, 1, __ATOMIC_RELEASE);
     while (q->wait && dp_pyq_push(dp, q->wait)) {
         struct dp_slot *s = q->wait;
         q->wait = s->next;
         dp_free_slot(dp, s);
     }
-    if (!q->wait)
+    if (!q->wait) {
         q->wait_tail = NULL;
-    __atomic_store_n(&q->waiting, q->wait != NULL, __ATOMIC_RELEASE);
+        __atomic_store_n(&q->waiting, 0, __ATOMIC_RELEASE);
+    }
 }
 
-/* 1: the request was Python's (queued, held, or answered here when malformed). */
+/* 1: the request was Python's: queued (its slot freed), held in its slot behind those already
+ * held (the order kept), or answered here when malformed. */
 static int dp_pyq_serve(struct dp *dp, struct dp_slot *s) {
+    struct dp_pyq *q = dp->pyq;
     struct fuse_in_header *ih = (void *)s->hdr;
     size_t need = sizeof *ih + (ih->opcode == FUSE_FALLOCATE ? sizeof(struct fuse_fallocate_in)
                                                              : sizeof(struct fuse_lseek_in));
     dp_count(&dp->g[DP_G_FAST], 1);
     if (s->len < need) {
         dp_reply(dp, ih->unique, -EINVAL, NULL, 0);
-    } else if (dp->pyq->wait || !dp_pyq_push(dp, s)) {  /* behind those already waiting: keep the order */
-        s->next = NULL;
-        if (dp->pyq->wait_tail)
-            dp->pyq->wait_tail->next = s;
-        else
-            dp->pyq->wait = s;
-        dp->pyq->wait_tail = s;
-        __atomic_store_n(&dp->pyq->waiting, 1, __ATOMIC_RELEASE);
+        dp_free_slot(dp, s);
         return 1;
     }
-    dp_free_slot(dp, s);
+    s->next = NULL;
+    if (q->wait_tail)
+        q->wait_tail->next = s;
+    else
+        q->wait = s;
+    q->wait_tail = s;
+    dp_pyq_admit(dp);
     return 1;
 }
 
