@@ -275,3 +275,27 @@ async def test_refcount_widths_and_cluster_sizes(refcount_order, cluster_bits, t
     path = tmp_path / "t.qcow2"
     path.write_bytes(buf)
     subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
+
+
+async def test_the_open_fill_cluster_is_not_freed_while_chunks_may_still_go_there():
+    """Write-through keeps the fill cluster open across writeouts (FillCache.keep_open). If every
+    chunk in it is dropped (overwritten, discarded), its refcount must not reach 0 while it is open:
+    the allocator would hand it out, and the next chunk's whole-cluster write would overwrite the
+    new owner's bytes."""
+    from cachefs.policy import WRITETHROUGH
+    buf = new_buffer(4 * MiB, compress="zlib")
+    img = await open_memory(buf, mode=WRITETHROUGH)
+    text = (b"keep me open " * CS)[:CS]
+    await img.write(0, text)                     # chunk A opens host cluster H
+    host = fmt.decode_compressed(entry(img, 0), img.engine.cb).offset >> img.engine.cb
+    await img.discard(0, CS)                     # A's reference goes: H holds no chunk now
+    await img.flush()                            # the writeout that applies frees
+    data = bytes(range(256)) * (CS // 2 // 256)  # a partial write: a normal cluster, allocated
+    await img.write(2 * CS, data)
+    normal = (entry(img, 2) & fmt.OFFSET_MASK) >> img.engine.cb
+    assert normal != host, "the open fill cluster was freed and handed to a normal cluster"
+    await img.write(4 * CS, text)                # chunk B goes where the fill cache says
+    assert await img.read(2 * CS, len(data)) == data
+    await img.close()
+    check_clean(buf)
+    assert (await read_all(buf))[2 * CS:2 * CS + len(data)] == data

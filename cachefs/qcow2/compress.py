@@ -176,6 +176,19 @@ class FillCache:
         # that write is durable. Still whole, aligned writes: no read-modify-write.
         self.keep_open = False
         engine.queue.track(self.pending)
+        engine.queue.holds = self.holds
+
+    def holds(self, cluster: int) -> bool:
+        """Chunks may still be added to host cluster ``cluster``: its frees wait (MetaQueue.holds).
+
+        Only the open cluster: a sealed one is written by the writeout that could
+        free it, before the free, and never again."""
+        return self.open is not None and self.open.cluster == cluster
+
+    def close(self) -> None:
+        """The image closes: no chunk goes anywhere any more, so the open cluster's frees may apply."""
+        if self.open is not None:
+            self.seal(self.open)
 
     # ------------------------------------------------------------ placing
 

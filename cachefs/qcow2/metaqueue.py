@@ -97,6 +97,10 @@ class MetaQueue:
         # Invariant: every WRITTEN item is in this list (a sync makes them all CLEAN).
         self._awaiting_sync: list[MetaItem] = []
         self.pending: list[PendingFree] = []
+        # A host cluster someone may still write whole, with references yet to come (the
+        # compress-on-write fill cluster kept open: compress.FillCache): its frees wait, so its
+        # refcount cannot reach 0 and the allocator cannot hand it out meanwhile.
+        self.holds = lambda cluster: False
         # Guest I/O that looked up a mapping outside the image's write lock
         # and may still use it. Frees wait while it is not zero.
         self.inflight = 0
@@ -288,8 +292,8 @@ class MetaQueue:
         crash before the lowered refcount is durable leaves a leak whose
         bytes read as zeros, which nothing references.
         """
-        ready = [p for p in self.pending if p.after.durable]
-        self.pending = [p for p in self.pending if not p.after.durable]
+        ready = [p for p in self.pending if p.after.durable and not self.holds(p.cluster)]
+        self.pending = [p for p in self.pending if p not in ready]
         emptied = []
         for p in ready:
             block = yield from self.refs.change(p.cluster, -1)
