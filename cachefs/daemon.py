@@ -247,7 +247,7 @@ async def _open_catalog(cfg: MountConfig):
     from cachefs.backend import SubmitterUnavailable
     from cachefs.catalog import Catalog
     from cachefs.errors import DirectIOUnsupported
-    from cachefs.image import open_image
+    from cachefs.openimage import open_image
     from cachefs.policy import mode_named
 
     mode = mode_named(cfg.cache_mode)

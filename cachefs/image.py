@@ -1,14 +1,11 @@
-"""An open image: engine + backend + lock + counters, one object per image file.
+"""An open image: backend descriptors + lock + counters, one object per image file.
 
-This is where plans meet I/O. A guest write is two-phase: under the image's
-write lock the engine plans it; the data writes happen; then the plan commits
-(or aborts). Writes that only overwrite exclusively owned clusters release the
-lock before their data I/O, so they run concurrently; reads never take it.
-
-A guest flush drives the engine's metadata queue (qcow2/metaqueue.py): every
-dirty item whose ordering edges are durable, then one fdatasync, repeated
-until nothing that was dirty remains. The queue decides; this layer does the
-requests it yields on the flushing handle's descriptor (``_QueueIO``).
+This is where requests meet I/O. :class:`Image` owns what every format shares:
+the cache modes and their descriptors, the counters, the flush protocol (group
+commit by generation) and the live mode switch. :class:`RawImage` passes
+requests through; the qcow2 half, the two-phase write around the engine's plans
+and the metadata queue's rounds, is qcow2image.py. Opening a file (lock, format
+by name, validation) is openimage.py.
 
 A failed fdatasync is sticky (docs/design.md, "Errors"): the kernel may have
 dropped the dirty pages it could not write, so no later flush of this image
@@ -34,16 +31,12 @@ import attrs
 import trio
 
 from cachefs import sparse
-from cachefs.backendset import BackendSet, file_opener
-from cachefs.compressedio import CompressedWrites, FillReader
+from cachefs.backendset import BackendSet
 from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
 from cachefs.qcow2 import format as fmt
-from cachefs.qcow2.engine import Engine, open_engine
 from cachefs.qcow2.metaqueue import Generations
-from cachefs.qcow2.plan import ExtentKind, run_async
-from cachefs.repairio import repair_dirty_sync
 
 log = logging.getLogger("cachefs.image")
 
@@ -378,7 +371,7 @@ class RawImage(Image):
         return self._size
 
     async def _read(self, be, offset: int, length: int):
-        return _padded(await be.pread_view(offset, length), length)
+        return zero_padded(await be.pread_view(offset, length), length)
 
     async def _write(self, be, offset: int, data) -> None:
         await be.pwrite(offset, data)
@@ -393,283 +386,9 @@ class RawImage(Image):
         self._size = size
 
 
-class Qcow2Image(Image):
-    """A qcow2 image served through the engine and its metadata queue."""
-
-    format = "qcow2"
-
-    def __init__(self, path, backends, lock, writable, engine: Engine, mode: Mode = WRITEBACK):
-        self.engine = engine
-        self.queue = engine.queue
-        super().__init__(path, backends, lock, writable and engine.writable, mode)
-        self.commits = self.queue.commits
-        self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
-        self.write_lock = UncontendedLock()
-        self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
-        self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
-        # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
-        # runs, the only place a deferred free is applied, so no fast request still uses a
-        # host cluster being freed; and told when corruption makes the image read-only.
-        self.free_fence = None
-        self.on_read_only: list = []
-
-    @property
-    def size(self) -> int:
-        return self.engine.size
-
-    @property
-    def cluster_size(self) -> int:
-        return self.engine.cs
-
-    @property
-    def compress(self) -> str | None:
-        """The compress-on-write algorithm the header names, or None (the data plane forwards
-        every write of such an image: compressed clusters are never published)."""
-        return self.compressed.algorithm
-
-    async def set_compress(self, algorithm: str | None) -> None:
-        if not self.writable:
-            raise OSError(errno.EROFS, "image is read-only")
-        async with self.backends.in_use():
-            await self.compressed.set_algorithm(algorithm)
-
-    def _reader(self, be):
-        """What the core reads through: host bytes still in the fill cache come from memory."""
-        return FillReader(self.compressed.fill, be) if self.compressed.fill.pending else be
-
-    @property
-    def early_writeouts(self) -> int:
-        return self.queue.early_writeouts
-
-    def stats(self) -> dict:
-        out = super().stats()
-        c, q = self.engine.counters, self.queue
-        out.update(metadata_writes=c.metadata_writes, metadata_bytes=c.metadata_bytes,
-                   metadata_batches=c.batches, allocations=c.allocations, frees=c.frees,
-                   zero_writes=c.zero_writes, cow_reads=c.cow_reads,
-                   queue_depth=len(q.dirty_items()), pending_frees=len(q.pending),
-                   cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
-                   from_reservation=c.from_reservation, data_first=c.data_first,
-                   early_writeouts=q.early_writeouts, **self.compressed.stats())
-        honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
-        out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
-        return out
-
-    async def _core(self, gen, be, io=None):
-        """Drive one of the core's generators on ``be``: every planner and queue
-        entry point runs through here.
-
-        The one boundary for corruption (docs/design.md, "Validation and
-        damage"): a CorruptImage raised anywhere in the core (an overlap, a
-        refcount that would drop below zero, a cluster allocated twice)
-        marks the image corrupt and read-only, as QEMU's
-        qcow2_signal_corruption does, and fails the request with it (EIO);
-        later writes get EROFS, and the corrupt bit reaches the header at
-        the next writeout.
-        """
-        try:
-            return await run_async(gen, be.pread, io)
-        except CorruptImage as exc:
-            self.engine.overlap.corrupted(str(exc))
-            log.error("%s: %s; the image is now read-only", self.path, exc)
-            for callback in self.on_read_only:
-                callback()
-            raise
-
-    # -------------------------------------------------------------- reads
-
-    async def _read(self, be, offset: int, length: int):
-        q = self.queue
-        # Counted before planning: plan_read may wait for an L2 table after it
-        # has mapped an earlier cluster, and a free of that cluster's host
-        # cluster must not be applied meanwhile (tests/test_inflight_race.py).
-        q.inflight += 1
-        try:
-            extents = await self._core(self.engine.plan_read(offset, length), be)
-            if len(extents) == 1:  # the common case: no join, so no copy
-                return await self._read_extent(be, extents[0])
-            parts = [await self._read_extent(be, ext) for ext in extents]
-        finally:
-            q.inflight -= 1
-        return b"".join(parts)
-
-    async def _read_extent(self, be, ext) -> bytes:
-        if ext.kind is ExtentKind.ZERO:
-            return bytes(ext.length)
-        if ext.kind is ExtentKind.DATA:
-            return _padded(await be.pread_view(ext.host_offset, ext.length), ext.length)
-        if ext.kind is ExtentKind.COMPRESSED:
-            desc = ext.compressed
-            if self._zcache is None or self._zcache[0] != desc.offset:
-                raw = await self._reader(be).pread(desc.offset, desc.max_length)
-                self._zcache = (desc.offset, self.engine.decompress(desc, raw))
-            return self._zcache[1][ext.in_cluster:ext.in_cluster + ext.length]
-        raise OSError(errno.EIO, "damaged image metadata for this range")
-
-    # -------------------------------------------------------------- writes
-
-    async def _write(self, be, offset: int, data) -> None:
-        if self.compressed.algorithm is not None:
-            return await self.compressed.write(be, offset, data)
-        await self._write_plain(be, offset, data)
-
-    async def _write_plain(self, be, offset: int, data) -> None:
-        eng = self.engine
-        async with self.write_lock:
-            plan = await self._core(eng.plan_write(offset, data), self._reader(be))
-            if plan.needs_commit:
-                try:
-                    await self._data_writes(be, plan)
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await self._core(eng.abort(plan), be)
-                    raise
-                await self._core(eng.commit(plan), be)
-                self._zcache = None
-                if eng.cache.over_budget:
-                    await self._run_queue(be, self.queue.writeout_early())
-                return
-            # In place: the data I/O runs without the lock, counted so that no
-            # free of these clusters is applied meanwhile.
-            self.queue.inflight += 1
-        try:
-            await self._data_writes(be, plan)
-        finally:
-            self.queue.inflight -= 1
-
-    async def _data_writes(self, be, plan) -> None:
-        try:
-            for w in plan.data_writes:
-                await be.pwrite(w.host_offset, w.data)
-        finally:
-            if plan.data_writes:
-                self.queue.data_written()
-
-    async def truncate(self, size: int) -> None:
-        if not self.writable:
-            raise OSError(errno.EROFS, "image is read-only")
-        async with self.backends.in_use(), self.write_lock:
-            # A refused size raises UnsupportedOperation: EOPNOTSUPP at fs.py.
-            await self._core(self.engine.resize(size), self.backend)
-
-    # -------------------------------------------------------------- flush
-
-    async def _run_queue(self, be, gen):
-        """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock."""
-        if self.free_fence is not None:
-            await self.free_fence()
-        return await self._core(gen, be, _QueueIO(self, be))
-
-    async def _make_durable(self, be) -> None:
-        async with self.write_lock:
-            await self._run_queue(be, self.queue.make_durable())
-
-    async def _flush_durable(self, be, *, reserve: bool) -> None:
-        async with self.write_lock:
-            await self._run_queue(be, self.queue.flush(reserve=reserve))
-
-    async def _close_writeout(self, be) -> None:
-        async with self.write_lock:
-            self.compressed.fill.close()  # its held frees apply: a clean close leaves no leak
-            await self._run_queue(be, self.queue.close())
-
-
-class _QueueIO:
-    """The metadata queue's requests, done on one descriptor (plan.py).
-
-    A sync goes through the image: it is skipped when no completed write
-    needs one (an O_DSYNC descriptor), and a failure is sticky.
-    """
-
-    __slots__ = ("image", "be")
-
-    def __init__(self, image: Image, be) -> None:
-        self.image, self.be = image, be
-
-    def pwrite(self, offset: int, data):
-        return self.be.pwrite(offset, data)
-
-    def sync(self):
-        return self.image._sync(self.be)
-
-    async def discard(self, offset: int, length: int) -> None:
-        if await sparse.punch(self.be, offset, length):
-            self.image.guest.bytes_punched += length
-
-    async def truncate(self, size: int, grow: bool) -> None:
-        now = self.be.size()
-        if (now < size) if grow else (now > size):
-            await self.be.truncate(size)
-
-
-class UncontendedLock:
-    """A trio.Lock whose acquire does not yield to the scheduler when the lock is free.
-
-    trio.Lock.acquire always passes a checkpoint, a full scheduler round even
-    when nobody holds the lock, and every in-place write takes this lock once
-    (issue 10, hot path). A free trio.Lock has no waiters (release hands it
-    straight to the first one), so taking it at once is fair; a contended
-    acquire queues as before.
-    """
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-def _padded(view: memoryview, length: int):
+def zero_padded(view: memoryview, length: int):
     """``view`` zero-padded to ``length``: a backend read stops at the file's
     end, and the guest bytes past it read as zeros."""
     if len(view) >= length:
         return view
     return bytes(view) + bytes(length - len(view))
-
-
-def _repair_buffered(path: str) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # the repair does unaligned I/O: never O_DIRECT
-    try:
-        repair_dirty_sync(fd)
-    finally:
-        os.close(fd)
-
-
-async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
-                     cache_bytes: int | None = None, aio: str = "threads") -> Image:
-    """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
-    lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
-    lock = None
-    try:
-        lock = ImageLock.acquire(lock_fd, path, writable)
-        be = backends.get(mode.default)
-        # The name decides the format; the content is read only to check a qcow2's magic.
-        magic = await be.pread(0, 4) if format_by_name(path) == "qcow2" else None
-        kind = image_format(path, magic)
-        if kind == "raw":
-            return RawImage(path, backends, lock, writable, mode)
-        kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
-        engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
-        if engine.needs_repair and writable and engine.writable:
-            # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
-            log.warning("%s: dirty lazy-refcounts image, rebuilding refcounts", path)
-            await trio.to_thread.run_sync(_repair_buffered, path)
-            engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
-            if engine.needs_repair:
-                raise CorruptImage("dirty lazy-refcounts image could not be repaired")
-        return Qcow2Image(path, backends, lock, writable, engine, mode)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        backends.close()
-        raise

@@ -82,7 +82,8 @@ def test_daemon_opens_disguised_raw_as_raw(disguised):
     """open_image is what the mount calls: by name, raw, and its bytes are the file's."""
     import trio
 
-    from cachefs.image import RawImage, open_image
+    from cachefs.image import RawImage
+    from cachefs.openimage import open_image
 
     async def first_bytes():
         img = await open_image(str(disguised), writable=False)
@@ -109,7 +110,7 @@ def test_qcow2_with_bad_magic_refused_in_one_line(workdir):
     import trio
 
     from cachefs.errors import CorruptImage
-    from cachefs.image import open_image
+    from cachefs.openimage import open_image
     with pytest.raises(CorruptImage, match="bad magic"):
         trio.run(lambda: open_image(str(bad), writable=False))
 

@@ -13,7 +13,7 @@ import trio.testing
 
 from cachefs.backend import MemoryBackend
 from cachefs.backendset import BackendSet
-from cachefs.image import UncontendedLock
+from cachefs.qcow2image import UncontendedLock
 from cachefs.policy import WRITEBACK
 
 

@@ -24,7 +24,7 @@ import trio.testing
 
 from cachefs.backend import MemoryBackend
 from cachefs.backendset import BackendSet
-from cachefs.image import Qcow2Image
+from cachefs.qcow2image import Qcow2Image
 from cachefs.policy import WRITEBACK
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.check import check_image

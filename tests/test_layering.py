@@ -94,7 +94,8 @@ def test_only_the_backend_and_the_data_plane_glue_import_native():
 def test_below_the_front_end_nothing_imports_pyfuse3():
     """image.py, the metadata queue, the catalog and the data-plane glue (once it exists):
     FUSE is fs.py's business."""
-    below = [PKG / "image.py", PKG / "catalog.py", PKG / "backendset.py", *files("qcow2/*.py"),
+    below = [PKG / "image.py", PKG / "qcow2image.py", PKG / "openimage.py", PKG / "catalog.py",
+             PKG / "backendset.py", *files("qcow2/*.py"),
              *PKG.glob("dataplane*.py"), PKG / "dpops.py", PKG / "sparse.py"]
     assert offenders(below, ("pyfuse3",)) == []
 
@@ -145,12 +146,13 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_the_image_layer_is_in_no_import_cycle():
-    """image.py is below the commands: nothing it imports (however deep) imports it back.
-    The repair a dirty lazy-refcounts image needs at open is repairio.py, below both
-    image.py and checkcmd.py (issue 10, layering)."""
+    """The image layer (image.py, qcow2image.py, openimage.py) is below the commands: nothing it
+    imports (however deep) imports it back. The repair a dirty lazy-refcounts image needs at open
+    is repairio.py, below both the image layer and checkcmd.py (issue 10, layering)."""
     graph = _graph()
-    assert "cachefs.image" not in _reachable(graph, "cachefs.image")
-    assert "cachefs.checkcmd" not in _reachable(graph, "cachefs.image")
+    for mod in ("cachefs.image", "cachefs.qcow2image", "cachefs.openimage"):
+        assert mod not in _reachable(graph, mod), mod
+        assert "cachefs.checkcmd" not in _reachable(graph, mod), mod
 
 
 def test_the_checker_reads_headers_through_the_format_module():

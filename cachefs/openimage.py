@@ -1,0 +1,59 @@
+"""Opening an image file: lock it, decide its format by name, validate it, and build its Image."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from cachefs.backendset import BackendSet, file_opener
+from cachefs.errors import CorruptImage
+from cachefs.image import Image, RawImage, format_by_name, image_format
+from cachefs.locking import ImageLock
+from cachefs.policy import WRITEBACK, Mode
+from cachefs.qcow2.engine import open_engine
+from cachefs.qcow2.plan import run_async
+from cachefs.qcow2image import Qcow2Image
+from cachefs.repairio import repair_dirty_sync
+
+log = logging.getLogger("cachefs.image")
+
+
+def _repair_buffered(path: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # the repair does unaligned I/O: never O_DIRECT
+    try:
+        repair_dirty_sync(fd)
+    finally:
+        os.close(fd)
+
+
+async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
+                     cache_bytes: int | None = None, aio: str = "threads") -> Image:
+    """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
+    lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
+    lock = None
+    try:
+        lock = ImageLock.acquire(lock_fd, path, writable)
+        be = backends.get(mode.default)
+        # The name decides the format; the content is read only to check a qcow2's magic.
+        magic = await be.pread(0, 4) if format_by_name(path) == "qcow2" else None
+        kind = image_format(path, magic)
+        if kind == "raw":
+            return RawImage(path, backends, lock, writable, mode)
+        kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+        engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
+        if engine.needs_repair and writable and engine.writable:
+            # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
+            log.warning("%s: dirty lazy-refcounts image, rebuilding refcounts", path)
+            await trio.to_thread.run_sync(_repair_buffered, path)
+            engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
+            if engine.needs_repair:
+                raise CorruptImage("dirty lazy-refcounts image could not be repaired")
+        return Qcow2Image(path, backends, lock, writable, engine, mode)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        backends.close()
+        raise
