@@ -103,8 +103,9 @@ def dataplane_section(res: dict, c: Cells) -> list[str]:
             "the ceiling probe on the same kind of raw file. n/a: the row is not about that target.", "",
             *table(["job", "target", *cols], rows), "",
             f"Targets met: {tally or 'none judged'}.", "",
-            "Where a target is missed, what limits it needs a profile (`perf`, py-spy) of that job; this "
-            "page does not take one.", "",
+            "Where a target is missed, what limits it is profiled by hand (`perf`), not by this page: "
+            "see [benchmark-history.md](benchmark-history.md), \"The data plane serves qcow2 (issue 11, "
+            "stage 2)\".", "",
             *probe_fraction(c, info)]
 
 

@@ -26,7 +26,7 @@ GROUPS = {
     "cache-mode": "Cache modes (seed 001): one flush-heavy job per mode",
     "memory": "Bounded memory: 4k random writes over the whole image",
 }
-SMOKE = {"RUNTIME": 8, "ROUNDS": 2}  # below either of these, the numbers are a smoke run
+SMOKE = {"RUNTIME": 5, "ROUNDS": 2}  # below either of these, the numbers are a smoke run (fio needs seconds to settle)
 
 
 # ------------------------------------------------------------------ the numbers
@@ -178,6 +178,9 @@ def header(res: dict) -> list[str]:
         lines += [f"> **Smoke run** (RUNTIME={s['RUNTIME']} s, ROUNDS={s['ROUNDS']}): these numbers only show "
                   "that every job runs on every target. They are not measurements; `make bench` with the "
                   "defaults (RUNTIME=8, ROUNDS=2) gives the real table.", ""]
+    if s.get("JOBS"):
+        lines += [f"> **Focused run**: only the jobs named in JOBS ran ({s['JOBS']}); the rest of "
+                  "`make bench`'s jobs are not on this page.", ""]
     if m.get("interrupted"):
         lines += ["> **Interrupted run**: the tables cover only the runs done before the interrupt.", ""]
     lines += [
