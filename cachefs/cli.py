@@ -269,20 +269,7 @@ def cache(file, mode):
     The image is flushed, then its backing file is reopened with the new
     mode's flags. Without MODE, prints the current one.
     """
-    key = "user.cachefs.cache"
-    try:
-        current = os.getxattr(file, key).decode()
-    except OSError:
-        raise CachefsError(f"{file} is not an image of a cachefs mount") from None
-    if mode is None:
-        click.echo(current)
-        return
-    try:
-        os.setxattr(file, key, mode.encode())
-    except OSError as exc:
-        why = _xattr_or_none(file, "user.cachefs.cache_error") or os.strerror(exc.errno)
-        raise CachefsError(f"{os.path.basename(file)}: cache mode stays {current}: {why}") from None
-    click.echo(f"{os.path.basename(file)}: cache mode {current} -> {os.getxattr(file, key).decode()}")
+    _show_or_set(file, "cache", mode, "cache mode")
 
 
 # ------------------------------------------------------------------ compress
@@ -296,20 +283,26 @@ def compress(file, algorithm):
     Whole-cluster writes are then stored compressed (qcow2 only). The setting
     is kept in the image. Without ALGORITHM, prints the current one.
     """
-    key = "user.cachefs.compress"
+    _show_or_set(file, "compress", algorithm, "compress")
+
+
+def _show_or_set(file: str, name: str, value: str | None, what: str) -> None:
+    """Print ``user.cachefs.NAME`` of a served file, or set it and print the change. A refusal is one
+    line with the daemon's reason (``user.cachefs.NAME_error``), never a traceback."""
+    key = f"user.cachefs.{name}"
     try:
         current = os.getxattr(file, key).decode()
     except OSError:
         raise CachefsError(f"{file} is not an image of a cachefs mount") from None
-    if algorithm is None:
+    if value is None:
         click.echo(current)
         return
     try:
-        os.setxattr(file, key, algorithm.encode())
+        os.setxattr(file, key, value.encode())
     except OSError as exc:
-        why = _xattr_or_none(file, "user.cachefs.compress_error") or os.strerror(exc.errno)
-        raise CachefsError(f"{os.path.basename(file)}: compress stays {current}: {why}") from None
-    click.echo(f"{os.path.basename(file)}: compress {current} -> {os.getxattr(file, key).decode()}")
+        why = _xattr_or_none(file, f"{key}_error") or os.strerror(exc.errno)
+        raise CachefsError(f"{os.path.basename(file)}: {what} stays {current}: {why}") from None
+    click.echo(f"{os.path.basename(file)}: {what} {current} -> {os.getxattr(file, key).decode()}")
 
 
 def _xattr_or_none(path: str, name: str) -> str | None:

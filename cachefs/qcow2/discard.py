@@ -58,23 +58,34 @@ def plan_clear(engine, first: int, count: int, *, zero: bool):
     """
     engine.overlap.check_writable()
     m = engine.map
-    if (first + count - 1) // m.l2_entries != first // m.l2_entries:
-        raise ValueError("plan_clear covers one L2 table at a time")
+    _one_table(m, first, count, "plan_clear")
     if m.l2_offset(first // m.l2_entries) == 0:
         return WritePlan((), ())
     zero_flag = zero and engine.header.hdr.version >= 3
     table, idx = yield from m.table_for_write(first)
     updates = []
+    for i, entry in _valid_entries(m, table, idx, first, count):
+        new = _cleared(entry, zero_flag)
+        if new != entry:
+            updates.append(L2Update(first + i, new, entry, None, table, idx + i, data_first=False))
+    return WritePlan((), tuple(updates))
+
+
+def _one_table(m, first: int, count: int, who: str) -> None:
+    if (first + count - 1) // m.l2_entries != first // m.l2_entries:
+        raise ValueError(f"{who} covers one L2 table at a time")
+
+
+def _valid_entries(m, table, idx: int, first: int, count: int):
+    """(i, entry) of the table's entries for guest clusters first + i that validate. A damaged
+    entry is not ours to interpret: it is left alone, and reads of it keep failing."""
     for i in range(count):
         entry = table.entries[idx + i]
         try:
             m.validate(entry, first + i)
         except DamagedMetadata:
-            continue  # a damaged entry is not ours to interpret: reads of it keep failing
-        new = _cleared(entry, zero_flag)
-        if new != entry:
-            updates.append(L2Update(first + i, new, entry, None, table, idx + i, data_first=False))
-    return WritePlan((), tuple(updates))
+            continue
+        yield i, entry
 
 
 def _cleared(entry: int, zero_flag: bool) -> int:
@@ -114,16 +125,10 @@ def plan_allocate(engine, first: int, count: int):
     if engine.header.hdr.version < 3:
         raise UnsupportedOperation("preallocating clusters of a qcow2 v2 image needs a zero flag it has not")
     m = engine.map
-    if (first + count - 1) // m.l2_entries != first // m.l2_entries:
-        raise ValueError("plan_allocate covers one L2 table at a time")
+    _one_table(m, first, count, "plan_allocate")
     table, idx = yield from m.table_for_write(first)
     updates = []
-    for i in range(count):
-        entry = table.entries[idx + i]
-        try:
-            m.validate(entry, first + i)
-        except DamagedMetadata:
-            continue
+    for i, entry in list(_valid_entries(m, table, idx, first, count)):
         if entry & fmt.L2_COMPRESSED or entry & fmt.OFFSET_MASK:
             continue  # it has its space already
         a = yield from m.allocate("data")
