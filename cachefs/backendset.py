@@ -16,6 +16,12 @@ Two facts live here because every backend of the image shares them:
   write completing during the sync sets it again (invariant below).
 - per-mode counters, kept across switches and reopenings, for stats.
 
+A write-through mode may get a second descriptor (``batch``): the same
+O_DIRECT-ness without O_DSYNC, for the writes one shared fdatasync makes
+durable before the acknowledgement (an allocating write's data and the
+metadata that maps it; docs/cache-modes.md, "One sync per write"). It counts
+under its mode's name and is not a mode of its own in ``modes_open``.
+
 The image's lock is held on a descriptor of its own (``lock_fd``), so a
 switch can close and reopen every I/O descriptor without dropping the lock
 QEMU would look for.
@@ -84,12 +90,18 @@ def submitter_name(backend) -> str:
     return _SUBMITTER_OF.get(type(inner).__name__, "threads")
 
 
+#: The key suffix of a write-through mode's batch descriptor (BackendSet.batch).
+_BATCH = "+batch"
+
+
 class ModeBackend:
     """A backend seen through one mode: records whether its writes still need a sync."""
 
-    def __init__(self, inner: Backend, mode: CacheMode, owner: BackendSet) -> None:
+    def __init__(self, inner: Backend, mode: CacheMode, owner: BackendSet, *, dsync: bool | None = None) -> None:
         self.inner = inner
         self.mode = mode
+        #: Opened O_DSYNC: a completed write is durable. False for a write-through mode's batch twin.
+        self.dsync = mode.write_through if dsync is None else dsync
         self._owner = owner
 
     fd = property(lambda self: self.inner.fd)
@@ -113,7 +125,7 @@ class ModeBackend:
 
     async def pwrite(self, offset: int, data) -> None:
         await self.inner.pwrite(offset, data)
-        if not self.mode.write_through:
+        if not self.dsync:
             self._owner.unsynced = True
 
     async def truncate(self, size: int) -> None:
@@ -171,12 +183,30 @@ class BackendSet:
             be = self._open[mode.name] = ModeBackend(inner, mode, self)
         return be
 
+    def batch(self, mode: CacheMode) -> ModeBackend:
+        """The descriptor for writes a later fdatasync covers: ``mode``'s own unless it is
+        write-through, else its twin without O_DSYNC (same O_DIRECT-ness), opened on first use.
+
+        QEMU emulates writethrough the same way (data, then metadata, then one flush before
+        the completion): an O_DSYNC descriptor would make each of those writes a device sync
+        of its own. Its writes set ``unsynced`` (ModeBackend.pwrite), so the image's sync runs.
+        """
+        if not mode.write_through:
+            return self.get(mode)
+        key = mode.name + _BATCH
+        be = self._open.get(key)
+        if be is None:
+            inner = self._opener(attrs.evolve(mode, write_through=False))
+            inner.counters = self.counters.setdefault(mode.name, inner.counters)
+            be = self._open[key] = ModeBackend(inner, mode, self, dsync=False)
+        return be
+
     def modes_open(self) -> list[str]:
-        return sorted(self._open)
+        return sorted(k for k in self._open if not k.endswith(_BATCH))
 
     def submitters(self) -> dict[str, str]:
         """Concrete mode -> submitter of its open descriptor."""
-        return {name: submitter_name(be) for name, be in sorted(self._open.items())}
+        return {name: submitter_name(be) for name, be in sorted(self._open.items()) if not name.endswith(_BATCH)}
 
     @property
     def fd(self) -> int | None:

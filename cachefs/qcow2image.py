@@ -46,6 +46,11 @@ class Qcow2Image(Image):
         # host cluster being freed; and told when corruption makes the image read-only.
         self.free_fence = None
         self.on_read_only: list = []
+        # The flush that makes the latest mapping change durable (Generations.ticket). An
+        # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
+        # the mapping it wrote through may not be durable yet (_write_through_done).
+        self._remap_ticket = 0
+        engine.on_mapping_change(self._remapped)
 
     @property
     def size(self) -> int:
@@ -152,6 +157,10 @@ class Qcow2Image(Image):
         async with self.write_lock:
             plan = await self._core(eng.plan_write(offset, data), self._reader(be))
             if plan.needs_commit:
+                # Write-through: the data and the metadata go out without O_DSYNC, and one
+                # fdatasync shared with concurrent writers covers them before the ack
+                # (_write_through_done), as QEMU emulates writethrough.
+                be = self.backends.batch(be.mode)
                 try:
                     await self._data_writes(be, plan)
                 except BaseException:
@@ -164,7 +173,10 @@ class Qcow2Image(Image):
                     await self._run_queue(be, self.queue.writeout_early())
                 return
             # In place: the data I/O runs without the lock, counted so that no
-            # free of these clusters is applied meanwhile.
+            # free of these clusters is applied meanwhile. Write-through: one O_DSYNC write
+            # is one device sync; more than one share an fdatasync instead.
+            if be.dsync and len(plan.data_writes) > 1:
+                be = self.backends.batch(be.mode)
             self.queue.inflight += 1
         try:
             await self._data_writes(be, plan)
@@ -176,7 +188,9 @@ class Qcow2Image(Image):
             for w in plan.data_writes:
                 await be.pwrite(w.host_offset, w.data)
         finally:
-            if plan.data_writes:
+            # Through an O_DSYNC descriptor (an overwrite in place in writethrough) the data is
+            # durable already: no flush needs to sync it, so the queue is not made dirty.
+            if plan.data_writes and not be.dsync:
                 self.queue.data_written()
 
     async def truncate(self, size: int) -> None:
@@ -189,7 +203,12 @@ class Qcow2Image(Image):
     # -------------------------------------------------------------- flush
 
     async def _run_queue(self, be, gen):
-        """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock."""
+        """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock.
+
+        On a write-through mode's batch twin (BackendSet.batch): the queue's rounds end in a
+        sync each, so O_DSYNC would only add a device sync per metadata write.
+        """
+        be = self.backends.batch(be.mode)
         if self.free_fence is not None:
             await self.free_fence()
         return await self._core(gen, be, _QueueIO(self, be))
@@ -197,6 +216,26 @@ class Qcow2Image(Image):
     async def _make_durable(self, be) -> None:
         async with self.write_lock:
             await self._run_queue(be, self.queue.make_durable())
+
+    async def _write_through_done(self, be) -> None:
+        """A write-through write returned: one fdatasync, shared, makes it durable with its metadata.
+
+        Group commit as for guest flushes (Image._shared_flush): writers that finish while a
+        sync runs share the next one. The flush reserves ahead (metaqueue.prepare_flush), so the
+        next writes' L2 entries point at clusters whose refcounts are durable already and need
+        no round of their own: one sync per write, as DESIGN.md section 3 asks of a flush.
+        Nothing to do when no write is unsynced and every mapping change is durable (an
+        overwrite in place through the O_DSYNC descriptor, on a mapping made durable earlier):
+        an overwrite through a mapping another writer has committed but not yet made durable
+        must wait for that writer's sync, or its acknowledged data would hang off an L2 entry
+        a crash can still lose. Queued refcount drops (frees) wait: they can only leak.
+        """
+        if self.backends.unsynced or not self.commits.covered(self._remap_ticket):
+            await self._shared_flush(self.backends.batch(be.mode), reserve=True)
+
+    def _remapped(self, change) -> None:
+        # ticket(): a flush running now may have chosen its writes already, so the next one.
+        self._remap_ticket = self.commits.ticket()
 
     async def _flush_durable(self, be, *, reserve: bool) -> None:
         async with self.write_lock:

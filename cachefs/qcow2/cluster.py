@@ -251,7 +251,7 @@ class ClusterMap:
             raise UnsupportedOperation("the new size needs an L1 table beyond 32 MiB")
         old = self._l1_clusters()
         clusters = -(-need * 8 // self.cs)
-        first, blocks = yield from self.refs.alloc_at_end(clusters)
+        first, _ = yield from self.refs.alloc_at_end(clusters)
         self.l1.extend([0] * (need - len(self.l1)))
         self.l1_offset = first << self.cb
         self.overlap.l1_clusters = self._l1_clusters()
@@ -261,7 +261,12 @@ class ClusterMap:
             chunk = self.l1_chunk(i)
             chunk.touch(*self._unwritten_l2(i))
             deps.append(chunk)
-        deps.extend(blocks)
+        # Invariant 1 for the new table's own clusters: not just the blocks that count them, but
+        # what makes a new block reachable (its refcount-table entry: Refcounts.counted). Found by
+        # the writethrough power cut: a header durable before the reftable entry of the block
+        # counting the new L1 is "refcount=0 reference=1".
+        for c in range(first, first + clusters):
+            deps.extend((yield from self.refs.counted(c)))
         for c in old:
             self.queue.defer_free(c, self.header)
         return deps

@@ -228,6 +228,7 @@ class MetaQueue:
             self.synced()
         else:
             raise CorruptImage("metadata writeout does not converge")
+        self.refs.reserve_durable()  # nothing is left unsynced: the reservation's raise neither
         if self.inflight == 0:
             yield from self.apply_frees()
 

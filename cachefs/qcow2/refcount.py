@@ -76,6 +76,14 @@ class Refcounts:
         # Invariant: every cluster here has refcount 1, nothing points at it,
         # and nothing was ever written to it (so it is fresh); ascending.
         self.reservation: collections.deque[int] = collections.deque()
+        # Reserved clusters whose refcount raise is not known durable yet: a writeout that
+        # ended with everything synced clears it (reserve_durable). A failed writeout keeps
+        # them here, so whoever points at one still waits for its block (invariant 1).
+        self._raising: set[int] = set()
+        # Clusters handed out of the reservation with their raise durable, not yet pointed
+        # at: counted() owes no dependency for them, so an L2 update does not wait for a
+        # refcount block another change (a free, the next reservation) made dirty again.
+        self._counted_durable: set[int] = set()
 
     # ------------------------------------------------------------ lookup
 
@@ -170,6 +178,9 @@ class Refcounts:
         an L2 entry durable before the reftable entry of its new block is
         "refcount=0 reference=1" to qemu-img check.)
         """
+        if cluster in self._counted_durable:
+            self._counted_durable.discard(cluster)
+            return []  # its count, block and reftable entry were durable when it was handed out
         block_idx = cluster // self.per_block
         block = yield from self.load_block(self.block_offset(block_idx))
         deps = [block, self.chunk(block_idx * 8 // self.cs)]
@@ -187,6 +198,7 @@ class Refcounts:
     def change(self, cluster: int, delta: int):
         """Add delta to a refcount. Returns the block item that now holds it."""
         block = yield from self._block_for(cluster)
+        self._counted_durable.discard(cluster)  # an aborted allocation, a release
         idx = cluster % self.per_block
         new = block.entries[idx] + delta
         if not 0 <= new <= self.max_refcount:
@@ -219,6 +231,10 @@ class Refcounts:
         if self.reservation:
             cluster = self.reservation.popleft()
             block = yield from self._block_for(cluster)
+            if cluster in self._raising:
+                self._raising.discard(cluster)
+            else:
+                self._counted_durable.add(cluster)
             return Allocation(cluster, block, True)
         cluster, block = yield from self._alloc_free()
         return Allocation(cluster, block, False)
@@ -233,12 +249,19 @@ class Refcounts:
             return []
         first, blocks = yield from self.alloc_at_end(need)
         self.reservation.extend(range(first, first + need))
+        self._raising.update(range(first, first + need))
         return blocks
+
+    def reserve_durable(self) -> None:
+        """Everything written so far is durable (a writeout synced all of it): so is every
+        reserved cluster's raise, with the block and reftable entry that make it reachable."""
+        self._raising.clear()
 
     def release_reservation(self):
         """Generator: give the unused reserved clusters back (a clean close leaves no leaks)."""
         while self.reservation:
             cluster = self.reservation.pop()
+            self._raising.discard(cluster)
             yield from self.change(cluster, -1)
             if cluster == self.end_cluster - 1:
                 self.end_cluster -= 1
