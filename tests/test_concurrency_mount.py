@@ -49,8 +49,9 @@ def test_qd32_reaches_the_backend(mounted, filled, submitter):
     if submitter == "threads":
         # Every O_DSYNC write blocks its worker thread, so nothing completes
         # early: the stack's limit shows. The kernel's default of 12
-        # background requests would cap both at 12; measured: 32 and 32.
-        assert peak >= 24 and in_flight >= 24, (peak, in_flight)
+        # background requests would cap both at 12; measured: 32 and 32 on an
+        # idle machine, 23 with another test run beside it.
+        assert peak > 12 and in_flight > 12, (peak, in_flight)
     else:
         # Linux AIO and io_uring may complete an O_DSYNC write inside the
         # submission on ext4 (measured peaks 11-32), so only the overlap is
