@@ -110,6 +110,8 @@ class CompressedWrites:
     async def _store(self, be, chunks: list) -> None:
         img = self.image
         async with img.write_lock:
+            # An allocating write in flight on one of these clusters commits first (allocations.py).
+            await img.allocating.settle(img.write_lock, chunks[0][0], chunks[-1][0] - chunks[0][0] + 1)
             # Shielded: a cancel between a placement and its L2 change would
             # leave a chunk counted that nothing references (a leak).
             with trio.CancelScope(shield=True):

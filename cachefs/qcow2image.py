@@ -3,8 +3,8 @@
 Image (image.py) owns what every format shares: the lock, the cache modes and
 their descriptors, the counters, the flush protocol and the sticky fdatasync
 error. This module is the qcow2 half (QEMU's qcow2.c): the two-phase write
-around the engine's plans (plan under the write lock, data writes, commit or
-abort), reads of the extents a plan maps, and the metadata queue's requests
+around the engine's plans (plan under the write lock, data writes without it,
+commit or abort under it again; allocations.py), reads of the extents a plan maps, and the metadata queue's requests
 (``_QueueIO``). Every call into the core goes through :meth:`Qcow2Image._core`,
 the one boundary where corruption marks the image read-only.
 """
@@ -17,6 +17,7 @@ import logging
 import trio
 
 from cachefs import sparse
+from cachefs.allocations import InFlight
 from cachefs.compressedio import CompressedWrites, FillReader
 from cachefs.errors import CorruptImage
 from cachefs.image import Image, zero_padded
@@ -39,6 +40,7 @@ class Qcow2Image(Image):
         self.commits = self.queue.commits
         self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
         self.write_lock = UncontendedLock()
+        self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
         self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
         # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
@@ -153,35 +155,59 @@ class Qcow2Image(Image):
         await self._write_plain(be, offset, data)
 
     async def _write_plain(self, be, offset: int, data) -> None:
-        eng = self.engine
+        """Plan under the write lock, write the data without it, commit (or abort) under it again.
+
+        As QEMU's qcow2 drops its lock for the data I/O: while one writer's allocation is in
+        flight the others plan, write in place and commit their own. The guest clusters of an
+        allocation in flight are claimed (allocations.InFlight), so no other change plans
+        against their old mapping meanwhile; readers still see that old mapping until the
+        commit. ``queue.inflight`` keeps frees of the clusters the data I/O writes from being
+        applied (metaqueue.py).
+        """
+        eng, cs = self.engine, self.engine.cs
         async with self.write_lock:
+            first = offset // cs
+            await self.allocating.settle(self.write_lock, first, (offset + len(data) - 1) // cs - first + 1)
             plan = await self._core(eng.plan_write(offset, data), self._reader(be))
+            claimed = claim = None
             if plan.needs_commit:
                 # Write-through: the data and the metadata go out without O_DSYNC, and one
                 # fdatasync shared with concurrent writers covers them before the ack
                 # (_write_through_done), as QEMU emulates writethrough.
                 be = self.backends.batch(be.mode)
-                try:
-                    await self._data_writes(be, plan)
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await self._core(eng.abort(plan), be)
-                    raise
-                await self._core(eng.commit(plan), be)
-                self._zcache = None
-                if eng.cache.over_budget:
-                    await self._run_queue(be, self.queue.writeout_early())
-                return
-            # In place: the data I/O runs without the lock, counted so that no
-            # free of these clusters is applied meanwhile. Write-through: one O_DSYNC write
-            # is one device sync; more than one share an fdatasync instead.
-            if be.dsync and len(plan.data_writes) > 1:
+                claimed = [u.vcluster for u in plan.updates]
+                claim = self.allocating.claim(claimed)
+            elif be.dsync and len(plan.data_writes) > 1:
+                # Write-through in place: one O_DSYNC write is one device sync; more than one
+                # share an fdatasync instead.
                 be = self.backends.batch(be.mode)
             self.queue.inflight += 1
         try:
-            await self._data_writes(be, plan)
+            written = False
+            try:
+                await self._data_writes(be, plan)
+                written = True
+            finally:
+                self.queue.inflight -= 1
+                if claim is not None:
+                    with trio.CancelScope(shield=True):  # commit or abort, whatever happens
+                        await self._settle_plan(be, plan, written)
         finally:
-            self.queue.inflight -= 1
+            if claim is not None:
+                self.allocating.release(claimed, claim)
+
+    async def _settle_plan(self, be, plan, written: bool) -> None:
+        """Under the lock again: publish the L2 entries of a plan whose data is written, or give
+        back what a failed one allocated (nothing points at it)."""
+        eng = self.engine
+        async with self.write_lock:
+            if not written:
+                await self._core(eng.abort(plan), be)
+                return
+            await self._core(eng.commit(plan), be)
+            self._zcache = None
+            if eng.cache.over_budget:
+                await self._run_queue(be, self.queue.writeout_early())
 
     async def _data_writes(self, be, plan) -> None:
         try:
@@ -290,6 +316,12 @@ class UncontendedLock:
 
     def locked(self) -> bool:
         return self._lock.locked()
+
+    async def acquire(self) -> None:
+        await self.__aenter__()
+
+    def release(self) -> None:
+        self._lock.release()
 
     async def __aenter__(self) -> None:
         try:

@@ -106,6 +106,7 @@ async def allocate(img, offset: int, length: int, mode) -> None:
         while vcl < end:
             n = min(end, (vcl // per + 1) * per) - vcl
             async with img.write_lock:
+                await img.allocating.settle(img.write_lock, vcl, n)  # no write's allocation in flight there
                 plan = await img._core(plan_allocate(eng, vcl, n), be)
                 try:
                     await _give_space(img, be, [u.new_cluster for u in plan.updates])
@@ -173,6 +174,7 @@ async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None
     while vcl < end:
         n = min(end, (vcl // per + 1) * per) - vcl
         async with img.write_lock:
+            await img.allocating.settle(img.write_lock, vcl, n)  # no write's allocation in flight there
             plan = await img._core(plan_clear(eng, vcl, n, zero=zero), be)
             await img._core(eng.commit(plan), be)
             img._zcache = None

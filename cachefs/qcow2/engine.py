@@ -348,7 +348,11 @@ class Engine:
             deps = [self.queue.data_item] if u.data_first else []
             if u.new_cluster is not None:
                 deps.extend((yield from self.refs.counted(u.new_cluster)))
-            self.map.remap(u.vcluster, u.table, u.index, u.new_entry, deps)
+            # The table as cached now, not as planned: an allocating write lets the image's lock
+            # go for its data I/O, and meanwhile a flush may write the table and the cache evict
+            # it (a later lookup reads it back as another object, which other commits update).
+            table, index = yield from self.map.table_for_write(u.vcluster)
+            self.map.remap(u.vcluster, table, index, u.new_entry, deps)
 
     def abort(self, plan: WritePlan):
         """Generator: give back what a failed plan allocated (nothing points at it)."""
