@@ -18,7 +18,7 @@ import trio
 
 from cachefs.backend import MemoryBackend
 from cachefs.backendset import BackendSet
-from cachefs.policy import NONE, WRITEBACK, WRITETHROUGH
+from cachefs.policy import WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync

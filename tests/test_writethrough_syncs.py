@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from test_cache_modes_mount import (BLOCK, O_DIRECT, SYNC_CALLS, WRITE_CALLS, Strace, aligned, io_fds, kind,
+from test_cache_modes_mount import (BLOCK, O_DIRECT, SYNC_CALLS, WRITE_CALLS, Strace, io_fds, kind,
                                     pwrite_block, stat_of)
 from conftest import cachefs, qemu_img
 
