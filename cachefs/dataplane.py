@@ -345,6 +345,7 @@ class FastPaths:
             # Stage 2: a qcow2 image's clusters are published as its L2 tables enter the cache.
             pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
             image.free_fence = pub.fence
+            image.queue_ran = pub.settle
             image.on_read_only.append(lambda: self._read_only(inode))
             pub.republish()
 
@@ -394,13 +395,12 @@ class FastPaths:
         mine = [(fh, p) for fh, p in self.handles.items() if p.inode == inode]
         kinds = {p.handle.direct_io for _, p in mine}
         mixed = len(kinds) == 2  # a cached and a direct handle: Python must see the direct writes
+        plan = [(fh, p, self._may_write(p, mixed)) for fh, p in mine]
+        self._hold_for_write_through(inode, any(w and p.handle.mode.write_through for _, p, w in plan))
         withdrawn = False
-        for fh, p in mine:
+        for fh, p, fast_write in plan:
             image, mode = p.handle.image, p.handle.mode
             be = image.backends.get(mode)
-            fast_write = (image.writable and not self.read_only and not mixed
-                          and not getattr(image, "compress", None)  # compressed in Python only
-                          and p.handle.flags & os.O_ACCMODE != os.O_RDONLY)
             withdrawn |= p.fast_write and not fast_write
             self._charge(fh, p)
             p.fast_write, p.mode = fast_write, mode
@@ -409,6 +409,22 @@ class FastPaths:
             log.debug("fh %d of inode %d: fd %d (%s)%s", fh, inode, be.fd, mode.name, "" if fast_write else ", reads")
         if withdrawn:
             await self.plane.drain(self.plane.ticket())
+
+    def _may_write(self, p: _Published, mixed: bool) -> bool:
+        image = p.handle.image
+        return (image.writable and not self.read_only and not mixed
+                and not getattr(image, "compress", None)  # compressed in Python only
+                and p.handle.flags & os.O_ACCMODE != os.O_RDONLY)
+
+    def _hold_for_write_through(self, inode: int, write_through: bool) -> None:
+        """Before a write-through handle may write in C: mappings not durable yet are published
+        read-only (dpmap, "Durable before writable"), those already published included."""
+        pub = self.mappings.get(inode)
+        if pub is None or pub.write_through == write_through:
+            return
+        pub.write_through = write_through
+        if write_through:
+            pub.republish()
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):
@@ -464,7 +480,7 @@ class FastPaths:
         pub = self.mappings.get(inode)
         if pub is not None:  # the mapping C holds: bounded by the L2 cache
             out.update(fast_map_bytes=self.plane.map_bytes(inode), fast_tables=len(pub.tables),
-                       fast_fences=pub.fences)
+                       fast_fences=pub.fences, fast_held=len(pub.unsettled), fast_settled=pub.settled)
         return out
 
     def root_info(self) -> dict[str, str]:

@@ -31,6 +31,18 @@ change is durable), so the change records a drain ticket, and the image
 awaits :meth:`MappingPublisher.fence` before it runs the metadata queue,
 the only place a deferred free is applied (image.Image._run_queue). One drain
 per writeout at most, and none when nothing changed.
+
+Durable before writable: a fast write through an O_DSYNC descriptor
+(writethrough, directsync) is acknowledged as durable the moment it completes.
+Through a mapping that is not durable yet (a cluster just allocated, whose L2
+entry the allocating writer's shared fdatasync has not covered), a crash would
+lose that write with the mapping. So while a write-through handle is
+published, a new or not-yet-durable owned cluster is published *read-only*
+(its writes go to Python, which waits for the shared sync), and becomes
+writable once the metadata queue has nothing dirty or unsynced
+(:meth:`MappingPublisher.settle`, after each run of the queue). In writeback,
+none and unsafe nothing waits: their writes are durable only at a flush, which
+covers the mapping too.
 """
 
 from __future__ import annotations
@@ -53,11 +65,17 @@ class MappingPublisher:
         self.inode = inode
         self.engine = engine
         self.per_table = engine.map.l2_entries
-        self.tables: set[int] = set()  # L1 indices whose table is published
+        self.tables: dict[int, object] = {}  # L1 index -> its published L2 table (meta.Table)
         self.fence_ticket: int | None = None  # a drain owed before the next deferred free
         self.stopped = False
         self.published_tables = 0  # counters, for stats and tests
         self.fences = 0
+        # Write-through (see "Durable before writable" above): set by FastPaths, True while a
+        # published handle of the image writes through O_DSYNC in C.
+        self.write_through = False
+        # Clusters published read-only because their mapping is not durable yet.
+        self.unsettled: set[int] = set()
+        self.settled = 0
         engine.cache.listeners.append(self)
         engine.on_mapping_change(self.changed)
 
@@ -70,15 +88,17 @@ class MappingPublisher:
         count = min(self.per_table, self._guest_clusters() - first)
         if count <= 0:
             return
-        self.plane.map_clusters(self.inode, first, [self._state(e, first + i) for i, e in
-                                                    enumerate(table.entries[:count])])
-        self.tables.add(table.l1_index)
+        states = [self._state(e, first + i) for i, e in enumerate(table.entries[:count])]
+        if self.write_through and not self._durable(table):
+            states = [self._hold(first + i, st) for i, st in enumerate(states)]
+        self.plane.map_clusters(self.inode, first, states)
+        self.tables[table.l1_index] = table
         self.published_tables += 1
 
     def left(self, table) -> None:
         if table.kind != "l2" or table.l1_index not in self.tables:
             return
-        self.tables.discard(table.l1_index)
+        del self.tables[table.l1_index]
         if not self.stopped:
             # No drain: the mapping itself did not change, C only stops serving it.
             self.plane.unmap_clusters(self.inode, table.l1_index * self.per_table, self.per_table)
@@ -113,12 +133,14 @@ class MappingPublisher:
         if self.stopped or change.old.kind is MappingKind.OUTSIDE:
             return  # a grow: past the old size nothing was published (republish follows the resize)
         state = self._mapping_state(change)
+        hold = self.write_through  # the change is not durable yet: it is being made
         end = change.first + change.count
         for l1_index in range(change.first // self.per_table, (end - 1) // self.per_table + 1):
             if l1_index in self.tables:
                 lo = max(change.first, l1_index * self.per_table)
                 hi = min(end, (l1_index + 1) * self.per_table)
-                self.plane.map_clusters(self.inode, lo, [state] * (hi - lo))
+                states = [self._hold(c, state) for c in range(lo, hi)] if hold else [state] * (hi - lo)
+                self.plane.map_clusters(self.inode, lo, states)
         if change.old.kind is MappingKind.DATA:
             # Tickets only grow: the newest covers every earlier change too.
             self.fence_ticket = self.plane.ticket()
@@ -130,6 +152,34 @@ class MappingPublisher:
         if new.kind in (MappingKind.ZERO, MappingKind.UNALLOCATED):
             return self._zero
         return 0
+
+    # ------------------------------------------------------------ durable before writable
+
+    def _hold(self, cluster: int, state: int) -> int:
+        """A writable entry whose mapping may not be durable: read-only until it is (settle)."""
+        if state & 3 != self._writable:
+            return state
+        self.unsettled.add(cluster)
+        return state & ~3 | self._readonly
+
+    def _durable(self, table) -> bool:
+        """The table and the L1 chunk that points at it are on disk and synced."""
+        chunk = self.engine.map.l1_chunks.get(table.l1_index * 8 // self.engine.cs)
+        return table.durable and (chunk is None or chunk.durable)
+
+    def settle(self) -> None:
+        """After the metadata queue ran: once nothing is dirty or unsynced, every mapping in
+        memory is durable, and the clusters held read-only become writable in C."""
+        q = self.engine.queue
+        if not self.unsettled or self.stopped or q.needs_sync or q.dirty_items():
+            return
+        for cluster in sorted(self.unsettled):
+            table = self.tables.get(cluster // self.per_table)
+            if table is not None:
+                entry = table.entries[cluster % self.per_table]
+                self.plane.map_clusters(self.inode, cluster, [self._state(entry, cluster)])
+                self.settled += 1
+        self.unsettled.clear()
 
     async def fence(self) -> None:
         """Before deferred frees may be applied: every fast request that could still use a host
@@ -147,4 +197,5 @@ class MappingPublisher:
         for l1_index in sorted(self.tables):
             self.plane.unmap_clusters(self.inode, l1_index * self.per_table, self.per_table)
         self.tables.clear()
+        self.unsettled.clear()
         self.fence_ticket = self.plane.ticket()

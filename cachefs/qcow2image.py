@@ -47,6 +47,7 @@ class Qcow2Image(Image):
         # runs, the only place a deferred free is applied, so no fast request still uses a
         # host cluster being freed; and told when corruption makes the image read-only.
         self.free_fence = None
+        self.queue_ran = None
         self.on_read_only: list = []
         # The flush that makes the latest mapping change durable (Generations.ticket). An
         # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
@@ -237,7 +238,10 @@ class Qcow2Image(Image):
         be = self.backends.batch(be.mode)
         if self.free_fence is not None:
             await self.free_fence()
-        return await self._core(gen, be, _QueueIO(self, be))
+        result = await self._core(gen, be, _QueueIO(self, be))
+        if self.queue_ran is not None:
+            self.queue_ran()  # dpmap: mappings that became durable may be written in C now
+        return result
 
     async def _make_durable(self, be) -> None:
         async with self.write_lock:

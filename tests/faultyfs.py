@@ -19,6 +19,7 @@ ENOTSUP, except the control ones on the root:
   ``"slow_read": [[lo, hi, seconds]]`` (and ``"slow_write"``) instead holds
   such a READ (WRITE) that long before doing it, while other requests are
   served: a backend request still running when the layer above moves on.
+  ``"slow_fsync": [seconds, count]`` holds the next ``count`` FSYNCs that long.
   Arming again replaces the rules.
 - ``setxattr(ROOT, "user.faulty.disarm", b"")``: no failures any more.
 - ``getxattr(ROOT, "user.faulty.state")``: JSON counters, ``reads``,
@@ -66,7 +67,7 @@ class FaultyFS(pyfuse3.Operations):
         self.rules: dict = {}
         self.counters = dict.fromkeys(("reads", "writes", "failed_reads", "failed_writes", "opens",
                                        "direct_opens", "fsyncs", "failed_fsyncs", "slow_reads",
-                                       "slow_writes"), 0)
+                                       "slow_writes", "slow_fsyncs"), 0)
 
     # ------------------------------------------------------------ inodes and attributes
 
@@ -241,6 +242,11 @@ class FaultyFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         self.counters["fsyncs"] += 1
         rules = self.rules
+        slow = rules.get("slow_fsync")
+        if slow and slow[1] > 0:
+            slow[1] -= 1
+            self.counters["slow_fsyncs"] += 1
+            await trio.sleep(slow[0])
         if rules.get("fsync") and rules.get("file") in (None, self.files[fh][1]):
             self.counters["failed_fsyncs"] += 1
             raise pyfuse3.FUSEError(rules.get("errno", errno.EIO))

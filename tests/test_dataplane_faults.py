@@ -374,3 +374,53 @@ def test_a_freed_cluster_waits_for_the_fast_read_still_using_it(faulty, mounted,
     m.umount()
     assert "No errors were found on the image." in qemu_img("check", image).stdout
     assert host_offset(image, "qcow2", y) == h  # Y did take X's old host cluster
+
+
+@needs_dataplane
+def test_write_through_waits_for_the_mapping_before_writing_in_c(faulty, mounted, workdir):
+    """directsync (writethrough alike): a write acknowledged by C is durable (O_DSYNC), but only
+    if the mapping it went through is durable too. A cluster just allocated by writer A is mapped in memory at
+    once, and durable only when A's shared fdatasync (held 1 s in the lower filesystem) ends.
+    Writer B, writing in that cluster meanwhile, must not be acknowledged before it: C holds the
+    new mapping read-only (dpmap, "Durable before writable"), so B goes to Python, which waits
+    for the sync. Once it ended, C writes the cluster again. (O_DIRECT handles: the kernel sends
+    their writes in parallel, FOPEN_PARALLEL_DIRECT_WRITES; a cached handle's writes to one inode
+    are serialized by the kernel, so B could not overtake A's acknowledgement there.)"""
+    image = workdir / "src" / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    qemu_io(image, "write -P 0x11 0 1M")
+    x = 4 * MiB  # unallocated: A allocates it
+    low = faulty()
+    m = mounted(low.path, "--cache", "directsync")
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, aligned(b"\x22" * BLOCK), 0)  # warm: the tables are cached, the first reservation made
+        os.fsync(fd)
+        low.arm(slow_fsync=[1.0, 1], file=image.name)
+        done: dict[str, float] = {}
+        start = time.monotonic()
+
+        def write(name: str, data: bytes, off: int) -> None:
+            os.pwrite(fd, aligned(data), off)
+            done[name] = time.monotonic() - start
+
+        a = threading.Thread(target=write, args=("a", b"\xaa" * BLOCK, x))
+        a.start()
+        deadline = time.monotonic() + 10
+        while low.state()["slow_fsyncs"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert low.state()["slow_fsyncs"] == 1, "A's sync did not reach the lower filesystem"
+        before = fast(m)
+        write("b", b"\xbb" * BLOCK, x + BLOCK)  # A's mapping exists in memory, not yet on disk
+        a.join(timeout=30)
+        assert done["b"] >= 0.9 * done["a"] - 0.05 and done["b"] > 0.5, done  # B waited for A's sync
+        assert fast(m)["fast_writes"] == before["fast_writes"], "B was acknowledged by C"
+        write("c", b"\xcc" * BLOCK, x + 2 * BLOCK)  # durable now: C writes it
+        assert fast(m)["fast_writes"] == before["fast_writes"] + 1
+        assert int(os.getxattr(m / NAME, "user.cachefs.stats.fast_settled")) >= 1
+    finally:
+        low.disarm()
+        os.close(fd)
+    m.umount()
+    assert "No errors were found on the image." in qemu_img("check", image).stdout
+    qemu_io(image, f"read -P 0xaa {x} 4k", f"read -P 0xbb {x + BLOCK} 4k", f"read -P 0xcc {x + 2 * BLOCK} 4k")
