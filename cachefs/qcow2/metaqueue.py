@@ -311,13 +311,20 @@ class MetaQueue:
 
         Sized from the allocations since the last flush (twice that, within
         MIN/MAX_RESERVE_BYTES): a guest that allocated nothing reserves
-        nothing, so an idle flush writes nothing.
+        nothing, so an idle flush writes nothing. Topped up only once less
+        than three quarters of that is left: a reservation that still covers
+        one and a half intervals like the last one is kept, so a flush after a
+        few allocations (a write-through write is one: MIN_RESERVE_BYTES
+        covers several) rewrites no refcount block, while a steady guest
+        still tops up at every flush, as before.
         """
         recent, self._allocs_since_flush = self._allocs_since_flush, 0
         if not recent or not self.overlap.writable:
             return
         lo, hi = max(1, MIN_RESERVE_BYTES >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
         want = min(max(2 * recent, lo), hi)
+        if len(self.refs.reservation) >= want * 3 // 4:
+            return
         before = len(self.refs.reservation)
         yield from self.refs.reserve(want)
         self.counters.reserved += len(self.refs.reservation) - before
