@@ -55,6 +55,9 @@ from cachefs.qcow2.cluster import MappingChange, MappingKind
 
 log = logging.getLogger("cachefs.dataplane")
 
+#: The low bits of a published entry that hold its state (dp_abi.h: host offsets are cluster aligned).
+STATE_BITS = 3
+
 
 class MappingPublisher:
     """Keeps C's copy of one qcow2 image's mapping; see the module docstring."""
@@ -157,10 +160,10 @@ class MappingPublisher:
 
     def _hold(self, cluster: int, state: int) -> int:
         """A writable entry whose mapping may not be durable: read-only until it is (settle)."""
-        if state & 3 != self._writable:
+        if state & STATE_BITS != self._writable:
             return state
         self.unsettled.add(cluster)
-        return state & ~3 | self._readonly
+        return state & ~STATE_BITS | self._readonly
 
     def _durable(self, table) -> bool:
         """The table and the L1 chunk that points at it are on disk and synced."""
