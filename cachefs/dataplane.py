@@ -413,7 +413,7 @@ class FastPaths:
     def _may_write(self, p: _Published, mixed: bool) -> bool:
         image = p.handle.image
         return (image.writable and not self.read_only and not mixed
-                and not getattr(image, "compress", None)  # compressed in Python only
+                and not image.compress  # compressed in Python only
                 and p.handle.flags & os.O_ACCMODE != os.O_RDONLY)
 
     def _hold_for_write_through(self, inode: int, write_through: bool) -> None:
