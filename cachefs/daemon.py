@@ -421,6 +421,7 @@ async def _run_until_unmounted(ops, plane=None) -> bool:
             from cachefs.dpops import PyServed
             nursery.start_soon(plane.serve, pyfuse3.terminate)
             nursery.start_soon(PyServed(plane, ops).serve)  # fallocate and lseek (pyfuse3 has neither)
+            nursery.start_soon(ops.fast.serve_allocations)  # lent clusters for C's allocating writes
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped

@@ -49,6 +49,7 @@ import trio
 
 from cachefs import native
 from cachefs.backend import ALIGN
+from cachefs.dpalloc import FastAllocations
 from cachefs.dpmap import MappingPublisher
 from cachefs.errors import CachefsError
 from cachefs.policy import MODES
@@ -66,7 +67,7 @@ SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>: beyond wmem_max, for root
 
 #: dp_image_counters()'s order (dp_abi.h), with the names they get in stats.
 IMAGE_COUNTERS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded",
-                  "fast_errors", "fast_unsynced_writes")
+                  "fast_errors", "fast_unsynced_writes", "fast_allocations")
 HANDLE_COUNTERS = ("reads", "writes", "bytes_read", "bytes_written")  # dp_handle_counters()
 CONNECTION_COUNTERS = ("requests", "fast", "forwarded", "replies", "notifications", "forward_errors",
                        "reply_errors", "peak_active", "send_queued")
@@ -134,6 +135,8 @@ class DataPlane:
         self._changed = trio.Event()
         self._last_counters: dict[int, list[int]] = {}
         self.lost = False  # the kernel ended the connection (unmount)
+        self._status_buf = ffi.new("uint64_t[2]")
+        self.on_alloc_wake = None  # FastPaths: C's lent clusters run low or its log fills
 
     # -------------------------------------------------------------- lifecycle
 
@@ -155,6 +158,8 @@ class DataPlane:
                 os.eventfd_read(self._evt)
             changed, self._changed = self._changed, trio.Event()
             changed.set()
+            if lib.dp_alloc_woken(self._dp) and self.on_alloc_wake is not None:
+                self.on_alloc_wake()
             state = self.state()
             if state & lib.DP_ST_DEAD and not self.lost:
                 self.lost = True
@@ -207,10 +212,11 @@ class DataPlane:
         return self.ticket()
 
     @staticmethod
-    def map_states() -> tuple[int, int, int]:
-        """The low bits of a published entry (dp_abi.h): writable, read-only, reads as zeros."""
+    def map_states() -> tuple[int, int, int, int]:
+        """The low bits of a published entry (dp_abi.h): writable, read-only, reads as zeros, and
+        the flag that lets C allocate a zeros entry (dp_alloc.c)."""
         lib = native.lib
-        return lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO
+        return lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO, lib.DP_MAP_ALLOC
 
     def map_clusters(self, ino: int, first: int, entries: list[int]) -> None:
         """Publish guest clusters [first, first + len(entries)): each ``host_offset | DP_MAP_*`` state."""
@@ -260,6 +266,47 @@ class DataPlane:
                     await changed.wait()
         finally:
             lib.dp_waiting(dp, -1)
+
+    # -------------------------------------------------------------- allocation in C (dpalloc.py)
+
+    @property
+    def alive(self) -> bool:
+        return self._dp is not None
+
+    def alloc_set(self, ino: int, on: bool, low_water: int) -> None:
+        self._check(native.lib.dp_alloc_set(self._dp, ino, int(on), low_water))
+
+    def alloc_give(self, ino: int, hosts: list[int]) -> int:
+        """Lend host clusters (offsets); returns how many C took."""
+        rc = native.lib.dp_alloc_give(self._dp, ino, native.ffi.new("uint64_t[]", hosts), len(hosts))
+        self._check(rc)
+        return rc
+
+    def alloc_take_spares(self, ino: int) -> list[int]:
+        out = native.ffi.new("uint64_t[]", native.lib.DP_SPARE)
+        n = native.lib.dp_alloc_take_spares(self._dp, ino, out, native.lib.DP_SPARE)
+        self._check(n)
+        return list(out[0:n])
+
+    def alloc_take_log(self, ino: int, limit: int) -> list[tuple[int, int]]:
+        out = native.ffi.new("uint64_t[]", 2 * limit)
+        n = native.lib.dp_alloc_take_log(self._dp, ino, out, limit)
+        self._check(n)
+        flat = list(out[0:2 * n])
+        return list(zip(flat[0::2], flat[1::2]))
+
+    def alloc_claim(self, ino: int, first: int, count: int) -> int:
+        rc = native.lib.dp_alloc_claim(self._dp, ino, first, count)
+        self._check(rc)
+        return rc
+
+    def alloc_unclaim(self, ino: int, claim: int) -> None:
+        native.lib.dp_alloc_unclaim(self._dp, ino, claim)
+
+    def alloc_status(self, ino: int) -> tuple[int, int]:
+        out = self._status_buf
+        self._check(native.lib.dp_alloc_status(self._dp, ino, out))
+        return out[0], out[1]
 
     @staticmethod
     def _check(rc: int) -> None:
@@ -330,6 +377,9 @@ class FastPaths:
         self._by_mode: dict[int, dict[str, list[int]]] = {}
         self._pauses: dict[int, int] = {}  # inode -> callers inside paused()
         self.mappings: dict[int, MappingPublisher] = {}  # qcow2 images' published mappings
+        self.allocations: dict[int, FastAllocations] = {}  # and their allocation in C (dpalloc.py)
+        self._alloc_wake = trio.Event()
+        plane.on_alloc_wake = self._alloc_wake.set
         self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
 
@@ -344,8 +394,9 @@ class FastPaths:
         if not raw:
             # Stage 2: a qcow2 image's clusters are published as its L2 tables enter the cache.
             pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
+            allocs = self.allocations[inode] = FastAllocations(self.plane, inode, image, pub)
             image.free_fence = pub.fence
-            image.queue_ran = pub.settle
+            image.queue_ran = lambda: (pub.settle(), allocs.top_up())
             image.on_read_only.append(lambda: self._read_only(inode))
             pub.republish()
 
@@ -353,6 +404,7 @@ class FastPaths:
         """Corruption made the image read-only: C serves nothing of it from now on (forwarded,
         where Python refuses writes with EROFS and answers reads from what is still valid)."""
         self.plane.pause_image(inode, True)
+        self.allocations[inode].allow(False)
         self.mappings[inode].stop()
         self._dead.add(inode)
 
@@ -396,7 +448,9 @@ class FastPaths:
         kinds = {p.handle.direct_io for _, p in mine}
         mixed = len(kinds) == 2  # a cached and a direct handle: Python must see the direct writes
         plan = [(fh, p, self._may_write(p, mixed)) for fh, p in mine]
-        self._hold_for_write_through(inode, any(w and p.handle.mode.write_through for _, p, w in plan))
+        write_through = any(w and p.handle.mode.write_through for _, p, w in plan)
+        self._hold_for_write_through(inode, write_through)
+        self._allow_allocation(inode, not write_through and any(w for _, _, w in plan))
         withdrawn = False
         for fh, p, fast_write in plan:
             image, mode = p.handle.image, p.handle.mode
@@ -425,6 +479,28 @@ class FastPaths:
         pub.write_through = write_through
         if write_through:
             pub.republish()
+
+    def _allow_allocation(self, inode: int, fast_writes: bool) -> None:
+        """C allocates while the image has fast writes, none of them write-through (dpalloc.py)."""
+        allocs = self.allocations.get(inode)
+        if allocs is None:
+            return
+        image = allocs.image
+        allocs.allow(fast_writes and inode not in self._dead and image.writable and not image.compress)
+        if allocs.allowed and not image.write_lock.locked():  # top_up runs under the lock, as after a queue run
+            allocs.top_up()  # what the reservation holds already (a flush lends the rest)
+
+    async def serve_allocations(self) -> None:
+        """For the mount's life: when C runs short of lent clusters or its log fills, refill and adopt."""
+        while True:
+            await self._alloc_wake.wait()
+            self._alloc_wake = trio.Event()
+            self.plane.on_alloc_wake = self._alloc_wake.set
+            for allocs in list(self.allocations.values()):
+                try:
+                    await allocs.refill()
+                except OSError as exc:  # the image's own error paths report it; the next wake retries
+                    log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):
@@ -480,7 +556,8 @@ class FastPaths:
         pub = self.mappings.get(inode)
         if pub is not None:  # the mapping C holds: bounded by the L2 cache
             out.update(fast_map_bytes=self.plane.map_bytes(inode), fast_tables=len(pub.tables),
-                       fast_fences=pub.fences, fast_held=len(pub.unsettled), fast_settled=pub.settled)
+                       fast_fences=pub.fences, fast_held=len(pub.unsettled), fast_settled=pub.settled,
+                       **self.allocations[inode].stats())
         return out
 
     def root_info(self) -> dict[str, str]:
@@ -500,6 +577,28 @@ class NoFastPaths:
 
     def take_wrote(self, fh: int) -> bool:
         return False
+
+    def _allow_allocation(self, inode: int, fast_writes: bool) -> None:
+        """C allocates while the image has fast writes, none of them write-through (dpalloc.py)."""
+        allocs = self.allocations.get(inode)
+        if allocs is None:
+            return
+        image = allocs.image
+        allocs.allow(fast_writes and inode not in self._dead and image.writable and not image.compress)
+        if allocs.allowed and not image.write_lock.locked():  # top_up runs under the lock, as after a queue run
+            allocs.top_up()  # what the reservation holds already (a flush lends the rest)
+
+    async def serve_allocations(self) -> None:
+        """For the mount's life: when C runs short of lent clusters or its log fills, refill and adopt."""
+        while True:
+            await self._alloc_wake.wait()
+            self._alloc_wake = trio.Event()
+            self.plane.on_alloc_wake = self._alloc_wake.set
+            for allocs in list(self.allocations.values()):
+                try:
+                    await allocs.refill()
+                except OSError as exc:  # the image's own error paths report it; the next wake retries
+                    log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):

@@ -19,7 +19,8 @@ L2 entry                                C state
 =====================================  ==========================
 data, COPIED (refcount 1)               writable at host offset
 data, shared (not COPIED)               read-only at host offset
-unallocated, or the zero flag           reads as zeros (no backing files)
+unallocated, or the zero flag           reads as zeros (no backing files); with
+                                        no host cluster, C may allocate (dpalloc.py)
 compressed, damaged, past the guest     absent: forwarded to Python
 =====================================  ==========================
 
@@ -63,7 +64,7 @@ class MappingPublisher:
     """Keeps C's copy of one qcow2 image's mapping; see the module docstring."""
 
     def __init__(self, plane, inode: int, engine) -> None:
-        self._writable, self._readonly, self._zero = plane.map_states()
+        self._writable, self._readonly, self._zero, self._alloc = plane.map_states()
         self.plane = plane
         self.inode = inode
         self.engine = engine
@@ -116,8 +117,8 @@ class MappingPublisher:
 
     def _state(self, entry: int, vcluster: int) -> int:
         """C's entry for an L2 entry: host offset | DP_MAP_* (0, absent, when C must not serve it)."""
-        if entry == 0:
-            return self._zero
+        if entry in (0, fmt.L2_ZERO):
+            return self._zero | self._alloc  # no host cluster: C may allocate one (dpalloc.py)
         if entry & fmt.L2_COMPRESSED:
             return 0
         try:
@@ -152,7 +153,9 @@ class MappingPublisher:
         new = change.new
         if new.kind is MappingKind.DATA:
             return new.host_offset | (self._writable if new.owned else self._readonly)
-        if new.kind in (MappingKind.ZERO, MappingKind.UNALLOCATED):
+        if new.kind is MappingKind.UNALLOCATED or (new.kind is MappingKind.ZERO and not new.host_offset):
+            return self._zero | self._alloc
+        if new.kind is MappingKind.ZERO:
             return self._zero
         return 0
 

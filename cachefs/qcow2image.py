@@ -49,6 +49,9 @@ class Qcow2Image(Image):
         self.free_fence = None
         self.queue_ran = None
         self.on_read_only: list = []
+        # Allocation in C (dpalloc.FastAllocations, issue 14): lends C clusters and hands back
+        # its log of allocations, which this image adopts as L2 updates (_adopt).
+        self.lender = None
         # The flush that makes the latest mapping change durable (Generations.ticket). An
         # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
         # the mapping it wrote through may not be durable yet (_write_through_done).
@@ -72,6 +75,10 @@ class Qcow2Image(Image):
     async def set_compress(self, algorithm: str | None) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
+        if algorithm is not None and self.lender is not None:
+            self.lender.allow(False)  # compressed in Python only: what C allocated is adopted below
+            async with self.write_lock:
+                await self._adopt(self.backend)
         async with self.backends.in_use():
             await self.compressed.set_algorithm(algorithm)
 
@@ -121,6 +128,7 @@ class Qcow2Image(Image):
     # -------------------------------------------------------------- reads
 
     async def _read(self, be, offset: int, length: int):
+        await self.adopt_fast_allocations(be)  # a cluster C allocated must read as its data
         q = self.queue
         # Counted before planning: plan_read may wait for an L2 table after it
         # has mapped an earlier cluster, and a free of that cluster's host
@@ -163,26 +171,34 @@ class Qcow2Image(Image):
         allocation in flight are claimed (allocations.InFlight), so no other change plans
         against their old mapping meanwhile; readers still see that old mapping until the
         commit. ``queue.inflight`` keeps frees of the clusters the data I/O writes from being
-        applied (metaqueue.py).
+        applied (metaqueue.py). The data plane allocates none of them meanwhile (settle_range).
         """
-        eng, cs = self.engine, self.engine.cs
-        async with self.write_lock:
-            first = offset // cs
-            await self.allocating.settle(self.write_lock, first, (offset + len(data) - 1) // cs - first + 1)
-            plan = await self._core(eng.plan_write(offset, data), self._reader(be))
-            claimed = claim = None
-            if plan.needs_commit:
-                # Write-through: the data and the metadata go out without O_DSYNC, and one
-                # fdatasync shared with concurrent writers covers them before the ack
-                # (_write_through_done), as QEMU emulates writethrough.
-                be = self.backends.batch(be.mode)
-                claimed = [u.vcluster for u in plan.updates]
-                claim = self.allocating.claim(claimed)
-            elif be.dsync and len(plan.data_writes) > 1:
-                # Write-through in place: one O_DSYNC write is one device sync; more than one
-                # share an fdatasync instead.
-                be = self.backends.batch(be.mode)
-            self.queue.inflight += 1
+        cs = self.engine.cs
+        fenced = None
+        try:
+            async with self.write_lock:
+                first = offset // cs
+                fenced = await self.settle_range(be, first, (offset + len(data) - 1) // cs - first + 1)
+                plan = await self._core(self.engine.plan_write(offset, data), self._reader(be))
+                claimed = claim = None
+                if plan.needs_commit:
+                    # Write-through: the data and the metadata go out without O_DSYNC, and one
+                    # fdatasync shared with concurrent writers covers them before the ack
+                    # (_write_through_done), as QEMU emulates writethrough.
+                    be = self.backends.batch(be.mode)
+                    claimed = [u.vcluster for u in plan.updates]
+                    claim = self.allocating.claim(claimed)
+                elif be.dsync and len(plan.data_writes) > 1:
+                    # Write-through in place: one O_DSYNC write is one device sync; more than one
+                    # share an fdatasync instead.
+                    be = self.backends.batch(be.mode)
+                self.queue.inflight += 1
+            await self._write_data(be, plan, claimed, claim)
+        finally:
+            self.release_range(fenced)
+
+    async def _write_data(self, be, plan, claimed, claim) -> None:
+        """The plan's data writes without the lock, then commit or abort what it allocated."""
         try:
             written = False
             try:
@@ -196,6 +212,41 @@ class Qcow2Image(Image):
         finally:
             if claim is not None:
                 self.allocating.release(claimed, claim)
+
+    # -------------------------------------------------------------- the data plane's allocations
+
+    async def settle_range(self, be, first: int, count: int):
+        """Caller holds write_lock: return, still holding it, once nothing else may change guest
+        clusters [first, first+count): no allocation of ours in flight there (InFlight), and none
+        of the data plane's, which is claimed out of the range and whose earlier allocations are
+        adopted. Returns the claim, for :meth:`release_range` once the caller's change is made."""
+        claim = None if self.lender is None else self.lender.claim(first, count)
+        try:
+            await self._adopt(be)
+            await self.allocating.settle(self.write_lock, first, count)
+        except BaseException:
+            self.release_range(claim)
+            raise
+        return claim
+
+    def release_range(self, claim) -> None:
+        if claim is not None:
+            self.lender.unclaim(claim)
+
+    async def _adopt(self, be) -> None:
+        """Caller holds write_lock: C's logged allocations become L2 updates (Engine.adopt)."""
+        pairs = self.lender.take_log() if self.lender is not None else None
+        if pairs:
+            await self._core(self.engine.adopt(pairs), be)
+            self.lender.adopted_clusters(v for v, _ in pairs)
+            self._remap_ticket = self.commits.ticket()  # not durable until the next flush
+            self._zcache = None
+
+    async def adopt_fast_allocations(self, be=None) -> None:
+        """Before Python reads a mapping (a read, lseek): what C allocated is adopted."""
+        if self.lender is not None and self.lender.logged():
+            async with self.write_lock:
+                await self._adopt(be or self.backend)
 
     async def _settle_plan(self, be, plan, written: bool) -> None:
         """Under the lock again: publish the L2 entries of a plan whose data is written, or give
@@ -224,6 +275,7 @@ class Qcow2Image(Image):
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
         async with self.backends.in_use(), self.write_lock:
+            await self._adopt(self.backend)
             # A refused size raises UnsupportedOperation: EOPNOTSUPP at fs.py.
             await self._core(self.engine.resize(size), self.backend)
 
@@ -236,6 +288,7 @@ class Qcow2Image(Image):
         sync each, so O_DSYNC would only add a device sync per metadata write.
         """
         be = self.backends.batch(be.mode)
+        await self._adopt(be)  # a flush covers what C allocated before it (dpalloc.py)
         if self.free_fence is not None:
             await self.free_fence()
         result = await self._core(gen, be, _QueueIO(self, be))
@@ -273,6 +326,8 @@ class Qcow2Image(Image):
 
     async def _close_writeout(self, be) -> None:
         async with self.write_lock:
+            if self.lender is not None:
+                self.lender.take_back()  # unused lent clusters: the reservation gives them up
             self.compressed.fill.close()  # its held frees apply: a clean close leaves no leak
             await self._run_queue(be, self.queue.close())
 

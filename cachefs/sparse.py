@@ -106,15 +106,18 @@ async def allocate(img, offset: int, length: int, mode) -> None:
         while vcl < end:
             n = min(end, (vcl // per + 1) * per) - vcl
             async with img.write_lock:
-                await img.allocating.settle(img.write_lock, vcl, n)  # no write's allocation in flight there
-                plan = await img._core(plan_allocate(eng, vcl, n), be)
+                claim = await img.settle_range(be, vcl, n)  # no write's allocation in flight there
                 try:
-                    await _give_space(img, be, [u.new_cluster for u in plan.updates])
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await img._core(eng.abort(plan), be)
-                    raise
-                await img._core(eng.commit(plan), be)
+                    plan = await img._core(plan_allocate(eng, vcl, n), be)
+                    try:
+                        await _give_space(img, be, [u.new_cluster for u in plan.updates])
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await img._core(eng.abort(plan), be)
+                        raise
+                    await img._core(eng.commit(plan), be)
+                finally:
+                    img.release_range(claim)
             vcl += n
         if mode.write_through:
             await img._make_durable(be)
@@ -166,6 +169,7 @@ async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None
     is let go between tables, and a cache full of dirty tables is written out, as writes do)."""
     eng = img.engine
     first, count, edges = whole_clusters(offset, length, img.cluster_size)
+    await img.adopt_fast_allocations(be)  # an edge C allocated is not zeros any more
     for off, n in edges:
         entry = await img._core(eng.map.entry(off // img.cluster_size), be)
         if not reads_as_zeros(entry):
@@ -174,9 +178,12 @@ async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None
     while vcl < end:
         n = min(end, (vcl // per + 1) * per) - vcl
         async with img.write_lock:
-            await img.allocating.settle(img.write_lock, vcl, n)  # no write's allocation in flight there
-            plan = await img._core(plan_clear(eng, vcl, n, zero=zero), be)
-            await img._core(eng.commit(plan), be)
+            claim = await img.settle_range(be, vcl, n)  # no write's allocation in flight there
+            try:
+                plan = await img._core(plan_clear(eng, vcl, n, zero=zero), be)
+                await img._core(eng.commit(plan), be)
+            finally:
+                img.release_range(claim)
             img._zcache = None
             if eng.cache.over_budget:
                 await img._run_queue(be, img.queue.writeout_early())
@@ -192,6 +199,7 @@ async def seek(img, offset: int, *, data: bool) -> int:
             whence = os.SEEK_DATA if data else os.SEEK_HOLE
             pos = await trio.to_thread.run_sync(os.lseek, img.backends.fd, offset, whence)
             return min(pos, img.size)
+        await img.adopt_fast_allocations()  # a cluster C allocated is data
         pos = await img._core(plan_seek(img.engine, offset, data=data), img.backend)
     if pos is None:
         raise OSError(errno.ENXIO, "no data after this offset")

@@ -370,12 +370,17 @@ else:
 _DP_CDEF = """
     struct dp { ...; };
     static const int DP_MAP_ABSENT, DP_MAP_WRITABLE, DP_MAP_READONLY, DP_MAP_ZERO;
+    #define DP_MAP_ALLOC ...
+    #define DP_SPARE ...
+    #define DP_ALOG ...
+    #define DP_NCLAIM ...
+    #define DP_MAXALLOC ...
     static const int DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN;
     static const int DP_C_FORWARDED, DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_NIMAGE;
     static const int DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS;
     static const int DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N;
     static const int DP_STOP_READING, DP_QUIT;
-    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED;
+    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED, DP_ST_ALLOC;
 
     int dp_built(void);
     int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
@@ -407,6 +412,14 @@ _DP_CDEF = """
     int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
     struct dp_pyreq { uint64_t unique, nodeid, fh, offset, length; uint32_t opcode, mode, uid, gid, pid, padding; };
     static const int DP_PYQ;
+    int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water);
+    int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n);
+    int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+    int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+    int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+    int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
+    int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);
+    int dp_alloc_woken(struct dp *dp);
     int dp_pyq_fd(struct dp *dp);
     int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max);
     int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset);
@@ -429,7 +442,7 @@ def make_ffibuilder() -> FFI:
 
 
 if have_liburing():
-    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_loop.c"\n#include "dp_pyq.c"\n',
+    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_pyq.c"\n',
             libraries=("uring", "pthread"))
 else:
     section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')

@@ -35,12 +35,30 @@
 
 #define DP_MAP_STATE(e) ((unsigned)((e) & 3))
 #define DP_MAP_HOST(e) ((e) & ~(uint64_t)511)
+#define DP_MAP_CAN_ALLOC(e) (((e) & (DP_MAP_ALLOC | 3)) == (DP_MAP_ALLOC | DP_MAP_ZERO) && !DP_MAP_HOST(e))
 #define DP_CHUNK_BITS 12       /* clusters per chunk of the mapping table: 4096 (32 KiB) */
 
 struct dp_u64map {             /* open addressing, linear probing, key 0 = empty */
     uint64_t *keys;
     void **vals;
     uint32_t cap, count;
+};
+
+struct dp_logrec { uint64_t guest, host; };  /* guest cluster, host offset */
+
+struct dp_claim { uint64_t first, end; };     /* end == 0: unused */
+
+/* An image's allocation state (dp_alloc.c); arrays allocated when Python first lends. */
+struct dp_alloc {
+    uint64_t *spare;           /* ring of lent host offsets, taken in the order lent */
+    uint32_t spare_head, spare_count;
+    struct dp_logrec *log;
+    uint32_t log_count;
+    struct dp_claim claim[DP_NCLAIM];
+    uint32_t overflow;         /* claims that found no room: no allocation at all while > 0 */
+    uint32_t low_water;        /* wake Python when the lent clusters fall to this */
+    int on;                    /* Python allows it: no write-through handle, not compress-on-write */
+    int wake_sent;             /* DP_ST_ALLOC posted for this image and not yet answered */
 };
 
 struct dp_image {
@@ -52,6 +70,7 @@ struct dp_image {
     uint64_t **chunks;         /* non-identity: chunk -> 4096 entries, NULL = absent */
     uint64_t nchunks;
     uint64_t c[DP_C_NIMAGE];
+    struct dp_alloc alloc;
     struct dp_image *next_dead;
 };
 
@@ -73,6 +92,9 @@ struct dp_slot {
     uint32_t reply_len;        /* READ: bytes to answer */
     uint64_t seq;              /* dispatch number, for drain tickets; valid while active */
     int active;                /* a fast request whose backend I/O has not completed */
+    int nalloc;                /* clusters the plan allocates (dp_alloc_commit), in plan order */
+    int alloc_short;           /* an allocation was refused: no lent cluster or no log room */
+    uint64_t alloc_cl[DP_MAXALLOC];
     int write, pieces_left, npieces, err, fd, sync;
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];
@@ -121,6 +143,14 @@ void *dp_map_del(struct dp_u64map *m, uint64_t key);
 int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
             uint32_t size, const char *data, struct dp_slot *s);
 void dp_image_free_chunks(struct dp_image *im);
+uint64_t dp_entry(const struct dp_image *im, uint64_t cluster);
+int dp_set_entry(struct dp_image *im, uint64_t cluster, uint64_t e);
+/* dp_alloc.c */
+int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cluster, struct dp_slot *s,
+                 uint64_t *host);
+int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take);
+void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count);
+void dp_alloc_free(struct dp_image *im);
 int dp_image_remove(struct dp *dp, uint64_t ino);
 void dp_destroy(struct dp *dp);
 

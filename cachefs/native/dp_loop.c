@@ -104,7 +104,9 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
         return 0;
     pthread_mutex_lock(&dp->lock);
     struct dp_handle *h = dp_map_get(&dp->handles, in->fh);
-    int fast = h && !h->img->paused && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
+    int planned = h && !h->img->paused, fast = planned && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
+    /* Allocating writes (dp_alloc.c): take the lent clusters the plan chose; wake Python when they run low. */
+    int wake = planned && write && (s->nalloc || s->alloc_short) && dp_alloc_commit(h->img, s, fast);
     if (fast) {
         h->c[DP_H_READS + write]++;
         h->c[DP_H_BYTES_READ + write] += write ? in->size : s->reply_len;
@@ -116,6 +118,8 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
         __atomic_store_n(&s->active, 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&dp->lock);
+    if (wake)
+        dp_post(dp, DP_ST_ALLOC);
     if (!fast)
         return 0;
     if (++dp->active > (int)dp->g[DP_G_PEAK_ACTIVE])

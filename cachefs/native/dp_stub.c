@@ -33,3 +33,11 @@ int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len)
 int dp_pyq_fd(struct dp *dp) { return -ENOSYS; }
 int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max) { return -ENOSYS; }
 int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset) { return -ENOSYS; }
+int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water) { return -ENOSYS; }
+int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n) { return -ENOSYS; }
+int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) { return -ENOSYS; }
+int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) { return -ENOSYS; }
+int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
+int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id) { return -ENOSYS; }
+int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out) { return -ENOSYS; }
+int dp_alloc_woken(struct dp *dp) { return 0; }

@@ -103,7 +103,7 @@ void *dp_map_del(struct dp_u64map *m, uint64_t key) {
 
 /* ------------------------------------------------------------ planning a request */
 
-static uint64_t dp_entry(const struct dp_image *im, uint64_t cluster) {
+uint64_t dp_entry(const struct dp_image *im, uint64_t cluster) {
     uint64_t chunk = cluster >> DP_CHUNK_BITS;
     if (chunk >= im->nchunks || !im->chunks[chunk])
         return DP_MAP_ABSENT;
@@ -132,22 +132,46 @@ static int dp_add_piece(struct dp_slot *s, uint64_t host, uint32_t buf, uint32_t
     return 0;
 }
 
+/* Set one entry, creating its chunk (Python's mapping said so, or C allocated the cluster). */
+int dp_set_entry(struct dp_image *im, uint64_t cl, uint64_t e) {
+    uint64_t chunk = cl >> DP_CHUNK_BITS;
+    if (chunk >= im->nchunks) {
+        uint64_t **c = realloc(im->chunks, (chunk + 1) * sizeof *c);
+        if (!c)
+            return -ENOMEM;
+        memset(c + im->nchunks, 0, (chunk + 1 - im->nchunks) * sizeof *c);
+        im->chunks = c;
+        im->nchunks = chunk + 1;
+    }
+    if (!im->chunks[chunk] && !(im->chunks[chunk] = calloc(1u << DP_CHUNK_BITS, sizeof(uint64_t))))
+        return -ENOMEM;
+    im->chunks[chunk][cl & ((1u << DP_CHUNK_BITS) - 1)] = e;
+    return 0;
+}
+
 /* A mapped (non-identity) image: one piece per host run; zero clusters of a READ are zeroed in
- * the buffer now. A WRITE needs every cluster writable in place, and a full-cluster write of
- * zeros goes to Python, so discard-by-zeroes keeps working (DATAPLANE.md "Zero writes"). */
-static int dp_plan_mapped(const struct dp_image *im, int write, uint64_t off, uint32_t len,
-                          const char *data, struct dp_slot *s) {
+ * the buffer now. A WRITE needs every cluster writable in place, or allocatable with a lent
+ * cluster (dp_alloc.c: planned here, taken by dp_alloc_commit once the whole request is
+ * planned); a full-cluster write of zeros goes to Python, so discard-by-zeroes keeps working
+ * (DATAPLANE.md "Zero writes"). */
+static int dp_plan_mapped(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
+                          uint32_t len, const char *data, struct dp_slot *s) {
     uint64_t csize = 1ull << im->cluster_bits;
     for (uint32_t done = 0; done < len;) {
-        uint64_t pos = off + done, in = pos & (csize - 1);
+        uint64_t pos = off + done, in = pos & (csize - 1), host;
         uint32_t n = (uint32_t)(csize - in < len - done ? csize - in : len - done);
         uint64_t e = dp_entry(im, pos >> im->cluster_bits);
         unsigned st = DP_MAP_STATE(e);
-        if (st == DP_MAP_ABSENT || (write && st != DP_MAP_WRITABLE))
+        if (write && n == csize && st != DP_MAP_READONLY && dp_all_zero(data + done, n))
             return 1;
-        if (write && n == csize && dp_all_zero(data + done, n))
+        if (write && st != DP_MAP_WRITABLE) {
+            if (!DP_MAP_CAN_ALLOC(e) || !dp_alloc_may(im, h, pos >> im->cluster_bits, s, &host))
+                return 1;
+            e = host | DP_MAP_WRITABLE;
+        } else if (st == DP_MAP_ABSENT) {
             return 1;
-        if (st == DP_MAP_ZERO)
+        }
+        if (DP_MAP_STATE(e) == DP_MAP_ZERO)
             memset(s->data + done, 0, n);
         else if (dp_add_piece(s, DP_MAP_HOST(e) + in, done, n))
             return 1;
@@ -161,6 +185,8 @@ static int dp_plan_mapped(const struct dp_image *im, int write, uint64_t off, ui
 int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
             uint32_t size, const char *data, struct dp_slot *s) {
     s->npieces = 0;
+    s->nalloc = 0;
+    s->alloc_short = 0;
     if (size == 0 || size > DP_DATA - 4096 || (write && !h->fast_write))
         return 1;
     /* O_DIRECT needs the offset, the length and the memory aligned; the memory is (the slot's
@@ -183,7 +209,7 @@ int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uin
     }
     if (h->align > 1 && want != size)
         return 1;  /* a mapped direct read across the guest's end: rare, Python pads it */
-    return dp_plan_mapped(im, write, off, want, data, s);
+    return dp_plan_mapped(im, h, write, off, want, data, s);
 }
 
 void dp_image_free_chunks(struct dp_image *im) {
@@ -285,6 +311,7 @@ int dp_image_remove(struct dp *dp, uint64_t ino) {
                 i++;
         }
         dp_image_free_chunks(im);
+        dp_alloc_free(im);
         im->next_dead = dp->dead_images;
         dp->dead_images = im;
     }
@@ -292,24 +319,23 @@ int dp_image_remove(struct dp *dp, uint64_t ino) {
     return im ? 0 : -ENOENT;
 }
 
-/* Publish `count` entries from guest cluster `first` (stage 2: from the L2 table cache). */
+/* Publish `count` entries from guest cluster `first` (stage 2: from the L2 table cache). A
+ * cluster C allocated and Python has not adopted yet keeps C's entry (dp_alloc_restore):
+ * Python's table still says unallocated there. */
 int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries) {
     int rc = 0;
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_map_get(&dp->images, ino);
+    uint64_t nclusters = im ? (im->vsize + (1ull << im->cluster_bits) - 1) >> im->cluster_bits : 0;
     for (uint64_t i = 0; im && !im->identity && rc == 0 && i < count; i++) {
         uint64_t cl = first + i, chunk = cl >> DP_CHUNK_BITS;
-        if (cl >= (im->vsize + (1ull << im->cluster_bits) - 1) >> im->cluster_bits) {
+        if (cl >= nclusters)
             rc = -ERANGE;  /* past the guest's last cluster */
-        } else if (chunk >= im->nchunks && (rc = dp_resize_chunks(im, chunk + 1)) < 0) {
-            break;
-        } else if (!im->chunks[chunk] && DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT &&
-                   !(im->chunks[chunk] = calloc(1u << DP_CHUNK_BITS, sizeof(uint64_t)))) {
-            rc = -ENOMEM;
-        } else if (im->chunks[chunk]) {
-            im->chunks[chunk][cl & ((1u << DP_CHUNK_BITS) - 1)] = entries[i];
-        }
+        else if (DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT || (chunk < im->nchunks && im->chunks[chunk]))
+            rc = dp_set_entry(im, cl, entries[i]);
     }
+    if (im && !im->identity && rc == 0)
+        dp_alloc_restore(im, first, count);
     pthread_mutex_unlock(&dp->lock);
     return !im ? -ENOENT : im->identity ? -EINVAL : rc;
 }

@@ -204,16 +204,19 @@ class ClusterMap:
         for callback in self.subscribers:
             callback(change)
 
-    def remap(self, vcluster: int, table: Table, index: int, new_entry: int, deps: list[MetaItem]) -> None:
+    def remap(self, vcluster: int, table: Table, index: int, new_entry: int, deps: list[MetaItem],
+              *, report: bool = True) -> None:
         """Point a guest cluster at ``new_entry``: every L2 entry change goes through here.
 
         Reports the change, stores the entry, marks the table dirty after
         ``deps``, and drops the references the old entry held that the new
         one does not, once the table is durable (invariant 2). A
         preallocated zero cluster written in place keeps its host cluster.
+        ``report=False``: the subscribers know already (the data plane made this change itself,
+        Engine.adopt).
         """
         old_entry = table.entries[index]
-        if self.subscribers:
+        if self.subscribers and report:
             self._report(MappingChange(vcluster, 1, Mapping.of(old_entry, self.cb), Mapping.of(new_entry, self.cb)))
         table.entries[index] = new_entry
         table.touch(*deps)

@@ -39,7 +39,7 @@ from cachefs.qcow2.meta import HeaderItem, TableCache
 from cachefs.qcow2.metaqueue import MetaQueue
 from cachefs.qcow2.overlap import Overlap
 from cachefs.qcow2.plan import DataWrite, Extent, ExtentKind, L2Update, ReadRequest, WritePlan, merge_runs
-from cachefs.qcow2.refcount import Refcounts
+from cachefs.qcow2.refcount import Allocation, Refcounts
 
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -353,6 +353,29 @@ class Engine:
             # it (a later lookup reads it back as another object, which other commits update).
             table, index = yield from self.map.table_for_write(u.vcluster)
             self.map.remap(u.vcluster, table, index, u.new_entry, deps)
+
+    def adopt(self, allocations):
+        """Generator: L2 entries for clusters the data plane allocated (issue 14, dp_alloc.c).
+
+        ``allocations`` are (guest cluster, host offset) pairs, host clusters that were lent
+        (Refcounts.lend): fresh, with a durable refcount. So the new entry waits for nothing: not
+        the refcount (durable already), not the data (the cluster read as zeros before, as the
+        unallocated cluster it replaces did; DESIGN.md section 3, a partial write into a fresh
+        cluster needs no ordering). The guest cluster must still read as zeros with no host
+        cluster: the caller adopts before it plans anything touching those clusters.
+        """
+        for vcluster, host in allocations:
+            table, index = yield from self.map.table_for_write(vcluster)
+            old = table.entries[index]
+            if old not in (0, fmt.L2_ZERO) or host & (self.cs - 1):
+                raise CorruptImage(f"the data plane allocated guest cluster {vcluster} at {host:#x}, "
+                                   f"but its L2 entry is {old:#x}")
+            cluster = host >> self.cb
+            self.refs.adopted(cluster)
+            self.overlap.claim(cluster, "data")
+            deps = yield from self.refs.counted(cluster)
+            self.map.remap(vcluster, table, index, host | fmt.L2_COPIED, deps, report=False)
+            self.queue.allocated(Allocation(cluster, None, True))
 
     def abort(self, plan: WritePlan):
         """Generator: give back what a failed plan allocated (nothing points at it)."""

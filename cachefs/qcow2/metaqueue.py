@@ -266,6 +266,15 @@ class MetaQueue:
             yield TruncateRequest(self.min_file_size, grow=True)  # a hole: no disk space
         yield from self.make_durable()
 
+    def refill(self, count: int):
+        """Generator: reserve ``count`` more clusters now and make everything durable: the data
+        plane ran short of lent clusters between guest flushes (dpalloc.py). One sync, as a flush."""
+        if self.overlap.writable:
+            yield from self.reserve(len(self.refs.reservation) + len(self.refs.lent) + count)
+        if self.min_file_size:
+            yield TruncateRequest(self.min_file_size, grow=True)
+        yield from self.make_durable()
+
     def close(self):
         """Generator: a clean close. Give the reservation back, trim the file, write everything."""
         yield from self.release_reservation()
@@ -323,7 +332,12 @@ class MetaQueue:
             return
         lo, hi = max(1, MIN_RESERVE_BYTES >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
         want = min(max(2 * recent, lo), hi)
-        if len(self.refs.reservation) >= want * 3 // 4:
+        yield from self.reserve(want)
+
+    def reserve(self, want: int):
+        """Generator: top the reservation (lent clusters included) up to ``want`` clusters,
+        unless three quarters of that are left; sets the header's dirty bit."""
+        if len(self.refs.reservation) + len(self.refs.lent) >= want * 3 // 4:
             return
         before = len(self.refs.reservation)
         yield from self.refs.reserve(want)
@@ -348,7 +362,7 @@ class MetaQueue:
         """Generator: a clean close gives unused reserved clusters back (no leaks)."""
         if self.overlap.writable:
             yield from self.refs.release_reservation()
-        if self.marked_dirty:
+        if self.marked_dirty and not self.refs.lent:  # clusters still lent would leak: stay dirty
             # Clean again only once everything else is durable: the header goes last.
             others = [i for i in self.dirty_items() if i is not self.header]
             self.header.update(*others, incompatible=self.header.hdr.incompatible & ~fmt.INCOMPAT_DIRTY)

@@ -84,6 +84,10 @@ class Refcounts:
         # at: counted() owes no dependency for them, so an L2 update does not wait for a
         # refcount block another change (a free, the next reservation) made dirty again.
         self._counted_durable: set[int] = set()
+        # Clusters lent to the data plane (issue 14, dpalloc.py): taken from the reservation with
+        # their raise durable; the data plane may write one and log it, and the L2 entry that
+        # Python then adopts (Engine.adopt) owes no dependency. Unused ones come back (unlend).
+        self.lent: set[int] = set()
 
     # ------------------------------------------------------------ lookup
 
@@ -239,12 +243,41 @@ class Refcounts:
         cluster, block = yield from self._alloc_free()
         return Allocation(cluster, block, False)
 
+    def lend(self, count: int) -> list[int]:
+        """Up to ``count`` reserved clusters whose raise is durable, for the data plane to
+        allocate into (issue 14). They may be written from now on, so written_high covers them."""
+        out: list[int] = []
+        while self.reservation and len(out) < count and self.reservation[0] not in self._raising:
+            cluster = self.reservation.popleft()
+            self._counted_durable.add(cluster)
+            self.lent.add(cluster)
+            out.append(cluster)
+        if out:
+            self.note_written((out[-1] + 1) * self.cs)
+        return out
+
+    def unlend(self, clusters: list[int]) -> None:
+        """Lent clusters the data plane did not use: back to the front of the reservation."""
+        back = sorted(c for c in clusters if c in self.lent)
+        for cluster in reversed(back):
+            self.lent.discard(cluster)
+            self._counted_durable.discard(cluster)
+            self.reservation.appendleft(cluster)
+        if back and list(self.reservation) != sorted(self.reservation):
+            self.reservation = collections.deque(sorted(self.reservation))
+
+    def adopted(self, cluster: int) -> None:
+        """The data plane allocated a lent cluster; an L2 entry points at it now."""
+        if cluster not in self.lent:
+            raise CorruptImage(f"the data plane allocated cluster {cluster}, which was not lent to it")
+        self.lent.discard(cluster)
+
     def reserve(self, count: int):
         """Generator: top the reservation up to ``count`` fresh clusters past the end.
 
         Returns the refcount blocks that changed (dirty until the next sync).
         """
-        need = count - len(self.reservation)
+        need = count - len(self.reservation) - len(self.lent)
         if need <= 0:
             return []
         first, blocks = yield from self.alloc_at_end(need)

@@ -1,0 +1,157 @@
+"""Allocating writes in the data plane: Python's half (issue 14; docs/design.md "Allocating in C").
+
+C serves a write to an unallocated cluster by taking a host cluster Python
+*lent* it, mapping it at once and logging (guest cluster, host offset)
+(cachefs/native/dp_alloc.c). This module keeps C supplied and takes the log
+back:
+
+- **lending** (:meth:`FastAllocations.top_up`, after every run of the
+  metadata queue): reserved clusters whose refcount raise is durable
+  (refcount.Refcounts.lend). They are fresh holes inside the file, so a crash
+  leaves a leak at worst; a clean close takes the unused ones back
+  (:meth:`take_back`) and the reservation gives them up.
+- **adopting** the log as L2 updates (qcow2image.Qcow2Image._adopt, Engine.adopt):
+  before Python plans anything that touches those clusters (it first
+  *claims* the range in C, so C allocates nothing there meanwhile, then
+  adopts everything logged), before a Python read or lseek, at every run of
+  the metadata queue (so every flush covers what C allocated before it), and
+  when C wakes us with the log half full.
+- **refilling** (:meth:`refill`): when C runs low between flushes (a guest
+  that writes and never flushes), a metadata-queue run reserves more and
+  makes the raise durable, one fdatasync, and lends the new clusters.
+
+C allocates only while :attr:`allowed`: the image is writable and not
+compress-on-write, and no write-through handle is published (dpmap.py,
+"Durable before writable": C acknowledges a write-through write as durable,
+and the new mapping is not until Python's sync).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cachefs import native
+
+log = logging.getLogger("cachefs.dataplane")
+
+#: Clusters lent at the least per refill, in bytes' worth (a guest flush lends what it reserved).
+MIN_REFILL_BYTES = 16 << 20
+#: Records taken from C's log per call.
+LOG_BATCH = 1024
+
+
+class FastAllocations:
+    """One qcow2 image's lent clusters and C's allocation log; see the module docstring."""
+
+    def __init__(self, plane, inode: int, image, publisher) -> None:
+        self.plane = plane
+        self.inode = inode
+        self.image = image
+        self.publisher = publisher
+        self.refs = image.engine.refs
+        self.cb = image.engine.cb
+        self.allowed = False
+        self.lent = 0      # counters, for stats and tests
+        self.adopted = 0
+        self.refills = 0
+        self._since_refill = 0  # C's allocations adopted since the last refill: sizes the next
+        self.low_water = 4  # C wakes us when it holds this few lent clusters
+        image.lender = self
+
+    # ------------------------------------------------------------ C's state
+
+    def allow(self, on: bool) -> None:
+        """Let C allocate (writeback, none, unsafe) or stop it (a write-through handle, corruption)."""
+        if on == self.allowed:
+            return
+        self.allowed = on
+        self._set()
+
+    def _set(self) -> None:
+        spares, _ = self.status()
+        self.low_water = max(4, spares // 8)
+        self.plane.alloc_set(self.inode, self.allowed, self.low_water)
+
+    def status(self) -> tuple[int, int]:
+        """(clusters C holds lent, log records not yet adopted)."""
+        return self.plane.alloc_status(self.inode)
+
+    def logged(self) -> bool:
+        return self.status()[1] > 0
+
+    # ------------------------------------------------------------ claims and the log
+
+    def claim(self, first: int, count: int) -> int:
+        """C allocates nothing in guest clusters [first, first+count) until :meth:`unclaim`."""
+        return self.plane.alloc_claim(self.inode, first, count)
+
+    def unclaim(self, claim: int) -> None:
+        self.plane.alloc_unclaim(self.inode, claim)
+
+    def take_log(self) -> list[tuple[int, int]]:
+        """Every (guest cluster, host offset) C logged, oldest first; C forgets them."""
+        out: list[tuple[int, int]] = []
+        while True:
+            batch = self.plane.alloc_take_log(self.inode, LOG_BATCH)
+            out += batch
+            if len(batch) < LOG_BATCH:
+                break
+        self.adopted += len(out)
+        self._since_refill += len(out)
+        return out
+
+    def adopted_clusters(self, vclusters) -> None:
+        """Their L2 entries are Python's now: while write-through holds, C has them read-only
+        (dp_alloc_set), and they become writable once durable, as any new mapping (dpmap)."""
+        if self.publisher.write_through:
+            self.publisher.unsettled.update(vclusters)
+
+    # ------------------------------------------------------------ lending
+
+    def top_up(self) -> None:
+        """After a run of the metadata queue (the image's write lock held): lend C what the
+        reservation has with its raise durable, but a few clusters Python's own allocations
+        (new L2 tables, forwarded writes) take first."""
+        if not self.allowed:
+            return
+        spares, _ = self.status()
+        room = native.lib.DP_SPARE - spares
+        keep = 4
+        clusters = self.refs.lend(min(room, len(self.refs.reservation) - keep)) if room > 0 else []
+        if not clusters:
+            return
+        given = self.plane.alloc_give(self.inode, [c << self.cb for c in clusters])
+        if given < len(clusters):
+            self.refs.unlend(clusters[given:])
+        self.lent += given
+        self._set()  # the low-water mark follows what C holds
+
+    def take_back(self) -> None:
+        """C's unused lent clusters return to the reservation (a clean close releases it)."""
+        hosts = self.plane.alloc_take_spares(self.inode)
+        self.refs.unlend([h >> self.cb for h in hosts])
+
+    async def refill(self) -> None:
+        """C woke us: adopt its log, and when its lent clusters run low, reserve more now (one
+        metadata-queue run, one fdatasync) and lend them."""
+        img = self.image
+        if not img.writable:
+            return
+        spares, logged = self.status()
+        low = self.allowed and spares <= self.low_water
+        if not low and not logged:
+            return
+        async with img.backends.in_use(), img.write_lock:
+            be = img.backends.batch(img.mode)
+            if low and self.allowed and self.status()[0] <= self.low_water:
+                count = max(MIN_REFILL_BYTES >> self.cb, 2 * self._since_refill)
+                self._since_refill = 0
+                self.refills += 1
+                await img._run_queue(be, img.queue.refill(min(count, native.lib.DP_SPARE)))
+            else:
+                await img._adopt(be)
+
+    def stats(self) -> dict:
+        spares, logged = self.status() if self.plane.alive else (0, 0)
+        return {"fast_allocations_lent": self.lent, "fast_allocations_adopted": self.adopted,
+                "fast_lent_clusters": spares, "fast_alloc_log": logged, "fast_refills": self.refills}
