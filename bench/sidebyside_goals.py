@@ -1,5 +1,6 @@
-"""The target tables of the side-by-side report: issue 11's (the data plane), and issue 5's for
-results from before it (no probe, no data-plane targets).
+"""The target tables of the side-by-side report: issue 11's (the data plane) and issue 14's (allocating
+and write-through writes), and issue 5's for results from before the data plane (no probe, no
+data-plane targets).
 
 Every figure is a ratio of medians from the one run the page reports, never across runs.
 """
@@ -32,6 +33,18 @@ GOALS = (
     Goal("raw image: 4k random read, QD32, O_DIRECT", "randread4k-qd32", "probe", 0.8, "raw"),
     Goal("raw image: 4k random overwrite, QD32, O_DIRECT", "overwrite4k-qd32", "probe", 0.8, "raw"),
 )
+# Issue 14: allocating writes, all against qsd on fresh images (qcow2 targets only: allocation is qcow2's).
+GOALS14 = (
+    Goal("4k random write, QD32, O_DIRECT, fresh image (allocating)", "randwrite4k-qd32", "qsd", 1.3),
+    Goal("4k random write, fdatasync every 16, fresh image, writeback (IOPS)", "alloc-flush16", "qsd", 1.3),
+    Goal("4k random write, fdatasync after every write, fresh image, writeback (IOPS)", "alloc-flush1", "qsd", 1.3),
+    Goal("4k random write, QD1, fresh image, writethrough", "wt-randwrite4k-qd1", "qsd", 1.0),
+    Goal("4k random write, QD32 (32 writers), fresh image, writethrough", "wt-randwrite4k-qd32", "qsd", 1.0),
+    Goal("4k random write, QD1, fresh image, directsync", "ds-randwrite4k-qd1", "qsd", 1.0),
+    Goal("4k random write, QD32 (32 writers), fresh image, directsync", "ds-randwrite4k-qd32", "qsd", 1.0),
+    Goal("1M sequential write, QD4, O_DIRECT, fresh image", "seq1m-write", "qsd", 0.9),
+)
+SYNCS_PER_FLUSH = 1.0  # issue 14: at most one fdatasync per guest flush, cachefs's own counters
 CPU_LABEL = "daemon CPU per I/O (median over the O_DIRECT jobs both ran)"
 PROBE_JOBS = ("randread4k-qd32", "overwrite4k-qd32", "randwrite4k-qd32", "randread4k-qd1", "overwrite4k-qd1",
               "randwrite4k-qd1", "seq1m-read", "seq1m-write")
@@ -61,6 +74,23 @@ def goal_cell(c: Cells, g: Goal, t: str, image: str) -> str:
         if c.status(g.job, who) != "ok":
             return f"— ({who}: {short(c.status(g.job, who))})"
     return verdict(c.ratio(g.job, t, g.ref), g.want)
+
+
+def syncs_cell(c: Cells, job: str, t: str, image: str) -> str:
+    """cachefs's backend fdatasyncs per guest flush over the timed rounds (its own counters), ≤ 1.0."""
+    if image != "qcow2":
+        return "n/a"
+    if job not in c.jobs:
+        return "not run (job not selected)"
+    if c.status(job, t) != "ok":
+        return f"— ({t}: {short(c.status(job, t))})"
+    pair = c.own_syncs(job, t)
+    if pair is None or not pair[1]:
+        return "— (no counters)"
+    v = pair[0] / pair[1]
+    ok = round(v, 2) <= SYNCS_PER_FLUSH  # judged as shown: the one sync at close is not a miss
+    return (f"{v:.2f} ({pair[0]}/{pair[1]}) " +
+            ("✓ met" if ok else f"✗ missed by {abs(v / SYNCS_PER_FLUSH - 1) * 100:.0f}%"))
 
 
 def cpu_cell(c: Cells, t: str, image: str) -> tuple[str, bool | None]:
@@ -107,6 +137,41 @@ def dataplane_section(res: dict, c: Cells) -> list[str]:
             "see [benchmark-history.md](benchmark-history.md), \"The data plane serves qcow2 (issue 11, "
             "stage 2)\".", "",
             *probe_fraction(c, info)]
+
+
+def issue14_section(res: dict, c: Cells) -> list[str]:
+    """Issue 14's target table: allocating and write-through writes vs qsd, per cachefs qcow2 target,
+    with cachefs's fdatasyncs per flush beside the flush jobs."""
+    info = target_info(res)
+    cols = [t for t in c.targets if info[t]["kind"] == "cachefs" and info[t]["image"] == "qcow2"]
+    if not cols:
+        return []
+    rows, met, judged = [], {t: 0 for t in cols}, {t: 0 for t in cols}
+
+    def add(label: str, want: str, cells: list[str]) -> None:
+        for t, cell in zip(cols, cells):
+            judged[t] += "✓" in cell or "✗" in cell
+            met[t] += "✓" in cell
+        rows.append([label, want, *cells])
+
+    for g in GOALS14:
+        add(g.label, f"≥ {g.want:.1f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
+        if g.job.startswith("alloc-flush"):
+            add(f"… its fdatasyncs per guest flush (cachefs's own counters, `{g.job}`)",
+                f"≤ {SYNCS_PER_FLUSH:.1f}", [syncs_cell(c, g.job, t, info[t]["image"]) for t in cols])
+    tally = "; ".join(f"{t} {met[t]} of {judged[t]}" for t in cols if judged[t])
+    return ["## Targets (issue 14: allocating writes, write-through modes)", "",
+            "Ratios of medians (MB/s, the same ratio as IOPS) from this run, fresh images, each cachefs qcow2 "
+            "target against qsd. The writethrough and directsync rows compare with qsd's writethrough: its "
+            "export opened O_DSYNC by fio (`--sync=dsync`), with the mode's `cache.direct`; cachefs gets the "
+            "plain job and `--cache MODE`. Their writes are synchronous (`psync`; QD32 is 32 writers): "
+            "the kernel follows an O_DSYNC write to a FUSE file with a FUSE_FSYNC only when the write "
+            "completes in its call, never an O_DIRECT one from libaio. fdatasyncs per flush: cachefs's "
+            "`stats.backend_fdatasyncs` / `stats.guest_flushes` over the timed rounds (the flush at close "
+            "included), judged at the two decimals shown. ✓ met, ✗ missed, and by how much; not run: the "
+            "job was not in this run's JOBS.", "",
+            *table(["job", "target", *cols], rows), "",
+            f"Targets met: {tally or 'none judged'}.", ""]
 
 
 def probe_fraction(c: Cells, info: dict[str, dict]) -> list[str]:
@@ -178,4 +243,6 @@ def engine_cpu_rows(c: Cells, engines: list[str]) -> list[list[str]]:
 
 
 def targets_section(res: dict, c: Cells) -> list[str]:
-    return dataplane_section(res, c) if is_dataplane_run(res) else issue5_section(c)
+    if is_dataplane_run(res):
+        return dataplane_section(res, c) + issue14_section(res, c)
+    return issue5_section(c) + issue14_section(res, c)

@@ -82,6 +82,12 @@ def _flush(every: int) -> tuple[str, ...]:
     return ("--rw=randwrite", "--bs=4k", "--ioengine=psync", "--iodepth=1", f"--fdatasync={every}")
 
 
+def _sync_writers(n: int) -> tuple[str, ...]:
+    """4k random writes from n threads, each write synchronous (one fio job in the JSON: group_reporting)."""
+    return ("--rw=randwrite", "--bs=4k", "--ioengine=psync", "--iodepth=1",
+            *((f"--numjobs={n}", "--group_reporting") if n > 1 else ()))
+
+
 JOBS: tuple[Job, ...] = (
     # throughput, O_DIRECT (cachefs --cache none, qsd cache.direct=on,aio=native)
     Job("seq1m-read", "throughput", "1M sequential read, QD4", _aio("read", "1M", 4), prefill=True),
@@ -104,6 +110,21 @@ JOBS: tuple[Job, ...] = (
     # allocating writes with flushes on a fresh image (issue 4's alloc-flush16)
     Job("alloc-flush16", "flush", "4k random write, fdatasync every 16, fresh image, writeback",
         _flush(16), mode="writeback", flush_every=16),
+    # issue 14: a flush after every allocating write
+    Job("alloc-flush1", "flush", "4k random write, fdatasync after every write, fresh image, writeback",
+        _flush(1), mode="writeback", flush_every=1),
+    # issue 14: allocating writes in the write-through modes, against qsd's writethrough (MODE_OPTS:
+    # cachefs --cache MODE; qsd the mode's cache.direct, and fio --sync=dsync, an O_DSYNC open of its
+    # export). Synchronous writes (psync), QD32 as 32 writers: the kernel turns an O_DSYNC write on a
+    # FUSE file into a FUSE_FSYNC after it only when the write completes in the call (buffered, or
+    # O_DIRECT from psync). An O_DIRECT write from libaio or io_uring completes asynchronously and gets
+    # none (Linux 6.18: qsd made 2 fdatasyncs in 1886 libaio writes, 2072 in 1107 psync ones), so
+    # there qsd's directsync would not be write-through at all.
+    *(Job(f"{tag}-randwrite4k-qd{qd}", "write-through",
+          f"4k random write, {'QD1' if qd == 1 else f'QD{qd} ({qd} psync writers)'}, fresh image (allocating), "
+          f"{m}, {'O_DIRECT' if m == 'directsync' else 'buffered'}",
+          _sync_writers(qd), mode=m)
+      for tag, m in (("wt", "writethrough"), ("ds", "directsync")) for qd in (1, 32)),
     # seed 001: one flush-heavy job per cache mode (bench/cache_modes.sh)
     *(Job(f"cache-{m}", "cache-mode", f"4k random write, fdatasync every 8, cache={m}",
           _flush(8), mode=m, flush_every=8)

@@ -5,7 +5,7 @@
 
 Every cell is the median over the rounds of the runs that succeeded. Ratios compare
 medians of MB/s (for one job, MB/s and IOPS give the same ratio). The target tables
-(issue 11's, or issue 5's for older results) are in sidebyside_goals.py. The plots need
+(issues 11 and 14, or issue 5's for older results) are in sidebyside_goals.py. The plots need
 matplotlib (the `bench` extra); without it the report says so and has no plots.
 """
 
@@ -22,7 +22,9 @@ REFS = ("host", "qsd", "probe")  # the targets others are compared with
 GROUPS = {
     "throughput": "Throughput, O_DIRECT (cachefs `--cache none`; qsd `cache.direct=on,aio=native`)",
     "seed004": "Seed 004: O_DIRECT sequential at 16k, 64k, 256k, QD1 (iozone -I's table)",
-    "flush": "Allocating writes with flushes (issue 4), writeback",
+    "flush": "Allocating writes with flushes (issues 4 and 14), writeback",
+    "write-through": "Allocating writes in the write-through modes (issue 14): cachefs `--cache MODE`; qsd the "
+                     "mode's `cache.direct`, fio `--sync=dsync` (O_DSYNC); synchronous writes",
     "cache-mode": "Cache modes (seed 001): one flush-heavy job per mode",
     "memory": "Bounded memory: 4k random writes over the whole image",
 }
@@ -325,7 +327,7 @@ def method_section(c: Cells) -> list[str]:
         "their region (prefill, untimed), since a qcow2 read of unallocated space costs nothing.",
         "- **Like for like.** O_DIRECT jobs run cachefs in `--cache none` and qsd with "
         "`cache.direct=on,aio=native`; buffered jobs cachefs `--cache writeback` and qsd "
-        "`cache.direct=off,aio=threads`. The cache-mode jobs give qsd the mode's `cache.direct`/"
+        "`cache.direct=off,aio=threads`. The cache-mode and write-through jobs give qsd the mode's `cache.direct`/"
         "`cache.no-flush` on both nodes; qsd has no writethrough export, so for writethrough and "
         "directsync fio opens O_DSYNC (`--sync=dsync`) on host and qsd, while cachefs gets the plain "
         "job and its own mode. Buffered host results can exceed any disk: that is the page cache "
