@@ -273,6 +273,8 @@ class DataPlane:
     def alive(self) -> bool:
         return self._dp is not None
 
+    alloc_capacity = property(lambda self: native.lib.DP_SPARE)  # lent clusters one image holds at most
+
     def alloc_set(self, ino: int, on: bool, low_water: int) -> None:
         self._check(native.lib.dp_alloc_set(self._dp, ino, int(on), low_water))
 

@@ -17,8 +17,9 @@ back:
   the metadata queue (so every flush covers what C allocated before it), and
   when C wakes us with the log half full.
 - **refilling** (:meth:`refill`): when C runs low between flushes (a guest
-  that writes and never flushes), a metadata-queue run reserves more and
-  makes the raise durable, one fdatasync, and lends the new clusters.
+  that writes and never flushes), Python reserves more and lends it at once,
+  without a sync: the L2 entries adopted for those clusters wait for their
+  refcount blocks (invariant 1), so the next flush takes a second round.
 
 C allocates only while :attr:`allowed`: the image is writable and not
 compress-on-write, and no write-through handle is published (dpmap.py,
@@ -29,8 +30,6 @@ and the new mapping is not until Python's sync).
 from __future__ import annotations
 
 import logging
-
-from cachefs import native
 
 log = logging.getLogger("cachefs.dataplane")
 
@@ -56,6 +55,7 @@ class FastAllocations:
         self.refills = 0
         self._since_refill = 0  # C's allocations adopted since the last refill: sizes the next
         self.low_water = 4  # C wakes us when it holds this few lent clusters
+        self.capacity = plane.alloc_capacity  # lent clusters C holds at most
         image.lender = self
 
     # ------------------------------------------------------------ C's state
@@ -115,7 +115,7 @@ class FastAllocations:
         if not self.allowed:
             return
         spares, _ = self.status()
-        room = native.lib.DP_SPARE - spares
+        room = self.capacity - spares
         keep = 4
         clusters = self.refs.lend(min(room, len(self.refs.reservation) - keep)) if room > 0 else []
         if not clusters:
@@ -132,24 +132,23 @@ class FastAllocations:
         self.refs.unlend([h >> self.cb for h in hosts])
 
     async def refill(self) -> None:
-        """C woke us: adopt its log, and when its lent clusters run low, reserve more now (one
-        metadata-queue run, one fdatasync) and lend them."""
+        """C woke us: adopt its log, and when its lent clusters run low, reserve more and lend
+        them (MetaQueue.refill: no sync now; the next flush makes the raise durable)."""
         img = self.image
         if not img.writable:
             return
         spares, logged = self.status()
-        low = self.allowed and spares <= self.low_water
-        if not low and not logged:
+        if not logged and not (self.allowed and spares <= self.low_water):
             return
         async with img.backends.in_use(), img.write_lock:
             be = img.backends.batch(img.mode)
-            if low and self.allowed and self.status()[0] <= self.low_water:
+            await img._adopt(be)
+            if self.allowed and self.status()[0] <= self.low_water:
                 count = max(MIN_REFILL_BYTES >> self.cb, 2 * self._since_refill)
                 self._since_refill = 0
                 self.refills += 1
-                await img._run_queue(be, img.queue.refill(min(count, native.lib.DP_SPARE)))
-            else:
-                await img._adopt(be)
+                await img.refill_reservation(be, min(count, self.capacity))
+                self.top_up()
 
     def stats(self) -> dict:
         spares, logged = self.status() if self.plane.alive else (0, 0)

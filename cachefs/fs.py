@@ -422,6 +422,9 @@ class CachefsOperations(pyfuse3.Operations):
         if not key.startswith(XATTR_PREFIX):
             # The data plane gives this answer itself (dp_loop.c dp_foreign_xattr): keep them alike.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if inode != pyfuse3.ROOT_INODE and key.startswith(XATTR_PREFIX + "stats."):
+            # What the data plane allocated counts as allocated (dpalloc.py): adopted first.
+            await self._image(inode).adopt_fast_allocations()
         value = self._xattrs(inode).get(key[len(XATTR_PREFIX):])
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

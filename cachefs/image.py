@@ -342,6 +342,9 @@ class Image:
         return await sparse.seek(self, offset, data=False)
 
     # Format hooks.
+    async def adopt_fast_allocations(self, be=None) -> None:
+        """What the data plane allocated becomes this image's metadata (qcow2 only, dpalloc.py)."""
+
     async def _read(self, be, offset: int, length: int) -> bytes:
         raise NotImplementedError
 

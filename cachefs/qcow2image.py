@@ -242,6 +242,12 @@ class Qcow2Image(Image):
             self._remap_ticket = self.commits.ticket()  # not durable until the next flush
             self._zcache = None
 
+    async def refill_reservation(self, be, count: int) -> None:
+        """Caller holds write_lock: ``count`` more reserved clusters, for the data plane to
+        allocate into (dpalloc.py; MetaQueue.refill: no sync)."""
+        be = self.backends.batch(be.mode)
+        await self._core(self.queue.refill(count), be, _QueueIO(self, be))
+
     async def adopt_fast_allocations(self, be=None) -> None:
         """Before Python reads a mapping (a read, lseek): what C allocated is adopted."""
         if self.lender is not None and self.lender.logged():

@@ -267,13 +267,16 @@ class MetaQueue:
         yield from self.make_durable()
 
     def refill(self, count: int):
-        """Generator: reserve ``count`` more clusters now and make everything durable: the data
-        plane ran short of lent clusters between guest flushes (dpalloc.py). One sync, as a flush."""
+        """Generator: reserve ``count`` more clusters now, without a sync: the data plane ran
+        short of lent clusters between guest flushes (dpalloc.py). The file grows over them (a
+        hole) before anything may point at them; their raise becomes durable with the next
+        flush, which writes the refcount blocks a round before the L2 entries that wait for them
+        (Refcounts.counted): an extra sync for that flush only, as an allocation outside the
+        reservation costs."""
         if self.overlap.writable:
             yield from self.reserve(len(self.refs.reservation) + len(self.refs.lent) + count)
         if self.min_file_size:
             yield TruncateRequest(self.min_file_size, grow=True)
-        yield from self.make_durable()
 
     def close(self):
         """Generator: a clean close. Give the reservation back, trim the file, write everything."""

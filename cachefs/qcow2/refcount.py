@@ -244,16 +244,19 @@ class Refcounts:
         return Allocation(cluster, block, False)
 
     def lend(self, count: int) -> list[int]:
-        """Up to ``count`` reserved clusters whose raise is durable, for the data plane to
-        allocate into (issue 14). They may be written from now on, so written_high covers them."""
+        """Up to ``count`` reserved clusters for the data plane to allocate into (issue 14). They
+        may be written from now on, so written_high covers them. A cluster whose raise is not
+        durable yet stays in ``_raising``: the L2 entry adopted for it waits for its block
+        (counted), as any allocation's; the next synced writeout makes it durable."""
         out: list[int] = []
-        while self.reservation and len(out) < count and self.reservation[0] not in self._raising:
+        while self.reservation and len(out) < count:
             cluster = self.reservation.popleft()
-            self._counted_durable.add(cluster)
+            if cluster not in self._raising:
+                self._counted_durable.add(cluster)
             self.lent.add(cluster)
             out.append(cluster)
         if out:
-            self.note_written((out[-1] + 1) * self.cs)
+            self.note_written((max(out) + 1) * self.cs)
         return out
 
     def unlend(self, clusters: list[int]) -> None:
@@ -267,10 +270,11 @@ class Refcounts:
             self.reservation = collections.deque(sorted(self.reservation))
 
     def adopted(self, cluster: int) -> None:
-        """The data plane allocated a lent cluster; an L2 entry points at it now."""
+        """The data plane allocated a lent cluster; an L2 entry points at it now (then ``counted``)."""
         if cluster not in self.lent:
             raise CorruptImage(f"the data plane allocated cluster {cluster}, which was not lent to it")
         self.lent.discard(cluster)
+        self._raising.discard(cluster)
 
     def reserve(self, count: int):
         """Generator: top the reservation up to ``count`` fresh clusters past the end.
@@ -288,6 +292,7 @@ class Refcounts:
     def reserve_durable(self) -> None:
         """Everything written so far is durable (a writeout synced all of it): so is every
         reserved cluster's raise, with the block and reftable entry that make it reachable."""
+        self._counted_durable.update(self._raising & self.lent)  # lent before their raise was durable
         self._raising.clear()
 
     def release_reservation(self):
