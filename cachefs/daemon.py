@@ -422,6 +422,7 @@ async def _run_until_unmounted(ops, plane=None) -> bool:
             nursery.start_soon(plane.serve, pyfuse3.terminate)
             nursery.start_soon(PyServed(plane, ops).serve)  # fallocate and lseek (pyfuse3 has neither)
             nursery.start_soon(ops.fast.serve_allocations)  # lent clusters for C's allocating writes
+            nursery.start_soon(ops.fast.serve_syncs)  # write-through writes C parked for a sync
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped

@@ -137,6 +137,7 @@ class DataPlane:
         self.lost = False  # the kernel ended the connection (unmount)
         self._status_buf = ffi.new("uint64_t[2]")
         self.on_alloc_wake = None  # FastPaths: C's lent clusters run low or its log fills
+        self.on_sync_wake = None  # FastPaths: write-through writes wait for a sync (dp_park.c)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -160,6 +161,8 @@ class DataPlane:
             changed.set()
             if lib.dp_alloc_woken(self._dp) and self.on_alloc_wake is not None:
                 self.on_alloc_wake()
+            if lib.dp_sync_woken(self._dp) and self.on_sync_wake is not None:
+                self.on_sync_wake()
             state = self.state()
             if state & lib.DP_ST_DEAD and not self.lost:
                 self.lost = True
@@ -232,9 +235,12 @@ class DataPlane:
         """Memory C holds for the image's published mapping."""
         return native.lib.dp_image_map_bytes(self._dp, ino) if self._dp is not None else 0
 
-    def publish_handle(self, fh: int, ino: int, fd: int, *, direct: bool, fast_write: bool, sync: bool) -> None:
+    def publish_handle(self, fh: int, ino: int, fd: int, *, direct: bool, fast_write: bool, sync: bool,
+                       batch_fd: int = -1) -> None:
+        """``batch_fd``: a write-through handle's twin without O_DSYNC, for the writes that wait for a
+        sync anyway (an allocating write, dp_park.c); -1: none."""
         self._check(native.lib.dp_handle_publish(self._dp, fh, ino, fd, ALIGN if direct else 1, int(fast_write),
-                                                 int(sync)))
+                                                 int(sync), batch_fd))
 
     def unpublish_handle(self, fh: int) -> int:
         """The handle's next request is forwarded; returns a drain ticket."""
@@ -304,6 +310,14 @@ class DataPlane:
 
     def alloc_unclaim(self, ino: int, claim: int) -> None:
         native.lib.dp_alloc_unclaim(self._dp, ino, claim)
+
+    def sync_ticket(self, ino: int) -> int:
+        """The image's last parked write-through write (0: none waits); a sync started now covers it."""
+        return native.lib.dp_sync_ticket(self._dp, ino)
+
+    def sync_release(self, ino: int, ticket: int, err: int) -> None:
+        """The sync for ``ticket`` ended with ``err`` (0 or -errno): C answers those writes."""
+        native.lib.dp_sync_release(self._dp, ino, ticket, err)
 
     def alloc_status(self, ino: int) -> tuple[int, int]:
         out = self._status_buf
@@ -382,6 +396,8 @@ class FastPaths:
         self.allocations: dict[int, FastAllocations] = {}  # and their allocation in C (dpalloc.py)
         self._alloc_wake = trio.Event()
         plane.on_alloc_wake = self._alloc_wake.set
+        self._sync_wake = trio.Event()
+        plane.on_sync_wake = self._sync_wake.set
         self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
 
@@ -450,9 +466,8 @@ class FastPaths:
         kinds = {p.handle.direct_io for _, p in mine}
         mixed = len(kinds) == 2  # a cached and a direct handle: Python must see the direct writes
         plan = [(fh, p, self._may_write(p, mixed)) for fh, p in mine]
-        write_through = any(w and p.handle.mode.write_through for _, p, w in plan)
-        self._hold_for_write_through(inode, write_through)
-        self._allow_allocation(inode, not write_through and any(w for _, _, w in plan))
+        self._hold_for_write_through(inode, any(w and p.handle.mode.write_through for _, p, w in plan))
+        self._allow_allocation(inode, any(w for _, _, w in plan))
         withdrawn = False
         for fh, p, fast_write in plan:
             image, mode = p.handle.image, p.handle.mode
@@ -460,8 +475,11 @@ class FastPaths:
             withdrawn |= p.fast_write and not fast_write
             self._charge(fh, p)
             p.fast_write, p.mode = fast_write, mode
+            # Write-through allocates in C through the twin without O_DSYNC; the write is answered
+            # after Python's one sync (dp_park.c, FastAllocations.sync_parked).
+            batch = image.backends.batch(mode) if fast_write and mode.write_through and inode in self.allocations else None
             self.plane.publish_handle(fh, inode, be.fd, direct=be.direct, fast_write=fast_write,
-                                      sync=mode.write_through)
+                                      sync=mode.write_through, batch_fd=batch.fd if batch is not None else -1)
             log.debug("fh %d of inode %d: fd %d (%s)%s", fh, inode, be.fd, mode.name, "" if fast_write else ", reads")
         if withdrawn:
             await self.plane.drain(self.plane.ticket())
@@ -503,6 +521,15 @@ class FastPaths:
                     await allocs.refill()
                 except OSError as exc:  # the image's own error paths report it; the next wake retries
                     log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
+
+    async def serve_syncs(self) -> None:
+        """For the mount's life: write-through writes C parked get their sync (group commit)."""
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake = trio.Event()
+            self.plane.on_sync_wake = self._sync_wake.set
+            for allocs in list(self.allocations.values()):
+                await allocs.sync_parked()
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):
@@ -601,6 +628,15 @@ class NoFastPaths:
                     await allocs.refill()
                 except OSError as exc:  # the image's own error paths report it; the next wake retries
                     log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
+
+    async def serve_syncs(self) -> None:
+        """For the mount's life: write-through writes C parked get their sync (group commit)."""
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake = trio.Event()
+            self.plane.on_sync_wake = self._sync_wake.set
+            for allocs in list(self.allocations.values()):
+                await allocs.sync_parked()
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):

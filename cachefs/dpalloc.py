@@ -21,14 +21,17 @@ back:
   without a sync: the L2 entries adopted for those clusters wait for their
   refcount blocks (invariant 1), so the next flush takes a second round.
 
-C allocates only while :attr:`allowed`: the image is writable and not
-compress-on-write, and no write-through handle is published (dpmap.py,
-"Durable before writable": C acknowledges a write-through write as durable,
-and the new mapping is not until Python's sync).
+C allocates only while :attr:`allowed`: the image has fast writes, is
+writable and not compress-on-write. A write-through handle (writethrough,
+directsync) allocates through its twin descriptor without O_DSYNC, and C
+answers such a write only after Python's next flush made its data and its
+new L2 entry durable (dp_park.c, :meth:`sync_parked`): one fdatasync per
+write at most, shared by every write parked meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 log = logging.getLogger("cachefs.dataplane")
@@ -53,6 +56,7 @@ class FastAllocations:
         self.lent = 0      # counters, for stats and tests
         self.adopted = 0
         self.refills = 0
+        self.parked_syncs = 0  # flushes run for write-through writes C parked
         self._since_refill = 0  # C's allocations adopted since the last refill: sizes the next
         self.low_water = 4  # C wakes us when it holds this few lent clusters
         self.capacity = plane.alloc_capacity  # lent clusters C holds at most
@@ -150,7 +154,20 @@ class FastAllocations:
                 await img.refill_reservation(be, min(count, self.capacity))
                 self.top_up()
 
+    async def sync_parked(self) -> None:
+        """Write-through writes C parked (dp_park.c): one flush covers every write parked before it
+        started, data and new mappings (group commit); C then answers them with its result."""
+        while ticket := self.plane.sync_ticket(self.inode):
+            err = 0
+            try:
+                await self.image.sync_for_plane()
+            except OSError as exc:
+                err = -(exc.errno or errno.EIO)
+            self.plane.sync_release(self.inode, ticket, err)
+            self.parked_syncs += 1
+
     def stats(self) -> dict:
         spares, logged = self.status() if self.plane.alive else (0, 0)
         return {"fast_allocations_lent": self.lent, "fast_allocations_adopted": self.adopted,
-                "fast_lent_clusters": spares, "fast_alloc_log": logged, "fast_refills": self.refills}
+                "fast_lent_clusters": spares, "fast_alloc_log": logged, "fast_refills": self.refills,
+                "fast_parked_syncs": self.parked_syncs}

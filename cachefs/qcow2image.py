@@ -248,6 +248,12 @@ class Qcow2Image(Image):
         be = self.backends.batch(be.mode)
         await self._core(self.queue.refill(count), be, _QueueIO(self, be))
 
+    async def sync_for_plane(self) -> None:
+        """Write-through writes the data plane parked (dp_park.c): their data and new mappings
+        durable, in one flush shared with every other flush and write-through write."""
+        async with self.backends.in_use():
+            await self._shared_flush(self.backends.batch(self._concrete(None)), reserve=True)
+
     async def adopt_fast_allocations(self, be=None) -> None:
         """Before Python reads a mapping (a read, lseek): what C allocated is adopted."""
         if self.lender is not None and self.lender.logged():

@@ -371,6 +371,7 @@ _DP_CDEF = """
     struct dp { ...; };
     static const int DP_MAP_ABSENT, DP_MAP_WRITABLE, DP_MAP_READONLY, DP_MAP_ZERO;
     #define DP_MAP_ALLOC ...
+    #define DP_MAP_UNSYNCED ...
     #define DP_SPARE ...
     #define DP_ALOG ...
     #define DP_NCLAIM ...
@@ -380,7 +381,7 @@ _DP_CDEF = """
     static const int DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS;
     static const int DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N;
     static const int DP_STOP_READING, DP_QUIT;
-    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED, DP_ST_ALLOC;
+    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED, DP_ST_ALLOC, DP_ST_SYNC;
 
     int dp_built(void);
     int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
@@ -400,7 +401,7 @@ _DP_CDEF = """
     int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
     uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino);
     int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
-                          int sync);
+                          int sync, int batch_fd);
     int dp_handle_unpublish(struct dp *dp, uint64_t fh);
     int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n);
     static const int DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N;
@@ -420,6 +421,9 @@ _DP_CDEF = """
     int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
     int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);
     int dp_alloc_woken(struct dp *dp);
+    int dp_sync_woken(struct dp *dp);
+    uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino);
+    int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err);
     int dp_pyq_fd(struct dp *dp);
     int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max);
     int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset);
@@ -442,7 +446,7 @@ def make_ffibuilder() -> FFI:
 
 
 if have_liburing():
-    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_pyq.c"\n',
+    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_park.c"\n#include "dp_pyq.c"\n',
             libraries=("uring", "pthread"))
 else:
     section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')

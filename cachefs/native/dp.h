@@ -59,6 +59,8 @@ struct dp_alloc {
     uint32_t low_water;        /* wake Python when the lent clusters fall to this */
     int on;                    /* Python allows it: no write-through handle, not compress-on-write */
     int wake_sent;             /* DP_ST_ALLOC posted for this image and not yet answered */
+    uint64_t park_seq;         /* write-through writes parked so far (dp_park.c), numbered */
+    uint64_t released;         /* ... and answered up to this number */
 };
 
 struct dp_image {
@@ -80,6 +82,7 @@ struct dp_handle {
     unsigned align;            /* O_DIRECT: offsets and sizes must be multiples; else 1 */
     int fast_write;            /* off while a cached and a direct handle share the inode */
     int sync;                  /* O_DSYNC: a completed write is durable, no fdatasync owed */
+    int batch_fd;              /* write-through: the twin without O_DSYNC for writes a sync follows, or -1 */
     uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
 };
 
@@ -96,6 +99,9 @@ struct dp_slot {
     int alloc_short;           /* an allocation was refused: no lent cluster or no log room */
     uint64_t alloc_cl[DP_MAXALLOC];
     int write, pieces_left, npieces, err, fd, sync;
+    int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */
+    int defer;                 /* write-through onto such a mapping: answer after Python's sync (dp_park.c) */
+    uint64_t park_seq;
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];
     struct dp_slot *next;      /* free list or send queue */
@@ -132,6 +138,9 @@ struct dp {
     int drain_waiters;         /* atomic: Python waits for completions */
     uint64_t g[DP_G_N];
     struct dp_pyq *pyq;        /* FALLOCATE and LSEEK, served by Python (dp_loop.c) */
+    struct dp_slot *parked;    /* write-through writes done, waiting for Python's sync (under lock) */
+    struct dp_slot *released;  /* ... whose sync ended: the loop answers them (under lock) */
+    int nparked;               /* parked + released (under lock) */
 };
 
 /* dp_table.c */

@@ -13,6 +13,9 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
 /* A flag on a DP_MAP_ZERO entry with no host cluster (unallocated, or the zero flag alone): a
  * WRITE there may take a lent cluster (dp_alloc.c, issue 14). */
 #define DP_MAP_ALLOC 4
+/* A flag on a DP_MAP_WRITABLE entry whose mapping may not be durable yet (C allocated it): a
+ * write-through write there is answered only after Python's next sync (dp_park.c). */
+#define DP_MAP_UNSYNCED 8
 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
@@ -26,7 +29,8 @@ enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATION
 /* What Python asks (dp_request) and what the loop tells (dp_state). */
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
 enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
-       DP_ST_ALLOC = 32 /* an image's lent clusters run low or its allocation log fills: dp_alloc_woken */ };
+       DP_ST_ALLOC = 32, /* an image's lent clusters run low or its allocation log fills: dp_alloc_woken */
+       DP_ST_SYNC = 64 /* write-through writes wait for a sync: dp_sync_woken, dp_sync_ticket */ };
 
 /* Allocation in C (dp_alloc.c): lent clusters per image, log records, claims. */
 #define DP_SPARE 8192          /* lent host clusters an image holds at most */

@@ -15,8 +15,9 @@
  * at worst. Once the entry is on disk it points at a counted cluster whose bytes are the guest's
  * or zeros, which is what the unallocated cluster read as. A partial first write needs no COW.
  *
- * Only handles whose writes are not O_DSYNC allocate (writeback, none, unsafe): a write-through
- * write is acknowledged as durable, and its new mapping is not durable until Python's sync.
+ * A write-through handle (writethrough, directsync) allocates too, if Python gave it the twin
+ * descriptor without O_DSYNC: its write is acknowledged as durable, so it waits for Python's sync
+ * of the new mapping (dp_park.c). Such entries carry DP_MAP_UNSYNCED until Python republishes them.
  *
  * Everything here runs under dp->lock: planning and committing in the loop thread, the
  * dp_alloc_* calls from Python.
@@ -38,7 +39,7 @@ static int dp_alloc_claimed(const struct dp_alloc *a, uint64_t cl) {
 int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cl, struct dp_slot *s,
                  uint64_t *host) {
     const struct dp_alloc *a = &im->alloc;
-    if (!a->on || h->sync || s->nalloc == DP_MAXALLOC || dp_alloc_claimed(a, cl))
+    if (!a->on || (h->sync && h->batch_fd < 0) || s->nalloc == DP_MAXALLOC || dp_alloc_claimed(a, cl))
         return 0;
     if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + s->nalloc >= DP_ALOG) {
         s->alloc_short = 1;
@@ -59,7 +60,7 @@ int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take) {
         a->spare_head = (a->spare_head + 1) % DP_SPARE;
         a->spare_count--;
         /* The chunk exists: the entry was published as allocatable. */
-        dp_set_entry(im, s->alloc_cl[i], host | DP_MAP_WRITABLE);
+        dp_set_entry(im, s->alloc_cl[i], host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED);
         a->log[a->log_count++] = (struct dp_logrec){ s->alloc_cl[i], host };
     }
     if (take)
@@ -77,7 +78,8 @@ void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count) {
     const struct dp_alloc *a = &im->alloc;
     for (uint32_t i = 0; i < a->log_count; i++)
         if (a->log[i].guest >= first && a->log[i].guest - first < count)
-            dp_set_entry(im, a->log[i].guest, a->log[i].host | (a->on ? DP_MAP_WRITABLE : DP_MAP_READONLY));
+            dp_set_entry(im, a->log[i].guest,
+                         a->log[i].host | (a->on ? DP_MAP_WRITABLE | DP_MAP_UNSYNCED : DP_MAP_READONLY));
 }
 
 void dp_alloc_free(struct dp_image *im) {

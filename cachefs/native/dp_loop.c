@@ -36,6 +36,12 @@ enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE };
 #define UNTAG(ud) ((ud) & ((1ull << 56) - 1))
 
 static void dp_finish(struct dp *dp, struct dp_slot *s);
+static void dp_answer(struct dp *dp, struct dp_slot *s);
+/* dp_park.c (write-through writes that wait for Python's sync), built after this file. */
+static void dp_park(struct dp *dp, struct dp_slot *s);
+static void dp_answer_released(struct dp *dp);
+static void dp_fail_parked(struct dp *dp);
+static int dp_parked(struct dp *dp);
 /* dp_pyq.c (FALLOCATE and LSEEK, served by Python), built in this translation unit after this file. */
 static int dp_pyq_init(struct dp *dp);
 static int dp_pyq_serve(struct dp *dp, struct dp_slot *s);
@@ -112,8 +118,11 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
         h->c[DP_H_BYTES_READ + write] += write ? in->size : s->reply_len;
         s->seq = ++dp->seq;
         s->img = h->img;
-        s->fd = h->fd;
-        s->sync = h->sync;
+        /* Write-through onto a mapping that is not durable: through the twin without O_DSYNC,
+         * answered after Python's sync (dp_park.c). */
+        s->defer = write && h->sync && s->unsynced;
+        s->fd = s->defer && h->batch_fd >= 0 ? h->batch_fd : h->fd;
+        s->sync = s->defer && h->batch_fd >= 0 ? 0 : h->sync;
         s->write = write;
         __atomic_store_n(&s->active, 1, __ATOMIC_RELEASE);
     }
@@ -156,13 +165,24 @@ static void dp_piece_done(struct dp *dp, struct dp_slot *s, int i, int res) {
         dp_finish(dp, s);
 }
 
-/* The last piece is done: count, answer, free. */
+/* The last piece is done: answer (or park until Python's sync), free. */
 static void dp_finish(struct dp *dp, struct dp_slot *s) {
+    if (s->write && !s->sync)
+        dp_count(&s->img->c[DP_C_UNSYNCED_WRITES], 1);  /* before the reply: the next flush must see it */
+    __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
+    dp->active--;
+    dp->completed = 1;
+    if (s->defer && !s->err)
+        dp_park(dp, s);
+    else
+        dp_answer(dp, s);
+}
+
+/* Count, answer, free. */
+static void dp_answer(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     uint64_t *c = s->img->c;
     uint32_t size = ((const struct fuse_read_in *)(ih + 1))->size;
-    if (s->write && !s->sync)
-        dp_count(&c[DP_C_UNSYNCED_WRITES], 1);  /* before the reply: the next flush must see it */
     if (s->err) {
         dp_count(&c[DP_C_ERRORS], 1);
         dp_reply(dp, ih->unique, s->err, NULL, 0);
@@ -176,9 +196,6 @@ static void dp_finish(struct dp *dp, struct dp_slot *s) {
         dp_count(&c[DP_C_BYTES_READ], s->reply_len);
         dp_reply(dp, ih->unique, 0, s->data, s->reply_len);
     }
-    __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
-    dp->active--;
-    dp->completed = 1;
     dp_free_slot(dp, s);
 }
 
@@ -482,9 +499,12 @@ static int dp_control(struct dp *dp) {
     unsigned req = __atomic_load_n(&dp->requests, __ATOMIC_ACQUIRE);
     if ((req & (DP_STOP_READING | DP_QUIT)) || dp->dead || dp->sock_eof)
         dp->reading = 0;
+    dp_answer_released(dp);
+    if (req & DP_QUIT)
+        dp_fail_parked(dp);  /* pyfuse3's loop is over: no sync will release them */
     if (dp->active == 0 && dp->dead)
         dp_post(dp, DP_ST_DEAD);
-    if (dp->active == 0 && !dp->reading)
+    if (dp->active == 0 && !dp->reading && !dp_parked(dp))
         dp_post(dp, DP_ST_STOPPED);
     if (dp->completed && __atomic_load_n(&dp->drain_waiters, __ATOMIC_ACQUIRE))
         dp_post(dp, 0);

@@ -22,7 +22,7 @@ int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count,
 int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
 uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) { return 0; }
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
-                      int sync) { return -ENOSYS; }
+                      int sync, int batch_fd) { return -ENOSYS; }
 int dp_handle_unpublish(struct dp *dp, uint64_t fh) { return -ENOSYS; }
 int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n) { return -ENOSYS; }
 int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
@@ -41,3 +41,6 @@ int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) 
 int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id) { return -ENOSYS; }
 int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out) { return -ENOSYS; }
 int dp_alloc_woken(struct dp *dp) { return 0; }
+int dp_sync_woken(struct dp *dp) { return 0; }
+uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino) { return 0; }
+int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err) { return -ENOSYS; }

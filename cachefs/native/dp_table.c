@@ -167,10 +167,11 @@ static int dp_plan_mapped(const struct dp_image *im, const struct dp_handle *h, 
         if (write && st != DP_MAP_WRITABLE) {
             if (!DP_MAP_CAN_ALLOC(e) || !dp_alloc_may(im, h, pos >> im->cluster_bits, s, &host))
                 return 1;
-            e = host | DP_MAP_WRITABLE;
+            e = host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED;
         } else if (st == DP_MAP_ABSENT) {
             return 1;
         }
+        s->unsynced |= write && (e & DP_MAP_UNSYNCED);
         if (DP_MAP_STATE(e) == DP_MAP_ZERO)
             memset(s->data + done, 0, n);
         else if (dp_add_piece(s, DP_MAP_HOST(e) + in, done, n))
@@ -187,6 +188,7 @@ int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uin
     s->npieces = 0;
     s->nalloc = 0;
     s->alloc_short = 0;
+    s->unsynced = 0;
     if (size == 0 || size > DP_DATA - 4096 || (write && !h->fast_write))
         return 1;
     /* O_DIRECT needs the offset, the length and the memory aligned; the memory is (the slot's
@@ -387,7 +389,7 @@ uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) {
 
 /* Publish (or update) a handle: its requests may be served here from now on. */
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
-                      int sync) {
+                      int sync, int batch_fd) {
     if (fd < 0 || align == 0 || (align & (align - 1)) || align > 4096)
         return -EINVAL;  /* the slot buffers are page aligned: nothing stricter can be served */
     int rc = 0;
@@ -401,7 +403,8 @@ int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned
         rc = rc < 0 ? rc : -ENOMEM;
     } else {
         struct dp_handle was = *h;
-        *h = (struct dp_handle){ .img = im, .fd = fd, .align = align, .fast_write = fast_write, .sync = sync };
+        *h = (struct dp_handle){ .img = im, .fd = fd, .align = align, .fast_write = fast_write, .sync = sync,
+                                 .batch_fd = batch_fd };
         memcpy(h->c, was.c, sizeof h->c);
     }
     pthread_mutex_unlock(&dp->lock);

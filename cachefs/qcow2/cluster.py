@@ -219,7 +219,7 @@ class ClusterMap:
         if self.subscribers and report:
             self._report(MappingChange(vcluster, 1, Mapping.of(old_entry, self.cb), Mapping.of(new_entry, self.cb)))
         table.entries[index] = new_entry
-        table.touch(*deps)
+        table.touch(*deps, index=index)
         self.cache.put(table)
         if old_entry & fmt.L2_COMPRESSED:
             dropped = list(fmt.decode_compressed(old_entry, self.cb).host_clusters(self.cb))

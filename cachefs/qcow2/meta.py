@@ -66,9 +66,19 @@ class MetaItem:
         return -1, b""
 
 
+#: The unit a changed table is written in: a page, so an O_DIRECT backend writes it without
+#: reading first, and a write-through write rewrites 4 KiB of its L2 table, not a cluster.
+WRITE_UNIT = 4096
+
+
 @attrs.define(eq=False)
 class Table(MetaItem):
-    """An L2 table or a refcount block: one cluster of entries."""
+    """An L2 table or a refcount block: one cluster of entries.
+
+    Only the pages whose entries changed since the table was last written are
+    written again (``touch(index=...)``), unless the table is new (its cluster
+    on disk holds nothing of it yet) or changed as a whole.
+    """
 
     offset: int = 0
     entries: list = attrs.field(factory=list, repr=False)
@@ -77,14 +87,45 @@ class Table(MetaItem):
     # An L2 table: the L1 index that points at it, so its guest clusters are
     # [l1_index * entries, ...). -1 for refcount blocks.
     l1_index: int = -1
+    # What differs from the table's bytes on disk: everything (a table made here), or the
+    # entries [dirty_lo, dirty_hi). A table read from disk starts equal to it.
+    whole: bool = True
+    dirty_lo: int = 0
+    dirty_hi: int = 0
 
-    def encode(self) -> bytes:
+    def __attrs_post_init__(self) -> None:
+        if self.state is State.CLEAN and not self.new:
+            self.whole = False
+
+    def touch(self, *deps: MetaItem, index: int | None = None) -> None:
+        """Dirty after ``deps``; ``index``: the one entry that changed (else all of them may have)."""
+        if index is None:
+            self.whole = True
+        elif self.dirty_hi <= self.dirty_lo:
+            self.dirty_lo, self.dirty_hi = index, index + 1
+        else:
+            self.dirty_lo, self.dirty_hi = min(self.dirty_lo, index), max(self.dirty_hi, index + 1)
+        super().touch(*deps)
+
+    def encode(self, lo: int = 0, hi: int | None = None) -> bytes:
+        entries = self.entries if lo == 0 and hi is None else self.entries[lo:hi]
         if self.kind == "refblock":
-            return fmt.RefcountBlock.encode(self.entries, self.order)
-        return fmt.encode_table(self.entries)
+            return fmt.RefcountBlock.encode(entries, self.order)
+        return fmt.encode_table(entries)
 
     def placed(self) -> tuple[int, bytes]:
-        return self.offset, self.encode()
+        bits = (1 << self.order) if self.kind == "refblock" else 64
+        per_unit = WRITE_UNIT * 8 // bits
+        if self.whole or self.new or len(self.entries) <= per_unit or self.dirty_hi <= self.dirty_lo:
+            return self.offset, self.encode()
+        lo = self.dirty_lo // per_unit * per_unit
+        hi = min(len(self.entries), -(-self.dirty_hi // per_unit) * per_unit)
+        return self.offset + lo * bits // 8, self.encode(lo, hi)
+
+    def written(self) -> None:
+        """Its bytes are on disk (not yet synced): nothing differs any more."""
+        self.whole = False
+        self.dirty_lo = self.dirty_hi = 0
 
 
 @attrs.define(eq=False)

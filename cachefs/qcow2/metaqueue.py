@@ -163,6 +163,8 @@ class MetaQueue:
         for item, offset, payload in batch:
             item.state = State.WRITTEN
             item.deps.clear()
+            if isinstance(item, Table):
+                item.written()
             self._awaiting_sync.append(item)
             if payload:
                 self.refs.note_written(offset + len(payload))

@@ -208,7 +208,7 @@ class Refcounts:
         if not 0 <= new <= self.max_refcount:
             raise CorruptImage(f"refcount of cluster {cluster} would become {new}")
         block.entries[idx] = new
-        block.touch()
+        block.touch(index=idx)
         self.cache.put(block)  # re-insert in case it was evicted while clean
         if new == 0:
             self.free_hint = min(self.free_hint, cluster)
