@@ -130,6 +130,12 @@ class FastAllocations:
         self.lent += given
         self._set()  # the low-water mark follows what C holds
 
+    def python_allocated(self) -> None:
+        """Python allocated a cluster (a write C forwarded, maybe for want of lent clusters): if C
+        runs low, refill now that this write has taken what it needed."""
+        if self.allowed and self.plane.on_alloc_wake is not None and self.status()[0] <= self.low_water:
+            self.plane.on_alloc_wake()
+
     def take_back(self) -> None:
         """C's unused lent clusters return to the reservation (a clean close releases it)."""
         hosts = self.plane.alloc_take_spares(self.inode)

@@ -270,6 +270,8 @@ class Qcow2Image(Image):
                 return
             await self._core(eng.commit(plan), be)
             self._zcache = None
+            if self.lender is not None and any(u.new_cluster is not None for u in plan.updates):
+                self.lender.python_allocated()
             if eng.cache.over_budget:
                 await self._run_queue(be, self.queue.writeout_early())
 

@@ -96,7 +96,6 @@ struct dp_slot {
     uint64_t seq;              /* dispatch number, for drain tickets; valid while active */
     int active;                /* a fast request whose backend I/O has not completed */
     int nalloc;                /* clusters the plan allocates (dp_alloc_commit), in plan order */
-    int alloc_short;           /* an allocation was refused: no lent cluster or no log room */
     uint64_t alloc_cl[DP_MAXALLOC];
     int write, pieces_left, npieces, err, fd, sync;
     int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */

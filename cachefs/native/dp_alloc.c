@@ -41,18 +41,17 @@ int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t 
     const struct dp_alloc *a = &im->alloc;
     if (!a->on || (h->sync && h->batch_fd < 0) || s->nalloc == DP_MAXALLOC || dp_alloc_claimed(a, cl))
         return 0;
-    if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + s->nalloc >= DP_ALOG) {
-        s->alloc_short = 1;
-        return 0;
-    }
+    if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + s->nalloc >= DP_ALOG)
+        return 0;  /* forwarded: Python allocates it, then refills (dpalloc.py) */
     *host = a->spare[(a->spare_head + s->nalloc) % DP_SPARE];
     s->alloc_cl[s->nalloc++] = cl;
     return 1;
 }
 
 /* After planning. `take`: the request will be served: take its lent clusters, map and log them.
- * 1 when Python should be woken (few lent clusters left, the log half full, or an allocation
- * refused for want of either). */
+ * 1 when Python should be woken (few lent clusters left, or the log half full). An allocation
+ * refused for want of either wakes nobody: the write goes to Python, which allocates it and
+ * then refills (dpalloc.py), in that order, so it takes what a refill would have reserved. */
 int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take) {
     struct dp_alloc *a = &im->alloc;
     for (int i = 0; take && i < s->nalloc; i++) {
@@ -65,7 +64,7 @@ int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take) {
     }
     if (take)
         dp_count(&im->c[DP_C_ALLOCATIONS], (uint64_t)s->nalloc);
-    int low = s->alloc_short || (take && (a->spare_count <= a->low_water || a->log_count >= DP_ALOG / 2));
+    int low = take && (a->spare_count <= a->low_water || a->log_count >= DP_ALOG / 2);
     if (!low || a->wake_sent)
         return 0;
     a->wake_sent = 1;

@@ -187,7 +187,6 @@ int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uin
             uint32_t size, const char *data, struct dp_slot *s) {
     s->npieces = 0;
     s->nalloc = 0;
-    s->alloc_short = 0;
     s->unsynced = 0;
     if (size == 0 || size > DP_DATA - 4096 || (write && !h->fast_write))
         return 1;
