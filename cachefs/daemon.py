@@ -323,7 +323,7 @@ def _mount_dataplane(cfg: MountConfig, ops, plane) -> _OwnMount:
 async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
     import pyfuse3
 
-    from cachefs.dataplane import FastPaths
+    from cachefs.fastpaths import FastPaths
     from cachefs.fs import CachefsOperations, Presentation
 
     catalog = await _open_catalog(cfg)

@@ -42,7 +42,7 @@ import trio
 from cachefs.backend import buffer_pool_stats
 from cachefs.errors import CachefsError, UnsupportedOperation
 from cachefs.catalog import Catalog, Entry, visible_name
-from cachefs.dataplane import NoFastPaths
+from cachefs.fastpaths import NoFastPaths
 from cachefs.image import Image
 from cachefs.mounts import command_of
 from cachefs.policy import CacheMode, mode_named

@@ -39,6 +39,7 @@ from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync
 from cachefs.backendset import BackendSet
 from cachefs.dpalloc import FastAllocations
+from cachefs.dpmap import MappingPublisher
 from cachefs.policy import NONE, WRITEBACK
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.check import check_image
@@ -97,7 +98,7 @@ class SimulatedPlane:
         self.on, self.low_water = bool(on), low_water
 
     def alloc_give(self, ino, hosts):
-        assert ino == INO and all(h % CS == 0 for h in hosts)
+        assert ino == INO and all(h % self.engine.cs == 0 for h in hosts)
         n = min(len(hosts), self.alloc_capacity - len(self.spares))
         self.spares.extend(hosts[:n])
         return n
@@ -146,7 +147,7 @@ class SimulatedPlane:
     def _plan(self, vcl: int, data) -> int | None:
         """dp_plan_mapped + dp_alloc_commit for one cluster, in one step: the host cluster to write
         (allocating it if need be), or None: forwarded to Python."""
-        if len(data) == CS and not any(data):
+        if len(data) == self.engine.cs and not any(data):
             return None  # a whole cluster of zeros is Python's (discard by zeroes)
         if vcl in self.cmap:
             self.in_place += 1
@@ -174,8 +175,8 @@ class SimulatedPlane:
 
     async def c_write(self, off: int, data: bytes) -> bool:
         """A guest write inside one cluster as C serves it; False if it was forwarded to Python."""
-        vcl, inside = divmod(off, CS)
-        assert (off + len(data) - 1) // CS == vcl
+        vcl, inside = divmod(off, self.engine.cs)
+        assert (off + len(data) - 1) // self.engine.cs == vcl
         host = self._plan(vcl, data)
         if host is None:
             self.forwarded += 1
@@ -199,7 +200,7 @@ class SimulatedPlane:
             await trio.sleep(0)
 
     async def serve(self, allocs: FastAllocations) -> None:
-        """dataplane.FastPaths.serve_allocations: C woke us (few lent clusters, or the log fills)."""
+        """fastpaths.FastPaths.serve_allocations: C woke us (few lent clusters, or the log fills)."""
         while True:
             await self.wake.wait()
             self.wake = trio.Event()  # on_alloc_wake sets the current one
@@ -540,3 +541,133 @@ async def test_refill_when_the_guest_never_flushes(tmp_path):
     assert await read_all(final) == got
     result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
     assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])
+
+
+# ---------------------------------------------------------------- C's own copy of the mapping
+
+class PublishedPlane(SimulatedPlane):
+    """C's table of published entries (dp_table.c: dp_map_clusters with dp_alloc_restore,
+    dp_unmap_clusters), kept by the production dpmap.MappingPublisher, and C's requests planned
+    from that table, as C plans them, not from Python's L2 tables."""
+
+    def __init__(self, img, rec, mode, rng):
+        super().__init__(img, rec, mode, rng)
+        lib = native.lib
+        self.W, self.R, self.Z, self.A = lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO, lib.DP_MAP_ALLOC
+        self.entries: dict[int, int] = {}  # guest cluster -> host | DP_MAP_*; missing: absent
+
+    def _changed(self, change) -> None:
+        pass  # the MappingPublisher tells this plane (map_clusters)
+
+    def map_states(self):
+        return self.W, self.R, self.Z, self.A
+
+    def map_clusters(self, ino, first, states):
+        for i, e in enumerate(states):
+            if e:
+                self.entries[first + i] = e
+            else:
+                self.entries.pop(first + i, None)
+        for g, h in self.log:  # dp_alloc_restore
+            if first <= g < first + len(states):
+                self.entries[g] = h | self.W
+
+    def unmap_clusters(self, ino, first, count):
+        for c in range(first, first + count):
+            self.entries.pop(c, None)
+
+    def ticket(self):
+        return self._seq
+
+    async def drain(self, ticket):
+        while any(s < ticket for s in self._inflight):
+            await trio.sleep(0)
+
+    def _plan(self, vcl: int, data) -> int | None:
+        e = self.entries.get(vcl, 0)
+        st, host = e & 3, e & ~511
+        if len(data) == self.engine.cs and not any(data) and st != self.R:
+            return None
+        if st == self.W:
+            self.in_place += 1
+            return host
+        if st != self.Z or not e & self.A or host or not self.on or self._claimed(vcl) or not self.spares:
+            return None
+        host = self.spares.popleft()
+        self.entries[vcl] = host | self.W
+        self.log.append((vcl, host))
+        self.allocated += 1
+        return host
+
+    async def c_read(self, off: int, n: int) -> bytes:
+        """A guest read inside one cluster as C serves it (forwarded when the entry is absent)."""
+        vcl, inside = divmod(off, self.engine.cs)
+        e = self.entries.get(vcl, 0)
+        if e & 3 in (self.W, self.R):
+            return bytes(await self.rec.pread((e & ~511) + inside, n))
+        if e & 3 == self.Z:
+            return bytes(n)
+        return bytes(await self.img.read(off, n, self.mode))
+
+
+class HookedView(YieldingView):
+    """A descriptor whose next read first runs ``hook`` (C doing something meanwhile)."""
+    hook = None
+
+    async def pread(self, offset, length):
+        hook, HookedView.hook = HookedView.hook, None
+        if hook is not None:
+            await hook()
+        return await super().pread(offset, length)
+
+
+async def test_c_keeps_its_allocation_when_the_table_is_evicted_and_reloaded_before_adoption():
+    """C allocates guest cluster X while Python loads other L2 tables (one read across several), and
+    that read evicts X's table from Python's small cache before anything adopted X: C's entries of
+    that table go (unpublished). The next request on X is forwarded; Python adopts X first, which
+    loads the table again and publishes it, with X no longer in C's log. C must still map X to the
+    cluster it allocated: its reads return the data, and its next write there must not allocate X
+    a second time (Python would find X mapped when it adopts that one: CorruptImage, read-only)."""
+    cs = 4096
+    span = (cs // 8) * cs  # guest bytes one L2 table maps: 2 MiB
+    size = 16 * span
+    base = bytes(fresh_qcow2(size, 12))
+    rng = random.Random("evict")
+    rec = RecordingBackend(MemoryBackend(bytearray(base)))
+    backends = BackendSet(lambda m: HookedView(rec, m))
+    engine = await run_async(open_engine(len(base), writable=True, cache_bytes=4 * cs), backends.get(WRITEBACK).pread)
+    img = Qcow2Image("mem.qcow2", backends, None, True, engine, WRITEBACK)
+    plane = PublishedPlane(img, rec, WRITEBACK, rng)
+    pub = MappingPublisher(plane, INO, engine)
+    allocs = FastAllocations(plane, INO, img, pub)
+    img.free_fence = pub.fence
+    img.queue_ran = lambda: (pub.settle(), allocs.top_up())
+    allocs.allow(True)
+    for t in range(16):  # sixteen L2 tables, then a flush: clean tables, and clusters lent to C
+        await img.write(t * span, b"\1" * SECTOR)
+    await img.flush()
+    assert plane.spares
+    x = 1  # guest cluster X, in table 0
+    await img.read(0, SECTOR)  # table 0 cached, so published
+    assert plane.entries.get(x, 0) & plane.A
+
+    d1, d2, d3 = b"\x11" * SECTOR, b"\x22" * SECTOR, b"\x33" * SECTOR
+
+    async def c_allocates_x():
+        assert await plane.c_write(x * cs, d1)
+
+    HookedView.hook = c_allocates_x
+    await img.read(10 * span, 5 * span)  # Python loads tables 10..14; C allocates X meanwhile
+    assert plane.allocated == 1 and plane.log and plane.log[0][0] == x
+    assert 0 not in {t.l1_index for t in engine.cache.values() if t.kind == "l2"}, "table 0 was not evicted"
+    assert x not in plane.entries  # unpublished with its table
+
+    # The next write on X is forwarded: Python adopts X (loading table 0 again), then writes in place.
+    assert not await plane.c_write(x * cs + SECTOR, d2)
+    assert allocs.adopted == 1
+    got = await plane.c_read(x * cs, 2 * SECTOR)
+    assert got == d1 + d2, "C reads the cluster it allocated as zeros once its table came back"
+    await plane.c_write(x * cs + 2 * SECTOR, d3)
+    assert plane.allocated == 1, "C allocated guest cluster X a second time"
+    await img.flush()
+    assert bytes(await img.read(x * cs, 3 * SECTOR)) == d1 + d2 + d3
