@@ -34,6 +34,8 @@ from __future__ import annotations
 import errno
 import logging
 
+from cachefs.errors import CachefsError
+
 log = logging.getLogger("cachefs.dataplane")
 
 #: Clusters lent at the least per refill, in bytes' worth (a guest flush lends what it reserved).
@@ -151,7 +153,7 @@ class FastAllocations:
         if not logged and not (self.allowed and spares <= self.low_water):
             return
         async with img.backends.in_use(), img.write_lock:
-            be = img.backends.batch(img.mode)
+            be = img.backends.batch(img._concrete(None))
             await img._adopt(be)
             if self.allowed and self.status()[0] <= self.low_water:
                 count = max(MIN_REFILL_BYTES >> self.cb, 2 * self._since_refill)
@@ -169,6 +171,9 @@ class FastAllocations:
                 await self.image.sync_for_plane()
             except OSError as exc:
                 err = -(exc.errno or errno.EIO)
+            except CachefsError as exc:  # corruption found on the way: the image is read-only now
+                log.error("%s: the sync of write-through writes failed: %s", self.image.path, exc)
+                err = -errno.EIO
             self.plane.sync_release(self.inode, ticket, err)
             self.parked_syncs += 1
 

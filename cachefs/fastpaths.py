@@ -31,6 +31,7 @@ import trio
 from cachefs.dataplane import HANDLE_COUNTERS
 from cachefs.dpalloc import FastAllocations
 from cachefs.dpmap import MappingPublisher
+from cachefs.errors import CachefsError
 from cachefs.policy import MODES
 
 log = logging.getLogger("cachefs.dataplane")
@@ -189,7 +190,7 @@ class FastPaths:
             for allocs in list(self.allocations.values()):
                 try:
                     await allocs.refill()
-                except OSError as exc:  # the image's own error paths report it; the next wake retries
+                except (OSError, CachefsError) as exc:  # the image's own error paths report it; the next wake retries
                     log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
 
     async def serve_syncs(self) -> None:
@@ -296,7 +297,7 @@ class NoFastPaths:
             for allocs in list(self.allocations.values()):
                 try:
                     await allocs.refill()
-                except OSError as exc:  # the image's own error paths report it; the next wake retries
+                except (OSError, CachefsError) as exc:  # the image's own error paths report it; the next wake retries
                     log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
 
     async def serve_syncs(self) -> None:
