@@ -291,12 +291,17 @@ class DataPlane:
         self._check(n)
         return list(out[0:n])
 
-    def alloc_take_log(self, ino: int, limit: int) -> list[tuple[int, int]]:
-        out = native.ffi.new("uint64_t[]", 2 * limit)
-        n = native.lib.dp_alloc_take_log(self._dp, ino, out, limit)
+    def alloc_peek_log(self, ino: int) -> list[tuple[int, int]]:
+        """Every (guest cluster, host offset) logged, oldest first; C keeps them (alloc_drop_log)."""
+        lib = native.lib
+        out = native.ffi.new("uint64_t[]", 2 * lib.DP_ALOG)
+        n = lib.dp_alloc_peek_log(self._dp, ino, out, lib.DP_ALOG)
         self._check(n)
         flat = list(out[0:2 * n])
         return list(zip(flat[0::2], flat[1::2]))
+
+    def alloc_drop_log(self, ino: int, count: int) -> None:
+        self._check(native.lib.dp_alloc_drop_log(self._dp, ino, count))
 
     def alloc_claim(self, ino: int, first: int, count: int) -> int:
         rc = native.lib.dp_alloc_claim(self._dp, ino, first, count)

@@ -40,8 +40,6 @@ log = logging.getLogger("cachefs.dataplane")
 
 #: Clusters lent at the least per refill, in bytes' worth (a guest flush lends what it reserved).
 MIN_REFILL_BYTES = 16 << 20
-#: Records taken from C's log per call.
-LOG_BATCH = 1024
 
 
 class FastAllocations:
@@ -94,17 +92,17 @@ class FastAllocations:
     def unclaim(self, claim: int) -> None:
         self.plane.alloc_unclaim(self.inode, claim)
 
-    def take_log(self) -> list[tuple[int, int]]:
-        """Every (guest cluster, host offset) C logged, oldest first; C forgets them."""
-        out: list[tuple[int, int]] = []
-        while True:
-            batch = self.plane.alloc_take_log(self.inode, LOG_BATCH)
-            out += batch
-            if len(batch) < LOG_BATCH:
-                break
-        self.adopted += len(out)
-        self._since_refill += len(out)
-        return out
+    def peek_log(self) -> list[tuple[int, int]]:
+        """Every (guest cluster, host offset) C logged, oldest first. C keeps them until
+        :meth:`drop_log`: adopting may load an L2 table, whose publication must not make such
+        a cluster allocatable again in C (dp_alloc_restore keeps it C's while it is logged)."""
+        return self.plane.alloc_peek_log(self.inode)
+
+    def drop_log(self, count: int) -> None:
+        """The first ``count`` records are adopted: C forgets them."""
+        self.plane.alloc_drop_log(self.inode, count)
+        self.adopted += count
+        self._since_refill += count
 
     def adopted_clusters(self, vclusters) -> None:
         """Their L2 entries are Python's now: while write-through holds, C has them read-only
@@ -122,7 +120,7 @@ class FastAllocations:
             return
         spares, _ = self.status()
         room = self.capacity - spares
-        keep = 4
+        keep = self.image.queue.keep  # Python's own allocations of an interval, twice
         clusters = self.refs.lend(min(room, len(self.refs.reservation) - keep)) if room > 0 else []
         if not clusters:
             return

@@ -235,9 +235,10 @@ class Qcow2Image(Image):
 
     async def _adopt(self, be) -> None:
         """Caller holds write_lock: C's logged allocations become L2 updates (Engine.adopt)."""
-        pairs = self.lender.take_log() if self.lender is not None else None
+        pairs = self.lender.peek_log() if self.lender is not None else None
         if pairs:
             await self._core(self.engine.adopt(pairs), be)
+            self.lender.drop_log(len(pairs))
             self.lender.adopted_clusters(v for v, _ in pairs)
             self._remap_ticket = self.commits.ticket()  # not durable until the next flush
             self._zcache = None

@@ -108,9 +108,11 @@ class SimulatedPlane:
         self.spares.clear()
         return out
 
-    def alloc_take_log(self, ino, limit):
-        out, self.log = self.log[:limit], self.log[limit:]
-        return out
+    def alloc_peek_log(self, ino):
+        return list(self.log)
+
+    def alloc_drop_log(self, ino, count):
+        del self.log[:count]
 
     def alloc_claim(self, ino, first, count):
         cid = next(i for i in range(len(self.claims) + 1) if i not in self.claims)
@@ -162,8 +164,7 @@ class SimulatedPlane:
         if entry not in (0, fmt.L2_ZERO) or not self.on or self._claimed(vcl):
             return None
         if not self.spares or len(self.log) >= native.lib.DP_ALOG:
-            self.refused += 1
-            self.wake.set()
+            self.refused += 1  # forwarded: Python allocates it, then wakes the refill (python_allocated)
             return None
         host = self.spares.popleft()
         self.cmap[vcl] = host

@@ -416,7 +416,8 @@ _DP_CDEF = """
     int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water);
     int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n);
     int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
-    int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+    int dp_alloc_peek_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+    int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n);
     int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
     int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
     int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);

@@ -148,8 +148,10 @@ int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t ma
     return im ? n : -ENOENT;
 }
 
-/* Take up to `max` log records, oldest first, as (guest cluster, host offset) pairs in `out`. */
-int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) {
+/* Copy up to `max` log records, oldest first, as (guest cluster, host offset) pairs in `out`.
+ * They stay logged (so a table published meanwhile keeps them C's: dp_alloc_restore) until
+ * Python has adopted them and drops them (dp_alloc_drop_log). */
+int dp_alloc_peek_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) {
     uint32_t n = 0;
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_alloc_image(dp, ino);
@@ -160,13 +162,25 @@ int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) 
             out[2 * i] = a->log[i].guest;
             out[2 * i + 1] = a->log[i].host;
         }
+    }
+    pthread_mutex_unlock(&dp->lock);
+    return im ? (int)n : -ENOENT;
+}
+
+/* The oldest `n` records are adopted: forget them (records logged since stay). */
+int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n) {
+    pthread_mutex_lock(&dp->lock);
+    struct dp_image *im = dp_alloc_image(dp, ino);
+    struct dp_alloc *a = im ? &im->alloc : NULL;
+    if (a && a->log) {
+        n = n < a->log_count ? n : a->log_count;
         memmove(a->log, a->log + n, (a->log_count - n) * sizeof *a->log);
         a->log_count -= n;
         if (a->log_count < DP_ALOG / 2 && a->spare_count > a->low_water)
             a->wake_sent = 0;
     }
     pthread_mutex_unlock(&dp->lock);
-    return im ? (int)n : -ENOENT;
+    return im ? 0 : -ENOENT;
 }
 
 /* Python is about to change guest clusters [first, first+count): C allocates none of them until

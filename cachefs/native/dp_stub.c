@@ -36,7 +36,8 @@ int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset) { ret
 int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water) { return -ENOSYS; }
 int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n) { return -ENOSYS; }
 int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) { return -ENOSYS; }
-int dp_alloc_take_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) { return -ENOSYS; }
+int dp_alloc_peek_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max) { return -ENOSYS; }
+int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n) { return -ENOSYS; }
 int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
 int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id) { return -ENOSYS; }
 int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out) { return -ENOSYS; }

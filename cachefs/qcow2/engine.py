@@ -367,6 +367,8 @@ class Engine:
         for vcluster, host in allocations:
             table, index = yield from self.map.table_for_write(vcluster)
             old = table.entries[index]
+            if old == host | fmt.L2_COPIED and host >> self.cb not in self.refs.lent:
+                continue  # adopted already (an adoption that failed half way is retried)
             if old not in (0, fmt.L2_ZERO) or host & (self.cs - 1):
                 raise CorruptImage(f"the data plane allocated guest cluster {vcluster} at {host:#x}, "
                                    f"but its L2 entry is {old:#x}")
@@ -375,7 +377,7 @@ class Engine:
             self.overlap.claim(cluster, "data")
             deps = yield from self.refs.counted(cluster)
             self.map.remap(vcluster, table, index, host | fmt.L2_COPIED, deps, report=False)
-            self.queue.allocated(Allocation(cluster, None, True))
+            self.queue.allocated(Allocation(cluster, None, True), by_plane=True)
 
     def abort(self, plan: WritePlan):
         """Generator: give back what a failed plan allocated (nothing points at it)."""

@@ -44,6 +44,8 @@ from cachefs.qcow2.plan import DiscardRequest, SyncRequest, TruncateRequest, Wri
 #: Reservation bounds (clusters are reserved in bytes' worth, see prepare_flush).
 MIN_RESERVE_BYTES = 1 << 20
 MAX_RESERVE_BYTES = 256 << 20
+#: Reserved clusters Python keeps for itself at the least, lending the rest (new L2 tables, writes C forwards).
+MIN_KEEP = 4
 #: Rounds a writeout may take: far more than the one-way order of kinds
 #: needs. Reaching it means an ordering cycle, a bug, not something to wait out.
 MAX_ROUNDS = 64
@@ -107,6 +109,10 @@ class MetaQueue:
         self.commits = Generations()
         self.early_writeouts = 0
         self._allocs_since_flush = 0
+        self._own_allocs_since_flush = 0
+        # Reserved clusters Python keeps for its own allocations when it lends the rest to the
+        # data plane (dpalloc.py): twice its own allocations of the last interval.
+        self.keep = MIN_KEEP
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
         # The driver punches holes for freed host clusters (plan.DiscardRequest): the image layer's does.
         self.punch_freed = False
@@ -137,11 +143,14 @@ class MetaQueue:
         """Guest data reached the backend: the next flush must sync it."""
         self.data_item.touch()
 
-    def allocated(self, allocation) -> None:
-        """A cluster was allocated (counted, and it sizes the next reservation)."""
+    def allocated(self, allocation, *, by_plane: bool = False) -> None:
+        """A cluster was allocated (counted, and it sizes the next reservation). ``by_plane``: the
+        data plane allocated it from a lent cluster (dpalloc.py); the others size the share of
+        the reservation Python keeps for itself (:attr:`keep`)."""
         self.counters.allocations += 1
         self.counters.from_reservation += allocation.fresh
         self._allocs_since_flush += 1
+        self._own_allocs_since_flush += not by_plane
 
     # ------------------------------------------------------------ one round
 
@@ -333,6 +342,8 @@ class MetaQueue:
         still tops up at every flush, as before.
         """
         recent, self._allocs_since_flush = self._allocs_since_flush, 0
+        own, self._own_allocs_since_flush = self._own_allocs_since_flush, 0
+        self.keep = max(MIN_KEEP, 2 * own)
         if not recent or not self.overlap.writable:
             return
         lo, hi = max(1, MIN_RESERVE_BYTES >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
@@ -342,10 +353,11 @@ class MetaQueue:
     def reserve(self, want: int):
         """Generator: top the reservation (lent clusters included) up to ``want`` clusters,
         unless three quarters of that are left; sets the header's dirty bit."""
-        if len(self.refs.reservation) + len(self.refs.lent) >= want * 3 // 4:
+        reserved, lent = len(self.refs.reservation), len(self.refs.lent)
+        if reserved + lent >= want * 3 // 4 and reserved >= min(self.keep, want):
             return
-        before = len(self.refs.reservation)
-        yield from self.refs.reserve(want)
+        before = reserved
+        yield from self.refs.reserve(max(want, lent + self.keep))
         self.counters.reserved += len(self.refs.reservation) - before
         self._mark_dirty()
 
