@@ -172,7 +172,8 @@ class FastPaths:
             pub.republish()
 
     def _allow_allocation(self, inode: int, fast_writes: bool) -> None:
-        """C allocates while the image has fast writes, none of them write-through (dpalloc.py)."""
+        """C allocates while the image has fast writes (write-through ones too, dp_park.c), is
+        writable and not compress-on-write (dpalloc.py)."""
         allocs = self.allocations.get(inode)
         if allocs is None:
             return
@@ -277,37 +278,6 @@ class NoFastPaths:
 
     def take_wrote(self, fh: int) -> bool:
         return False
-
-    def _allow_allocation(self, inode: int, fast_writes: bool) -> None:
-        """C allocates while the image has fast writes, none of them write-through (dpalloc.py)."""
-        allocs = self.allocations.get(inode)
-        if allocs is None:
-            return
-        image = allocs.image
-        allocs.allow(fast_writes and inode not in self._dead and image.writable and not image.compress)
-        if allocs.allowed and not image.write_lock.locked():  # top_up runs under the lock, as after a queue run
-            allocs.top_up()  # what the reservation holds already (a flush lends the rest)
-
-    async def serve_allocations(self) -> None:
-        """For the mount's life: when C runs short of lent clusters or its log fills, refill and adopt."""
-        while True:
-            await self._alloc_wake.wait()
-            self._alloc_wake = trio.Event()
-            self.plane.on_alloc_wake = self._alloc_wake.set
-            for allocs in list(self.allocations.values()):
-                try:
-                    await allocs.refill()
-                except (OSError, CachefsError) as exc:  # the image's own error paths report it; the next wake retries
-                    log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
-
-    async def serve_syncs(self) -> None:
-        """For the mount's life: write-through writes C parked get their sync (group commit)."""
-        while True:
-            await self._sync_wake.wait()
-            self._sync_wake = trio.Event()
-            self.plane.on_sync_wake = self._sync_wake.set
-            for allocs in list(self.allocations.values()):
-                await allocs.sync_parked()
 
     @contextlib.asynccontextmanager
     async def paused(self, inode: int):
