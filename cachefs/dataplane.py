@@ -294,8 +294,11 @@ class DataPlane:
     def alloc_peek_log(self, ino: int) -> list[tuple[int, int]]:
         """Every (guest cluster, host offset) logged, oldest first; C keeps them (alloc_drop_log)."""
         lib = native.lib
-        out = native.ffi.new("uint64_t[]", 2 * lib.DP_ALOG)
-        n = lib.dp_alloc_peek_log(self._dp, ino, out, lib.DP_ALOG)
+        logged = self.alloc_status(ino)[1]  # usually none: no 64 KiB buffer for nothing
+        if not logged:
+            return []
+        out = native.ffi.new("uint64_t[]", 2 * logged)
+        n = lib.dp_alloc_peek_log(self._dp, ino, out, logged)
         self._check(n)
         flat = list(out[0:2 * n])
         return list(zip(flat[0::2], flat[1::2]))

@@ -52,6 +52,7 @@ class Qcow2Image(Image):
         # Allocation in C (dpalloc.FastAllocations, issue 14): lends C clusters and hands back
         # its log of allocations, which this image adopts as L2 updates (_adopt).
         self.lender = None
+        self.file_at_least = 0  # the image file is at least this long (_QueueIO.truncate)
         # The flush that makes the latest mapping change durable (Generations.ticket). An
         # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
         # the mapping it wrote through may not be durable yet (_write_through_done).
@@ -370,9 +371,14 @@ class _QueueIO:
             self.image.guest.bytes_punched += length
 
     async def truncate(self, size: int, grow: bool) -> None:
+        # Every flush asks that the file cover the reservation; it only ever grows meanwhile
+        # (a clean close shrinks it), so a size known to be reached needs no fstat.
+        if grow and size <= self.image.file_at_least:
+            return
         now = self.be.size()
         if (now < size) if grow else (now > size):
             await self.be.truncate(size)
+        self.image.file_at_least = max(now, size) if grow else 0
 
 
 class UncontendedLock:
