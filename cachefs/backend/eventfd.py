@@ -168,7 +168,7 @@ class EventfdBackend(BackingFile):
             for _op, err in self.ctx.submit_many([self._request(op)]):
                 self._live.discard(op)
                 raise OSError(-err, f"{self.path}: {os.strerror(-err)}")
-            done = self._reaped_at_once(op)
+            done = self._reaped_at_once(op) if opcode == self.OP_WRITE else None
             if done is not None:
                 return done
             self._count_in_flight()
@@ -194,7 +194,9 @@ class EventfdBackend(BackingFile):
         io_uring runs a buffered write inline when it can (a 4 KiB table page at a write-through
         flush): taking its completion now saves the epoll wakeup and the scheduler round that
         waiting for the eventfd would cost on that request's latency. Anything else reaped is
-        handed to its waiter as the reap loop would.
+        handed to its waiter as the reap loop would. Writes only: reads that arrive together
+        (a guest's queue of them) keep sharing one submission, which an early return would
+        split into one submission each.
         """
         mine = None
         for done, res in self.ctx.reap():
