@@ -322,6 +322,8 @@ STAT_KEYS = ("format", "cache", "virtual_size", "allocated", "stats.guest_writes
 #: fallocate through the mount (PUNCH_HOLE, ZERO_RANGE) and the host space given back (docs/design.md).
 DISCARD_STAT_KEYS = ("discards", "bytes_discarded", "write_zeroes", "bytes_punched")
 FAST_STAT_KEYS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded", "fast_errors")
+#: Allocation in the data plane (qcow2 images; dpalloc.py), shown when the image has them.
+FAST_ALLOC_KEYS = ("fast_allocations", "fast_lent_clusters", "fast_refills", "fast_parked_syncs")
 
 
 @main.command()
@@ -351,7 +353,8 @@ def stats(mountpoint, as_json):
                 per = " ".join(f"{k}={x.get(f'stats.{mode}.{k}', '-')}" for k in MODE_STAT_KEYS)
                 click.echo(f"{'':<20}   {mode}: {per}")
         if "stats.fast_reads" in x:
-            click.echo(f"{'':<20}   data plane: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in FAST_STAT_KEYS))
+            keys = FAST_STAT_KEYS + tuple(k for k in FAST_ALLOC_KEYS if f"stats.{k}" in x)
+            click.echo(f"{'':<20}   data plane: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in keys))
         if any(x.get(f"stats.{k}", "0") != "0" for k in DISCARD_STAT_KEYS):
             click.echo(f"{'':<20}   discard: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in DISCARD_STAT_KEYS))
     for name, why in skipped.items():
