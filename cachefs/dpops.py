@@ -1,11 +1,13 @@
-"""FALLOCATE and LSEEK: the requests the data plane takes from the kernel and Python serves.
+"""FALLOCATE, LSEEK and FSYNC: the requests the data plane takes from the kernel and Python serves.
 
 pyfuse3 registers no FUSE fallocate or lseek handler, so libfuse would
 answer ENOSYS, and after one ENOSYS the kernel never sends that opcode again
 on the connection (fs/fuse/file.c: ``no_fallocate``, ``no_lseek``):
 fallocate(2) then fails with EOPNOTSUPP for good, and SEEK_DATA/SEEK_HOLE
-fall back to "all data". The data plane sees every request before libfuse,
-so it keeps these two (dp_pyq.c): it copies each
+fall back to "all data". FSYNC, a guest flush, comes the same way because
+it is frequent and its work is all in the image's group flush: libfuse and
+pyfuse3 would only add their request handling to its latency. The data plane
+sees every request before libfuse, so it keeps these three (dp_pyq.c): it copies each
 into a bounded table and writes to an eventfd; :class:`PyServed` takes them,
 serves each in a trio task through the image (sparse.py) and answers it
 itself, one write to /dev/fuse from this thread (``dp_pyq_reply``).
@@ -35,7 +37,8 @@ from cachefs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_
 
 log = logging.getLogger("cachefs.dpops")
 
-FUSE_FALLOCATE = 43  # <linux/fuse.h>
+FUSE_FSYNC = 20  # <linux/fuse.h>
+FUSE_FALLOCATE = 43
 FUSE_LSEEK = 46
 
 
@@ -101,6 +104,9 @@ class PyServed:
         if h is None:
             raise OSError(errno.EBADF, "no such handle")
         img = h.image
+        if req.opcode == FUSE_FSYNC:
+            await self.ops.sync_handle(req.fh, h)
+            return 0
         if req.opcode == FUSE_LSEEK:
             if req.mode == os.SEEK_DATA:
                 return await img.seek_data(req.offset)
@@ -133,6 +139,8 @@ def _warn(req: PyRequest, exc: BaseException) -> None:
 
 
 def _name(req: PyRequest) -> str:
+    if req.opcode == FUSE_FSYNC:
+        return "fsync"
     if req.opcode == FUSE_LSEEK:
         return {os.SEEK_DATA: "SEEK_DATA", os.SEEK_HOLE: "SEEK_HOLE"}.get(req.mode, "lseek")
     return f"fallocate({req.mode:#x})"

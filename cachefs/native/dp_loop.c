@@ -242,7 +242,8 @@ static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
         return;
     if (ih->opcode == FUSE_GETXATTR && dp_foreign_xattr(dp, s))
         return;
-    if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK) && dp_pyq_serve(dp, s))
+    if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK || ih->opcode == FUSE_FSYNC) &&
+        dp_pyq_serve(dp, s))
         return;
     if (ih->opcode == FUSE_INTERRUPT && s->len >= sizeof *ih + 8 && dp_interrupts_fast(dp, s)) {
         dp_free_slot(dp, s);

@@ -1,4 +1,5 @@
-/* Python-served requests: FALLOCATE and LSEEK (docs/design.md "Discard, write-zeroes, SEEK_DATA").
+/* Python-served requests: FALLOCATE and LSEEK (docs/design.md "Discard, write-zeroes, SEEK_DATA"),
+ * and FSYNC (a guest flush: straight to the image's group flush, without libfuse and pyfuse3).
  *
  * Compiled in dp_loop.c's translation unit (build.py includes it after dp_loop.c), so the loop's
  * static helpers (dp_reply, dp_free_slot, dp_count) are used as they are. The loop thread calls
@@ -35,8 +36,11 @@ static int dp_pyq_push(struct dp *dp, struct dp_slot *s) {
     if (ih->opcode == FUSE_FALLOCATE) {
         r.length = a[2];
         r.mode = ((const struct fuse_fallocate_in *)(ih + 1))->mode;
-    } else {
+    } else if (ih->opcode == FUSE_LSEEK) {
         r.mode = ((const struct fuse_lseek_in *)(ih + 1))->whence;
+    } else {  /* FSYNC: fh and the flags only */
+        r.offset = 0;
+        r.mode = ((const struct fuse_fsync_in *)(ih + 1))->fsync_flags;
     }
     int i;
     pthread_mutex_lock(&dp->lock);
@@ -79,7 +83,8 @@ static int dp_pyq_serve(struct dp *dp, struct dp_slot *s) {
     struct dp_pyq *q = dp->pyq;
     struct fuse_in_header *ih = (void *)s->hdr;
     size_t need = sizeof *ih + (ih->opcode == FUSE_FALLOCATE ? sizeof(struct fuse_fallocate_in)
-                                                             : sizeof(struct fuse_lseek_in));
+                                : ih->opcode == FUSE_LSEEK ? sizeof(struct fuse_lseek_in)
+                                                           : sizeof(struct fuse_fsync_in));
     dp_count(&dp->g[DP_G_FAST], 1);
     if (s->len < need) {
         dp_reply(dp, ih->unique, -EINVAL, NULL, 0);
