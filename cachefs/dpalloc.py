@@ -65,7 +65,8 @@ class FastAllocations:
     # ------------------------------------------------------------ C's state
 
     def allow(self, on: bool) -> None:
-        """Let C allocate (writeback, none, unsafe) or stop it (a write-through handle, corruption)."""
+        """Let C allocate (the image has fast writes) or stop it (no writer left, compress-on-write,
+        corruption); stopping makes C's unadopted clusters read-only there (dp_alloc_set)."""
         if on == self.allowed:
             return
         self.allowed = on
@@ -105,8 +106,9 @@ class FastAllocations:
         self._since_refill += count
 
     def adopted_clusters(self, vclusters) -> None:
-        """Their L2 entries are Python's now: while write-through holds, C has them read-only
-        (dp_alloc_set), and they become writable once durable, as any new mapping (dpmap)."""
+        """Their L2 entries are Python's now. While a write-through handle is published, C keeps
+        them DP_MAP_UNSYNCED (its write-through writes there wait for a sync, dp_park.c) until
+        they are durable and dpmap's settle publishes them plainly writable."""
         if self.publisher.write_through:
             self.publisher.unsettled.update(vclusters)
 
@@ -114,8 +116,9 @@ class FastAllocations:
 
     def top_up(self) -> None:
         """After a run of the metadata queue (the image's write lock held): lend C what the
-        reservation has with its raise durable, but a few clusters Python's own allocations
-        (new L2 tables, forwarded writes) take first."""
+        reservation has, but what Python's own allocations (new L2 tables, forwarded writes)
+        take in an interval, twice (MetaQueue.keep). A cluster whose raise is not durable yet
+        (a refill's) is lent too: its adopted L2 entry waits for the block (Refcounts.lend)."""
         if not self.allowed:
             return
         spares, _ = self.status()
