@@ -156,7 +156,7 @@ int dp_set_entry(struct dp_image *im, uint64_t cluster, uint64_t e);
 /* dp_alloc.c */
 int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cluster, struct dp_slot *s,
                  uint64_t *host);
-int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take);
+int dp_alloc_commit(struct dp_image *im, struct dp_slot *s);
 void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count);
 void dp_alloc_free(struct dp_image *im);
 int dp_image_remove(struct dp *dp, uint64_t ino);

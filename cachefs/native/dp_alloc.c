@@ -48,13 +48,13 @@ int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t 
     return 1;
 }
 
-/* After planning. `take`: the request will be served: take its lent clusters, map and log them.
+/* The request was planned and will be served: take its lent clusters, map and log them.
  * 1 when Python should be woken (few lent clusters left, or the log half full). An allocation
  * refused for want of either wakes nobody: the write goes to Python, which allocates it and
  * then refills (dpalloc.py), in that order, so it takes what a refill would have reserved. */
-int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take) {
+int dp_alloc_commit(struct dp_image *im, struct dp_slot *s) {
     struct dp_alloc *a = &im->alloc;
-    for (int i = 0; take && i < s->nalloc; i++) {
+    for (int i = 0; i < s->nalloc; i++) {
         uint64_t host = a->spare[a->spare_head];
         a->spare_head = (a->spare_head + 1) % DP_SPARE;
         a->spare_count--;
@@ -62,10 +62,8 @@ int dp_alloc_commit(struct dp_image *im, struct dp_slot *s, int take) {
         dp_set_entry(im, s->alloc_cl[i], host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED);
         a->log[a->log_count++] = (struct dp_logrec){ s->alloc_cl[i], host };
     }
-    if (take)
-        dp_count(&im->c[DP_C_ALLOCATIONS], (uint64_t)s->nalloc);
-    int low = take && (a->spare_count <= a->low_water || a->log_count >= DP_ALOG / 2);
-    if (!low || a->wake_sent)
+    dp_count(&im->c[DP_C_ALLOCATIONS], (uint64_t)s->nalloc);
+    if (a->wake_sent || (a->spare_count > a->low_water && a->log_count < DP_ALOG / 2))
         return 0;
     a->wake_sent = 1;
     return 1;

@@ -112,7 +112,7 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
     struct dp_handle *h = dp_map_get(&dp->handles, in->fh);
     int planned = h && !h->img->paused, fast = planned && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
     /* Allocating writes (dp_alloc.c): take the lent clusters the plan chose; wake Python when they run low. */
-    int wake = fast && write && s->nalloc && dp_alloc_commit(h->img, s, 1);
+    int wake = fast && write && s->nalloc && dp_alloc_commit(h->img, s);
     if (fast) {
         h->c[DP_H_READS + write]++;
         h->c[DP_H_BYTES_READ + write] += write ? in->size : s->reply_len;

@@ -132,17 +132,13 @@ static int dp_add_piece(struct dp_slot *s, uint64_t host, uint32_t buf, uint32_t
     return 0;
 }
 
+static int dp_resize_chunks(struct dp_image *im, uint64_t n);
+
 /* Set one entry, creating its chunk (Python's mapping said so, or C allocated the cluster). */
 int dp_set_entry(struct dp_image *im, uint64_t cl, uint64_t e) {
     uint64_t chunk = cl >> DP_CHUNK_BITS;
-    if (chunk >= im->nchunks) {
-        uint64_t **c = realloc(im->chunks, (chunk + 1) * sizeof *c);
-        if (!c)
-            return -ENOMEM;
-        memset(c + im->nchunks, 0, (chunk + 1 - im->nchunks) * sizeof *c);
-        im->chunks = c;
-        im->nchunks = chunk + 1;
-    }
+    if (chunk >= im->nchunks && dp_resize_chunks(im, chunk + 1) < 0)
+        return -ENOMEM;
     if (!im->chunks[chunk] && !(im->chunks[chunk] = calloc(1u << DP_CHUNK_BITS, sizeof(uint64_t))))
         return -ENOMEM;
     im->chunks[chunk][cl & ((1u << DP_CHUNK_BITS) - 1)] = e;
