@@ -37,6 +37,21 @@ from cachefs.policy import MODES
 log = logging.getLogger("cachefs.dataplane")
 
 
+class Wake:
+    """A wakeup C's callbacks may fire any number of times: :meth:`wait` returns once per burst
+    of :meth:`set` calls, and a set() while the waiter works makes the next wait() return at once."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
 @attrs.define
 class _Published:
     inode: int
@@ -65,9 +80,8 @@ class FastPaths:
         self._pauses: dict[int, int] = {}  # inode -> callers inside paused()
         self.mappings: dict[int, MappingPublisher] = {}  # qcow2 images' published mappings
         self.allocations: dict[int, FastAllocations] = {}  # and their allocation in C (dpalloc.py)
-        self._alloc_wake = trio.Event()
+        self._alloc_wake, self._sync_wake = Wake(), Wake()
         plane.on_alloc_wake = self._alloc_wake.set
-        self._sync_wake = trio.Event()
         plane.on_sync_wake = self._sync_wake.set
         self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
@@ -186,8 +200,6 @@ class FastPaths:
         """For the mount's life: when C runs short of lent clusters or its log fills, refill and adopt."""
         while True:
             await self._alloc_wake.wait()
-            self._alloc_wake = trio.Event()
-            self.plane.on_alloc_wake = self._alloc_wake.set
             for allocs in list(self.allocations.values()):
                 try:
                     await allocs.refill()
@@ -198,8 +210,6 @@ class FastPaths:
         """For the mount's life: write-through writes C parked get their sync (group commit)."""
         while True:
             await self._sync_wake.wait()
-            self._sync_wake = trio.Event()
-            self.plane.on_sync_wake = self._sync_wake.set
             for allocs in list(self.allocations.values()):
                 await allocs.sync_parked()
 
