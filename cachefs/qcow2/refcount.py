@@ -261,13 +261,11 @@ class Refcounts:
 
     def unlend(self, clusters: list[int]) -> None:
         """Lent clusters the data plane did not use: back to the front of the reservation."""
-        back = sorted(c for c in clusters if c in self.lent)
-        for cluster in reversed(back):
-            self.lent.discard(cluster)
-            self._counted_durable.discard(cluster)
-            self.reservation.appendleft(cluster)
-        if back and list(self.reservation) != sorted(self.reservation):
-            self.reservation = collections.deque(sorted(self.reservation))
+        back = [c for c in clusters if c in self.lent]
+        self.lent.difference_update(back)
+        self._counted_durable.difference_update(back)
+        if back:  # the reservation stays ascending (its invariant)
+            self.reservation = collections.deque(sorted([*back, *self.reservation]))
 
     def adopted(self, cluster: int) -> None:
         """The data plane allocated a lent cluster; an L2 entry points at it now (then ``counted``)."""
