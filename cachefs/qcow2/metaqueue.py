@@ -222,14 +222,22 @@ class MetaQueue:
 
     # ------------------------------------------------------------ rounds
 
-    def writeout(self):
+    def writeout(self, *, sync: bool = False):
         """Generator: write every dirty item in dependency order, one sync per round.
 
         Then apply the frees that became due, unless guest I/O is in flight
         (they stay pending for the next writeout). Through an O_DSYNC
         descriptor the image's sync costs no fdatasync: the rounds' writes are
         durable when they complete.
+
+        ``sync`` (a flush, a close): end in a sync even when no metadata needed
+        a round. Guest data the queue never sees, the data plane's fast writes,
+        is durable only through that sync, which the image skips when no
+        completed write is unsynced (Image._sync, BackendSet.unsynced). Without
+        it, a flush with only pending frees queued (dirty, yet nothing to write)
+        returned with no fdatasync at all and lost C's flushed writes (issue 19).
         """
+        synced = False
         for _ in range(MAX_ROUNDS):
             batch = self.writeout_batch()
             if not batch and not self.needs_sync:
@@ -237,8 +245,11 @@ class MetaQueue:
             yield from self._write(batch)
             yield SyncRequest()
             self.synced()
+            synced = True
         else:
             raise CorruptImage("metadata writeout does not converge")
+        if sync and not synced:
+            yield SyncRequest()
         self.refs.reserve_durable()  # nothing is left unsynced: the reservation's raise neither
         if self.inflight == 0:
             yield from self.apply_frees()
@@ -258,10 +269,7 @@ class MetaQueue:
 
     def make_durable(self):
         """Generator: everything written and synced, with no new reservation."""
-        if self.dirty:
-            yield from self.writeout()
-        else:
-            yield SyncRequest()
+        yield from self.writeout(sync=True)
 
     def flush(self, *, reserve: bool):
         """Generator: a guest flush. Reserve for the next interval, then make everything durable.
@@ -294,8 +302,8 @@ class MetaQueue:
         yield from self.release_reservation()
         if self.allocated_end >= self.min_file_size:
             yield TruncateRequest(self.allocated_end, grow=False)  # the reservation's hole goes too
-        for _ in range(8):  # frees applied in one writeout dirty refcount blocks for the next
-            yield from self.writeout()
+        for n in range(8):  # frees applied in one writeout dirty refcount blocks for the next
+            yield from self.writeout(sync=n == 0)
             if not self.dirty:
                 break
 
