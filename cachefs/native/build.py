@@ -446,8 +446,33 @@ def make_ffibuilder() -> FFI:
     return builder
 
 
+# Test hooks (dp_testhooks.c): the loop's decisions without a mount or I/O, for the differential
+# test of C against tests/simplane.py. Only with the real data plane: the stubs have no loop.
+_DP_TEST_CDEF = """
+    struct dp_test_plan {
+        int fast, fd, sync, defer, unsynced, nalloc, npieces;
+        uint32_t reply_len;
+        uint64_t seq;
+        uint64_t alloc_cl[...];
+        uint64_t piece_host[...];
+        uint32_t piece_buf[...], piece_len[...];
+    };
+    struct dp_test_alloc {
+        int on, wake_sent;
+        uint32_t low_water, overflow, spare_count, log_count;
+        uint64_t claim_first[...], claim_end[...];
+    };
+    int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
+                     struct dp_test_plan *out);
+    int dp_test_entries(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, uint64_t *out);
+    int dp_test_alloc_state(struct dp *dp, uint64_t ino, struct dp_test_alloc *out, uint64_t *spares);
+"""
+
+
 if have_liburing():
-    section("dataplane", cdef=_DP_CDEF, source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_park.c"\n#include "dp_pyq.c"\n',
+    section("dataplane", cdef=_DP_CDEF + _DP_TEST_CDEF,
+            source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_park.c"\n'
+                   '#include "dp_pyq.c"\n#include "dp_testhooks.c"\n',
             libraries=("uring", "pthread"))
 else:
     section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')

@@ -101,21 +101,19 @@ static void dp_submit_piece(struct dp *dp, struct dp_slot *s, int i) {
     io_uring_sqe_set_data64(sqe, TAG(T_IO) | (uint64_t)(s - dp->slots) << 8 | (uint64_t)i);
 }
 
-/* Serve a READ or WRITE here if its handle is published and its range maps. 1: taken. */
-static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
-    struct fuse_in_header *ih = (void *)s->hdr;
-    const struct fuse_read_in *in = (const void *)(ih + 1);  /* fh, offset, size: as fuse_write_in */
-    int write = ih->opcode == FUSE_WRITE;
-    if (s->len < DP_HDR || ih->total_extlen || (write && s->len != DP_HDR + in->size))
-        return 0;
+/* Plan a READ or WRITE of handle `fh` and, if it is served here, dispatch it: take its lent
+ * clusters, number it, choose its descriptor. 1: fast (the slot is active, its I/O is the
+ * caller's). Apart from the I/O, all of the loop's decision, so that dp_testhooks.c checks
+ * this very code against tests/simplane.py without a mount. */
+static int dp_take_fast(struct dp *dp, struct dp_slot *s, uint64_t fh, int write, uint64_t off, uint32_t size) {
     pthread_mutex_lock(&dp->lock);
-    struct dp_handle *h = dp_map_get(&dp->handles, in->fh);
-    int planned = h && !h->img->paused, fast = planned && dp_plan(h->img, h, write, in->offset, in->size, s->data, s) == 0;
+    struct dp_handle *h = dp_map_get(&dp->handles, fh);
+    int planned = h && !h->img->paused, fast = planned && dp_plan(h->img, h, write, off, size, s->data, s) == 0;
     /* Allocating writes (dp_alloc.c): take the lent clusters the plan chose; wake Python when they run low. */
     int wake = fast && write && s->nalloc && dp_alloc_commit(h->img, s);
     if (fast) {
         h->c[DP_H_READS + write]++;
-        h->c[DP_H_BYTES_READ + write] += write ? in->size : s->reply_len;
+        h->c[DP_H_BYTES_READ + write] += write ? size : s->reply_len;
         s->seq = ++dp->seq;
         s->img = h->img;
         /* Write-through onto a mapping that is not durable: through the twin without O_DSYNC,
@@ -129,7 +127,17 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
     pthread_mutex_unlock(&dp->lock);
     if (wake)
         dp_post(dp, DP_ST_ALLOC);
-    if (!fast)
+    return fast;
+}
+
+/* Serve a READ or WRITE here if its handle is published and its range maps. 1: taken. */
+static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
+    struct fuse_in_header *ih = (void *)s->hdr;
+    const struct fuse_read_in *in = (const void *)(ih + 1);  /* fh, offset, size: as fuse_write_in */
+    int write = ih->opcode == FUSE_WRITE;
+    if (s->len < DP_HDR || ih->total_extlen || (write && s->len != DP_HDR + in->size))
+        return 0;
+    if (!dp_take_fast(dp, s, in->fh, write, in->offset, in->size))
         return 0;
     if (++dp->active > (int)dp->g[DP_G_PEAK_ACTIVE])
         dp->g[DP_G_PEAK_ACTIVE] = dp->active;
