@@ -21,6 +21,8 @@ import random
 import pytest
 import trio
 
+import interleaving
+
 from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync, Write
 from cachefs.backendset import BackendSet
@@ -86,9 +88,20 @@ async def run_writers(img, rec, mode, rng: random.Random, size: int) -> list[Op]
     return ops
 
 
-@pytest.mark.parametrize("mode", [WRITEBACK, WRITETHROUGH, DIRECTSYNC], ids=lambda m: m.name)
-@pytest.mark.parametrize("seed", [1, 2])
-async def test_concurrent_writers_survive_power_cuts(mode, seed):
+MODES = {m.name: m for m in (WRITEBACK, WRITETHROUGH, DIRECTSYNC)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", interleaving.seeds())
+def test_concurrent_writers_survive_power_cuts(mode, seed):
+    states = interleaving.run(simulate, mode, seed, seed=seed, replay=f"make soak SOAK_ONLY=concurrent-{mode} "
+                              "SOAK_SEEDS=<seed>")
+    assert states > 0
+
+
+async def simulate(mode_name: str, seed: int, tmp_path=None) -> int:
+    """One seeded run: eight writers, then every sampled cut state checked. Returns the states."""
+    mode = MODES[mode_name]
     size = 1 << 20  # 16 clusters: eight writers in each
     base = bytes(fresh_qcow2(size))
     rec = RecordingBackend(MemoryBackend(bytearray(base)))
@@ -110,3 +123,7 @@ async def test_concurrent_writers_survive_power_cuts(mode, seed):
             assert data[s * SECTOR:(s + 1) * SECTOR] in allowed, f"{mode.name}: cut {cut}/{len(events)}: sector {s}"
     assert checked > 0
     await img.close()
+    return len(cuts)
+
+
+SOAK = {f"concurrent-{name}": (simulate, name) for name in MODES}
