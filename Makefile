@@ -107,6 +107,25 @@ bench-metaqueue: deps venv
 bench-modes: deps venv
 	bash bench/cache_modes.sh
 
+# Issue 19: fuzz every parser of untrusted bytes with atheris (fuzz/main.py: header, tables, check,
+# engine), FUZZ_RUNS executions in all, shared equally, one target at a time (one core). New inputs
+# go to FUZZ_WORK, never into the seed corpus fuzz/corpus/; a crash is written to
+# FUZZ_WORK/TARGET-crash-* and stops the run. `make fuzz-smoke`: CI's 30-second run and corpus replay.
+FUZZ_TARGETS := header tables check engine
+FUZZ_RUNS ?= 1000000
+FUZZ_WORK ?= /var/tmp/cachefs-fuzz
+FUZZ_OPTS ?= -timeout=10 -rss_limit_mb=1024 -print_final_stats=1
+.PHONY: fuzz fuzz-smoke
+fuzz: venv
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_WORK)/$$t && \
+	  $(VPY) -m fuzz.main $$t -runs=$$(( $(FUZZ_RUNS) / $(words $(FUZZ_TARGETS)) )) $(FUZZ_OPTS) \
+	    -artifact_prefix=$(FUZZ_WORK)/$$t- $(FUZZ_WORK)/$$t fuzz/corpus/$$t || exit 1; \
+	done
+
+fuzz-smoke: venv
+	$(VPY) -m pytest -q tests/test_fuzz_smoke.py
+
 clean:
 	@if [ "$$(readlink $(HELPER))" = "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" ]; then rm -f $(HELPER); fi
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp

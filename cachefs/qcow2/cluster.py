@@ -115,6 +115,11 @@ class ClusterMap:
             raise DamagedMetadata(f"L1 entry {l1_idx} is invalid ({entry:#x})")
         if off and (off >> self.cb >= self.refs.end_cluster or self.overlap.owner(off >> self.cb) != "l2"):
             raise DamagedMetadata(f"L1 entry {l1_idx} points outside the file or at other metadata")
+        if off >> self.cb in self.refs.block_clusters:
+            # owner() says "l2" first, but the refcount table names this cluster too: the table
+            # cache holds one table per offset, so L2 updates would land in the refcount block
+            # (QEMU's check calls it an overlap, qcow2_check_metadata_overlap). Found by fuzz/.
+            raise DamagedMetadata(f"L1 entry {l1_idx} points at refcount block {off:#x}")
         return off
 
     def load_l2(self, offset: int, l1_idx: int):
