@@ -292,14 +292,18 @@ async def serve() -> None:
                 break
 
 
-def main() -> None:
-    source, mountpoint = sys.argv[1:3]
-    fs = FaultyFS(source)
-    pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {"fsname=faultyfs", "subtype=faultyfs"})
+def run(fs: pyfuse3.Operations, mountpoint: str, name: str) -> None:
+    """Mount ``fs`` (a FaultyFS or a subclass, tests/recordfs.py) and serve it until a signal."""
+    pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {f"fsname={name}", f"subtype={name}"})
     try:
         trio.run(serve)
     finally:
         pyfuse3.close(unmount=True)
+
+
+def main() -> None:
+    source, mountpoint = sys.argv[1:3]
+    run(FaultyFS(source), mountpoint, "faultyfs")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from cachefs.qcow2.create import new_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
 from memimage import read_all
+from powercut import SECTOR, allowed_by_sector  # noqa: F401 (test_powercut*.py import them from here)
 
 CONCRETE = [WRITEBACK, WRITETHROUGH, NONE, DIRECTSYNC, UNSAFE]
-SECTOR = 512
 
 
 # ---------------------------------------------------------------- the policy table
@@ -201,29 +201,6 @@ def guaranteed(ops: list[Op], cut: int, mode: CacheMode) -> set[int]:
                            default=-1)
         safe |= {i for i in range(covered_upto) if ops[i].kind == "write"}
     return safe
-
-
-def allowed_by_sector(ops: list[Op], safe: set[int], sectors: int,
-                      initial: bytes | None = None) -> dict[int, set[bytes]]:
-    """For each written sector: its newest guaranteed content, or anything written later.
-
-    ``initial``: the guest view before the workload (zeros if None).
-    """
-    history: dict[int, list[tuple[int, bytes]]] = {}
-    for i, op in enumerate(ops):
-        if op.kind != "write":
-            continue
-        for k in range(len(op.data) // SECTOR):
-            history.setdefault(op.offset // SECTOR + k, []).append((i, op.data[k * SECTOR:(k + 1) * SECTOR]))
-    out = {}
-    for s, writes in history.items():
-        if s >= sectors:
-            continue
-        last_safe = max((j for j, (i, _) in enumerate(writes) if i in safe), default=None)
-        before = bytes(SECTOR) if initial is None else initial[s * SECTOR:(s + 1) * SECTOR]
-        base = {before} if last_safe is None else set()
-        out[s] = base | {v for _, v in writes[last_safe or 0:]}
-    return out
 
 
 def cut_state(base: bytes, events: list, cut: int, rng: random.Random) -> bytearray:

@@ -1,0 +1,262 @@
+"""Power cuts of the real daemon (issue 19): cachefs over a recording layer, crash states from its log.
+
+tests/test_powercut*.py cut an image running over a recorded *memory* file.
+Here the real ``cachefs mount`` (data plane on, C allocating) serves a fresh
+qcow2 from an image directory that is tests/recordfs.py, a FUSE passthrough
+that logs every write, truncate and fsync reaching the image file, in order
+(dm-log-writes for files). Then, in one mount per cache mode:
+
+- fio writes with ``verify=crc32c`` and ``fdatasync=16`` in one region (its
+  own check of the live image), allocating writes with ``fsync=4`` in a second
+  region while another fio job punches holes there (``ioengine=falloc``:
+  discards, so clusters are freed and allocated again), and
+- :class:`powercut.GuestWriter`, four threads writing, discarding and
+  flushing in a third region, each request timestamped against the log.
+
+After a clean unmount the log is replayed into crash states: around each
+completed sync and at random points, what the syncs covered plus a seeded
+random subset of the rest (powercut.CrashLog). In every state our checker finds
+leaks at most (``qemu-img check`` too, for a sample), and every write the
+mode promised reads back, sector by sector: writeback and none, the writes
+completed before a flush started that completed before the cut;
+writethrough (and directsync), every write completed before the cut. Two sabotaged replays
+(syncs ignored; a synced write left out) must fail those checks.
+
+``POWERCUT_DAEMON_STATES=N`` (crash states per mode, 200 by default),
+``POWERCUT_SEED=S`` and ``POWERCUT_DAEMON_MODES=writeback,none,...`` check
+more (``make soak``). A failure names the seed, the mode and the state
+(the log position, the uncovered records kept) and keeps the state's file and
+the log in the test's directory. The workload itself is concurrent, so a seed
+fixes the guest's choices and the states' subsets, not the interleaving.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _env, is_mounted, qemu_img
+from powercut import CrashLog, GuestWriter, Judge, choose_cuts, first_promised
+from recordfs import STATE, WRITE, base_dir, read_log
+
+HERE = Path(__file__).resolve().parent
+MiB, CS, SECTOR = 1 << 20, 65536, 512
+SIZE = 32 * MiB
+VERIFY, CHURN, GUEST = (0, 8 * MiB), (8 * MiB, 16 * MiB), (16 * MiB, 24 * MiB)
+STATES = int(os.environ.get("POWERCUT_DAEMON_STATES", "200"))
+SEED = os.environ.get("POWERCUT_SEED", "19")
+# directsync costs a CI run another 15 s; make soak adds it.
+MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough").split(",")
+WRITE_THROUGH = ("writethrough", "directsync")
+QEMU_EVERY = 25  # one state in this many is also judged by qemu-img check
+
+
+class Recorder:
+    """One recordfs mount: SOURCE served at ``path``, logging to ``log``."""
+
+    def __init__(self, source: Path, path: Path, log: Path) -> None:
+        self.source, self.path, self.log = source, path, log
+        self.stderr = log.with_suffix(".stderr")
+        with open(self.stderr, "w") as err:  # a file, not a pipe nobody drains
+            self.proc = subprocess.Popen([sys.executable, HERE / "recordfs.py", source, path, log],
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready" or not is_mounted(path):
+            pytest.fail(f"recordfs did not start: {line!r}\n{self.stop()}")
+
+    def state(self) -> dict:
+        import json
+        return json.loads(os.getxattr(self.path, STATE))
+
+    def stop(self) -> str:
+        """Unmount (SIGTERM, which also closes the log; a lazy unmount if needed) and return its stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+        self.proc.stdout.close()
+        return self.stderr.read_text()
+
+
+@pytest.fixture
+def recorder(workdir):
+    """``recorder() -> Recorder``: workdir/src served at workdir/lower (ask for it before
+    ``mounted``, so that cachefs is unmounted first)."""
+    started: list[Recorder] = []
+
+    def start() -> Recorder:
+        lower = workdir / "lower"
+        lower.mkdir()
+        started.append(Recorder(workdir / "src", lower, workdir / "record.log"))
+        return started[-1]
+
+    (workdir / "src").mkdir()
+    yield start
+    errors = [err for r in started if "Traceback" in (err := r.stop())]
+    assert not errors, f"recordfs logged a traceback:\n{errors[0]}"
+
+
+FIO_JOBS = """
+[global]
+filename={file}
+randrepeat=0
+[verify]
+ioengine=libaio
+direct=1
+rw=randwrite
+bssplit=4k/80:16k/15:64k/5
+offset={verify[0]}
+size={verify_size}
+iodepth=16
+verify=crc32c
+verify_fatal=1
+do_verify=1
+verify_state_save=0
+fdatasync=16
+[churn]
+ioengine=libaio
+direct=1
+rw=randwrite
+bssplit=64k/70:4k/30
+offset={churn[0]}
+size={churn_size}
+loops=2
+iodepth=4
+fsync=4
+[discard]
+ioengine=falloc
+rw=randtrim
+bs=64k
+offset={churn[0]}
+size={churn_size}
+loops=2
+thinktime=1000
+"""
+
+
+def start_fio(served: Path, workdir: Path) -> subprocess.Popen:
+    job = workdir / "powercut.fio"
+    job.write_text(FIO_JOBS.format(file=served, verify=VERIFY, verify_size=VERIFY[1] - VERIFY[0],
+                                   churn=CHURN, churn_size=CHURN[1] - CHURN[0]))
+    return subprocess.Popen(["fio", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
+
+
+def finish_fio(fio: subprocess.Popen) -> str:
+    out, _ = fio.communicate(timeout=120)
+    assert fio.returncode == 0 and out.count("err= 0") == 3, out[-3000:]  # verify_fatal: a mismatch is an error
+    return out
+
+
+def stat(f: Path, key: str) -> int:
+    return int(os.getxattr(f, f"user.cachefs.stats.{key}"))
+
+
+def run_workload(m, rec: Recorder, workdir: Path, cache: str):
+    """fio and the guest writer at once; returns the guest's ops and the image's counters."""
+    served = m / "vm.raw"
+    fio = start_fio(served, workdir)
+    try:
+        ops = GuestWriter(served, rec.path, GUEST, threads=4, ops_each=90, seed=f"{SEED}-{cache}").run()
+    except BaseException:
+        fio.kill()
+        fio.wait()
+        raise
+    out = finish_fio(fio)
+    counters = {k: stat(served, k) for k in ("fast_allocations", "fast_allocations_adopted", "fast_writes",
+                                             "guest_flushes", "backend_fdatasyncs", "discards")}
+    print(f"{cache}: fio {out.count('err= 0')} jobs verified clean; {counters}; recordfs {rec.state()}")
+    return ops, counters
+
+
+def check_cuts(log: CrashLog, judge: Judge, rng: random.Random, cache: str,
+               workdir: Path) -> tuple[list[str], int, int]:
+    """Judge the chosen crash states: (failures, states, promised writes checked in all)."""
+    failures, promises = [], 0
+    cuts = choose_cuts(log, rng, STATES, judge.promise_starts())
+    for n, cut in enumerate(cuts):
+        buf, st = log.state(cut, rng)
+        qemu = workdir / "state.qcow2" if n % QEMU_EVERY == 0 else None
+        v = judge(buf, cut, qemu)
+        promises += v.promised
+        if v.failures():
+            keep = workdir / f"failed-{cache}-cut{cut}.qcow2"
+            keep.write_bytes(buf)
+            failures.append(f"POWERCUT_SEED={SEED} cache={cache}: {st.describe()}: {v.failures()} "
+                            f"(state kept as {keep}, log {workdir / 'record.log'})")
+    return failures, len(cuts), promises
+
+
+def sabotage_is_caught(log: CrashLog, judge: Judge, rng: random.Random) -> None:
+    """The checks can fail: a replay that ignores the syncs (and O_DSYNC), or that leaves out the
+    records holding one synced write, must be judged wrong."""
+    cuts = [c for c in choose_cuts(log, rng, 60) if c > log.end // 3][:30]
+    caught = any(judge(log.state(c, rng, ignore_syncs=True)[0], c).failures() for c in cuts)
+    assert caught, "replaying without the syncs passed every check: the checks see nothing"
+    ops = judge.ops
+    i, cut = synced_write_alone(ops, judge.write_through)
+    head = ops[i].data[:SECTOR]
+    omit = frozenset(r.pos for r in log.records if r.kind == WRITE and r.pos < cut and head in r.data)
+    assert omit, f"no record holds the data of guest write {i}"
+    buf, st = log.state(cut, rng, omit=omit)
+    v = judge(buf, cut)
+    # Lost, or (a write that grew the file) mapped past the end: either way judged wrong.
+    assert v.corruptions or ops[i].offset // SECTOR in v.lost, f"leaving out a synced write went unnoticed: {st.describe()}"
+
+
+def synced_write_alone(ops, write_through: bool) -> tuple[int, int]:
+    """A promised write of random data that no later op overwrites, and the first cut promising it."""
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if op.kind != "write" or not any(op.data[:SECTOR]):
+            continue
+        end = op.offset + len(op.data)
+        if any(o.kind == "write" and o.offset < end and op.offset < o.offset + len(o.data) for o in ops[i + 1:]):
+            continue
+        cut = first_promised(ops, i, write_through)
+        if cut is not None:
+            return i, cut
+    pytest.fail("no promised write of random data stands alone: nothing to sabotage")
+
+
+@pytest.mark.parametrize("cache", MODES)
+def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mounted, workdir):
+    qemu_img("create", "-q", "-f", "qcow2", workdir / "src" / "vm.qcow2", str(SIZE))
+    rec = recorder()
+    m = mounted(rec.path, "--cache", cache, "--dataplane", "on")
+    t0 = time.monotonic()
+    ops, counters = run_workload(m, rec, workdir, cache)
+    t1 = time.monotonic()
+    assert counters["fast_writes"] > 0 and counters["discards"] > 0, counters
+    assert counters["fast_allocations_adopted"] > 0, counters  # C allocated: the test is not vacuous
+    m.umount()
+    rec.stop()
+    records = read_log(rec.log)
+    base = (base_dir(rec.log) / "vm.qcow2").read_bytes()
+    log = CrashLog(records, base, "vm.qcow2")
+    final, _ = log.state(log.end, random.Random(0), keep=1.0)
+    assert final == (workdir / "src" / "vm.qcow2").read_bytes(), "the log does not replay to the image"
+    assert qemu_img("check", workdir / "src" / "vm.qcow2", check=False).returncode == 0
+
+    judge = Judge(ops, cache in WRITE_THROUGH, GUEST)
+    rng = random.Random(f"{SEED}-{cache}-states")
+    t2 = time.monotonic()
+    failures, states, promises = check_cuts(log, judge, rng, cache, workdir)
+    print(f"{cache}: {states} crash states from {log.end} records ({len(log.syncs)} syncs), {promises} promised "
+          f"writes checked; workload {t1 - t0:.1f} s, unmount {t2 - t1:.1f} s, states {time.monotonic() - t2:.1f} s")
+    assert not failures, f"{len(failures)} of {states} crash states break a promise:\n" + "\n".join(failures[:10])
+    assert promises > 0
+    sabotage_is_caught(log, judge, rng)
