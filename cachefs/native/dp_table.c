@@ -318,21 +318,24 @@ int dp_image_remove(struct dp *dp, uint64_t ino) {
 
 /* Publish `count` entries from guest cluster `first` (stage 2: from the L2 table cache). A
  * cluster C allocated and Python has not adopted yet keeps C's entry (dp_alloc_restore):
- * Python's table still says unallocated there. */
+ * Python's table still says unallocated there. A range past the guest's last cluster changes
+ * nothing (it used to publish the entries before the first bad one without restoring, so a
+ * cluster C had allocated became allocatable again, and C allocated it twice). */
 int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries) {
     int rc = 0;
+    uint64_t i = 0;
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_map_get(&dp->images, ino);
     uint64_t nclusters = im ? (im->vsize + (1ull << im->cluster_bits) - 1) >> im->cluster_bits : 0;
-    for (uint64_t i = 0; im && !im->identity && rc == 0 && i < count; i++) {
+    if (count && (first >= nclusters || count > nclusters - first))
+        rc = -ERANGE;  /* past the guest's last cluster */
+    for (; im && !im->identity && rc == 0 && i < count; i++) {
         uint64_t cl = first + i, chunk = cl >> DP_CHUNK_BITS;
-        if (cl >= nclusters)
-            rc = -ERANGE;  /* past the guest's last cluster */
-        else if (DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT || (chunk < im->nchunks && im->chunks[chunk]))
+        if (DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT || (chunk < im->nchunks && im->chunks[chunk]))
             rc = dp_set_entry(im, cl, entries[i]);
     }
-    if (im && !im->identity && rc == 0)
-        dp_alloc_restore(im, first, count);
+    if (im && !im->identity)
+        dp_alloc_restore(im, first, i);  /* what was published, even if an allocation then failed */
     pthread_mutex_unlock(&dp->lock);
     return !im ? -ENOENT : im->identity ? -EINVAL : rc;
 }
