@@ -134,6 +134,7 @@ class CSide:
 class _Engine:
     def __init__(self, cs: int):
         self.cs = cs
+        self.cache = types.SimpleNamespace(listeners=[])
 
     def on_mapping_change(self, callback) -> None:
         pass  # PublishedPlane hears of changes through map_clusters

@@ -74,6 +74,7 @@ class SimulatedPlane:
         img.backends.fast_writes = lambda: self.completed
         img.free_fence = self._fence
         self.engine.on_mapping_change(self._changed)
+        self.engine.cache.listeners.append(self)  # C holds the entries of cached tables only
 
     # ------------------------------------------------------------ the plane calls (dataplane.DataPlane)
 
@@ -132,6 +133,21 @@ class SimulatedPlane:
             self.cmap.pop(c, None)
         self._restore(change.first, change.count)
 
+    def entered(self, table) -> None:
+        """An L2 table entered Python's cache: dpmap publishes Python's entries, and C keeps what
+        it logged there (dp_alloc_restore)."""
+        if table.kind == "l2" and table.l1_index >= 0:
+            per = self.engine.map.l2_entries
+            self.left(table)
+            self._restore(table.l1_index * per, per)
+
+    def left(self, table) -> None:
+        """An L2 table left the cache: C's entries there are gone, its allocations' too."""
+        if table.kind == "l2" and table.l1_index >= 0:
+            per = self.engine.map.l2_entries
+            for c in range(table.l1_index * per, (table.l1_index + 1) * per):
+                self.cmap.pop(c, None)
+
     def _restore(self, first: int, count: int) -> None:
         """dp_alloc_restore: what C logged keeps C's mapping, writable (not durable) while C may
         allocate, read-only once it may not."""
@@ -168,13 +184,15 @@ class SimulatedPlane:
         (allocating it if need be), or None: forwarded to Python."""
         if len(data) == self.engine.cs and not any(data):
             return None  # a whole cluster of zeros is Python's (discard by zeroes)
+        entry = self._entry(vcl)
+        if entry is None:
+            return None  # its table is not cached, so not published: C forwards it
         if vcl in self.cmap:  # allocated by C: writable, or read-only since allocation stopped
             if self.cmap[vcl] & 3 != W:
                 return None
             self.in_place += 1
             return self.cmap[vcl] & HOST
-        entry = self._entry(vcl)
-        if entry is None or entry & fmt.L2_COMPRESSED:
+        if entry & fmt.L2_COMPRESSED:
             return None
         host = entry & fmt.OFFSET_MASK
         if host and entry & fmt.L2_COPIED and not entry & fmt.L2_ZERO:
@@ -239,6 +257,12 @@ class PublishedPlane(SimulatedPlane):
 
     def _changed(self, change) -> None:
         pass  # the MappingPublisher tells this plane (map_clusters)
+
+    def entered(self, table) -> None:
+        pass  # the MappingPublisher tells this plane (map_clusters)
+
+    def left(self, table) -> None:
+        pass  # the MappingPublisher tells this plane (unmap_clusters)
 
     def _c_entry(self, vcl: int) -> int:
         return self.entries.get(vcl, 0)

@@ -34,6 +34,7 @@ import pytest
 import simplane
 from cachefs import dataplane, native
 from difftest import Layout, Op, Runner, random_sequence, run, shrink
+from difftest_l2 import l2_sequence, run_l2
 
 needs_dataplane = pytest.mark.skipif(
     dataplane.why_unavailable() is not None or not hasattr(native.lib, "dp_test_plan"),
@@ -185,11 +186,55 @@ def test_a_publication_past_the_guest_end_changes_nothing(plane):
     assert r.c.state().log == ((5, 256 * cs),)
 
 
+
+# ------------------------------------------------------------------ SimulatedPlane, from Python's L2 tables
+
+L2_SEQUENCES = max(1, SEQUENCES * 2 // 5)
+
+
+@needs_dataplane
+def test_c_behind_the_mapping_publisher_and_the_simulated_plane_agree(plane):
+    """tests/difftest_l2.py: SimulatedPlane plans from Python's L2 entries, C from what the
+    production MappingPublisher published of them; tables load and leave the cache, entries
+    change, the log is adopted. Their decisions and allocation state must agree."""
+    seen = collections.Counter()
+    for i in [int(ONLY)] if ONLY else range(L2_SEQUENCES):
+        layout, initial, ops = l2_sequence(random.Random(f"{SEED}:l2:{i}"))
+        got = run_l2(plane, layout, initial, ops, seen)
+        if got is not None:
+            at, what = got
+            steps = "\n".join(f"  {n}. {op}" for n, op in enumerate(ops[:at + 1], 1))
+            pytest.fail(f"{what}\nDIFF_SEED={SEED} DIFF_ONLY={i} ({layout}; L2 entries "
+                        f"{[hex(e) for e in initial]}):\n{steps}")
+    if not ONLY and L2_SEQUENCES >= 500:
+        for what, least in (("L2 allocated", 1000), ("L2 in place", 1000), ("L2 forwarded", 1000),
+                            ("evictions with clusters logged", 200)):
+            assert seen[what] >= least, (what, seen[what])
+
+
+@needs_dataplane
+def test_a_cluster_c_allocated_is_forwarded_once_its_table_left_the_cache(plane):
+    """SimulatedPlane kept serving C's allocation in place after the L2 table was evicted, where
+    C, whose entries of that table are gone, forwards the write (Python adopts first)."""
+    layout = Layout(12, 16, ((0, 16),))
+    ops = [Op("set", (True, 0)), Op("give", ((1 << 32,),)), Op("load", (0,)),
+           Op("write", (3 * 4096, 512, ((0, 511),))), Op("evict", (0,)), Op("write", (3 * 4096 + 512, 512, ()))]
+    assert run_l2(plane, layout, [0] * 16, ops) is None
+
+
 async def soak(sequences: int, seed: int, tmp_path) -> int:
     """A ``SOAK`` case (tests/soak.py): ``sequences`` sequences of seed ``seed``; the steps checked."""
     seen = collections.Counter()
     failure = check(None, str(seed), range(sequences), seen)
     assert failure is None, failure
+    plane = dataplane.DataPlane()
+    try:
+        for i in range(sequences // 2):
+            layout, initial, ops = l2_sequence(random.Random(f"{seed}:l2:{i}"))
+            got = run_l2(plane, layout, initial, ops, seen)
+            assert got is None, f"{got[1]}; DIFF_SEED={seed} DIFF_ONLY={i} (the L2 test)"
+    finally:
+        plane.close()
     return seen["steps"]
 
 
