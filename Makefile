@@ -131,3 +131,17 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp
 	rm -f cachefs/native/_cachefs_native.c cachefs/native/_cachefs_native*.so cachefs/native/_cachefs_native*.o
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Issue 19: power cuts of the real daemon (tests/test_powercut_daemon.py) at length: more crash
+# states per cache mode, directsync too, one run per seed. A failure names its seed and state.
+#   make soak SOAK_SEEDS="1 2 3" SOAK_STATES=3000
+SOAK_SEEDS  ?= 1 2 3 4 5
+SOAK_STATES ?= 2000
+SOAK_MODES  ?= writeback,none,writethrough,directsync
+.PHONY: soak
+soak: venv
+	@for seed in $(SOAK_SEEDS); do \
+	  echo "soak: POWERCUT_SEED=$$seed"; \
+	  POWERCUT_SEED=$$seed POWERCUT_DAEMON_STATES=$(SOAK_STATES) POWERCUT_DAEMON_MODES=$(SOAK_MODES) \
+	    $(VPY) -m pytest -q -p no:cacheprovider tests/test_powercut_daemon.py || exit 1; \
+	done

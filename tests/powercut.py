@@ -5,12 +5,14 @@
 - :class:`CrashLog`: one file's history in a recordfs log (tests/recordfs.py),
   and the crash states it allows: everything the widest completed sync covers,
   plus every write logged DURABLE (O_DSYNC), plus a random subset of the other
-  records before the cut. :func:`choose_cuts` picks cut points (around every
-  sync, and anywhere).
+  records before the cut (whole, or page by page). :func:`choose_cuts` picks
+  cut points (around every sync, where promises start, and anywhere).
 - :class:`GuestWriter`: a guest on a live mount, several threads writing,
   discarding and flushing, each request timestamped against the recordfs log
   (its position, read after the request returned); :func:`promised` says which
   of its writes a cut must keep.
+- :class:`Judge`: one crash state judged: our checker (leaks at most),
+  ``qemu-img check`` when asked, and the promised writes, sector by sector.
 """
 
 from __future__ import annotations
@@ -94,11 +96,14 @@ class CrashState:
     cut: int                 # records that happened before the power went
     durable: int             # records before this position are on disk (the widest completed sync)
     kept: tuple[int, ...]    # positions of the uncovered records that reached the disk anyway
+    torn: tuple[tuple[int, int, int], ...] = ()  # (position, file offset, length): parts of the others
     omitted: tuple[int, ...] = ()  # sabotage: covered records left out
 
     def describe(self) -> str:
         kept = ",".join(map(str, self.kept[:40])) + (",..." if len(self.kept) > 40 else "")
         out = f"cut at log position {self.cut}, durable through {self.durable}, kept uncovered [{kept}]"
+        if self.torn:
+            out += ", and of torn records only " + ",".join(f"{p}@{o:#x}+{n:#x}" for p, o, n in self.torn[:40])
         return out + (f", omitted {list(self.omitted)}" if self.omitted else "")
 
 
@@ -112,6 +117,16 @@ def apply(buf: bytearray, rec: Record) -> None:
             del buf[rec.arg:]
         else:
             buf.extend(bytes(rec.arg - len(buf)))
+
+
+def pages(rec: Record, page: int) -> list[Record]:
+    """A write record cut at the page boundaries of the file."""
+    out, at, end = [], rec.arg, rec.arg + len(rec.data)
+    while at < end:
+        stop = min(end, (at // page + 1) * page)
+        out.append(rec._replace(arg=at, data=rec.data[at - rec.arg:stop - rec.arg]))
+        at = stop
+    return out
 
 
 class CrashLog:
@@ -147,10 +162,13 @@ class CrashLog:
         self._scratch[:] = self._buf  # same length: copied in place, no allocation
         return self._scratch
 
-    def state(self, cut: int, rng: random.Random, *, keep: float = 0.5, ignore_syncs: bool = False,
+    def state(self, cut: int, rng: random.Random, *, keep: float = 0.5, tear: int = 0, ignore_syncs: bool = False,
               omit: frozenset[int] = frozenset()) -> tuple[bytearray, CrashState]:
         """The file after a power cut once ``cut`` records happened.
 
+        ``tear``: a page size; an uncovered write over more than one page then
+        lands page by page, each page or not (the page cache writes dirty pages
+        back one by one, and a device may persist part of a large write).
         ``ignore_syncs`` and ``omit`` are sabotage (the checks must then fail):
         no sync and no O_DSYNC write made anything durable; or records a sync
         covered are left out.
@@ -158,17 +176,22 @@ class CrashLog:
         durable = 0 if ignore_syncs else self.durable_point(cut)
         start = 0 if omit else durable
         buf = bytearray(self.base) if omit else self._prefix(durable)
-        kept = []
+        kept, torn = [], []
         lo, hi = bisect.bisect_left(self.positions, start), bisect.bisect_left(self.positions, cut)
         for rec in self.records[lo:hi]:
             if rec.kind == SYNC or rec.pos in omit:
                 continue
-            must = rec.pos < durable or (rec.flags & DURABLE and not ignore_syncs)
-            if must or rng.random() < keep:
+            if rec.pos < durable or (rec.flags & DURABLE and not ignore_syncs):
                 apply(buf, rec)
-                if not must:
-                    kept.append(rec.pos)
-        return buf, CrashState(cut, durable, tuple(kept), tuple(sorted(omit)))
+            elif tear and rec.kind == WRITE and rec.arg // tear != (rec.arg + len(rec.data) - 1) // tear:
+                for piece in pages(rec, tear):
+                    if rng.random() < keep:
+                        apply(buf, piece)
+                        torn.append((rec.pos, piece.arg, len(piece.data)))
+            elif rng.random() < keep:
+                apply(buf, rec)
+                kept.append(rec.pos)
+        return buf, CrashState(cut, durable, tuple(kept), tuple(torn), tuple(sorted(omit)))
 
 
 def choose_cuts(log: CrashLog, rng: random.Random, n: int, promise_starts=()) -> list[int]:
