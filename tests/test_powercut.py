@@ -32,6 +32,8 @@ import subprocess
 
 import pytest
 
+import interleaving
+
 from cachefs.backend.faulty import Sync, replay
 from cachefs.policy import NONE, WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.check import check_image
@@ -112,21 +114,32 @@ def compressed_qcow2(tmp_path, size: int, cluster_bits: int) -> bytes:
     return img.read_bytes()
 
 
-WORKLOADS = [(16, 1, "fresh"), (16, 2, "compressed"), (12, 3, "fresh"), (9, 4, "fresh"), (12, 5, "tiny-cache")]
-
-
+WORKLOADS = {"16-fresh": (16, 1, "fresh"), "16-compressed": (16, 2, "compressed"), "12-fresh": (12, 3, "fresh"),
+             "9-fresh": (9, 4, "fresh"), "12-tiny-cache": (12, 5, "tiny-cache")}  # cluster bits, CI seed, source
+MODES = {m.name: m for m in (WRITEBACK, NONE, WRITETHROUGH)}
 # Every workload in writeback; none on two, writethrough on three of them, 512-byte clusters
 # included (that workload found the moved-L1 ordering bug in writethrough): the suite's time budget.
 # Over this memory file none differs from writeback only in the descriptors' O_DIRECT, and
 # directsync from writethrough likewise, which memory does not model: test_cache_modes.py and
 # test_powercut_concurrent.py cut directsync and none too.
-@pytest.mark.parametrize("mode,cluster_bits,seed,source",
-                         [(WRITEBACK, *w) for w in WORKLOADS]
-                         + [(NONE, *w) for w in WORKLOADS if w[1] in (1, 5)]
-                         + [(WRITETHROUGH, *w) for w in WORKLOADS if w[1] in (1, 4, 5)],
-                         ids=lambda v: getattr(v, "name", str(v)))
-async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, cluster_bits, seed, source, tmp_path):
-    """tiny-cache: 4 tables, so the queue writes out early (no sync) and evicts written tables."""
+CASES = ([f"writeback-{w}" for w in WORKLOADS] + [f"none-{w}" for w in ("16-fresh", "12-tiny-cache")]
+         + [f"writethrough-{w}" for w in ("16-fresh", "9-fresh", "12-tiny-cache")])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_power_cut_states_are_consistent_and_keep_flushed_writes(case, tmp_path):
+    """Each case's own CI seed (WORKLOADS); make soak runs the others."""
+    seed = WORKLOADS[case.split("-", 1)[1]][1]
+    states = interleaving.run(simulate, case, seed, tmp_path, seed=seed,
+                              replay=f"make soak SOAK_ONLY=powercut-{case} SOAK_SEEDS=<seed>")
+    assert states >= 200
+
+
+async def simulate(case: str, seed: int, tmp_path) -> int:
+    """One seeded run of a case ("MODE-WORKLOAD"); the cut states checked. tiny-cache: 4 tables,
+    so the queue writes out early (no sync) and evicts written tables."""
+    mode_name, shape = case.split("-", 1)
+    mode, (cluster_bits, _, source) = MODES[mode_name], WORKLOADS[shape]
     cs = 1 << cluster_bits
     size = 8 << 20 if cluster_bits > 9 else 2 << 20
     if source == "compressed":
@@ -193,4 +206,8 @@ async def test_power_cut_states_are_consistent_and_keep_flushed_writes(mode, clu
     final = replay(base, rec.events)
     result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
     assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])  # a clean close: no leaks
+    return states
+
+
+SOAK = {f"powercut-{case}": (simulate, case) for case in CASES}
 

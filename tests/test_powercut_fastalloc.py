@@ -33,6 +33,8 @@ import subprocess
 import pytest
 import trio
 
+import interleaving
+
 from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync
 from cachefs.backendset import BackendSet
@@ -98,6 +100,15 @@ async def run_workload(img, rec, plane, mode, rng, n_ops: int, *, mix=(0.07, 0.1
                              for s in range(off // SECTOR, (off + n) // SECTOR))
             assert got == want, f"writer {k}: a read at {off:#x}+{n:#x} missed its own completed writes"
 
+        if initial is not None:
+            # A converted image has every cluster allocated (compressed): C allocates only where a
+            # discard made room, so each writer discards its own clusters first, or how much C
+            # allocates would depend on the interleaving (issue 19: 5 allocations on some seeds).
+            for off in own:
+                started = len(rec.events)
+                await img.discard(off, CS, mode)
+                note(off, bytes(CS))
+                ops.append(Op("write", off, bytes(CS), started, len(rec.events)))
         for _ in range(n_ops):
             started = len(rec.events)
             roll = rng.random()
@@ -197,18 +208,37 @@ MIXED = (0.07, 0.13, 0.19, 0.27)    # flushes, reads, discards, Python writes: c
 C_HEAVY = (0.08, 0.10, 0.12, 0.14)  # few Python requests, whose settle_range would adopt C's log
 
 
-@pytest.mark.parametrize("mode,seed,mix,source", [(WRITEBACK, 1, MIXED, "fresh"), (WRITEBACK, 2, C_HEAVY, "fresh"),
-                                                  (NONE, 3, MIXED, "compressed")],
-                         ids=lambda v: getattr(v, "name", "c-heavy" if v == C_HEAVY else "mixed" if v == MIXED else str(v)))
-async def test_power_cuts_with_allocations_in_the_data_plane(mode, seed, mix, source, tmp_path):
-    """compressed: every cluster starts compressed (qemu-img convert -c). C forwards writes there
+CASES = {"writeback-mixed": (WRITEBACK, MIXED, "fresh"), "writeback-c-heavy": (WRITEBACK, C_HEAVY, "fresh"),
+         "none-compressed": (NONE, MIXED, "compressed")}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", interleaving.seeds())
+def test_power_cuts_with_allocations_in_the_data_plane(case, seed, tmp_path):
+    states = interleaving.run(simulate, case, seed, tmp_path, seed=seed,
+                              replay=f"make soak SOAK_ONLY=fastalloc-{case} SOAK_SEEDS=<seed>")
+    assert states >= 120
+
+
+def test_the_interleaving_that_lost_flushed_writes(tmp_path):
+    """Issue 19's reproduction (shared/repro/powercut_seed.py): the c-heavy workload of the old
+    seed 2 under interleaving seed 119 lost C's writes acknowledged before a flush that returned
+    without a sync (a queue holding only pending frees; tests/test_flush_fast_writes.py)."""
+    interleaving.run(simulate, "writeback-c-heavy", 119, tmp_path, "fastalloc-WRITEBACK-2", seed=119)
+
+
+async def simulate(case: str, seed: int, tmp_path, workload: str | None = None) -> int:
+    """One seeded run of a case, every sampled cut checked; the cut states checked.
+
+    compressed: every cluster starts compressed (qemu-img convert -c). C forwards writes there
     (Python copies on write); a discarded one is unallocated and C allocates it again."""
+    mode, mix, source = CASES[case]
     if source == "compressed":
         base = compressed_qcow2(tmp_path, SIZE, 16)
         initial = await read_all(bytearray(base))
     else:
         base, initial = bytes(fresh_qcow2(SIZE)), None
-    rng = random.Random(f"fastalloc-{mode.name}-{seed}")
+    rng = random.Random(workload or f"fastalloc-{case}-{seed}")
     img, rec, plane, allocs = await open_image(base, mode, rng)
     ops = await run_workload(img, rec, plane, mode, rng, 60, mix=mix, initial=initial)
     events = list(rec.events)
@@ -216,7 +246,9 @@ async def test_power_cuts_with_allocations_in_the_data_plane(mode, seed, mix, so
 
     # Not vacuous: C served most writes, and allocated many clusters (fresh ones, and again after
     # discards); Python adopted them all by the end of a flush (below).
-    assert plane.allocated >= (40 if source == "fresh" else 10), (plane.allocated, plane.in_place, plane.forwarded)
+    # (Bounds that hold on every seed: fresh runs allocated 37 to 62 in C over 40 seeds, compressed
+    # ones, whose writers discard their clusters first, 23 to 42.)
+    assert plane.allocated >= (20 if source == "fresh" else 10), (plane.allocated, plane.in_place, plane.forwarded)
     assert plane.in_place + plane.allocated > 2 * plane.forwarded, (plane.allocated, plane.in_place, plane.forwarded)
     assert allocs.lent >= plane.allocated
 
@@ -243,6 +275,10 @@ async def test_power_cuts_with_allocations_in_the_data_plane(mode, seed, mix, so
     final = replay(base, rec.events)
     result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
     assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])
+    return states
+
+
+SOAK = {f"fastalloc-{case}": (simulate, case) for case in CASES}
 
 
 async def test_clean_close_after_allocations_leaves_no_leaks(tmp_path):
