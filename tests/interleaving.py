@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import hypothesis  # noqa: F401  (trio's hypothesis plugin: deterministic scheduling)
 import trio
 import trio._core._run as trio_run
+import trio.testing
 
 #: The seeds every CI run checks, for each power-cut simulation.
 CI_SEEDS = (1, 2)
@@ -43,15 +44,18 @@ def seeds(default=CI_SEEDS) -> list[int]:
     return out
 
 
-def run(fn: Callable[..., Awaitable], *args, seed: int, replay: str = ""):
+def run(fn: Callable[..., Awaitable], *args, seed: int, replay: str = "", virtual_time: bool = False):
     """``trio.run(fn, *args)`` with trio's scheduling seeded by ``seed``; the Random's state is
     restored afterwards, so other tests are not affected. ``replay``: how to run this case alone,
-    for the failure note."""
+    for the failure note. ``virtual_time``: sleeps end in the order of their deadlines, never
+    by the wall clock (trio.testing.MockClock jumping whenever every task waits), for workloads
+    that sleep."""
     assert trio_run._ALLOW_DETERMINISTIC_SCHEDULING, "trio's hypothesis plugin did not load"
     saved = trio_run._r.getstate()
     trio_run._r.seed(seed)
     try:
-        return trio.run(fn, *args)
+        clock = trio.testing.MockClock(autojump_threshold=0) if virtual_time else None
+        return trio.run(fn, *args, clock=clock)
     except BaseException as exc:
         how = replay or "POWERCUT_SEEDS=<seed> pytest <this test>"
         exc.add_note(f"interleaving seed {seed}: replay with {how.replace('<seed>', str(seed))}")

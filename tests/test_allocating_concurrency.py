@@ -16,6 +16,8 @@ import subprocess
 import pytest
 import trio
 
+import interleaving
+
 from cachefs.backend import MemoryBackend
 from cachefs.backendset import BackendSet
 from cachefs.policy import WRITEBACK, WRITETHROUGH
@@ -48,7 +50,12 @@ class SlowView(ModeView):
 
 
 @pytest.mark.parametrize("mode", [WRITEBACK, WRITETHROUGH], ids=lambda m: m.name)
-async def test_writers_in_the_same_new_clusters(mode):
+@pytest.mark.parametrize("seed", interleaving.seeds())
+def test_writers_in_the_same_new_clusters(mode, seed):
+    interleaving.run(writers_in_the_same_new_clusters, mode, seed, seed=seed, virtual_time=True)
+
+
+async def writers_in_the_same_new_clusters(mode, seed: int) -> None:
     size = 4 << 20
     buf = bytearray(fresh_qcow2(size))
     stats = {"now": 0, "peak": 0}
@@ -57,7 +64,7 @@ async def test_writers_in_the_same_new_clusters(mode):
     be = backends.get(mode)
     engine = await run_async(open_engine(len(buf), writable=True), be.pread)
     img = Qcow2Image("mem.qcow2", backends, None, True, engine, mode)
-    rng = random.Random(14)
+    rng = random.Random(seed)
     blocks = list(range(16 * CS // BLOCK))  # 16 clusters, 16 blocks each, every block once
     rng.shuffle(blocks)
     want = bytearray(size)
