@@ -133,15 +133,19 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Issue 19: power cuts of the real daemon (tests/test_powercut_daemon.py) at length: more crash
-# states per cache mode, directsync too, one run per seed. A failure names its seed and state.
-#   make soak SOAK_SEEDS="1 2 3" SOAK_STATES=3000
-SOAK_SEEDS  ?= 1 2 3 4 5
-SOAK_STATES ?= 2000
-SOAK_MODES  ?= writeback,none,writethrough,directsync
-.PHONY: soak
-soak: venv
-	@for seed in $(SOAK_SEEDS); do \
-	  echo "soak: POWERCUT_SEED=$$seed"; \
-	  POWERCUT_SEED=$$seed POWERCUT_DAEMON_STATES=$(SOAK_STATES) POWERCUT_DAEMON_MODES=$(SOAK_MODES) \
-	    $(VPY) -m pytest -q -p no:cacheprovider tests/test_powercut_daemon.py || exit 1; \
-	done
+# states per cache mode, directsync too, small clusters too (512 B: new L2 tables, refcount blocks
+# and a moved refcount table all the time), one run per seed and cluster size (about 25 minutes
+# with the defaults). A failure names its seed and state. E.g.
+#   make soak-daemon DAEMON_SEEDS="1 2 3" DAEMON_STATES=3000 DAEMON_CLUSTERS=65536
+DAEMON_SEEDS    ?= 1 2 3
+DAEMON_STATES   ?= 1000
+DAEMON_MODES    ?= writeback,none,writethrough,directsync
+DAEMON_CLUSTERS ?= 65536 4096 512
+.PHONY: soak-daemon
+soak-daemon: venv
+	@for seed in $(DAEMON_SEEDS); do for cs in $(DAEMON_CLUSTERS); do \
+	  echo "soak-daemon: POWERCUT_SEED=$$seed POWERCUT_DAEMON_CLUSTER=$$cs"; \
+	  POWERCUT_SEED=$$seed POWERCUT_DAEMON_CLUSTER=$$cs POWERCUT_DAEMON_STATES=$(DAEMON_STATES) \
+	    POWERCUT_DAEMON_MODES=$(DAEMON_MODES) $(VPY) -m pytest -q -p no:cacheprovider tests/test_powercut_daemon.py \
+	    || exit 1; \
+	done; done

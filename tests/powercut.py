@@ -364,11 +364,14 @@ class Judge:
         if qemu_file is not None:
             v.qemu = qemu_check(buf, qemu_file)
         lo, hi = self.region
-        data = trio.run(_guest_read, buf, lo, hi - lo)
-        safe = promised(self.ops, cut, self.write_through)
-        v.promised = len(safe)
-        v.lost = self.history.lost(data, lo, safe)
+        v.promised, v.lost = self.lost(trio.run(_guest_read, buf, lo, hi - lo), cut)
         return v
+
+    def lost(self, data: bytes, cut: int) -> tuple[int, list[int]]:
+        """(the writes promised at ``cut``, the sectors of ``data`` that lost one); ``data`` is the
+        guest view of the region, read by our engine or through a mount."""
+        safe = promised(self.ops, cut, self.write_through)
+        return len(safe), self.history.lost(data, self.region[0], safe)
 
 
 def qemu_check(buf: bytearray, path) -> str:
