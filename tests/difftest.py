@@ -244,6 +244,8 @@ class Runner:
         seen[counted + "deferred"] += c.defer
         seen[counted + "through the twin"] += c.via == "twin"
         seen[counted + "allocating several clusters"] += len(c.allocated) > 1
+        pieces = 1 + sum(b != a + self.layout.cs for a, b in zip(c.hosts, c.hosts[1:]))
+        seen[counted + "in DP_MAXPIECE pieces"] += c.kind != "forwarded" and pieces == native.lib.DP_MAXPIECE
         seen[f"{counted}write-through {c.kind}"] += HANDLES[fh][1]
 
     def op_write_many(self, fh, first, count, length):
@@ -373,6 +375,12 @@ class Generator:
         first, count = self._range()
         if first + count == self.layout.nclusters and self.rng.random() < 0.05:
             count += self.rng.randint(1, 3)  # past the guest's end: refused, nothing published
+        if self.rng.random() < 0.1:  # a run all writable in place, scattered: writes across it need many pieces
+            if self.rng.random() < 0.5:
+                first, end = self.rng.choice(self.layout.windows)
+                count = end - first
+            hosts = self.rng.sample(range(4096, 4096 + 4 * count), count)
+            return Op("map", (first, tuple(h * self.layout.cs | native.lib.DP_MAP_WRITABLE for h in hosts)))
         return Op("map", (first, tuple(self._entry() for _ in range(count))))
 
     def unmap(self) -> Op:
@@ -384,8 +392,9 @@ class Generator:
     def give(self) -> Op:
         n = (self.rng.choice([100, 1000, 3000, 8192]) if self.profile == "ring" else
              native.lib.DP_ALOG + 200 if self.profile == "log" else self.rng.choice([1, 2, 3, 4, 8, 16, 32]))
-        hosts = tuple(range(self.next_host, self.next_host + n))
-        self.next_host += n
+        step = 1 if self.rng.random() < 0.7 else 2  # lent clusters are not always adjacent
+        hosts = tuple(range(self.next_host, self.next_host + step * n, step))
+        self.next_host += step * n
         return Op("give", (tuple(h * self.layout.cs for h in hosts),))
 
     def take(self) -> Op:
@@ -407,7 +416,7 @@ class Generator:
         vcl = rng.randrange(first, end)
         fh = rng.choices(list(HANDLES), [7, 2, 1])[0]
         if rng.random() < 0.2:  # across clusters: up to 40 of them, and 1 MiB
-            span = min(rng.choice([2, 2, 3, 5, 18, 33, 40]), end - vcl, (1 << 20) // cs)
+            span = min(rng.choice([2, 2, 3, 5, 17, 18, 19, 33, 40]), end - vcl, (1 << 20) // cs)
             off = vcl * cs + rng.randrange(cs)
             length = max(1, min(span * cs - (off - vcl * cs) - rng.randrange(cs), 1 << 20))
             a = max(0, (off + rng.randrange(length)) // cs * cs - off)  # a cluster of it zeroed, now and then

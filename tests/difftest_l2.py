@@ -17,6 +17,7 @@ import random
 import types
 
 import attrs
+import trio
 
 from cachefs import native
 from cachefs.dpmap import MappingPublisher
@@ -71,6 +72,10 @@ class FakeEngine:
         table.entries[vcl % PER_TABLE] = entry
 
 
+def _tables(entries: list[int]) -> list[FakeTable]:
+    return [FakeTable(t, entries[t * PER_TABLE:(t + 1) * PER_TABLE]) for t in range(len(entries) // PER_TABLE)]
+
+
 class L2Sim(SimulatedPlane):
     """SimulatedPlane reading the fake engine's cached tables as its _entry."""
 
@@ -96,8 +101,7 @@ class L2Runner:
     def __init__(self, plane, layout: Layout, initial: list[int], seen: collections.Counter | None = None):
         self.layout, self.seen = layout, collections.Counter() if seen is None else seen
         self.c = CSide(plane, layout)
-        tables = lambda: [FakeTable(t, initial[t * PER_TABLE:(t + 1) * PER_TABLE]) for t in range(len(initial) // PER_TABLE)]
-        self.c_engine, self.sim_engine = FakeEngine(layout, tables()), FakeEngine(layout, tables())
+        self.c_engine, self.sim_engine = FakeEngine(layout, _tables(initial)), FakeEngine(layout, _tables(initial))
         self.publisher = MappingPublisher(plane, INO, self.c_engine)
         img = types.SimpleNamespace(engine=self.sim_engine, backends=types.SimpleNamespace())
         self.sim = L2Sim(img, None, None, random.Random(0))
@@ -112,7 +116,7 @@ class L2Runner:
     def step(self, op: Op) -> None:
         getattr(self, "op_" + op.name)(*op.args)
         c, sim = self.c.woken(), self.sim.wake.is_set()
-        self.sim.wake = self.sim.wake.__class__()
+        self.sim.wake = trio.Event()  # as fastpaths' serve_allocations consumes it
         if c != sim:
             raise Disagreement("woke Python", c, sim)
         cs, s = self.c.state(), self.sim

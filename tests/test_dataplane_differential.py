@@ -18,9 +18,12 @@ low-water mark, whether C woke Python, and for a write: forwarded, served in pla
 allocated, at which hosts, which clusters it allocated, through which descriptor, and whether
 its answer waits for a sync.
 
+One level up (tests/difftest_l2.py), SimulatedPlane, which plans from Python's L2 entries and
+which the power-cut workloads use, runs against C fed by the production MappingPublisher.
+
 A failure names the seed and the sequence, and prints the shortest sequence of steps found
 that still disagrees. More: ``DIFF_SEQUENCES=100000 DIFF_SEED=7 pytest tests/test_dataplane_differential.py``;
-one sequence: ``DIFF_ONLY=<number>``.
+one sequence: ``DIFF_ONLY=<number>``. ``SOAK`` is this module's case for tests/soak.py.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def test_c_and_its_model_agree():
     for what, least in (("allocated", 1000), ("in place", 1000), ("forwarded", 1000), ("deferred", 200),
                         ("through the twin", 200), ("allocating several clusters", 20), ("wakes", 200),
                         ("overflowed claims", 100), ("stops with clusters logged", 20),
-                        ("publications over logged clusters", 200), ("write-through allocated", 100)):
+                        ("publications over logged clusters", 200), ("write-through allocated", 100),
+                        ("in DP_MAXPIECE pieces", 3), ("bulk forwarded", 20)):
         assert seen[what] >= least, (what, seen[what])
 
 
