@@ -43,7 +43,7 @@ needs_dataplane = pytest.mark.skipif(
     dataplane.why_unavailable() is not None or not hasattr(native.lib, "dp_test_plan"),
     reason=str(dataplane.why_unavailable() or "built without the data plane's test hooks"))
 
-SEQUENCES = int(os.environ.get("DIFF_SEQUENCES", "1500"))
+SEQUENCES = int(os.environ.get("DIFF_SEQUENCES", "1000"))
 SEED = os.environ.get("DIFF_SEED", "19")
 ONLY = os.environ.get("DIFF_ONLY")
 
@@ -90,9 +90,9 @@ def test_c_and_its_model_agree():
     failure = check(None, SEED, [int(ONLY)] if ONLY else range(SEQUENCES), seen)
     assert failure is None, failure
     print(f"{SEQUENCES} sequences, {seen['steps']} steps: {dict(seen)}")
-    if ONLY or SEQUENCES < 1000:
+    if ONLY or SEED != "19" or SEQUENCES < 1000:
         return
-    # Not vacuous: every kind of decision came up, many times.
+    # Not vacuous: every kind of decision came up, many times (CI's seed; others vary).
     for what, least in (("allocated", 1000), ("in place", 1000), ("forwarded", 1000), ("deferred", 200),
                         ("through the twin", 200), ("allocating several clusters", 20), ("wakes", 200),
                         ("overflowed claims", 100), ("stops with clusters logged", 20),
@@ -193,7 +193,7 @@ def test_a_publication_past_the_guest_end_changes_nothing(plane):
 
 # ------------------------------------------------------------------ SimulatedPlane, from Python's L2 tables
 
-L2_SEQUENCES = max(1, SEQUENCES * 2 // 5)
+L2_SEQUENCES = max(1, SEQUENCES // 2)
 
 
 @needs_dataplane
@@ -210,7 +210,7 @@ def test_c_behind_the_mapping_publisher_and_the_simulated_plane_agree(plane):
             steps = "\n".join(f"  {n}. {op}" for n, op in enumerate(ops[:at + 1], 1))
             pytest.fail(f"{what}\nDIFF_SEED={SEED} DIFF_ONLY={i} ({layout}; L2 entries "
                         f"{[hex(e) for e in initial]}):\n{steps}")
-    if not ONLY and L2_SEQUENCES >= 500:
+    if not ONLY and SEED == "19" and L2_SEQUENCES >= 500:
         for what, least in (("L2 allocated", 1000), ("L2 in place", 1000), ("L2 forwarded", 1000),
                             ("evictions with clusters logged", 200)):
             assert seen[what] >= least, (what, seen[what])
