@@ -205,6 +205,8 @@ class Catalog:
         self.by_inode[e.inode] = self.by_name[f.visible] = e
         self.skipped.pop(f.visible, None)
         log.info("serving %s as %s (%s)", f.path, f.visible, img.format)
+        if img.read_only_reason:
+            log.warning("serving %s read-only: %s", f.path, img.read_only_reason)
         return e
 
     def _skip(self, name: str, why: str) -> None:

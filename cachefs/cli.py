@@ -348,6 +348,8 @@ def stats(mountpoint, as_json):
     click.echo(f"{'image':<20} " + " ".join(f"{k.split('.')[-1]:>18}" for k in STAT_KEYS))
     for name, x in images.items():
         click.echo(f"{name:<20} " + " ".join(f"{x.get(k, '-'):>18}" for k in STAT_KEYS))
+        if "read_only_reason" in x:
+            click.echo(f"{'':<20}   read-only: {x['read_only_reason']}")
         for mode in MODES:
             if f"stats.{mode}.guest_flushes" in x:
                 per = " ".join(f"{k}={x.get(f'stats.{mode}.{k}', '-')}" for k in MODE_STAT_KEYS)

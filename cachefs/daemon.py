@@ -71,6 +71,10 @@ class MountConfig:
     log_file: str | None = None
     foreground: bool = False
     debug: bool = False
+    # -o growable: a write past a disk's end grows it; otherwise ENOSPC (only a resize changes the size).
+    growable: bool = False
+    # -o drop_bitmaps: an image with persistent bitmaps is served writable, its bitmaps deleted.
+    drop_bitmaps: bool = False
 
 
 def discover_images(image_dir: str) -> dict[str, str]:
@@ -254,7 +258,7 @@ async def _open_catalog(cfg: MountConfig):
 
     async def opener(path: str):
         return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio,
-                                cache_bytes=cfg.l2_cache_size)
+                                cache_bytes=cfg.l2_cache_size, drop_bitmaps=cfg.drop_bitmaps)
     catalog = Catalog(cfg.image_dir, opener)
     try:
         # The whole directory is on that filesystem / this host: refuse, no fallback.
@@ -332,7 +336,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
         plane = _new_dataplane(cfg, tell)
         ops = CachefsOperations(
             catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
-            create_qcow2=cfg.create_format == "qcow2",
+            create_qcow2=cfg.create_format == "qcow2", growable=cfg.growable,
             root_info={"log": where or "stderr", "image_dir": cfg.image_dir},
             fast=plane and FastPaths(plane, read_only=cfg.read_only))
         if plane is not None:
@@ -344,6 +348,9 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
         raise
     for name, why in catalog.skipped.items():
         tell(f"warning: not serving {why}")
+    for e in catalog.by_inode.values():
+        if e.image.read_only_reason and not cfg.read_only:
+            tell(f"warning: serving {e.image.path} read-only: {e.image.read_only_reason}")
     if own is None:
         try:
             # FUSE's default of 12 background requests would cap a QD32 client.

@@ -59,6 +59,8 @@ class Handle:
     direct_io: bool  # fixed by the kernel for the life of the handle
     pid: int         # who opened it, for the log of a forced unmount
     wrote: bool = False
+    # Made by create(2) through the mount: its writes fill the new image and grow it (cp, dd).
+    created: bool = False
 
     @property
     def image(self) -> Image:
@@ -128,7 +130,8 @@ class CachefsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, catalog: Catalog, *, show: Presentation = Presentation(),
-                 create_qcow2: bool = True, root_info: dict[str, str] | None = None, fast=None):
+                 create_qcow2: bool = True, root_info: dict[str, str] | None = None, fast=None,
+                 growable: bool = False):
         super().__init__()
         # The data plane's side of each handle (cachefs/dataplane.py): publish at open, take
         # back at release, pause around a resize or a live switch. NoFastPaths: --dataplane off.
@@ -138,6 +141,7 @@ class CachefsOperations(pyfuse3.Operations):
         self.show = show
         self.read_only = show.read_only
         self.create_qcow2 = create_qcow2
+        self.growable = growable  # -o growable: a write past a disk's end grows it (else ENOSPC)
         self.root_info = root_info or {}
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -258,6 +262,7 @@ class CachefsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         e = await self._new_image(parent_inode, name, mode, ctx)
         fi = self._open_entry(e, flags, ctx)
+        self.handles[fi.fh].created = True
         await self.fast.opened(fi.fh, self.handles[fi.fh])  # before the reply: C may serve its next request
         return fi, self._attr(e.inode)
 
@@ -336,8 +341,7 @@ class CachefsOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self._handle(fh)
         if off + len(buf) > h.image.size and h.image.writable and not self.read_only:
-            async with self.fast.paused(h.inode):
-                await h.image.grow_to(off + len(buf))
+            buf = await self._past_the_end(h, off, buf)
         self._begin()
         try:
             await h.image.write(off, buf, h.mode)
@@ -347,6 +351,23 @@ class CachefsOperations(pyfuse3.Operations):
         if h.direct_io:
             await self._invalidate_cached(h.inode)
         return len(buf)
+
+    async def _past_the_end(self, h: Handle, off: int, buf):
+        """A write reaching past the disk's end. A disk is a block device to its guest: only a
+        resize (truncate) changes its size, so the write is cut at the end and one wholly past
+        it gets ENOSPC (blkdev_write_iter; qemu-storage-daemon's growable=off). A mount with
+        ``-o growable``, and the handle that created the image here (cp, dd into a new file),
+        grow the disk instead, as a file grows. (C forwards every write reaching past the end.)"""
+        if self.growable or h.created:
+            async with self.fast.paused(h.inode):
+                await h.image.grow_to(off + len(buf))
+            return buf
+        # An O_DIRECT write through a cached handle is the kernel's async direct I/O, which
+        # turns a short answer into EIO (fs/fuse/file.c, fuse_get_res_by_io): refuse it whole.
+        if off >= h.image.size or h.flags & os.O_DIRECT and not h.direct_io:
+            raise OSError(errno.ENOSPC, f"{h.entry.visible}: write at {off}+{len(buf)} goes past the end of the "
+                                        f"disk ({h.image.size} bytes; resize it with truncate, or mount -o growable)")
+        return buf[:h.image.size - off]
 
     def _begin(self) -> None:
         """Count a read or write being served: the peak shows how many requests

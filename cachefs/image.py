@@ -199,13 +199,23 @@ class Image:
                             f"{name}.peak_in_flight": io.peak_in_flight})
         return out
 
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why the image itself refuses writes (one line), or None; a read-only mount is no reason
+        of the image's. Shown at mount, in the log, in stats and as user.cachefs.read_only_reason."""
+        return None
+
     def info(self) -> dict:
-        return {"format": self.format, "cluster_size": self.cluster_size, "virtual_size": self.size,
-                "allocated": self.allocated_bytes(), "writable": self.writable}
+        out = {"format": self.format, "cluster_size": self.cluster_size, "virtual_size": self.size,
+               "allocated": self.allocated_bytes(), "writable": self.writable}
+        if self.read_only_reason:
+            out["read_only_reason"] = self.read_only_reason
+        return out
 
     async def grow_to(self, end: int) -> None:
-        """A write past the end grows the disk (to whole sectors), as it grows any file:
-        ``cp`` and backup tools write into a new file without an ftruncate first."""
+        """Grow the disk (to whole sectors) for a write past its end, where the mount allows it
+        (fs.py: ``-o growable``, or the handle that created the image: ``cp`` and backup tools
+        write into a new file without an ftruncate first); also a fallocate past the end."""
         async with self._growing:  # two appenders must not race a grow into a refused shrink
             if end > self.size:
                 await self.truncate(-(-end // 512) * 512)

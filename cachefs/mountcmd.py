@@ -44,8 +44,9 @@ MNT_DETACH = 2  # <sys/mount.h>
                                                   "implies default_permissions).")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
               help="Mount options, as in fstab: cache=, aio=, dataplane=, ro, rw, allow_other, default_permissions, "
-                   "uid=, gid=, umask=, log=, pid_file=, create_format=, l2_cache_size=, debug. A value given both as a "
-                   "flag and with -o must agree.")
+                   "uid=, gid=, umask=, log=, pid_file=, create_format=, l2_cache_size=, debug, growable (a write past a "
+                   "disk's end grows it instead of ENOSPC), drop_bitmaps (serve images with persistent bitmaps "
+                   "writable, deleting the bitmaps). A value given both as a flag and with -o must agree.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Log file (default: /run/cachefs/MOUNTPOINT.log, or stderr with --foreground).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
@@ -90,7 +91,8 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
     cfg = MountConfig(
         image_dir=os.path.abspath(image_dir), mountpoint=os.path.realpath(mountpoint),
         read_only=opts.read_only, allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
-        foreground=foreground, debug=opts.debug, **{k: v for k, v in given.items() if v is not None},
+        foreground=foreground, debug=opts.debug, growable=opts.growable, drop_bitmaps=opts.drop_bitmaps,
+        **{k: v for k, v in given.items() if v is not None},
     )
     check_submitter(cfg.cache_mode, cfg.aio)
     discover_images(cfg.image_dir)  # refuse name clashes before anything starts

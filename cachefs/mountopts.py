@@ -71,6 +71,10 @@ class MountOptions:
     dataplane: str | None = None
     l2_cache_size: int | None = None
     debug: bool = False
+    # A write past a disk's end grows it (as a file), instead of ENOSPC (a block device's answer).
+    growable: bool = False
+    # Serve images with persistent bitmaps writable, deleting the bitmaps (cachefs does not maintain them).
+    drop_bitmaps: bool = False
     # (option, why it has no effect), for `mount.fuse.cachefs -v`.
     ignored: tuple[tuple[str, str], ...] = ()
 
@@ -93,6 +97,8 @@ FLAGS: dict[str, tuple[str, bool]] = {
     "allow_other": ("allow_other", True),
     "default_permissions": ("default_permissions", True),
     "debug": ("debug", True),
+    "growable": ("growable", True),
+    "drop_bitmaps": ("drop_bitmaps", True),
 }
 
 #: Accepted, and no effect on the daemon: option -> why.

@@ -28,9 +28,25 @@ def _repair_buffered(path: str) -> None:
         os.close(fd)
 
 
+async def _header_first(img: Qcow2Image) -> None:
+    """The header changed at open (autoclear bits cleared, bitmaps deleted): durable before any
+    guest write, so no crash leaves data changed under a header vouching for stale bitmaps
+    (spec "autoclear_features"; QEMU's qcow2_do_open writes it at once too)."""
+    await img.write_back()
+    dropped = img.engine.dropped_bitmaps
+    if dropped:
+        names, freed = dropped
+        log.warning("%s: -o drop_bitmaps: deleted its persistent bitmaps (%s); %d clusters freed",
+                    img.path, ", ".join(names), freed)
+
+
 async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
-                     cache_bytes: int | None = None, aio: str = "threads") -> Image:
-    """Open, lock and validate one image file. Raises CachefsError subclasses (one line)."""
+                     cache_bytes: int | None = None, aio: str = "threads", drop_bitmaps: bool = False) -> Image:
+    """Open, lock and validate one image file. Raises CachefsError subclasses (one line).
+
+    ``drop_bitmaps`` (-o drop_bitmaps): an image with persistent bitmaps is opened writable and
+    its bitmaps deleted; without it such an image is served read-only (Image.read_only_reason).
+    """
     lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
     lock = None
@@ -42,7 +58,7 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
         kind = image_format(path, magic)
         if kind == "raw":
             return RawImage(path, backends, lock, writable, mode)
-        kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+        kw = {"drop_bitmaps": drop_bitmaps} | ({} if cache_bytes is None else {"cache_bytes": cache_bytes})
         engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
         if engine.needs_repair and writable and engine.writable:
             # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
@@ -51,7 +67,10 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
             engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
             if engine.needs_repair:
                 raise CorruptImage("dirty lazy-refcounts image could not be repaired")
-        return Qcow2Image(path, backends, lock, writable, engine, mode)
+        img = Qcow2Image(path, backends, lock, writable, engine, mode)
+        if img.writable and not engine.header.durable:
+            await _header_first(img)
+        return img
     except BaseException:
         if lock is not None:
             lock.release()

@@ -22,7 +22,7 @@ from cachefs.compressedio import CompressedWrites, FillReader
 from cachefs.errors import CorruptImage
 from cachefs.image import Image, zero_padded
 from cachefs.policy import WRITEBACK, Mode
-from cachefs.qcow2.engine import Engine
+from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
 from cachefs.qcow2.plan import ExtentKind, run_async
 
 log = logging.getLogger("cachefs.image")
@@ -62,6 +62,11 @@ class Qcow2Image(Image):
     @property
     def size(self) -> int:
         return self.engine.size
+
+    @property
+    def read_only_reason(self) -> str | None:
+        why = self.engine.overlap.read_only_reason
+        return None if why == OPENED_READ_ONLY else why
 
     @property
     def cluster_size(self) -> int:

@@ -66,7 +66,7 @@ def test_raw_identity_mapping(plane):
     # Past the guest's end: answered short (a buffered descriptor reads just that much), or empty.
     assert plan(plane, 1, 10 * MiB, 4096)[:2] == ([(10 * MiB, 0, 1000)], 1000)
     assert plan(plane, 1, 11 * MiB, 4096)[:2] == ([], 0)
-    # A write past it grows the disk: Python's.
+    # A write past it is Python's (cut short, ENOSPC, or a grow with -o growable).
     assert plan(plane, 1, 10 * MiB, 4096, write=True) is FORWARD
     # No such handle: ENOENT (the loop forwards it).
     assert native.lib.dp_plan_probe(plane._dp, 2, 0, 0, 1, native.ffi.NULL, native.ffi.NULL,

@@ -191,7 +191,7 @@ int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uin
     if ((off | size) & (h->align - 1))
         return 1;
     if (write && off + size > im->vsize)
-        return 1;  /* Python grows the disk, as a write past the end grows any file */
+        return 1;  /* Python decides: cut short at the end, ENOSPC, or a grow (-o growable) */
     if (!write && off >= im->vsize) {
         s->reply_len = 0;  /* past the guest's end: answered short, as today */
         return 0;

@@ -33,6 +33,7 @@ import zlib
 import attrs
 
 from cachefs.errors import CorruptImage, DamagedMetadata, UnsupportedImage, UnsupportedOperation
+from cachefs.qcow2 import bitmaps
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.cluster import ClusterMap
 from cachefs.qcow2.meta import HeaderItem, TableCache
@@ -58,8 +59,13 @@ class EngineCounters:
     cow_reads: int = 0
 
 
-def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES):
-    """Generator: read and validate the header and top-level tables, return an Engine."""
+def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                drop_bitmaps: bool = False):
+    """Generator: read and validate the header and top-level tables, return an Engine.
+
+    ``drop_bitmaps``: an image with persistent bitmaps opens writable, and they are deleted
+    (docs/design.md, "Open-time policy"); otherwise such an image opens read-only.
+    """
     hdr = yield from fmt.read_header(file_size)
     refuse = _unsupported(hdr)
     if refuse:
@@ -69,9 +75,11 @@ def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CA
     if len(l1_buf) < hdr.l1_size * 8 or len(rt_buf) < hdr.refcount_table_clusters * hdr.cluster_size:
         raise CorruptImage("L1 or refcount table is truncated")
     eng = Engine(hdr, fmt.decode_table(bytes(l1_buf)), fmt.decode_table(bytes(rt_buf)), file_size,
-                 writable=writable, cache_bytes=cache_bytes)
+                 writable=writable, cache_bytes=cache_bytes, drop_bitmaps=drop_bitmaps)
     if eng.writable:
         yield from eng.refs.scan_end()
+        if bitmaps.count(hdr):
+            yield from eng.drop_bitmaps(file_size)
     return eng
 
 
@@ -88,13 +96,25 @@ def _unsupported(hdr: fmt.Header) -> str | None:
     return None
 
 
-def _read_only_reason(hdr: fmt.Header) -> str | None:
+OPENED_READ_ONLY = "opened read-only"
+
+
+def _read_only_reason(hdr: fmt.Header, drop_bitmaps: bool = False) -> str | None:
     """Why an image we can read must not be written, or None."""
     if hdr.corrupt:
         return "the image is marked corrupt; run 'cachefs check --repair all'"
     if hdr.nb_snapshots:
-        return "images with internal snapshots are served read-only"
+        return (f"it has {_count(hdr.nb_snapshots, 'internal snapshot')}, which cachefs does not write yet: "
+                f"the active layer is served read-only")
+    n = bitmaps.count(hdr)
+    if n and not drop_bitmaps:
+        return (f"it has {_count(n, 'persistent dirty bitmap')}, which cachefs does not maintain yet; "
+                f"mount with -o drop_bitmaps to write it and delete {'them' if n > 1 else 'it'}")
     return None
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 @attrs.frozen
@@ -122,23 +142,41 @@ class _Slot:
 
 class Engine:
     def __init__(self, hdr: fmt.Header, l1: list[int], reftable: list[int], file_size: int,
-                 *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES, drop_bitmaps: bool = False):
         self.header = HeaderItem(name="header", kind="header", hdr=hdr, locate=self._locate_tables)
         self.cb = hdr.cluster_bits
         self.cs = hdr.cluster_size
         self.counters = EngineCounters()
         self.zero_cluster = bytes(self.cs)
-        reason = _read_only_reason(hdr) if writable else "opened read-only"
+        reason = _read_only_reason(hdr, drop_bitmaps) if writable else OPENED_READ_ONLY
         self.refs = Refcounts(self.header, reftable, TableCache(cache_bytes // self.cs), file_size)
         self.overlap = Overlap(self.header, self.refs, reason)
         self.queue = MetaQueue(self.header, self.refs, self.overlap, self.counters)
         self.map = ClusterMap(self.header, l1, self.refs, self.overlap, self.queue)
         self.queue.track(self.map.l1_chunks, self.refs.chunks)
         self.refs.on_table_moved = self._free_after_header
-        if writable and reason is None and hdr.autoclear:
-            # spec "autoclear_features": a writer that does not maintain these
-            # features (bitmaps) must clear the bits before writing.
-            self.header.update(autoclear=0)
+        self.dropped_bitmaps: tuple[list[str], int] | None = None  # (names, clusters freed): drop_bitmaps
+        keep = fmt.AUTOCLEAR_BITMAPS if bitmaps.count(hdr) else 0  # drop_bitmaps clears it (below)
+        if writable and reason is None and hdr.autoclear & ~keep:
+            # spec "autoclear_features": a writer may write an image only after clearing the
+            # bits of the features it does not maintain (all of them here). As QEMU does at a
+            # writable open; the image layer makes the header durable before serving.
+            self.header.update(autoclear=hdr.autoclear & keep)
+
+    def drop_bitmaps(self, file_size: int):
+        """Generator: delete the persistent bitmaps (``-o drop_bitmaps``). The header loses the
+        bitmaps extension and its autoclear bit (spec "Bitmaps extension"), and the directory's,
+        tables' and data clusters are freed once that header is durable, as any dropped
+        reference (invariant 2), so ``qemu-img check`` finds them neither used nor leaked."""
+        found = yield from bitmaps.read_directory(self.hdr, file_size)
+        clusters = yield from bitmaps.clusters(self.hdr, found, file_size)
+        for c in clusters:
+            if self.overlap.owner(c):
+                raise CorruptImage(f"bitmap cluster {c} holds {self.overlap.owner(c)}")
+        self.header.update(**bitmaps.without_bitmaps(self.hdr))
+        for c in clusters:
+            self.queue.defer_free(c, self.header)
+        self.dropped_bitmaps = ([b.name for b in found], len(clusters))
 
     # ------------------------------------------------------------ properties
 
