@@ -48,10 +48,14 @@ $(STAMP): pyproject.toml setup.py cachefs/native/build.py $(wildcard cachefs/nat
 # util-linux 2.38: newfstatat("/sbin/mount.fuse.cachefs"), then /sbin/mount.fuse).
 # Pointed at this tree's venv on every `make venv`, so the tree being tested is
 # the one mount(8) runs (CI tests a fresh clone elsewhere on the same machine).
+# The same program is umount.fuse.cachefs, which umount(8) runs for a cachefs
+# mount (cachefs/utab.py): it returns once the daemon has flushed and exited.
 HELPER := /sbin/mount.fuse.cachefs
+UHELPER := /sbin/umount.fuse.cachefs
 .PHONY: mount-helper
 mount-helper: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(HELPER); \
+	  ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(UHELPER); \
 	else echo "mount-helper: not root, $(HELPER) not linked (mount -t fuse.cachefs and fstab need it)"; fi
 
 venv: $(STAMP) mount-helper
@@ -128,9 +132,26 @@ fuzz-smoke: venv
 
 clean:
 	@if [ "$$(readlink $(HELPER))" = "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" ]; then rm -f $(HELPER); fi
+	@if [ "$$(readlink $(UHELPER))" = "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" ]; then rm -f $(UHELPER); fi
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis tmp
 	rm -f cachefs/native/_cachefs_native.c cachefs/native/_cachefs_native*.so cachefs/native/_cachefs_native*.o
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Issue 20: examples/cachefs@.service into UNITDIR (under DESTDIR), its ExecStart= and ExecStop=
+# naming this install's cachefs (CACHEFS_BIN: the venv's, which `make venv` builds); then
+# `systemctl daemon-reload` where systemd runs and DESTDIR is empty. E.g. into a scratch root:
+#   make install-unit DESTDIR=/tmp/root
+UNITDIR ?= /etc/systemd/system
+CACHEFS_BIN ?= $(CURDIR)/$(VENV)/bin/cachefs
+.PHONY: install-unit
+install-unit:
+	@test -x "$(CACHEFS_BIN)" || { echo "install-unit: no $(CACHEFS_BIN); run make venv first, or give CACHEFS_BIN="; exit 1; }
+	install -d "$(DESTDIR)$(UNITDIR)"
+	sed 's|/usr/local/bin/cachefs|$(CACHEFS_BIN)|g' examples/cachefs@.service > "$(DESTDIR)$(UNITDIR)/.cachefs@.service.tmp"
+	chmod 644 "$(DESTDIR)$(UNITDIR)/.cachefs@.service.tmp"
+	mv "$(DESTDIR)$(UNITDIR)/.cachefs@.service.tmp" "$(DESTDIR)$(UNITDIR)/cachefs@.service"
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "install-unit: $(DESTDIR)$(UNITDIR)/cachefs@.service runs $(CACHEFS_BIN)"
 
 # Issue 19: power cuts of the real daemon (tests/test_powercut_daemon.py) at length: more crash
 # states per cache mode, directsync too, small clusters too (512 B: new L2 tables, refcount blocks

@@ -341,10 +341,13 @@ def stats(mountpoint, as_json):
         images[name] = {a[len(prefix):]: os.getxattr(path, a).decode()
                         for a in os.listxattr(path) if a.startswith(prefix)}
     skipped = json.loads(skipped or "{}")
+    read_only = _xattr_or_none(mountpoint, prefix + "read_only")  # the whole mount, and why
     if as_json:
         typed = {name: {k: xattr_value(v) for k, v in x.items()} for name, x in images.items()}
-        click.echo(json.dumps({"images": typed, "skipped": skipped}, indent=2))
+        click.echo(json.dumps({"images": typed, "skipped": skipped, "read_only": read_only}, indent=2))
         return
+    if read_only:
+        click.echo(f"read-only mount: {read_only}")
     click.echo(f"{'image':<20} " + " ".join(f"{k.split('.')[-1]:>18}" for k in STAT_KEYS))
     for name, x in images.items():
         click.echo(f"{name:<20} " + " ".join(f"{x.get(k, '-'):>18}" for k in STAT_KEYS))

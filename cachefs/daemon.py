@@ -8,12 +8,14 @@ is ``READY=1`` on $NOTIFY_SOCKET instead.
 
 Two ways down:
 
-- ``cachefs umount`` (or ``umount``/``fusermount3 -u``) unmounts the way
-  umount(8) does: the kernel refuses while a file in the mount is open, so
-  nothing a running QEMU holds is cut off. Once unmounted, the kernel ends
-  the FUSE connection, the request loop returns, and every image is flushed
-  and closed.
-- SIGTERM or SIGINT is the admin's "stop now": every image is flushed *while
+- ``cachefs umount``, ``umount`` (through umount.fuse.cachefs, which waits
+  for the daemon), ``fusermount3 -u`` or SIGTERM (systemd's stop) unmount the
+  way umount(8) does: the kernel refuses while a file in the mount is open,
+  so nothing a running QEMU holds is cut off, and a refused SIGTERM leaves
+  the daemon serving (one line in the log says why). Once unmounted, the
+  kernel ends the FUSE connection, the request loop returns, and every image
+  is flushed and closed.
+- SIGINT (Ctrl-C) is the admin's "stop now": every image is flushed *while
   still serving* (a client blocked in a request is not stranded), the open
   handles are logged, and the mount is detached.
 
@@ -22,11 +24,12 @@ With the data plane on (the default when the native module has it; docs/design.m
 C thread serves it (cachefs/dataplane.py), and pyfuse3 is initialised on one end
 of a socketpair, ``/dev/fd/M``, so libfuse mounts and unmounts nothing. Both ways
 down are the same from outside; inside, the C thread stops first (it has drained
-its fast requests), then pyfuse3's loop, and a SIGTERM detaches the mount here.
+its fast requests), then pyfuse3's loop, and a SIGINT detaches the mount here.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -35,6 +38,7 @@ import sys
 
 import attrs
 
+from cachefs import utab
 from cachefs.catalog import clash_message, scan
 from cachefs.errors import CachefsError
 from cachefs.fuseconn import raise_queue_limit
@@ -55,6 +59,8 @@ class MountConfig:
     cache_mode: str = "writeback"
     aio: str = "threads"
     read_only: bool = False
+    # Why the mount is read-only although -o ro was not given (an image directory on a read-only filesystem).
+    read_only_why: str | None = None
     allow_other: bool = False
     # Implied by allow_other: the kernel checks every opener against the modes shown.
     default_permissions: bool = False
@@ -212,17 +218,24 @@ def sd_notify(state: str) -> None:
 
 def _write_pid_file(path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)  # systemd reads it as soon as the parent exits: never half-written
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)  # systemd reads it as soon as the parent exits: never half-written
+    except OSError as exc:
+        raise CachefsError(f"cannot write the pid file {path}: {exc.strerror}") from None
 
 
 def _serve(cfg: MountConfig, tell, where: str | None) -> int:
     import trio
+    written = False
     try:
+        if cfg.pid_file:  # before mounting: a pid file that cannot be written leaves no mount behind
+            _write_pid_file(cfg.pid_file)
+            written = True
         return trio.run(_serve_async, cfg, tell, where)
     finally:
-        if cfg.pid_file:
+        if written:
             try:
                 os.unlink(cfg.pid_file)
             except FileNotFoundError:
@@ -245,6 +258,13 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
     if cfg.read_only:
         options.add("ro")
     return options
+
+
+def _read_only_info(cfg: MountConfig) -> dict[str, str]:
+    """The root's user.cachefs.read_only (and `cachefs stats`): why the whole mount is read-only."""
+    if not cfg.read_only:
+        return {}
+    return {"read_only": cfg.read_only_why or "mounted with -o ro"}
 
 
 async def _open_catalog(cfg: MountConfig):
@@ -337,7 +357,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
         ops = CachefsOperations(
             catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
             create_qcow2=cfg.create_format == "qcow2", growable=cfg.growable,
-            root_info={"log": where or "stderr", "image_dir": cfg.image_dir},
+            root_info={"log": where or "stderr", "image_dir": cfg.image_dir, **_read_only_info(cfg)},
             fast=plane and FastPaths(plane, read_only=cfg.read_only))
         if plane is not None:
             own = _mount_dataplane(cfg, ops, plane)
@@ -346,6 +366,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
     except BaseException:
         await catalog.close_all()
         raise
+    _warn_read_only(cfg, tell, where)
     for name, why in catalog.skipped.items():
         tell(f"warning: not serving {why}")
     for e in catalog.by_inode.values():
@@ -358,24 +379,52 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
             log.info("%s", raise_queue_limit(cfg.mountpoint, MAX_TASKS))
         except OSError as exc:
             log.warning("FUSE queue limit left at the kernel default: %s", exc)
-    if cfg.pid_file:
-        _write_pid_file(cfg.pid_file)
+    ours = _claim(cfg.mountpoint)
     tell("ok")
     log.info("serving %d image(s): %s (data plane %s)", len(catalog.by_name),
              ", ".join(catalog.names()) or "none", "on" if own else "off")
     if own is None:
         log.warning("data plane off: fallocate (discard, write-zeroes) fails with EOPNOTSUPP and "
                     "SEEK_DATA/SEEK_HOLE see the whole file as data; pyfuse3 serves neither, the data plane does")
-    stopped = await _run_until_unmounted(ops, own and own.plane)
+    stopped = await _run_until_unmounted(ops, own and own.plane, ours)
     sd_notify("STOPPING=1")
     problems = await _shut_down(catalog, own, stopped)
+    _forget(ours)
     log.info("unmounted %s%s", cfg.mountpoint, f" with {len(problems)} problem(s)" if problems else " cleanly")
     return 1 if problems else 0
+
+
+def _warn_read_only(cfg: MountConfig, tell, where: str | None) -> None:
+    """An image directory on a read-only filesystem: the mount is read-only, said once (stderr and the log)."""
+    if cfg.read_only_why:
+        tell(f"warning: {cfg.read_only_why}")
+        if where:  # without a log file the log is stderr, where tell has just said it
+            log.warning("%s", cfg.read_only_why)
+
+
+def _claim(mountpoint: str):
+    """Our mount's mountinfo entry (SIGTERM unmounts that one), and umount(8) told to wait for us (utab.py)."""
+    ours = mount_at(mountpoint)
+    if ours is not None:
+        utab.register(ours.source, mountpoint)
+    return ours
+
+
+def _forget(ours) -> None:
+    """Once our mount is gone, so is its utab entry (a stale one would send the next mount's umount to us)."""
+    if ours is None:
+        return
+    now = mount_at(ours.path)
+    if now is None or now.mount_id != ours.mount_id:
+        utab.unregister(ours.path)
 
 
 async def _shut_down(catalog, own: _OwnMount | None, stopped: bool) -> list[str]:
     """Flush and close every image, then let go of the mount; the images' problems, one line each."""
     import pyfuse3
+    # Serving is over: only the final flush (and after SIGINT the detach) is left, and a SIGTERM (systemd's,
+    # after its ExecStop) must not cut it short. SIGKILL still does, losing what was not yet written.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if own is not None:
         await own.plane.finish()  # pyfuse3's loop has returned: nothing more to relay
     problems = await catalog.close_all()
@@ -394,8 +443,11 @@ async def _shut_down(catalog, own: _OwnMount | None, stopped: bool) -> list[str]
     return problems
 
 
-async def _run_until_unmounted(ops, plane=None) -> bool:
-    """Serve until the kernel ends the connection (False) or a signal stops us (True).
+async def _run_until_unmounted(ops, plane=None, ours=None) -> bool:
+    """Serve until the kernel ends the connection (False) or SIGINT stops us (True).
+
+    SIGTERM unmounts ``ours`` as umount(8) would; while the mount is busy that
+    is refused, and serving goes on (_unmount_unless_busy).
 
     With the data plane, the kernel's end is seen by the C thread (``plane.serve``
     then ends pyfuse3's loop), and a signal stops the C thread's reading before
@@ -412,7 +464,11 @@ async def _run_until_unmounted(ops, plane=None) -> bool:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for sig in signals:
-                log.info("signal %d: flushing and unmounting", sig)
+                if sig == signal.SIGTERM and ours is not None:
+                    if await _unmount_unless_busy(ops, ours):
+                        return  # the kernel ends the connection, as after an unmount from outside
+                    continue
+                log.info("signal %d: flushing and detaching", sig)
                 for line in ops.open_handles():
                     log.warning("open at stop: %s", line)
                 await flush_images(ops.catalog.images())
@@ -433,3 +489,34 @@ async def _run_until_unmounted(ops, plane=None) -> bool:
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped
+
+
+async def _unmount_unless_busy(ops, ours) -> bool:
+    """SIGTERM: unmount as umount(8) does; True once unmounted.
+
+    While a file in the mount is open (a VM's disk) the kernel refuses, and so
+    does this: the mount keeps serving, and one line says why, in the log and
+    in systemd's STATUS=. systemd sends SIGTERM after ExecStop whatever that
+    returned, so this is what keeps `systemctl stop` from pulling disks away.
+    """
+    import trio
+
+    from cachefs.mountcmd import busy_detail, unmount_path
+    mnt = ours.path
+    now = mount_at(mnt)
+    if now is None or now.mount_id != ours.mount_id:
+        why = "it is detached already (umount --lazy): its open files are served until their last close"
+    else:
+        try:
+            await trio.to_thread.run_sync(lambda: unmount_path(mnt, lazy=False))
+            log.info("SIGTERM: unmounted %s; flushing every image", mnt)
+            return True
+        except OSError as exc:
+            busy = exc.errno == errno.EBUSY
+            why = f"target is busy{await trio.to_thread.run_sync(busy_detail, mnt)}" if busy else exc.strerror
+    log.warning("SIGTERM: not unmounting %s: %s; still serving (close them and stop again, or detach with "
+                "`cachefs umount --lazy %s`)", mnt, why, mnt)
+    for line in ops.open_handles():
+        log.warning("open: %s", line)
+    sd_notify(f"STATUS=not stopped: {mnt}: {why}")
+    return False

@@ -13,7 +13,7 @@ both halves libfuse would have done:
   ``MS_NOSUID|MS_NODEV`` as libfuse does. Without root, fusermount3 mounts and
   hands the descriptor back over ``_FUSE_COMMFD`` (its protocol, as libfuse's
   ``fuse_mount_fusermount`` uses it).
-- ``detach``: what ``fuse_kern_unmount`` does at a SIGTERM: if the kernel has
+- ``detach``: what ``fuse_kern_unmount`` does at a SIGINT: if the kernel has
   not ended the connection already (POLLERR on the descriptor), close the
   descriptor and detach the mount (MNT_DETACH, so open files do not keep it).
 

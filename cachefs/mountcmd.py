@@ -14,6 +14,7 @@ import time
 
 import click
 
+from cachefs import mountcheck, utab
 from cachefs.errors import CachefsError
 from cachefs.mounts import holders, mount_at
 from cachefs.mountopts import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, VALUES, MountOptionError, MountOptions,
@@ -26,8 +27,8 @@ MNT_DETACH = 2  # <sys/mount.h>
 # ------------------------------------------------------------------ mount
 
 @click.command()
-@click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("image_dir", type=click.Path())  # checked by mount_config (cachefs/mountcheck.py)
+@click.argument("mountpoint", type=click.Path())
 @click.option("--cache", "cache_mode", default=None, type=click.Choice(list(MODES)),
               help="Cache mode of every image (default writeback; see docs/cache-modes.md).")
 @click.option("--aio", default=None, type=click.Choice(list(SUBMITTERS)),
@@ -82,6 +83,11 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
     Shared by `cachefs mount` and mount.fuse.cachefs (cachefs/mounthelper.py).
     """
     from cachefs.daemon import MountConfig, discover_images
+    real_dir = mountcheck.directory(image_dir, "image directory")
+    mountcheck.refuse_self_mount(real_dir, mountcheck.directory(mountpoint, "mountpoint"))
+    if opts.pid_file:
+        mountcheck.check_pid_file(os.path.abspath(opts.pid_file))
+    why_read_only = None if opts.read_only else mountcheck.read_only_reason(real_dir)
     given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
              "dataplane": opts.dataplane, "l2_cache_size": opts.l2_cache_size,
              "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,
@@ -90,7 +96,8 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
              "pid_file": opts.pid_file and os.path.abspath(opts.pid_file)}
     cfg = MountConfig(
         image_dir=os.path.abspath(image_dir), mountpoint=os.path.realpath(mountpoint),
-        read_only=opts.read_only, allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
+        read_only=opts.read_only or why_read_only is not None, read_only_why=why_read_only,
+        allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
         foreground=foreground, debug=opts.debug, growable=opts.growable, drop_bitmaps=opts.drop_bitmaps,
         **{k: v for k, v in given.items() if v is not None},
     )
@@ -110,7 +117,16 @@ def umount(mountpoint, lazy, timeout):
 
     Returns when the daemon has closed every image.
     """
-    mnt = _resolve(mountpoint)
+    sys.exit(unmount(mountpoint, lazy=lazy, timeout=timeout))
+
+
+def unmount(path: str, *, lazy: bool, timeout: float, prog: str = "cachefs", lazy_flag: str = "--lazy") -> int:
+    """`cachefs umount`, and umount.fuse.cachefs (what umount(8) runs): 0 once the daemon has exited.
+
+    A busy mount is refused as umount(8) refuses it: one line, and 32 (its
+    "mount failure"). Every other failure is a CachefsError, in one line.
+    """
+    mnt = resolve(path)
     m = mount_at(mnt)
     if m is None:
         raise CachefsError(f"{mnt}: not mounted")
@@ -118,26 +134,28 @@ def umount(mountpoint, lazy, timeout):
         raise CachefsError(f"{mnt}: not a cachefs mount ({m.fstype} of {m.source}); use umount(8)")
     pid = _daemon_pid(mnt)
     if lazy:
-        _unmount(mnt, lazy=True)
+        unmount_path(mnt, lazy=True)
         click.echo(f"{mnt}: detached; the daemon{f' (pid {pid})' if pid else ''} flushes and exits "
                    f"after the last open file is closed", err=True)
-        return
+        return 0
     flush_error = _flush(mnt) if pid is not None else None
     try:
-        _unmount(mnt, lazy=False)
+        unmount_path(mnt, lazy=False)
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             raise CachefsError(f"umount {mnt}: {exc.strerror}") from None
-        click.echo(f"cachefs: umount {mnt}: target is busy{_busy_detail(mnt)}; "
-                   f"close them first, or use --lazy", err=True)
-        sys.exit(32)  # umount(8)'s "mount failure"
+        click.echo(f"{prog}: umount {mnt}: target is busy{busy_detail(mnt)}; "
+                   f"close them first, or use {lazy_flag}", err=True)
+        return 32  # umount(8)'s "mount failure"
+    utab.unregister(mnt)  # the daemon does too, as it exits; a dead mount's entry is left to us
     if pid is not None:
         _wait_gone(pid, timeout)
     if flush_error:
         raise CachefsError(f"unmounted {mnt}, but the flush before it failed: {flush_error}")
+    return 0
 
 
-def _resolve(path: str) -> str:
+def resolve(path: str) -> str:
     """Absolute, symlinks resolved, without stat'ing the mount itself (a dead one answers ENOTCONN)."""
     path = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
@@ -169,7 +187,7 @@ def _xattr(path: str, name: str) -> str | None:
         return None
 
 
-def _unmount(mnt: str, *, lazy: bool) -> None:
+def unmount_path(mnt: str, *, lazy: bool) -> None:
     """umount2(2) as root; fusermount3 for a user. EBUSY while a file is open, unless lazy."""
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -183,7 +201,7 @@ def _unmount(mnt: str, *, lazy: bool) -> None:
         raise OSError(errno.EBUSY if busy else errno.EPERM, r.stderr.strip() or "fusermount3 failed")
 
 
-def _busy_detail(mnt: str) -> str:
+def busy_detail(mnt: str) -> str:
     users = holders(mnt)
     if not users:
         return ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cachefs, is_mounted, run
+from test_dataplane_faults import faulty  # noqa: F401  (a fixture: the image directory on faultyfs)
 
 HELPER = Path("/sbin/mount.fuse.cachefs")
 
@@ -124,3 +125,48 @@ def test_cli_flag_and_option_must_agree(images, mnt):
     r = cachefs("mount", images, mnt, "--cache", "none", "-o", "cache=writeback", check=False)
     assert r.returncode == 2 and r.stderr.strip() == "cachefs: --cache none and -o cache=writeback disagree; give one of them"
     assert not is_mounted(mnt)
+
+
+UMOUNT_HELPER = Path("/sbin/umount.fuse.cachefs")
+
+
+def test_umount_waits_until_the_images_are_closed(faulty, mnt, workdir):
+    """Issue 20 defect 8: plain umount (fstab's, systemd .mount units') returns once the daemon has
+    flushed, closed every image and let go of QEMU's locks, so qemu-img on the next line works.
+
+    umount(8) runs /sbin/umount.fuse.cachefs (`make venv` links it, as mount.fuse.cachefs); the
+    kernel's unmount alone returns before the daemon has even seen it. The image directory is a
+    faultyfs passthrough whose fsyncs take a second, so the final flush is slow every time.
+    """
+    ours = Path(sys.executable).parent / "mount.fuse.cachefs"
+    if not UMOUNT_HELPER.exists() or UMOUNT_HELPER.resolve() != ours.resolve():
+        pytest.fail(f"{UMOUNT_HELPER} does not lead to {ours}; run `make venv` in this tree (it links the helper)")
+    log = workdir / "cachefs.log"
+    run("qemu-img", "create", "-q", "-f", "qcow2", workdir / "src" / "vm.qcow2", "64M")
+    lower = faulty()
+    img = lower.path / "vm.qcow2"
+    run("mount", "-t", "fuse.cachefs", lower.path, mnt, "-o", f"cache=writeback,log={log}")
+    pid = int(os.getxattr(mnt, "user.cachefs.pid"))
+    with open(mnt / "vm.raw", "rb") as held:  # busy: refused as umount(8) refuses, and still served
+        r = run("umount", mnt, check=False)
+        assert r.returncode == 32 and "target is busy" in r.stderr and "umount -l" in r.stderr, r.stderr
+        assert is_mounted(mnt) and held.read(4) == bytes(4)
+    run("dd", "if=/dev/urandom", f"of={mnt / 'vm.raw'}", "bs=1M", "count=4", "conv=notrunc", "status=none")
+    lower.arm(slow_fsync=[1.0, 10])
+    run("umount", mnt)  # absolute, as fstab and systemd give it
+    daemon_left = running(pid)
+    for args in (["check", img], ["info", img]):
+        r = run("qemu-img", *args, check=False)
+        assert r.returncode == 0 and "lock" not in r.stderr, f"qemu-img {args[0]} right after umount: {r.stderr}"
+    assert not daemon_left, "umount returned while the daemon was still flushing and holding the images' locks"
+    assert lower.state()["slow_fsyncs"] > 0
+    no_traceback(log)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (the daemon's parent, mount.fuse.cachefs, is gone: init reaps it when it will)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

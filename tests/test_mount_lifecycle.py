@@ -3,7 +3,8 @@
 - one mount per mountpoint: a second one is refused in one line;
 - ``cachefs umount`` of a busy mount refuses as umount(8) does, names the
   holder and leaves the mount working; ``--lazy`` is the explicit opt-in;
-- SIGTERM flushes, logs the handles that were open, and exits;
+- SIGTERM unmounts as umount does, refused while a file is open (the mount
+  keeps serving); SIGINT flushes, logs the handles that were open, and detaches;
 - ``--pid-file`` and systemd's readiness protocol (READY=1 on $NOTIFY_SOCKET);
 - every mistake is one line on stderr, never a traceback.
 """
@@ -96,12 +97,21 @@ def test_lazy_umount_serves_open_files_until_their_last_close(images, mounted):
     m.check_log()
 
 
-def test_sigterm_flushes_and_logs_the_open_handles(images, mounted):
+def test_sigterm_refuses_a_busy_mount_and_sigint_detaches_it(images, mounted):
+    """SIGTERM (systemd's stop, kill's default) unmounts as umount(8) does: refused while a file is open,
+    and serving goes on (issue 20 defect 3). SIGINT (Ctrl-C) is "stop now": flush, log, detach."""
     m = mounted(images)
     f = open(m / "vm.raw", "r+b", buffering=0)
     try:
-        os.pwrite(f.fileno(), b"\x17" * 65536, 2 << 20)  # no fsync: SIGTERM must flush it
         os.kill(m.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "SIGTERM: not unmounting" not in m.log_text():
+            assert time.monotonic() < deadline, m.log_text()
+            time.sleep(0.05)
+        assert "target is busy (in use by " in m.log_text() and "open: vm.raw opened by pid" in m.log_text()
+        assert is_mounted(m.path) and os.path.exists(f"/proc/{m.pid}")
+        os.pwrite(f.fileno(), b"\x17" * 65536, 2 << 20)  # still served; no fsync: SIGINT must flush it
+        os.kill(m.pid, signal.SIGINT)
         wait_gone(m.pid)
     finally:
         try:
