@@ -429,6 +429,8 @@ class CachefsOperations(pyfuse3.Operations):
         out["cache"] = img.mode.name
         out["compress"] = img.compress or "off"
         out["path"] = img.path
+        if self.read_only and "read_only" in self.root_info:  # the whole mount's reason is each image's too
+            out.setdefault("read_only_reason", self.root_info["read_only"])
         if img.switch_error:
             out["cache_error"] = img.switch_error
         if img.compress_error:

@@ -162,6 +162,7 @@ def test_read_only_image_directory_is_served_read_only(workdir, read_only_images
                 attempt()
             assert info.value.errno == errno.EROFS
         assert os.getxattr(mnt / "vm.raw", "user.cachefs.writable") == b"false"
+        assert b"read-only filesystem" in os.getxattr(mnt / "vm.raw", "user.cachefs.read_only_reason")
         stats = json.loads(cachefs("stats", mnt, "--json").stdout)
         assert "read-only" in stats["read_only"] and str(read_only_images) in stats["read_only"], stats
         assert "read-only" in (workdir / "log").read_text()
