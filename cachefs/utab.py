@@ -23,10 +23,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import re
+
+from cachefs.mounts import MOUNTINFO, parse_mountinfo
 
 log = logging.getLogger("cachefs.utab")
 
 HELPER_OPTION = b"helper=fuse.cachefs"
+UTAB = "/run/mount/utab"  # libmount's (read here only to find stale entries; written through libmount)
 
 
 def _libmount():
@@ -73,9 +77,32 @@ def _update(target: str, source: str | None) -> bool:
 
 
 def register(source: str, target: str) -> bool:
-    """After mounting: umount(8) of ``target`` is to go through umount.fuse.cachefs (a stale entry goes first)."""
-    unregister(target)
+    """After mounting: umount(8) of ``target`` is to go through umount.fuse.cachefs.
+
+    Stale entries go first: this target's, and those a killed daemon left
+    where no cachefs is mounted any more.
+    """
+    for stale in [target, *stale_targets()]:
+        unregister(stale)
     return _update(target, source)
+
+
+def stale_targets(utab: str = UTAB, mountinfo: str = MOUNTINFO) -> list[str]:
+    """Targets of our entries with no cachefs mount there (one per entry: an entry is removed at a time)."""
+    try:
+        with open(utab) as f:
+            lines = f.read().splitlines()
+        with open(mountinfo) as f:
+            live = {m.path for m in parse_mountinfo(f.read()) if m.fstype == "fuse.cachefs"}
+    except (OSError, ValueError, IndexError):
+        return []
+    out = []
+    for line in lines:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.get("TARGET", ""))
+        if HELPER_OPTION.decode() in fields.get("OPTS", "").split(",") and target and target not in live:
+            out.append(target)
+    return out
 
 
 def unregister(target: str) -> None:

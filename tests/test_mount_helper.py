@@ -170,3 +170,22 @@ def running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_umount_of_another_filesystem_sent_to_the_helper_by_a_stale_entry(workdir):
+    """A daemon killed and its mount cleared with fusermount3 leaves its utab entry (cachefs/utab.py);
+    a tmpfs mounted there later must still unmount with plain umount, and the entry go."""
+    from cachefs import utab
+    target = workdir / "t"
+    target.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target)
+    try:
+        utab.register("/nowhere", str(target))  # as the killed daemon left it
+        assert str(target) in Path(utab.UTAB).read_text()
+        run("umount", target)
+        assert not is_mounted(target)
+        assert str(target) not in Path(utab.UTAB).read_text()
+    finally:
+        if is_mounted(target):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        utab.unregister(str(target))
