@@ -17,10 +17,11 @@ from __future__ import annotations
 import itertools
 
 from cachefs.errors import CorruptImage
-from cachefs.infocmd import _qcow2_specific, size_to_str
+from cachefs.infocmd import size_to_str
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2 import metaqueue
-from cachefs.qcow2.compress import compress_of
+from cachefs.compressor import COMPRESSORS
+from cachefs.qcow2.compress import FillCache, compress_of, plan_compressed
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind
 from cachefs.qcow2.repair import rebuild_refcounts, write_repair
@@ -43,6 +44,7 @@ def open_as_mount(f: MemFile, *, writable: bool):
         eng = f.run(open_engine(len(f), writable=writable, cache_bytes=CACHE_BYTES))
         if eng.needs_repair:
             raise CorruptImage("dirty lazy-refcounts image could not be repaired")
+    f.fill = FillCache(eng)  # every Qcow2Image has one (compressedio.CompressedWrites)
     return eng
 
 
@@ -85,6 +87,17 @@ def write(eng, f: MemFile, offset: int, data: bytes) -> None:
     f.run(eng.commit(plan))
 
 
+def write_compressed(eng, f: MemFile, vcluster: int, data: bytes) -> None:
+    """A whole-cluster write to a compress-on-write image (compressedio.CompressedWrites._store)."""
+    payload = COMPRESSORS[compress_of(eng.hdr)](data)
+    f.fill.prune()
+    f.run(plan_compressed(eng, f.fill, vcluster, payload))
+    for c in f.fill.take_full():
+        f.pwrite(c.offset, c.buf)
+        eng.queue.written_by_caller(c)
+        f.fill.written(c)
+
+
 def step(eng, fn, *args) -> None:
     """One request through the image's one boundary (Qcow2Image._core): a refusal, or an I/O
     error (EFBIG: the image layer's EIO), fails only it."""
@@ -98,7 +111,7 @@ def step(eng, fn, *args) -> None:
 
 def exercise_reads(eng, f: MemFile, clusters: list[int]) -> None:
     hdr = eng.current_header()
-    _qcow2_specific(hdr), size_to_str(hdr.size), compress_of(hdr)
+    size_to_str(hdr.size), compress_of(hdr)
     for v in clusters:
         # From a third into the cluster to a third into the next: two lookups, merged extents.
         step(eng, read_extents, eng, f, v * eng.cs + eng.cs // 3, eng.cs)
@@ -110,8 +123,9 @@ def exercise_writes(eng, f: MemFile, clusters: list[int]) -> None:
         kind = i % 3
         if kind == 0:  # partial: COW of the head and tail, or in place
             step(eng, write, eng, f, v * cs + 17, b"\xa5" * (cs // 2))
-        elif kind == 1:  # a whole cluster of data
-            step(eng, write, eng, f, v * cs, b"\x5a" * cs)
+        elif kind == 1:  # a whole cluster of data: compressed if the image says so
+            whole = write_compressed if compress_of(eng.hdr) else write
+            step(eng, whole, eng, f, v if whole is write_compressed else v * cs, b"\x5a" * cs)
         else:  # a whole cluster of zeros: our discard
             step(eng, write, eng, f, v * cs, bytes(cs))
     step(eng, f.run, eng.queue.flush(reserve=True))
@@ -120,6 +134,7 @@ def exercise_writes(eng, f: MemFile, clusters: list[int]) -> None:
     if eng.size > old_size:
         step(eng, write, eng, f, old_size, b"\x3c" * cs)
     step(eng, read_extents, eng, f, 0, 2 * cs)
+    f.fill.close()
     step(eng, f.run, eng.queue.close())
 
 

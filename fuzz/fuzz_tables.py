@@ -27,6 +27,9 @@ from fuzz.fuzz_engine import exercise_engine
 from fuzz.harness import MemFile
 
 TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
+# The codecs see the first bytes only: 128 bytes are 1024 one-bit refcounts, every packing
+# case; the whole input made them 60% of an execution.
+CODEC_BYTES = 128
 
 
 @functools.cache
@@ -73,13 +76,13 @@ def assemble(data: bytes) -> bytes:
 
 
 def exercise_codecs(data: bytes) -> None:
-    body = data[:len(data) // 8 * 8]
+    body = data[:min(len(data), CODEC_BYTES) // 8 * 8]
     assert fmt.encode_table(fmt.decode_table(body)) == body
     for order in range(7):
         entries = fmt.RefcountBlock.decode(body, order)
         assert len(entries) == len(body) * 8 >> order
         assert fmt.RefcountBlock.encode(entries, order) == body, f"refcount order {order}"
-    for entry in fmt.decode_table(body[:64]):
+    for entry in fmt.decode_table(body[:32]):
         for cb in range(fmt.MIN_CLUSTER_BITS, fmt.MAX_CLUSTER_BITS + 1):
             desc = fmt.decode_compressed(entry, cb)
             assert desc.max_length > 0 and len(desc.host_clusters(cb)) >= 1

@@ -52,6 +52,9 @@ class MemFile:
 
     def __init__(self, data: bytes) -> None:
         self.buf = bytearray(data)
+        # The image's compress-on-write fill cache (qcow2/compress.FillCache), if any: host bytes
+        # not written yet are read from it, as compressedio.FillReader does.
+        self.fill = None
 
     def __len__(self) -> int:
         return len(self.buf)
@@ -61,7 +64,17 @@ class MemFile:
             raise HarnessBug(f"read of {length} bytes at {offset} is no valid pread")
         if length > MAX_READ:
             raise HarnessBug(f"read of {length} bytes exceeds every table the spec allows")
-        return bytes(self.buf[offset:offset + length])
+        if self.fill is None or not self.fill.pending:
+            return bytes(self.buf[offset:offset + length])
+        parts, pos, end, cb = [], offset, offset + length, self.fill.cb
+        while pos < end:
+            n = min(end, (pos >> cb) + 1 << cb) - pos
+            held = self.fill.held(pos >> cb)
+            src = self.buf if held is None else held.buf
+            base = 0 if held is None else held.offset
+            parts.append(bytes(src[pos - base:pos - base + n]))
+            pos += n
+        return b"".join(parts)
 
     def _extend(self, end: int) -> None:
         if end > MAX_FILE:
@@ -95,7 +108,12 @@ class MemFile:
 
     def run(self, gen):
         """Drive a core generator on this file (plan.run_sync)."""
-        return run_sync(gen, self.pread, self)
+        try:
+            return run_sync(gen, self.pread, self)
+        except HarnessBug as bug:
+            # Raised again at the request's yield: the traceback then names the core's line.
+            gen.throw(bug)
+            raise
 
 
 def refused(fn, *args):

@@ -23,7 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cachefs.errors import DamagedMetadata  # noqa: E402
+from cachefs.errors import CorruptImage, DamagedMetadata  # noqa: E402
+from cachefs.qcow2.check import check_image  # noqa: E402
 from cachefs.qcow2.engine import open_engine  # noqa: E402
 from cachefs.qcow2.plan import ExtentKind  # noqa: E402
 from fuzz.harness import MemFile  # noqa: E402
@@ -88,3 +89,22 @@ def test_l1_entry_at_refcount_block_is_damaged():
     assert [e.kind for e in extents] == [ExtentKind.DAMAGED]
     with pytest.raises(DamagedMetadata, match="refcount block"):
         f.run(eng.plan_write(0, b"x" * 100))
+
+
+def check_crash(name: str):
+    f = MemFile((CORPUS / "check" / name).read_bytes())
+    return f.run(check_image(len(f)))
+
+
+def test_bitmap_directory_too_large_is_refused():
+    """A bitmaps extension whose directory size is beyond QEMU's limit (check.walk_bitmaps): refused in
+    one line, as QEMU refuses to open it, instead of a read of 2^48 bytes (MemoryError on a file)."""
+    with pytest.raises(CorruptImage, match="bitmap directory size 281474976710688 exceeds the limit"):
+        check_crash("crash-bitmap-directory-size")
+
+
+def test_snapshot_l1_offset_past_int64_is_corruption():
+    """A snapshot whose L1 table offset is past 2^63 (check.walk_snapshots): a corruption the check
+    reports, as qcow2_validate_table does, instead of os.pread's OverflowError."""
+    result = check_crash("crash-snapshot-l1-offset")
+    assert any("L1 table offset invalid" in c for c in result.corruptions), result.corruptions

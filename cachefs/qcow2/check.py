@@ -29,7 +29,7 @@ from array import array
 
 import attrs
 
-from cachefs.errors import UnsupportedImage
+from cachefs.errors import CorruptImage, UnsupportedImage
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.plan import ReadRequest
 
@@ -41,7 +41,9 @@ EXIT_LEAKS = 3
 
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00  # QEMU: a reftable entry's offset bits
 MAX_REQUEST_END = (1 << 63) - (1 << 31)    # about QEMU's BDRV_MAX_LENGTH: reads past it fail (EIO)
+INT64_MAX = (1 << 63) - 1                  # QEMU's file offsets (and os.pread's off_t)
 BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00   # spec "Bitmap table": bits 9-55
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535  # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE (block/qcow2.h)
 BME_RESERVED = 0xFF00_0000_0000_01FE
 BME_ALL_ONES = 1
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # spec "Snapshot table", bytes 0-39
@@ -305,6 +307,10 @@ class _Walk:
                 self.corrupt(f"ERROR snapshot {label} l1_size={l1_size:#x}: L1 table is too large; "
                              "snapshot table entry corrupted")
                 continue
+            if l1_off > INT64_MAX - l1_size * 8:  # qcow2_validate_table's bound; found by fuzz/
+                self.corrupt(f"ERROR snapshot {label} l1_offset={l1_off:#x}: L1 table offset invalid; "
+                             "snapshot table entry corrupted")
+                continue
             yield from self.walk_l1(l1_off, l1_size, active=False)
         return pos - start
 
@@ -316,6 +322,12 @@ class _Walk:
         nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext)
         if not nb:
             return
+        # The directory is read whole, at an off_t. QEMU refuses to open an image past these
+        # limits (qcow2_read_extensions), so qemu-img check stops here too. Found by fuzz/.
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+            raise CorruptImage(f"bitmap directory size {dir_size} exceeds the limit {MAX_BITMAP_DIRECTORY_SIZE}")
+        if dir_off & (self.cs - 1) or dir_off > INT64_MAX - dir_size:
+            raise CorruptImage(f"bitmap directory offset {dir_off:#x} is invalid")
         self.inc(dir_off, dir_size)
         directory = bytes((yield ReadRequest(dir_off, dir_size)))
         pos = 0
