@@ -208,7 +208,10 @@ FORCE_SHARE_OPTION = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
 @FORCE_SHARE_OPTION
 def info(image, given, output, as_json, force_share):
-    """Show an image's format, sizes and features (qemu-img info's keys)."""
+    """Show an image's format, sizes, snapshots, bitmaps and features (qemu-img info's keys and layout).
+
+    On a file of a cachefs mount, also the image behind it, its format and its cache mode.
+    """
     from cachefs.infocmd import human_lines, image_info, inspected, require_format, resolve_format
     require_format(image, given)
     with inspected(image, writable=False, force_share=force_share) as fd:
@@ -248,14 +251,21 @@ def map_(image, given, output, force_share):
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @FORMAT_OPTION
 @click.option("-r", "--repair", type=click.Choice(["leaks", "all"]), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True,
+              help="json: qemu-img check's keys.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
 @FORCE_SHARE_OPTION
-def check(image, given, repair, as_json, force_share):
-    """Check an image's consistency: exit 0 clean, 2 corrupt, 3 leaks only (qemu-img's codes)."""
+def check(image, given, repair, output, as_json, force_share):
+    """Check an image's consistency: exit 0 clean, 2 corrupt, 3 leaks only (qemu-img's codes).
+
+    With -U on an image a cachefs mount serves, the clusters that mount holds in reserve
+    are reported apart, not as leaks.
+    """
     from cachefs.checkcmd import run_check
     if force_share and repair:
         raise click.BadParameter("a repair writes, so it needs the lock: drop -U", param_hint="-U")
-    sys.exit(run_check(image, given=given, repair=repair, as_json=as_json, force_share=force_share))
+    sys.exit(run_check(image, given=given, repair=repair, as_json=as_json or output == "json",
+                       force_share=force_share))
 
 
 # ------------------------------------------------------------------ cache

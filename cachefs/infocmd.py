@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 
 from cachefs.errors import CachefsError, ImageLocked, UnsupportedImage
 from cachefs.locking import ImageLock
+from cachefs.qcow2 import bitmaps, snapshots
 from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.plan import run_sync
 
 
 def require_format(path: str, given: str | None) -> None:
@@ -68,32 +71,64 @@ def _lock(fd: int, path: str, writable: bool) -> ImageLock:
 
 
 def image_info(path: str, fd: int, kind: str) -> dict:
-    """qemu-img's ImageInfo for the image open at ``fd``, in its key order."""
+    """qemu-img's ImageInfo for the image open at ``fd``, in its key order; a file served by a
+    cachefs mount also gets a "cachefs" object naming the image behind it (served_info)."""
     st = os.fstat(fd)
     if kind == "raw":
-        return {"virtual-size": st.st_size, "filename": path, "format": "raw",
-                "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        out = {"virtual-size": st.st_size, "filename": path, "format": "raw",
+               "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        served = served_info(path)
+        return out if served is None else {**out, "cachefs": served}
     hdr = _header(fd)
-    return {"virtual-size": hdr.size, "filename": path, "cluster-size": hdr.cluster_size, "format": "qcow2",
-            "actual-size": st.st_blocks * 512,
-            "format-specific": {"type": "qcow2", "data": _qcow2_specific(hdr)},
+    read = lambda offset, n: os.pread(fd, n, offset)  # noqa: E731
+    snaps = run_sync(snapshots.read_table(hdr, st.st_size), read)
+    found = run_sync(bitmaps.read_directory(hdr, st.st_size), read)
+    out = {"snapshots": [_snapshot_info(sn) for sn in snaps]} if snaps else {}
+    return {**out, "virtual-size": hdr.size, "filename": path, "cluster-size": hdr.cluster_size,
+            "format": "qcow2", "actual-size": st.st_blocks * 512,
+            "format-specific": {"type": "qcow2", "data": _qcow2_specific(hdr, found)},
             "dirty-flag": hdr.dirty}
+
+
+def _snapshot_info(sn: snapshots.Snapshot) -> dict:
+    """qemu-img's SnapshotInfo, in its key order (icount only when recorded)."""
+    out = {} if sn.icount is None else {"icount": sn.icount}
+    return {**out, "vm-clock-nsec": sn.vm_clock_nsec % 10**9, "name": sn.name, "date-sec": sn.date_sec,
+            "date-nsec": sn.date_nsec, "vm-clock-sec": sn.vm_clock_nsec // 10**9, "id": sn.id,
+            "vm-state-size": sn.vm_state_size}
+
+
+def served_info(path: str) -> dict | None:
+    """For a file of a cachefs mount: the image behind it, its format, cache mode and whether it
+    is writable (its user.cachefs.* xattrs); None for any other file."""
+    def xattr(name: str) -> str | None:
+        try:
+            return os.getxattr(path, f"user.cachefs.{name}").decode()
+        except OSError:
+            return None
+    image = xattr("path")
+    if image is None:
+        return None
+    out = {"image": image, "format": xattr("format"), "cache": xattr("cache"), "writable": xattr("writable") == "true"}
+    reason = xattr("read_only_reason")
+    return out if reason is None else {**out, "read-only-reason": reason}
 
 
 def _header(fd: int) -> fmt.Header:
     """The header as the engine validates it (tables and all): info refuses what a mount refuses."""
     from cachefs.qcow2.engine import open_engine
-    from cachefs.qcow2.plan import run_sync
     engine = run_sync(open_engine(os.fstat(fd).st_size, writable=False), lambda o, n: os.pread(fd, n, o))
     return engine.current_header()
 
 
-def _qcow2_specific(hdr: fmt.Header) -> dict:
+def _qcow2_specific(hdr: fmt.Header, found: list[bitmaps.Bitmap]) -> dict:
     """qcow2_get_specific_info(): v2 images report only compat and refcount bits (and the compression)."""
     data = {"compat": "0.10" if hdr.version == 2 else "1.1",
             "compression-type": "zstd" if hdr.compression_type == fmt.COMPRESSION_ZSTD else "zlib"}
     if hdr.version >= 3:
         data["lazy-refcounts"] = hdr.lazy_refcounts
+    if found:  # only valid bitmaps: the autoclear bit set (bitmaps.count)
+        data["bitmaps"] = [{"flags": b.flag_names, "name": b.name, "granularity": b.granularity} for b in found]
     data["refcount-bits"] = hdr.refcount_bits
     if hdr.version >= 3:
         data["corrupt"] = hdr.corrupt
@@ -110,15 +145,38 @@ def human_lines(info: dict) -> list[str]:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if info["dirty-flag"]:
         lines.append("cleanly shut down: no")
+    if info.get("snapshots"):
+        lines += ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+        lines += [_snapshot_line(sn) for sn in info["snapshots"]]
     specific = info.get("format-specific")
     if specific:
         lines.append("Format specific information:")
-        lines += [f"    {key.replace('-', ' ')}: {_human_value(v)}" for key, v in specific["data"].items()]
+        for key, v in specific["data"].items():
+            lines += _dump(key.replace("-", " "), v, 1)
+    if "cachefs" in info:
+        lines.append("Served by cachefs:")
+        for key, v in info["cachefs"].items():
+            lines += _dump(key.replace("-", " "), v, 1)
     return lines
 
 
-def _human_value(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
+def _snapshot_line(sn: dict) -> str:
+    """bdrv_snapshot_dump(): the date in local time, the VM clock as H:MM:SS.mmm."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+    secs = sn["vm-clock-sec"]
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{sn['vm-clock-nsec'] // 10**6:03d}"
+    return (f"{sn['id']:<9} {sn['name']:<16} {size_to_str(sn['vm-state-size']):>8}{date:>20}{clock:>13}"
+            f"{sn.get('icount', ''):>11}")
+
+
+def _dump(key: str, v, indent: int) -> list[str]:
+    """qemu's dump_qdict/dump_qlist: "key: value", or "key:" and the items one level deeper."""
+    pad = " " * 4 * indent
+    if isinstance(v, dict):
+        return [f"{pad}{key}:"] + [line for k, item in v.items() for line in _dump(k.replace("-", " "), item, indent + 1)]
+    if isinstance(v, list):
+        return [f"{pad}{key}:"] + [line for i, item in enumerate(v) for line in _dump(f"[{i}]", item, indent + 1)]
+    return [f"{pad}{key}: {str(v).lower() if isinstance(v, bool) else v}"]
 
 
 def size_to_str(n: int) -> str:

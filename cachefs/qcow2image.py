@@ -21,6 +21,7 @@ from cachefs.allocations import InFlight
 from cachefs.compressedio import CompressedWrites, FillReader
 from cachefs.errors import CorruptImage
 from cachefs.image import Image, zero_padded
+from cachefs.liveimage import format_runs
 from cachefs.policy import WRITEBACK, Mode
 from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
 from cachefs.qcow2.plan import ExtentKind, run_async
@@ -95,6 +96,13 @@ class Qcow2Image(Image):
     @property
     def early_writeouts(self) -> int:
         return self.queue.early_writeouts
+
+    def info(self) -> dict:
+        # The clusters counted ahead of their use (the reservation, and those lent to C): nothing
+        # on disk points at them, so a check of the live image sees leaks; `cachefs check -U`
+        # reports them apart (liveimage.py).
+        refs = self.engine.refs
+        return {**super().info(), "reserved": format_runs([*refs.reservation, *refs.lent])}
 
     def stats(self) -> dict:
         out = super().stats()

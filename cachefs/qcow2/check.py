@@ -71,6 +71,9 @@ class CheckResult:
     structural: int = 0
     # The refcount structure itself is damaged: only a rebuild (not done here) helps.
     rebuild_needed: bool = False
+    # Allocated clusters of the active layer not contiguous with the one before in their L2
+    # table, and every compressed one (qemu-img check's fragmented-clusters).
+    fragmented_clusters: int = 0
 
     @property
     def leaked_clusters(self) -> int:
@@ -139,6 +142,7 @@ class _Walk:
     rebuild: bool = False
     allocated: int = 0
     compressed: int = 0
+    fragmented: int = 0
     leaks: list = attrs.Factory(list)
     mismatches: list = attrs.Factory(list)
     errors: int = 0
@@ -245,6 +249,7 @@ class _Walk:
         """check_refcounts_l2; with copied, also the data half of check_oflag_copied."""
         cs, cb = self.cs, self.cb
         buf = bytes((yield ReadRequest(l2_off, cs))).ljust(cs, b"\0")
+        next_contiguous = 0  # check_refcounts_l2's fragmentation count, per L2 table
         for entry in fmt.decode_table(buf):
             if not entry:
                 continue
@@ -257,6 +262,7 @@ class _Walk:
                 if active:
                     self.allocated += 1
                     self.compressed += 1
+                    self.fragmented += 1  # QEMU: compressed clusters are fragmented by nature
                 continue
             if entry & fmt.L2_STD_RESERVED:
                 self.corrupt(f"ERROR found l2 entry with reserved bits set: {entry:x}")
@@ -267,6 +273,8 @@ class _Walk:
                 self.corrupt(f"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.")
             if active:
                 self.allocated += 1
+                self.fragmented += bool(next_contiguous and off != next_contiguous)
+                next_contiguous = off + cs
             if copied:
                 refcount = self.stored_refcount(off >> cb)
                 if refcount is not None and (refcount == 1) != bool(entry & fmt.L2_COPIED):
@@ -408,4 +416,5 @@ class _Walk:
             image_end_offset=(self.highest + 1) * self.cs, references=self.refs,
             mismatches=tuple(self.mismatches), reftable=tuple(self.reftable),
             structural=self.structural, rebuild_needed=self.rebuild or bool(self.bad_blocks),
+            fragmented_clusters=self.fragmented,
         )
