@@ -18,8 +18,10 @@ Rules kept here:
   ENOSYS (it would switch the opcode off), EOPNOTSUPP instead;
 - a request runs to its end once started (shielded): an INTERRUPT is
   dropped in C, and a discard half applied at shutdown would be neither;
-- a FALLOCATE without KEEP_SIZE that reaches past the end grows the disk
-  first, as a write past the end does (fs.write), with the image paused in C.
+- a FALLOCATE without KEEP_SIZE that reaches past the end is what a write
+  past the end is (fs.write): ENOSPC, unless the mount is ``-o growable`` or
+  the handle created the image; then it grows the disk first, with the image
+  paused in C.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ class PyServed:
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
         if not mode & FALLOC_FL_KEEP_SIZE and end > img.size:
+            if not (self.ops.growable or h.created):  # as a write past the end (fs.py _past_the_end)
+                raise OSError(errno.ENOSPC, f"{h.entry.visible}: fallocate to {end} goes past the end of the "
+                                            f"disk ({img.size} bytes; resize it with truncate, or mount -o growable)")
             async with self.ops.fast.paused(h.inode):  # the size C serves changes
                 await img.grow_to(end)
         if mode & FALLOC_FL_PUNCH_HOLE:

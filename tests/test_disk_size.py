@@ -39,7 +39,7 @@ def images(workdir):
     return d
 
 
-def test_a_write_past_the_end_is_enospc(images, mounted):
+def test_a_write_past_the_end_is_enospc(images, mounted, plane):
     m = mounted(images)
     before = sizes(m)
     for name, size in before.items():
@@ -49,6 +49,9 @@ def test_a_write_past_the_end_is_enospc(images, mounted):
             # Across the end: written up to it, then ENOSPC, as to a block device.
             r = dd(m / name, "bs=4k", "count=4", f"seek={size // (4 * KiB) - 2}", *direct)
             assert r.returncode != 0 and "No space left on device" in r.stderr, (name, direct, r.stderr)
+        # fallocate(1) past the end (the data plane serves fallocate; without it: EOPNOTSUPP).
+        r = run("fallocate", "-o", size, "-l", "64k", m / name, check=False)
+        assert r.returncode != 0 and (plane == "off" or "No space left on device" in r.stderr), r.stderr
     assert sizes(m) == before
     # An explicit resize still resizes, and a write inside the new size lands.
     os.truncate(m / "small.raw", 64 * KiB)
