@@ -137,8 +137,12 @@ def _print_report(report: Report) -> None:
 
 def _print_live(report: Report) -> None:
     live = report.live
+    parts = []
+    if report.reserved:
+        parts.append(f"{report.reserved} clusters it holds in reserve (counted ahead of its writes, "
+                     f"given back at unmount) are not leaks")
+    if report.leaks:
+        parts.append(f"the {report.leaks} leaked clusters may be ones it changed since its last flush")
     daemon = f" (daemon {live.pid})" if live.pid else ""
-    print(f"The image is in use by the cachefs mount at {live.mount}{daemon}: "
-          f"{report.reserved} clusters it holds in reserve (counted ahead of its writes, given back at "
-          f"unmount) are not leaks" + (f"; the {report.leaks} leaked clusters left may be ones it changed "
-                                       f"since its last flush" if report.leaks else "") + ".")
+    print(f"The image is in use by the cachefs mount at {live.mount}{daemon}" +
+          (": " + "; ".join(parts) if parts else "") + ".")
