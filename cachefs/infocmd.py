@@ -172,10 +172,9 @@ def _snapshot_line(sn: dict) -> str:
 def _dump(key: str, v, indent: int) -> list[str]:
     """qemu's dump_qdict/dump_qlist: "key: value", or "key:" and the items one level deeper."""
     pad = " " * 4 * indent
-    if isinstance(v, dict):
-        return [f"{pad}{key}:"] + [line for k, item in v.items() for line in _dump(k.replace("-", " "), item, indent + 1)]
-    if isinstance(v, list):
-        return [f"{pad}{key}:"] + [line for i, item in enumerate(v) for line in _dump(f"[{i}]", item, indent + 1)]
+    if isinstance(v, (dict, list)):
+        items = v.items() if isinstance(v, dict) else ((f"[{i}]", item) for i, item in enumerate(v))
+        return [f"{pad}{key}:"] + [line for k, item in items for line in _dump(k.replace("-", " "), item, indent + 1)]
     return [f"{pad}{key}: {str(v).lower() if isinstance(v, bool) else v}"]
 
 
