@@ -46,21 +46,25 @@ $(STAMP): pyproject.toml setup.py cachefs/native/build.py $(wildcard cachefs/nat
 
 # mount(8) looks for /sbin/mount.fuse.cachefs before anything else (strace of
 # util-linux 2.38: newfstatat("/sbin/mount.fuse.cachefs"), then /sbin/mount.fuse).
-# Pointed at this tree's venv on every `make venv`, so the tree being tested is
-# the one mount(8) runs (CI tests a fresh clone elsewhere on the same machine).
 # The same program is umount.fuse.cachefs, which umount(8) runs for a cachefs
 # mount (cachefs/utab.py): it returns once the daemon has flushed and exited.
+# Both are machine-wide, so only `make install-helper` points them at this tree's
+# venv (issue 20 defect 11: `make venv` did, for whichever checkout ran last).
+# `make test` does too: the tests of mount -t fuse.cachefs, fstab and umount(8)
+# run the helper, and must run the tree under test (CI tests a fresh clone).
 HELPER := /sbin/mount.fuse.cachefs
 UHELPER := /sbin/umount.fuse.cachefs
-.PHONY: mount-helper
-mount-helper: $(STAMP)
-	@if [ "$$(id -u)" = 0 ]; then ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(HELPER); \
-	  ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(UHELPER); \
-	else echo "mount-helper: not root, $(HELPER) not linked (mount -t fuse.cachefs and fstab need it)"; fi
+.PHONY: install-helper mount-helper
+install-helper: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(HELPER) && \
+	  ln -sfn "$(CURDIR)/$(VENV)/bin/mount.fuse.cachefs" $(UHELPER) && \
+	  echo "install-helper: $(HELPER) and $(UHELPER) run $(CURDIR)/$(VENV)/bin/mount.fuse.cachefs"; \
+	else echo "install-helper: not root, $(HELPER) and $(UHELPER) not linked (mount -t fuse.cachefs, fstab and umount(8) need them)"; fi
+mount-helper: install-helper  # the old name
 
-venv: $(STAMP) mount-helper
+venv: $(STAMP)
 
-test: deps venv
+test: deps venv install-helper
 	$(VPY) -m pytest -q
 
 # Issue 19: every power-cut simulation over thousands of seeds, each fixing a workload and

@@ -83,6 +83,21 @@ def clash_message(found: list[Found]) -> str:
     return f"{a} and {b} would both appear as {found[0].visible}; rename one of them"
 
 
+def unservable(name: str, qcow2: bool | None = None) -> str:
+    """Why ``name`` cannot be a file of the mount, in one line (create(2) and rename(2) through it).
+
+    ``qcow2``: what creating NAME.raw makes on this mount (None: not a create).
+    """
+    if name.startswith("."):
+        return "names starting with '.' are never served (the image directory keeps them to itself)"
+    if name.endswith(".qcow2") and qcow2 is not None:
+        stem = name[:-len(".qcow2")]
+        made = f"it is made as {stem}.qcow2" if qcow2 else "this mount makes it raw (--create-format raw)"
+        return f"a qcow2 image NAME.qcow2 shows as NAME.raw in the mount: create {stem}.raw instead ({made})"
+    return ("a mount holds only disk images, named NAME.raw or NAME.img "
+            "(NAME.qcow2 in the image directory shows as NAME.raw)")
+
+
 @attrs.define(eq=False)
 class Entry:
     """A served image. Invariant: ``visible`` is None only while ``handles`` > 0 (removed, still open)."""
@@ -172,20 +187,27 @@ class Catalog:
                 continue
             f = mine[0] if mine else group[0]
             if f.ident in served:
-                self._rename(served[f.ident], f)
+                self._rename(served[f.ident], f, clashing=[g for g in group if g is not f])
             elif name not in self.by_name:
                 await self._open_new(f, fatal)
         for name in list(self.skipped):
             if name not in found:
                 del self.skipped[name]
 
-    def _rename(self, e: Entry, f: Found) -> None:
+    def _rename(self, e: Entry, f: Found, clashing: list[Found] = ()) -> None:
+        """Keep serving ``e`` as ``f``; files that would show under the same name (an image copied in
+        while it is served) are left out, with one line (the same clash refuses a mount at its start)."""
         if e.visible != f.visible:
             log.info("%s: now %s (%s)", e.visible or os.path.basename(e.image.path), f.visible, f.path)
         e.visible = f.visible
         e.image.path = f.path
         self.by_name[f.visible] = e
-        self.skipped.pop(f.visible, None)
+        if clashing:
+            paths = ", ".join(g.path for g in clashing)
+            self._skip(f.visible, f"{paths}: {clash_message([f, *clashing])}; "
+                                  f"{os.path.basename(f.path)} stays served")
+        else:
+            self.skipped.pop(f.visible, None)
 
     async def _open_new(self, f: Found, fatal) -> None:
         try:
@@ -224,7 +246,7 @@ class Catalog:
         image (NAME.qcow2) of virtual size 0; NAME.img is always raw.
         """
         if visible_name(name) != name:
-            raise OSError(errno.EPERM, f"{name}: only NAME.raw and NAME.img can be created here")
+            raise OSError(errno.EPERM, unservable(name, qcow2))
         async with self._lock:
             path = os.path.join(self.image_dir, backing_name(name, qcow2 and name.endswith(".raw")))
             if name in self.by_name or os.path.lexists(path):
@@ -256,8 +278,11 @@ class Catalog:
         async with self._lock:
             e = self._named(old)
             qcow2 = e.image.path.endswith(".qcow2")
-            if visible_name(new) != new or (qcow2 and not new.endswith(".raw")):
-                raise OSError(errno.EPERM, f"{new}: a {e.image.format} image cannot be named so")
+            if visible_name(new) != new:
+                raise OSError(errno.EPERM, unservable(new))
+            if qcow2 and not new.endswith(".raw"):
+                raise OSError(errno.EPERM, f"{old} is a qcow2 image ({os.path.basename(e.image.path)}), which the "
+                                           f"mount shows as NAME.raw: rename it to another NAME.raw")
             target = os.path.join(self.image_dir, backing_name(new, qcow2))
             victim = self.by_name.get(new)
             if victim is e:

@@ -136,7 +136,12 @@ def create_format(image: str, given: str | None) -> str:
     from cachefs.image import format_by_name
     named = format_by_name(image)
     kind = given or named or "qcow2"
-    if named is not None and kind != named:
+    if named is None:  # issue 20 defect 11: no mount would serve it
+        stem = os.path.basename(image)
+        names = f"{stem}.qcow2" if kind == "qcow2" else f"{stem}.raw or {stem}.img"
+        raise CachefsError(f"{image}: a mount serves only images named *.qcow2, *.raw or *.img (the name "
+                           f"decides the format); name it {names}")
+    if kind != named:
         raise CachefsError(f"{image} would be served as {named} (cachefs goes by the name); "
                            f"name it *.{kind} or pass -f {named}")
     return kind
@@ -352,9 +357,13 @@ def stats(mountpoint, as_json):
                         for a in os.listxattr(path) if a.startswith(prefix)}
     skipped = json.loads(skipped or "{}")
     read_only = _xattr_or_none(mountpoint, prefix + "read_only")  # the whole mount, and why
+    # Requests the daemon answered with an error, and the last one's reason (cachefs/oplog.py).
+    failed = int(_xattr_or_none(mountpoint, prefix + "failed_requests") or 0)
+    last_failure = _xattr_or_none(mountpoint, prefix + "last_failure")
     if as_json:
         typed = {name: {k: xattr_value(v) for k, v in x.items()} for name, x in images.items()}
-        click.echo(json.dumps({"images": typed, "skipped": skipped, "read_only": read_only}, indent=2))
+        click.echo(json.dumps({"images": typed, "skipped": skipped, "read_only": read_only,
+                               "failed_requests": failed, "last_failure": last_failure}, indent=2))
         return
     if read_only:
         click.echo(f"read-only mount: {read_only}")
@@ -374,6 +383,8 @@ def stats(mountpoint, as_json):
             click.echo(f"{'':<20}   discard: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in DISCARD_STAT_KEYS))
     for name, why in skipped.items():
         click.echo(f"{name:<20} not served: {why}")
+    if last_failure:
+        click.echo(f"last failed request ({failed} in all): {last_failure}")
 
 
 def xattr_value(text: str):

@@ -81,6 +81,8 @@ class MountConfig:
     growable: bool = False
     # -o drop_bitmaps: an image with persistent bitmaps is served writable, its bitmaps deleted.
     drop_bitmaps: bool = False
+    # -o noexec (mount(8) adds it for fstab's `user`): the kernel's flag on the FUSE mount.
+    noexec: bool = False
 
 
 def discover_images(image_dir: str) -> dict[str, str]:
@@ -257,6 +259,8 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
         options.add("default_permissions")
     if cfg.read_only:
         options.add("ro")
+    if cfg.noexec:
+        options.add("noexec")
     return options
 
 

@@ -35,6 +35,7 @@ import trio
 
 from cachefs import native
 from cachefs.errors import CachefsError
+from cachefs.oplog import image_named, reason
 from cachefs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 
 log = logging.getLogger("cachefs.dpops")
@@ -88,13 +89,14 @@ class PyServed:
             except OSError as exc:
                 err = exc.errno or errno.EIO
                 if err != errno.ENXIO:  # ENXIO: SEEK_DATA past the last data, an answer, not a problem
-                    _warn(req, exc)
+                    self._warn(req, reason(exc))
             except CachefsError as exc:
                 err = exc.errno
-                _warn(req, exc)
+                self._warn(req, reason(exc))
             except Exception:
                 err = errno.EIO
-                log.exception("%s fh %d failed", _name(req), req.fh)
+                log.exception("%s failed", self._describe(req))
+                self._warn(req, "EIO: internal error (a traceback is in the log)", logged=True)
             if err == errno.ENOSYS:
                 err = errno.EOPNOTSUPP  # ENOSYS would turn the opcode off for the connection
             rc = native.lib.dp_pyq_reply(self._dp, req.unique, -err, offset or 0)
@@ -127,7 +129,7 @@ class PyServed:
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
         if not mode & FALLOC_FL_KEEP_SIZE and end > img.size:
             if not (self.ops.growable or h.created):  # as a write past the end (fs.py _past_the_end)
-                raise OSError(errno.ENOSPC, f"{h.entry.visible}: fallocate to {end} goes past the end of the "
+                raise OSError(errno.ENOSPC, f"fallocate to {end} goes past the end of the "
                                             f"disk ({img.size} bytes; resize it with truncate, or mount -o growable)")
             async with self.ops.fast.paused(h.inode):  # the size C serves changes
                 await img.grow_to(end)
@@ -138,9 +140,17 @@ class PyServed:
         else:
             await img.allocate(req.offset, req.length, h.mode)
 
+    def _describe(self, req: PyRequest) -> str:
+        h = self.ops.handles.get(req.fh)
+        what = image_named(h.entry) if h is not None else f"handle {req.fh} (closed)"
+        return f"{_name(req)} of {what} at guest offset {req.offset}, {req.length} bytes, from pid {req.pid}"
 
-def _warn(req: PyRequest, exc: BaseException) -> None:
-    log.warning("%s fh %d [%d, +%d) from pid %d: %s", _name(req), req.fh, req.offset, req.length, req.pid, exc)
+    def _warn(self, req: PyRequest, why: str, *, logged: bool = False) -> None:
+        """One line naming the request, its image and range (as fs.py's), kept as the mount's last failure."""
+        line = f"{self._describe(req)}: {why}"
+        if not logged:
+            log.warning("%s", line)
+        self.ops.failures.record(line)
 
 
 def _name(req: PyRequest) -> str:

@@ -204,7 +204,7 @@ class FastPaths:
                 try:
                     await allocs.refill()
                 except (OSError, CachefsError) as exc:  # the image's own error paths report it; the next wake retries
-                    log.warning("inode %d: allocating for the data plane: %s", allocs.inode, exc)
+                    log.warning("%s: allocating for the data plane: %s", allocs.image.path, exc)
 
     async def serve_syncs(self) -> None:
         """For the mount's life: write-through writes C parked get their sync (group commit)."""

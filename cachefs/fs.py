@@ -45,6 +45,7 @@ from cachefs.catalog import Catalog, Entry, visible_name
 from cachefs.fastpaths import NoFastPaths
 from cachefs.image import Image
 from cachefs.mounts import command_of
+from cachefs.oplog import Failures, describe, reason
 from cachefs.policy import CacheMode, mode_named
 
 log = logging.getLogger("cachefs.fs")
@@ -103,19 +104,25 @@ def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
 
 
 def translated(fn):
-    """Run a handler; log and translate anything that is not already a FUSEError."""
+    """Run a handler; log and translate anything that is not already a FUSEError.
+
+    The log line (and the mount's last_failure) names the request, its image and range (oplog.py).
+    """
+    name = fn.__name__
+
     async def wrapper(self, *args):
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
         except (OSError, CachefsError) as exc:
-            log.warning("%s%r: %s", fn.__name__, args[:2], exc)
+            self.failed(name, args, reason(exc))
             raise _fuse_error(exc) from None
         except Exception:
-            log.exception("%s%r failed", fn.__name__, args[:2])
+            log.exception("%s failed", describe(self, name, args))
+            self.failed(name, args, "EIO: internal error (a traceback is in the log)", logged=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
-    wrapper.__name__ = fn.__name__
+    wrapper.__name__ = name
     return wrapper
 
 
@@ -148,6 +155,14 @@ class CachefsOperations(pyfuse3.Operations):
         self.invalidations = 0
         self.in_progress = 0  # reads and writes being served now
         self.peak_in_progress = 0
+        self.failures = Failures()  # requests answered with an error, for `cachefs stats`
+
+    def failed(self, name: str, args: tuple, why: str, *, logged: bool = False) -> None:
+        """A request failed: one line naming it, its image and range, and why; kept as the last failure."""
+        line = f"{describe(self, name, args)}: {why}"
+        if not logged:
+            log.warning("%s", line)
+        self.failures.record(line)
 
     # -------------------------------------------------------------- attributes
 
@@ -211,6 +226,10 @@ class CachefsOperations(pyfuse3.Operations):
         img = self._image(inode)
         if fields.update_size:
             self._writable_mount()
+            if attr.st_size < img.size and img.writable:
+                raise UnsupportedOperation(
+                    f"shrinking the disk from {img.size} to {attr.st_size} bytes is refused: the guest's data "
+                    f"past the new end would be lost (qemu-img resize --shrink does it on the unmounted image)")
             if attr.st_size != img.size:
                 async with self.fast.paused(inode):
                     await img.truncate(attr.st_size)
@@ -365,8 +384,8 @@ class CachefsOperations(pyfuse3.Operations):
         # An O_DIRECT write through a cached handle is the kernel's async direct I/O, which
         # turns a short answer into EIO (fs/fuse/file.c, fuse_get_res_by_io): refuse it whole.
         if off >= h.image.size or h.flags & os.O_DIRECT and not h.direct_io:
-            raise OSError(errno.ENOSPC, f"{h.entry.visible}: write at {off}+{len(buf)} goes past the end of the "
-                                        f"disk ({h.image.size} bytes; resize it with truncate, or mount -o growable)")
+            raise OSError(errno.ENOSPC, f"the write goes past the end of the disk ({h.image.size} bytes; "
+                                        f"resize it with truncate, or mount -o growable)")
         return buf[:h.image.size - off]
 
     def _begin(self) -> None:
@@ -423,6 +442,7 @@ class CachefsOperations(pyfuse3.Operations):
                     "skipped": json.dumps(self.catalog.skipped), "invalidations": str(self.invalidations),
                     "buffer_pool": json.dumps(buffer_pool_stats()),
                     "peak_requests": str(self.peak_in_progress), "open_handles": str(len(self.handles)),
+                    **self.failures.root_info(),
                     **self.fast.root_info(), **self.root_info}
         img = self._image(inode)
         out = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in img.info().items()}

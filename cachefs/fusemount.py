@@ -31,7 +31,7 @@ import subprocess
 
 from cachefs.errors import CachefsError
 
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MNT_DETACH = 2
 
 #: Options the kernel's FUSE mount takes itself (fs/fuse/inode.c); the rest are libfuse's.
@@ -46,18 +46,18 @@ def mount(mountpoint: str, *, fsname: str, options: set[str]) -> int:
     """Mount FUSE at ``mountpoint``; the ``/dev/fuse`` descriptor (non-blocking, close-on-exec).
 
     ``options`` are libfuse-style (``allow_other``, ``default_permissions``,
-    ``ro``; ``fsname=``/``subtype=`` are given here instead). Raises
+    ``ro``, ``noexec``; ``fsname=``/``subtype=`` are given here instead). Raises
     CachefsError in one line.
     """
     wanted = sorted(o for o in options if o in KERNEL_OPTIONS)
     read_only = "ro" in options
     if os.geteuid() != 0:
-        fd = _fusermount(mountpoint, fsname, wanted, read_only)
+        fd = _fusermount(mountpoint, fsname, wanted + (["noexec"] if "noexec" in options else []), read_only)
         os.set_blocking(fd, False)
         return fd
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     data = ",".join([f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}", *wanted])
-    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0) | (MS_NOEXEC if "noexec" in options else 0)
     libc = _libc()
     if libc.mount(os.fsencode(fsname), os.fsencode(mountpoint), b"fuse.cachefs", flags, data.encode()) != 0:
         err = ctypes.get_errno()

@@ -35,8 +35,10 @@ MNT_DETACH = 2  # <sys/mount.h>
               help="I/O submitter: a thread pool (the default), Linux AIO on an eventfd (O_DIRECT modes only), "
                    "or io_uring on an eventfd (every mode).")
 @click.option("--dataplane", default=None, type=click.Choice(list(DATAPLANE)),
-              help="Serve reads and writes of raw images in the C data plane (on, the default when the native "
-                   "module is built), or everything through pyfuse3 (off).")
+              help="on (the default when the native module has it, built with liburing): a C thread on io_uring "
+                   "serves the reads and writes of raw and qcow2 images, allocating writes included, and takes "
+                   "fallocate (discard, write-zeroes), SEEK_DATA/SEEK_HOLE and fsync; off: everything goes "
+                   "through pyfuse3, slower, and fallocate and SEEK_DATA/SEEK_HOLE are not served.")
 @click.option("--l2-cache-size", "l2_cache_size", default=None, metavar="SIZE",
               help="Memory for each qcow2 image's L2 tables and refcount blocks, as QEMU's l2-cache-size "
                    "(default 32M); the data plane publishes the mappings of cached tables only.")
@@ -54,7 +56,8 @@ MNT_DETACH = 2  # <sys/mount.h>
               help="Write the daemon's process ID here while it serves.")
 @click.option("--create-format", type=click.Choice(list(CREATE_FORMATS)), default=None,
               help="What creating NAME.raw through the mount makes (default qcow2).")
-@click.option("--debug", is_flag=True)
+@click.option("--debug", is_flag=True, help="Log at debug level too: more detail in the log (see --log), "
+                                            "for a bug report.")
 def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, foreground, allow_other, options,
           log_file, pid_file, create_format, debug):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
@@ -99,6 +102,7 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
         read_only=opts.read_only or why_read_only is not None, read_only_why=why_read_only,
         allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
         foreground=foreground, debug=opts.debug, growable=opts.growable, drop_bitmaps=opts.drop_bitmaps,
+        noexec=opts.noexec,
         **{k: v for k, v in given.items() if v is not None},
     )
     check_submitter(cfg.cache_mode, cfg.aio)

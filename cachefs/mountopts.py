@@ -14,11 +14,13 @@ Three kinds of option besides our own:
   the helper (`nofail`, `_netdev`, `x-systemd.*`, ...) are accepted and
   have no effect; each says why in `IGNORED`;
 - kernel flags that the mount has anyway (libfuse mounts `nodev,nosuid`;
-  `exec` and `relatime` are every mount's default) are accepted, because
-  they are true;
-- kernel flags the kernel *would* honour (`noexec`, `noatime`, ...) are
+  `relatime` is every mount's default) are accepted, because they are true;
+- `noexec` (and `exec`) is passed on to the FUSE mount: mount(8) adds
+  `noexec,nosuid,nodev` by itself for an fstab line with `user` or `users`
+  (the helper never sees `user`), so refusing it would refuse every such line;
+- other kernel flags the kernel *would* honour (`noatime`, `sync`, ...) are
   refused: the daemon does not pass them on to the FUSE mount, and a mount
-  that silently ignores `noexec` is worse than one that refuses it.
+  that silently ignores them is worse than one that refuses them.
 
 Anything else is refused in one line naming the option. `mount -s`
 (sloppy) drops unknown options instead, and says so.
@@ -75,6 +77,8 @@ class MountOptions:
     growable: bool = False
     # Serve images with persistent bitmaps writable, deleting the bitmaps (cachefs does not maintain them).
     drop_bitmaps: bool = False
+    # The kernel's noexec on the FUSE mount (mount(8) adds it for fstab's `user`).
+    noexec: bool = False
     # (option, why it has no effect), for `mount.fuse.cachefs -v`.
     ignored: tuple[tuple[str, str], ...] = ()
 
@@ -99,6 +103,8 @@ FLAGS: dict[str, tuple[str, bool]] = {
     "debug": ("debug", True),
     "growable": ("growable", True),
     "drop_bitmaps": ("drop_bitmaps", True),
+    "noexec": ("noexec", True),
+    "exec": ("noexec", False),
 }
 
 #: Accepted, and no effect on the daemon: option -> why.
@@ -108,12 +114,11 @@ IGNORED: dict[str, str] = {
     "_netdev": "read by mount -a and systemd (mount once the network is up)",
     "auto": "read by mount -a",
     "noauto": "read by mount -a and systemd",
-    "user": "read by mount(8) (who may mount it)",
-    "users": "read by mount(8) (who may mount and unmount it)",
+    "user": "read by mount(8) (who may mount it; it implies noexec,nosuid,nodev, which it adds itself)",
+    "users": "read by mount(8) (who may mount and unmount it; it implies noexec,nosuid,nodev)",
     "nouser": "read by mount(8) (only root mounts it)",
     "nodev": "a FUSE mount is nodev already (libfuse's default)",
     "nosuid": "a FUSE mount is nosuid already (libfuse's default)",
-    "exec": "the kernel's default for every mount",
     "relatime": "the kernel's default for every mount",
 }
 
@@ -130,8 +135,7 @@ _NOT_PASSED_ON = "cachefs does not pass kernel mount flags on to FUSE, so the mo
 REFUSED: dict[str, str] = {
     "dev": "a cachefs mount is always nodev (libfuse's default); it serves only image files",
     "suid": "a cachefs mount is always nosuid (libfuse's default)",
-    **{flag: _NOT_PASSED_ON for flag in ("noexec", "noatime", "nodiratime", "strictatime", "lazytime",
-                                         "sync", "dirsync")},
+    **{flag: _NOT_PASSED_ON for flag in ("noatime", "nodiratime", "strictatime", "lazytime", "sync", "dirsync")},
 }
 
 

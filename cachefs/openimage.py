@@ -28,6 +28,16 @@ def _repair_buffered(path: str) -> None:
         os.close(fd)
 
 
+def _why_dirty(hdr) -> str:
+    """The dirty bit says the image was not closed cleanly: under lazy refcounts (QEMU's writer,
+    or cachefs's, killed), or with the reservation a cachefs mount had not given back yet
+    (metaqueue.py sets it on any v3 image, lazy refcounts or not)."""
+    if hdr.lazy_refcounts:
+        return "was not closed cleanly (lazy refcounts: its refcounts may lag its tables)"
+    return ("was not closed cleanly (the dirty bit without lazy refcounts: a cachefs mount that was killed "
+            "leaves it, with the clusters it held in reserve)")
+
+
 async def _header_first(img: Qcow2Image) -> None:
     """The header changed at open (autoclear bits cleared, bitmaps deleted): durable before any
     guest write, so no crash leaves data changed under a header vouching for stale bitmaps
@@ -61,12 +71,13 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
         kw = {"drop_bitmaps": drop_bitmaps} | ({} if cache_bytes is None else {"cache_bytes": cache_bytes})
         engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
         if engine.needs_repair and writable and engine.writable:
-            # Crashed under lazy refcounts: rebuild them before the first write, as QEMU does.
-            log.warning("%s: dirty lazy-refcounts image, rebuilding refcounts", path)
+            # Not closed cleanly: rebuild the refcounts before the first write, as QEMU does.
+            log.warning("%s: %s; rebuilding its refcounts before the first write", path, _why_dirty(engine.hdr))
             await trio.to_thread.run_sync(_repair_buffered, path)
             engine = await run_async(open_engine(be.size(), writable=writable, **kw), be.pread)
             if engine.needs_repair:
-                raise CorruptImage("dirty lazy-refcounts image could not be repaired")
+                raise CorruptImage(f"{path}: {_why_dirty(engine.hdr)}, and rebuilding its refcounts "
+                                   f"did not clear the dirty bit")
         img = Qcow2Image(path, backends, lock, writable, engine, mode)
         if img.writable and not engine.header.durable:
             await _header_first(img)

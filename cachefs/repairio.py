@@ -1,7 +1,8 @@
 """Repair on a file descriptor: qcow2/repair.py's requests carried out with os calls.
 
-Two callers: ``cachefs check --repair`` (checkcmd.py) and the open of a
-dirty lazy-refcounts image (image.open_image), which rebuilds refcounts
+Two callers: ``cachefs check --repair`` (checkcmd.py) and the open of an
+image not closed cleanly (its dirty bit: lazy refcounts, or a cachefs mount's
+reservation; openimage.open_image), which rebuilds refcounts
 before its first write, as QEMU does. Neither imports the other: this module
 is below both. The I/O is synchronous and buffered (never O_DIRECT: the
 repair reads and writes unaligned ranges); the image layer runs it in a
@@ -55,7 +56,7 @@ def repair_fd(fd: int, result, mode: str) -> int:
 
 
 def repair_dirty_sync(fd: int) -> None:
-    """A lazy-refcounts image that was not closed cleanly: rebuild refcounts, clear the dirty bit.
+    """An image that was not closed cleanly (dirty bit set): rebuild refcounts, clear the dirty bit.
 
     QEMU does the same on read-write open (qcow2_check_refcounts with
     BDRV_FIX_ERRORS | BDRV_FIX_LEAKS). Raises CorruptImage if it cannot.
