@@ -37,14 +37,19 @@ metaqueue.MIN_RESERVE_BYTES = 8 << 10
 
 
 def open_as_mount(f: MemFile, *, writable: bool):
-    """openimage.open_image's core: open, and rebuild a dirty lazy-refcounts image first."""
-    eng = f.run(open_engine(len(f), writable=writable, cache_bytes=CACHE_BYTES))
+    """openimage.open_image's core: open (writable with -o drop_bitmaps, so that hostile bitmaps
+    are read and freed), rebuild the refcounts of an image not closed cleanly first, and make
+    the header changed at open durable (openimage._header_first)."""
+    kw = dict(writable=writable, cache_bytes=CACHE_BYTES, drop_bitmaps=writable)
+    eng = f.run(open_engine(len(f), **kw))
     if eng.needs_repair and writable and eng.writable:
         f.run(write_repair(f.run(rebuild_refcounts(len(f)))))
-        eng = f.run(open_engine(len(f), writable=writable, cache_bytes=CACHE_BYTES))
+        eng = f.run(open_engine(len(f), **kw))
         if eng.needs_repair:
             raise CorruptImage("dirty lazy-refcounts image could not be repaired")
     f.fill = FillCache(eng)  # every Qcow2Image has one (compressedio.CompressedWrites)
+    if eng.writable:
+        f.run(eng.queue.make_durable())
     return eng
 
 

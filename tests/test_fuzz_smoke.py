@@ -24,7 +24,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from cachefs.errors import CorruptImage, DamagedMetadata  # noqa: E402
+from cachefs.qcow2 import snapshots  # noqa: E402
 from cachefs.qcow2.check import check_image  # noqa: E402
+from cachefs.qcow2.format import read_header  # noqa: E402
 from cachefs.qcow2.engine import open_engine  # noqa: E402
 from cachefs.qcow2.plan import ExtentKind, run_sync  # noqa: E402
 from fuzz.harness import MemFile  # noqa: E402
@@ -122,3 +124,12 @@ def test_snapshot_l1_past_eof_is_not_read():
         return data[offset:offset + length]
     result = run_sync(check_image(len(data)), pread)
     assert result.corruptions and sum(asked) < 64 * len(data), sum(asked)
+
+
+def test_snapshot_extra_data_over_qemus_limit_is_refused():
+    """A snapshot table entry with 500 MB of extra data (snapshots.read_table, `cachefs info`):
+    refused in one line, as QEMU refuses it, instead of a read that size."""
+    f = MemFile((CORPUS / "header" / "crash-snapshot-extra-data").read_bytes())
+    hdr = f.run(read_header(len(f)))
+    with pytest.raises(CorruptImage, match="bytes of extra data, over 1024"):
+        f.run(snapshots.read_table(hdr, len(f)))

@@ -18,6 +18,7 @@ from cachefs.qcow2.plan import ReadRequest
 
 ENTRY = struct.Struct(">QIHHIIQII")  # spec "Snapshot table entry", bytes 0-39
 EXTRA = struct.Struct(">QQQ")        # extra data: vm_state_size_large, disk_size, icount
+MAX_EXTRA = 1024                     # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA (block/qcow2.h)
 
 
 @attrs.frozen
@@ -40,6 +41,9 @@ def read_table(hdr: fmt.Header, file_size: int):
         if len(head) < ENTRY.size:
             raise CorruptImage(f"snapshot table entry {n} lies outside the file")
         _, _, id_len, name_len, date_sec, date_nsec, clock, state, extra_len = ENTRY.unpack(head)
+        # The extra data is read whole, below; QEMU refuses more too (qcow2_read_snapshots). Found by fuzz/.
+        if extra_len > MAX_EXTRA:
+            raise CorruptImage(f"snapshot table entry {n} has {extra_len} bytes of extra data, over {MAX_EXTRA}")
         rest = bytes((yield ReadRequest(pos + ENTRY.size, extra_len + id_len + name_len)))
         pos += ENTRY.size + extra_len + id_len + name_len
         if len(rest) < extra_len + id_len + name_len or pos > file_size:
