@@ -13,26 +13,31 @@ that logs every write, truncate and fsync reaching the image file, in order
 - :class:`powercut.GuestWriter`, four threads writing, discarding and
   flushing in a third region, each request timestamped against the log.
 
+In none, recordfs also holds the writes to the image's first MiB (its tables)
+and every fsync a little (faultyfs's slow rules), so backend writes complete
+out of order and more of them race with the syncs.
+
 After a clean unmount the log is replayed into crash states: around each
-completed sync and at random points, what the syncs covered plus a seeded
-random subset of the rest (powercut.CrashLog; in every other state the
-uncovered writes land page by page, as page-cache writeback can leave
-them). In every state our checker finds
-leaks at most (``qemu-img check`` too, for a sample), and every write the
-mode promised reads back, sector by sector: writeback and none, the writes
-completed before a flush started that completed before the cut;
-writethrough (and directsync), every write completed before the cut. Two sabotaged replays
-(syncs ignored; a synced write left out) must fail those checks.
+completed sync, where promises start and at random points, what the syncs
+covered plus a seeded random subset of the rest (powercut.CrashLog; in every
+other state the uncovered writes land page by page, as page-cache writeback
+can leave them). In every state our checker finds leaks at most
+(``qemu-img check`` too, one state in ``QEMU_EVERY``), and every write the
+mode promised reads back, sector by sector: in writeback and none, the
+writes completed before a flush started that completed before the cut; in
+writethrough (and directsync), every write completed before the cut. Two
+states per mode are also opened by the daemon itself (its repair of a dirty
+image, its reads, then a clean unmount that leaves no leak). Two sabotaged
+replays (syncs ignored; a synced write left out) must fail the checks.
 
 ``POWERCUT_DAEMON_STATES=N`` (crash states per mode, 150 by default),
-``POWERCUT_SEED=S``, ``POWERCUT_DAEMON_MODES=writeback,none,...`` and
-``POWERCUT_DAEMON_CLUSTER=512`` check more (``make soak-daemon``). Each state
-checked is also judged by ``qemu-img check`` one time in ``QEMU_EVERY``, and
-two per mode are opened by the daemon itself (its repair of a dirty image,
-then its reads, then a clean unmount that leaves no leak). A failure names the seed, the mode and the state
-(the log position, the uncovered records kept) and keeps the state's file and
-the log in the test's directory. The workload itself is concurrent, so a seed
-fixes the guest's choices and the states' subsets, not the interleaving.
+``POWERCUT_SEED=S``, ``POWERCUT_DAEMON_MODES=writeback,none,...``,
+``POWERCUT_DAEMON_CLUSTER=512`` and ``POWERCUT_DAEMON_SLOW=RULES`` check
+more (``make soak-daemon``). A failure names the seed, the mode and the
+state (the log position, the uncovered records kept) and keeps the state's
+file and the log in the test's directory. The workload itself is concurrent,
+so a seed fixes the guest's choices and the states' subsets, not the
+interleaving.
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ SEED = os.environ.get("POWERCUT_SEED", "19")
 MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough").split(",")
 WRITE_THROUGH = ("writethrough", "directsync")
 QEMU_EVERY = 25  # one state in this many is also judged by qemu-img check
+# faultyfs rules armed on recordfs before the mount: in none (unless POWERCUT_DAEMON_SLOW says
+# otherwise, for every mode; "{}" for none), writes to the image's first MiB (its tables, the first
+# data) complete 2 ms late, after later writes elsewhere, and every fsync waits 2 ms before it
+# starts, while writes that are not covered complete.
+SLOW = {"none": '{"slow_write": [[0, 1048576, 0.002]], "slow_fsync": [0.002, 1000000000]}'}
+if "POWERCUT_DAEMON_SLOW" in os.environ:
+    SLOW = dict.fromkeys(MODES, os.environ["POWERCUT_DAEMON_SLOW"])
 
 
 class Recorder:
@@ -205,7 +217,8 @@ def check_cuts(log: CrashLog, judge: Judge, rng: random.Random, cache: str,
         if v.failures():
             keep = workdir / f"failed-{cache}-cut{cut}.qcow2"
             keep.write_bytes(buf)
-            failures.append(f"POWERCUT_SEED={SEED} cache={cache}: {st.describe()}: {v.failures()} "
+            failures.append(f"POWERCUT_SEED={SEED} cache={cache} cluster={CS} slow={SLOW.get(cache)}: "
+                            f"{st.describe()}: {v.failures()} "
                             f"(state kept as {keep}, log {workdir / 'record.log'})")
     return failures, len(cuts), promises
 
@@ -266,6 +279,8 @@ def synced_write_alone(ops, write_through: bool) -> tuple[int, int]:
 def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mounted, workdir):
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", workdir / "src" / "vm.qcow2", str(SIZE))
     rec = recorder()
+    if SLOW.get(cache):
+        os.setxattr(rec.path, "user.faulty.arm", SLOW[cache].encode())
     m = mounted(rec.path, "--cache", cache, "--dataplane", "on")
     t0 = time.monotonic()
     ops, counters = run_workload(m, rec, workdir, cache)
