@@ -4,7 +4,8 @@ tests/test_powercut*.py cut an image running over a recorded *memory* file.
 Here the real ``cachefs mount`` (data plane on, C allocating) serves a fresh
 qcow2 from an image directory that is tests/recordfs.py, a FUSE passthrough
 that logs every write, truncate and fsync reaching the image file, in order
-(dm-log-writes for files). Then, in one mount per cache mode:
+(dm-log-writes for files). Then, in one mount per cache mode (and one whose
+mode is switched live all the time):
 
 - fio writes with ``verify=crc32c`` and ``fdatasync=16`` in one region (its
   own check of the live image), allocating writes with ``fsync=4`` in a second
@@ -48,6 +49,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,8 +66,10 @@ SIZE = 32 * MiB
 VERIFY, CHURN, GUEST = (0, 8 * MiB), (8 * MiB, 16 * MiB), (16 * MiB, 24 * MiB)
 STATES = int(os.environ.get("POWERCUT_DAEMON_STATES", "150"))
 SEED = os.environ.get("POWERCUT_SEED", "19")
-# directsync costs a CI run another 15 s; make soak-daemon adds it.
-MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough").split(",")
+# "switching": mounted writeback, the image's mode switched live every 50 ms through every mode
+# that honours flushes (so the flushes' promises hold throughout). directsync costs a CI run
+# another 15 s; make soak-daemon adds it.
+MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough,switching").split(",")
 WRITE_THROUGH = ("writethrough", "directsync")
 QEMU_EVERY = 25  # one state in this many is also judged by qemu-img check
 # faultyfs rules armed on recordfs before the mount: in none (unless POWERCUT_DAEMON_SLOW says
@@ -169,7 +173,7 @@ thinktime=1000
 def start_fio(served: Path, workdir: Path, cache: str) -> subprocess.Popen:
     # Write-through makes every 4 KiB write a device sync (recordfs opens the real file O_DSYNC):
     # 8 MiB of them would take 7 s.
-    verify_size = (3 if cache in WRITE_THROUGH else 8) * MiB
+    verify_size = (3 if cache in (*WRITE_THROUGH, "switching") else 8) * MiB
     job = workdir / "powercut.fio"
     job.write_text(FIO_JOBS.format(file=served, verify=VERIFY, verify_size=verify_size,
                                    churn=CHURN, churn_size=CHURN[1] - CHURN[0]))
@@ -186,18 +190,51 @@ def stat(f: Path, key: str) -> int:
     return int(os.getxattr(f, f"user.cachefs.stats.{key}"))
 
 
+class ModeSwitcher(threading.Thread):
+    """Switches a served file's cache mode every 50 ms until stopped."""
+
+    CYCLE = ("none", "writethrough", "directsync", "writeback")
+
+    def __init__(self, served: Path) -> None:
+        super().__init__()
+        self.served, self.stopping, self.switches, self.error = served, threading.Event(), 0, None
+        self.longest = 0.0  # seconds, the slowest switch (it waits for the image's running I/O)
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.wait(0.05):
+                t = time.monotonic()
+                os.setxattr(self.served, "user.cachefs.cache", self.CYCLE[self.switches % len(self.CYCLE)].encode())
+                self.longest = max(self.longest, time.monotonic() - t)
+                self.switches += 1
+        except OSError as exc:  # asserted by the test's thread
+            self.error = exc
+
+
 def run_workload(m, rec: Recorder, workdir: Path, cache: str):
-    """fio and the guest writer at once; returns the guest's ops and the image's counters."""
+    """fio and the guest writer at once (and the mode switches); returns the guest's ops and the
+    image's counters."""
     served = m / "vm.raw"
     fio = start_fio(served, workdir, cache)
+    switcher = ModeSwitcher(served) if cache == "switching" else None
     try:
+        if switcher:
+            switcher.start()
         ops = GuestWriter(served, rec.path, GUEST, threads=4, ops_each=90, seed=f"{SEED}-{cache}",
                           cluster=max(CS, 4096)).run()
+        out = finish_fio(fio)
     except BaseException:
-        fio.kill()
-        fio.wait()
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
         raise
-    out = finish_fio(fio)
+    finally:
+        if switcher:
+            switcher.stopping.set()
+            switcher.join()
+    if switcher:
+        print(f"{cache}: {switcher.switches} switches, the slowest {switcher.longest:.2f} s")
+        assert switcher.error is None and switcher.switches >= 3, (switcher.error, switcher.switches)
     counters = {k: stat(served, k) for k in ("fast_allocations", "fast_allocations_adopted", "fast_writes",
                                              "guest_flushes", "backend_fdatasyncs", "discards")}
     print(f"{cache}: fio {out.count('err= 0')} jobs verified clean; {counters}; recordfs {rec.state()}")
@@ -231,7 +268,7 @@ def remount_keeps_promises(log: CrashLog, judge: Judge, cut: int, rng: random.Ra
     images = workdir / f"cut{cut}"
     images.mkdir()
     (images / "vm.qcow2").write_bytes(buf)
-    m = mounted(images, "--cache", cache, "--dataplane", "on")
+    m = mounted(images, "--cache", "writeback" if cache == "switching" else cache, "--dataplane", "on")
     lo, hi = GUEST
     with open(m / "vm.raw", "rb") as f:
         data = os.pread(f.fileno(), hi - lo, lo)
@@ -281,7 +318,7 @@ def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mount
     rec = recorder()
     if SLOW.get(cache):
         os.setxattr(rec.path, "user.faulty.arm", SLOW[cache].encode())
-    m = mounted(rec.path, "--cache", cache, "--dataplane", "on")
+    m = mounted(rec.path, "--cache", "writeback" if cache == "switching" else cache, "--dataplane", "on")
     t0 = time.monotonic()
     ops, counters = run_workload(m, rec, workdir, cache)
     t1 = time.monotonic()
