@@ -164,7 +164,7 @@ install-unit:
 #   make soak-daemon DAEMON_SEEDS="1 2 3" DAEMON_STATES=3000 DAEMON_CLUSTERS=65536
 DAEMON_SEEDS    ?= 1 2 3
 DAEMON_STATES   ?= 1000
-DAEMON_MODES    ?= writeback,none,writethrough,directsync
+DAEMON_MODES    ?= writeback,none,writethrough,directsync,switching
 DAEMON_CLUSTERS ?= 65536 4096 512
 .PHONY: soak-daemon
 soak-daemon: venv
