@@ -1,6 +1,8 @@
 """``make soak``: every power-cut simulation over thousands of seeds (issue 19).
 
-Each simulation module names its cases in a ``SOAK`` dict: case name ->
+The real daemon's power cuts run too (``daemon-MODE``: tests/test_powercut_daemon.py
+with ``POWERCUT_SEED``, 300 crash states a run). Each simulation module names
+its cases in a ``SOAK`` dict: case name ->
 (async simulate function, its first argument). ``simulate(arg, seed,
 tmp_path)`` runs one seeded workload (the seed fixes the workload's Random
 and, through tests/interleaving.py, trio's task interleaving), checks every
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 import attrs
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import interleaving  # noqa: E402
@@ -49,8 +52,31 @@ class Tally:
     failures: list[str] = attrs.Factory(list)
 
 
+#: Cache modes of the real daemon's power cuts (tests/test_powercut_daemon.py); "switching"
+#: changes the mode live under load.
+DAEMON_MODES = ("writeback", "none", "writethrough", "directsync", "switching")
+DAEMON_STATES = 300  # crash states per run
+DAEMON_SECONDS = 60  # what one run takes at most, before the first has been timed
+
+
+async def daemon_power_cuts(mode: str, seed: int, tmp_path) -> int:
+    """The real daemon over the recording layer, in one cache mode, seeded (the seed fixes the
+    guest's choices and the crash states, not the daemon's interleaving): its crash states."""
+    env = dict(os.environ, POWERCUT_SEED=str(seed), POWERCUT_DAEMON_MODES=mode,
+               POWERCUT_DAEMON_STATES=str(DAEMON_STATES))
+    tests = Path(__file__).resolve().parent
+    r = await trio.run_process([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                f"--basetemp={tmp_path}", str(tests / "test_powercut_daemon.py")],
+                               env=env, capture_stdout=True, capture_stderr=True, check=False)
+    out = r.stdout.decode(errors="replace")
+    if r.returncode != 0:
+        failed = [line for line in out.splitlines() if line.startswith(("E ", "FAILED"))]
+        raise AssertionError((failed or out.splitlines()[-1:] or ["pytest failed"])[0])
+    return DAEMON_STATES
+
+
 def cases() -> dict:
-    found = {}
+    found = {f"daemon-{mode}": (daemon_power_cuts, mode) for mode in DAEMON_MODES}
     for name in MODULES:
         found.update(getattr(importlib.import_module(name), "SOAK", {}))
     only = [p for p in os.environ.get("SOAK_ONLY", "").split(",") if p]
@@ -91,12 +117,12 @@ def seed_stream():
 
 def soak_round(todo: dict, seed: int, tallies: dict, deadline: float | None, took: dict) -> bool:
     """Every case once on ``seed``, starting at a case the seed picks (a short soak still reaches
-    each case), skipping those whose last run (15 s if none yet) would not end before ``deadline``. False if none ran."""
+    each case), skipping those whose last run (15 s if none yet, 60 s for the daemon) would not end before ``deadline``. False if none ran."""
     names = list(todo)
     start = seed % len(names)
     ran = False
     for name in names[start:] + names[:start]:
-        if deadline is not None and time.monotonic() + took.get(name, 15.0) > deadline:
+        if deadline is not None and time.monotonic() + took.get(name, DAEMON_SECONDS if name.startswith("daemon-") else 15.0) > deadline:
             continue
         began = time.monotonic()
         run_one(name, todo[name], seed, tallies[name])
