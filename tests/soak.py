@@ -117,7 +117,8 @@ def seed_stream():
 
 def soak_round(todo: dict, seed: int, tallies: dict, deadline: float | None, took: dict) -> bool:
     """Every case once on ``seed``, starting at a case the seed picks (a short soak still reaches
-    each case), skipping those whose last run (15 s if none yet, 60 s for the daemon) would not end before ``deadline``. False if none ran."""
+    each case), skipping those whose last run (15 s if none yet, 60 s for the daemon) would not
+    end before ``deadline``. False if none ran."""
     names = list(todo)
     start = seed % len(names)
     ran = False
