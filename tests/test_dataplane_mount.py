@@ -308,6 +308,15 @@ def acked_blocks_are_there(image: Path, acked: list[int]) -> None:
     assert not lost, f"{len(lost)} acknowledged writes lost, e.g. blocks {lost[:10]}"
 
 
+def wait_acked(acked: list[int], count: int = 1000, timeout: float = 30.0) -> None:
+    """Until the writer has ``count`` acknowledgements: a stop sent then lands mid-run, however
+    fast the machine (a fixed second let a quiet one finish all 60000 first)."""
+    deadline = time.monotonic() + timeout
+    while len(acked) < count:
+        assert time.monotonic() < deadline, f"the writer did not get going: {len(acked)} acknowledged"
+        time.sleep(0.01)
+
+
 def start_writer(f, nblocks: int):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(f), str(nblocks), "16"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -322,8 +331,7 @@ def start_writer(f, nblocks: int):
 def test_sigint_with_writers_loses_nothing_acknowledged(mounted, raw, mode):
     m = mounted(raw, "--cache", mode)
     proc, acked, reader = start_writer(m / "disk.raw", 60000)
-    time.sleep(1.0)
-    assert acked, "the writer did not get going"
+    wait_acked(acked)
     os.kill(m.pid, signal.SIGINT)  # "stop now" (SIGTERM would wait for the writer: issue 20)
     m._wait_daemon_gone()
     proc.wait(timeout=60)

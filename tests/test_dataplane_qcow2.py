@@ -27,7 +27,7 @@ import pytest
 
 from conftest import run
 from test_dataplane_mount import (FIO_DIRECT, acked_blocks_are_there, image_stats, needs_dataplane,
-                                  start_writer, switch_modes_under_fio)
+                                  start_writer, switch_modes_under_fio, wait_acked)
 from test_fio import fio
 
 MiB = 1 << 20
@@ -173,8 +173,7 @@ def test_sigint_with_qcow2_writers_loses_nothing_acknowledged(mounted, images, m
     img = qcow2(images, "vm.qcow2", 256 * MiB, fill=(0, 128 * MiB))  # half in place (C), half allocating
     m = mounted(images, "--cache", mode)
     proc, acked, reader = start_writer(m / "vm.raw", 60000)
-    time.sleep(1.0)
-    assert acked, "the writer did not get going"
+    wait_acked(acked)
     assert image_stats(m, "vm.raw")["fast_writes"] > 0
     os.kill(m.pid, signal.SIGINT)  # "stop now" (SIGTERM would wait for the writer)
     m._wait_daemon_gone()
