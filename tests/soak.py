@@ -150,7 +150,8 @@ def main() -> int:
         for f in t.failures[:5]:
             print(f"    {f}")
     total = sum(t.seeds for t in tallies.values()), sum(t.states for t in tallies.values())
-    print(f"soak: {total[0]} seeds, {total[1]} states, {failed} failures")
+    first = next((f"; first: {name} {t.failures[0]}" for name, t in tallies.items() if t.failures), "")
+    print(f"soak: {total[0]} seeds, {total[1]} states, {failed} failures{first}")
     return 1 if failed else 0
 
 
