@@ -32,38 +32,28 @@ import errno
 import json
 import mmap
 import os
-import select
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import _env, cachefs, is_mounted, qemu_img, qemu_io, run
+from conftest import cachefs, is_mounted, qemu_img, qemu_io, run
+from lowerfs import LowerMount
 from test_dataplane_mount import needs_dataplane
 
-HERE = Path(__file__).resolve().parent
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4096
 CLUSTER = 64 * KiB
 NAME = "disk.raw"  # how cachefs serves disk.qcow2, and disk.raw itself
 
 
-class Faulty:
+class Faulty(LowerMount):
     """One faultyfs mount: SOURCE served at ``path``, failing requests once armed."""
 
     def __init__(self, source: Path, path: Path, log: Path) -> None:
-        self.source, self.path, self.log = source, path, log
-        with open(log, "w") as err:  # a file, not a pipe nobody drains: a full pipe would stall the filesystem
-            self.proc = subprocess.Popen([sys.executable, HERE / "faultyfs.py", source, path],
-                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready" or not is_mounted(path):
-            pytest.fail(f"faultyfs did not start: {line!r}\n{self.stop()}")
+        super().__init__("faultyfs.py", source, path, log)
+        self.log = log
 
     def arm(self, **rules) -> None:
         """``read=[[lo, hi]], write=[[lo, hi]], errno=N, file=NAME`` (host byte ranges of the lower file)."""
@@ -74,20 +64,6 @@ class Faulty:
 
     def state(self) -> dict:
         return json.loads(os.getxattr(self.path, "user.faulty.state"))
-
-    def stop(self) -> str:
-        """Unmount (SIGTERM; a lazy unmount if that did not do it) and return its stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if is_mounted(self.path):
-            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
-        self.proc.stdout.close()
-        return self.log.read_text()
 
 
 @pytest.fixture

@@ -45,21 +45,18 @@ from __future__ import annotations
 
 import os
 import random
-import select
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import _env, is_mounted, qemu_img
+from conftest import qemu_img
+from lowerfs import LowerMount
 from powercut import CrashLog, GuestWriter, Judge, choose_cuts, first_promised
 from recordfs import STATE, WRITE, base_dir, read_log
 
-HERE = Path(__file__).resolve().parent
 MiB, SECTOR = 1 << 20, 512
 CS = int(os.environ.get("POWERCUT_DAEMON_CLUSTER", "65536"))
 SIZE = 32 * MiB
@@ -81,37 +78,16 @@ if "POWERCUT_DAEMON_SLOW" in os.environ:
     SLOW = dict.fromkeys(MODES, os.environ["POWERCUT_DAEMON_SLOW"])
 
 
-class Recorder:
+class Recorder(LowerMount):
     """One recordfs mount: SOURCE served at ``path``, logging to ``log``."""
 
     def __init__(self, source: Path, path: Path, log: Path) -> None:
-        self.source, self.path, self.log = source, path, log
-        self.stderr = log.with_suffix(".stderr")
-        with open(self.stderr, "w") as err:  # a file, not a pipe nobody drains
-            self.proc = subprocess.Popen([sys.executable, HERE / "recordfs.py", source, path, log],
-                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready" or not is_mounted(path):
-            pytest.fail(f"recordfs did not start: {line!r}\n{self.stop()}")
+        super().__init__("recordfs.py", source, path, log.with_suffix(".stderr"), log)
+        self.log = log
 
     def state(self) -> dict:
         import json
         return json.loads(os.getxattr(self.path, STATE))
-
-    def stop(self) -> str:
-        """Unmount (SIGTERM, which also closes the log; a lazy unmount if needed) and return its stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if is_mounted(self.path):
-            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
-        self.proc.stdout.close()
-        return self.stderr.read_text()
 
 
 @pytest.fixture
