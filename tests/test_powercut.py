@@ -153,7 +153,17 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
     cache = 4 * cs if source == "tiny-cache" else None
     img, rec, _ = await open_recorded(bytearray(base), mode, cache_bytes=cache)
     rng = random.Random(seed)
+    first: list[Op] = []
+    if source == "tiny-cache":
+        # One write in the range of every L2 table before any flush: more dirty tables than the
+        # cache holds, so an early writeout happens on every seed (the random workload alone
+        # left it out on seed 55370313).
+        for off in range(0, size, (cs // 8) * cs):
+            started, data = len(rec.events), rng.randbytes(SECTOR)
+            await img.write(off, data)
+            first.append(Op("write", off, data, started, len(rec.events)))
     ops, grown = await workload(img, rec, rng, 220, size, cs)
+    ops = first + ops
     events = list(rec.events)
     flushes = sum(op.kind == "flush" for op in ops)
     syncs = sum(isinstance(e, Sync) for e in events)
