@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml setup.py cachefs/native/build.py $(wildcard cachefs/nat
 # mount(8) looks for /sbin/mount.fuse.cachefs before anything else (strace of
 # util-linux 2.38: newfstatat("/sbin/mount.fuse.cachefs"), then /sbin/mount.fuse).
 # The same program is umount.fuse.cachefs, which umount(8) runs for a cachefs
-# mount (cachefs/utab.py): it returns once the daemon has flushed and exited.
+# mount (cachefs/fuse/utab.py): it returns once the daemon has flushed and exited.
 # Both are machine-wide, so only `make install-helper` points them at this tree's
 # venv (issue 20 defect 11: `make venv` did, for whichever checkout ran last).
 # `make test` does too: the tests of mount -t fuse.cachefs, fstab and umount(8)

@@ -1,5 +1,5 @@
 """The project's error types. Each carries the errno a client gets for it;
-fs.py is the one place that turns it into a FUSE reply (STYLE.md habit 4).
+fuse/operations.py is the one place that turns it into a FUSE reply (STYLE.md habit 4).
 """
 
 import errno as _errno

@@ -3,7 +3,7 @@
 The input is a whole image file. The checker walks every structure a
 hostile image can name (L1/L2 tables, snapshots, bitmaps, the refcount
 structure); then, as ``cachefs check --repair`` and the open of a dirty
-lazy-refcounts image do (checkcmd.py, repairio.py), the repairs of both modes
+lazy-refcounts image do (cli/check.py, image/repair_file.py), the repairs of both modes
 are planned, "all" is applied, and the result is checked again.
 """
 

@@ -1,7 +1,7 @@
 """Fuzz target "engine": open a hostile image as a mount does, read it, write it, flush and close it.
 
 The input is a whole image file. It is opened read-only, then writable, with
-the production open path of cachefs/openimage.py (a dirty lazy-refcounts
+the production open path of cachefs/image/opening.py (a dirty lazy-refcounts
 image is rebuilt first, as QEMU does), and a table cache of four tables so
 that evictions and early writeouts happen. The guest clusters exercised are
 the image's own: the first ones, the last, and those its first L2 tables map
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import itertools
 
-from cachefs.compressor import COMPRESSORS
+from cachefs.image.compressor import COMPRESSORS
 from cachefs.errors import CorruptImage
-from cachefs.infocmd import size_to_str
+from cachefs.cli.info import size_to_str
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2 import metaqueue
 from cachefs.qcow2.compress import FillCache, compress_of, plan_compressed

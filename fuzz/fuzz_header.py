@@ -12,7 +12,7 @@ and tables (qcow2/bitmaps.py).
 
 from __future__ import annotations
 
-from cachefs.infocmd import size_to_str
+from cachefs.cli.info import size_to_str
 from cachefs.qcow2 import bitmaps, check, snapshots
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.compress import compress_of

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from cachefs import native
-from cachefs.dpmap import MappingPublisher
+from cachefs.dataplane.mapping import MappingPublisher
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.cluster import Mapping, MappingChange
 from difftest import CSide, Disagreement, Layout, Op, write_data

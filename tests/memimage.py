@@ -14,8 +14,8 @@ from __future__ import annotations
 import trio
 
 from cachefs.backend import MemoryBackend
-from cachefs.backendset import BackendSet
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.backends import BackendSet
+from cachefs.image.qcow2image import Qcow2Image
 from cachefs.policy import WRITEBACK
 from cachefs.qcow2.create import new_image
 from cachefs.qcow2.engine import Engine, open_engine

@@ -28,7 +28,7 @@ import trio
 
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
-from cachefs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from cachefs.image.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from memimage import open_memory
 from recordfs import DURABLE, POSITION, SYNC, TRUNCATE, WRITE, Record
 

@@ -26,8 +26,8 @@ from cachefs.qcow2 import format as fmt
 
 if TYPE_CHECKING:
     from cachefs.backend import RecordingBackend
-    from cachefs.dpalloc import FastAllocations
-    from cachefs.qcow2image import Qcow2Image
+    from cachefs.dataplane.lending import FastAllocations
+    from cachefs.image.qcow2image import Qcow2Image
 
 INO = 7  # the one image a plane serves
 W, R, Z = native.lib.DP_MAP_WRITABLE, native.lib.DP_MAP_READONLY, native.lib.DP_MAP_ZERO  # dp_abi.h
@@ -335,7 +335,7 @@ class PublishedPlane(SimulatedPlane):
         if not self.on or (sync and not twin) or nth == lib.DP_MAXALLOC or self._claimed(vcl):
             return False
         if nth >= len(self.spares) or len(self.log) + nth >= lib.DP_ALOG:
-            self.refused += 1  # forwarded: Python allocates it, then refills (dpalloc.py)
+            self.refused += 1  # forwarded: Python allocates it, then refills (dataplane/lending.py)
             return False
         return True
 

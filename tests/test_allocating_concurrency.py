@@ -19,12 +19,12 @@ import trio
 import interleaving
 
 from cachefs.backend import MemoryBackend
-from cachefs.backendset import BackendSet
+from cachefs.image.backends import BackendSet
 from cachefs.policy import WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.qcow2image import Qcow2Image
 from conftest import cachefs, qemu_img
 from test_cache_modes import ModeView, fresh_qcow2
 

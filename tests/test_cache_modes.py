@@ -34,9 +34,9 @@ import trio.testing
 
 from cachefs.backend import IOCounters, MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import FaultyBackend, Sync, Write
-from cachefs.backendset import BackendSet
-from cachefs.image import RawImage
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.backends import BackendSet
+from cachefs.image.base import RawImage
+from cachefs.image.qcow2image import Qcow2Image
 from cachefs.policy import (AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, CacheMode,
                             mode_named)
 from cachefs.qcow2.check import check_image

@@ -388,7 +388,7 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
     for name in names:
         # strace saw the data go out through that very descriptor: it really was traced,
         # and every write to a writethrough image went through the O_DSYNC fd.
-        if plane == "on" and name == "disk.img":  # io_uring, on that descriptor (dataplane.py)
+        if plane == "on" and name == "disk.img":  # io_uring, on that descriptor (dataplane/plane.py)
             assert stat_of(m / name, "fast_writes") == WRITES, xattr(m / name, "stats.forwarded")
         elif plane == "on" and mode not in WRITE_THROUGH:  # qcow2: C allocates too (issue 14), once lent clusters
             assert st.count(WRITE_CALLS, list(fds[name])) + stat_of(m / name, "fast_writes") >= WRITES, st.by_fd

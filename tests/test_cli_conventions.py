@@ -82,8 +82,8 @@ def test_daemon_opens_disguised_raw_as_raw(disguised):
     """open_image is what the mount calls: by name, raw, and its bytes are the file's."""
     import trio
 
-    from cachefs.image import RawImage
-    from cachefs.openimage import open_image
+    from cachefs.image.base import RawImage
+    from cachefs.image.opening import open_image
 
     async def first_bytes():
         img = await open_image(str(disguised), writable=False)
@@ -110,7 +110,7 @@ def test_qcow2_with_bad_magic_refused_in_one_line(workdir):
     import trio
 
     from cachefs.errors import CorruptImage
-    from cachefs.openimage import open_image
+    from cachefs.image.opening import open_image
     with pytest.raises(CorruptImage, match="bad magic"):
         trio.run(lambda: open_image(str(bad), writable=False))
 
@@ -301,7 +301,7 @@ def test_stats_json_keeps_types(workdir, mounted):
 
 
 def test_xattr_values_become_json_values():
-    from cachefs.cli import xattr_value
+    from cachefs.cli.main import xattr_value
     cases = {"42": 42, "0": 0, "1.500": 1.5, "true": True, "false": False, '{"a.raw": "why"}': {"a.raw": "why"},
              "writeback": "writeback", "writeback:threads": "writeback:threads", "": "", "NaN": "NaN",
              "/var/tmp/x.qcow2": "/var/tmp/x.qcow2", '"quoted"': '"quoted"', "007": "007"}

@@ -3,7 +3,7 @@ in flight on the backend, whichever submitter serves the mount.
 
 Three limits stand between fio's 32 and the backing file: the FUSE kernel
 module's background-request limit (12 by default; the daemon raises it
-through fusectl, cachefs/fuseconn.py), pyfuse3's max_tasks, and the submitter's
+through fusectl, cachefs/fuse/queue_limit.py), pyfuse3's max_tasks, and the submitter's
 depth (threads, or AIO/io_uring slots). The submitters count what they have
 handed to the kernel and not yet reaped; the peak is in the stats.
 """
@@ -15,7 +15,7 @@ import os
 import pytest
 
 from conftest import qemu_img, qemu_io, run
-from cachefs import fuseconn
+from cachefs.fuse import queue_limit as fuseconn
 
 
 @pytest.fixture

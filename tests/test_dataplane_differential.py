@@ -35,7 +35,8 @@ import random
 import pytest
 
 import simplane
-from cachefs import dataplane, native
+from cachefs import native
+from cachefs.dataplane import plane as dataplane
 from difftest import Layout, Op, Runner, random_sequence, run, shrink
 from difftest_l2 import l2_sequence, run_l2
 

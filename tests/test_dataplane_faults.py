@@ -312,7 +312,7 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
 
 @needs_dataplane
 def test_a_freed_cluster_waits_for_the_fast_read_still_using_it(faulty, mounted, workdir):
-    """The free fence (cachefs/dpmap.py), made deterministic: a fast read of guest cluster X is held
+    """The free fence (cachefs/dataplane/mapping.py), made deterministic: a fast read of guest cluster X is held
     in the lower filesystem for a second while X becomes a zero cluster, a flush applies the free of
     its host cluster H, and a new cluster Y takes H (the lowest free one: no reservation yet) with
     other bytes. Without the fence, the held read reads H after Y's bytes landed there and hands

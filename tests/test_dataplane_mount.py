@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from cachefs import dataplane, fuseconn
+from cachefs.dataplane import plane as dataplane
+from cachefs.fuse import queue_limit as fuseconn
 from conftest import REPO, _env, cachefs, is_mounted, run
 from test_fio import fio
 

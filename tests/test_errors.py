@@ -1,6 +1,6 @@
 """Errors at the layer boundaries (issue 10, item 4; docs/design.md, "Errors").
 
-Each error class carries its errno and fs.py's ``_fuse_error`` is the one
+Each error class carries its errno and fuse/operations.py's ``_fuse_error`` is the one
 translation, so these tests check the class a request raises and the errno the
 client would get for it.
 """
@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from cachefs.backend import MemoryBackend
-from cachefs.backendset import BackendSet
+from cachefs.image.backends import BackendSet
 from cachefs.errors import CorruptImage, UnsupportedImage, UnsupportedOperation
-from cachefs.fs import _fuse_error
-from cachefs.image import RawImage
+from cachefs.fuse.operations import _fuse_error
+from cachefs.image.base import RawImage
 from cachefs.policy import WRITEBACK, WRITETHROUGH
 from cachefs.qcow2 import format as fmt
 from memimage import new_buffer, open_memory

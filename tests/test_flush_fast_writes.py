@@ -20,10 +20,10 @@ import trio.testing
 
 from cachefs.backend import IOCounters, MemoryBackend, RecordingBackend
 from cachefs.backend.faulty import Sync, Write
-from cachefs.backendset import BackendSet
+from cachefs.image.backends import BackendSet
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.qcow2image import Qcow2Image
 from memimage import new_buffer
 
 CS = 1 << 16

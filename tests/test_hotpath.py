@@ -12,8 +12,8 @@ import trio
 import trio.testing
 
 from cachefs.backend import MemoryBackend
-from cachefs.backendset import BackendSet
-from cachefs.qcow2image import UncontendedLock
+from cachefs.image.backends import BackendSet
+from cachefs.image.qcow2image import UncontendedLock
 from cachefs.policy import WRITEBACK
 
 

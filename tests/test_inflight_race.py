@@ -23,8 +23,8 @@ import trio
 import trio.testing
 
 from cachefs.backend import MemoryBackend
-from cachefs.backendset import BackendSet
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.backends import BackendSet
+from cachefs.image.qcow2image import Qcow2Image
 from cachefs.policy import WRITEBACK
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.check import check_image

@@ -63,8 +63,8 @@ def offenders(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 
 def test_the_qcow2_core_does_no_io():
     """qcow2/*: offset math, allocation, refcounts, plans. No I/O, no trio, no os (habit 1)."""
-    assert offenders(files("qcow2/*.py"), IO + ("cachefs.backend", "cachefs.backendset", "cachefs.native",
-                                               "cachefs.image", "cachefs.fs", "cachefs.daemon")) == []
+    assert offenders(files("qcow2/*.py"), IO + ("cachefs.backend", "cachefs.native", "cachefs.image",
+                                               "cachefs.dataplane", "cachefs.fuse", "cachefs.cli")) == []
 
 
 def test_policy_imports_nothing_but_attrs():
@@ -78,36 +78,93 @@ def test_policy_imports_nothing_but_attrs():
     assert calls == [], "policy.py calls into os"
 
 
+#: The packages, top to bottom (docs/design.md "Layers"; issue 21):
+#: cli/ -> fuse/ -> dataplane/ -> image/ -> {qcow2/, backend/} -> {errors, policy, mountinfo}.
+#: A module may import its own package and any package of a lower rank, never one of its own
+#: rank (qcow2/ and backend/ know nothing of each other) or above.
+RANKS = {
+    "cachefs.cli": 5,
+    "cachefs.fuse": 4,
+    "cachefs.dataplane": 3,
+    "cachefs.image": 2,
+    "cachefs.qcow2": 1,
+    "cachefs.backend": 1,
+    "cachefs.native": 0,  # the cffi module; only backend/ and dataplane/plane.py may use it (below)
+    "cachefs.errors": 0,
+    "cachefs.policy": 0,
+    "cachefs.mountinfo": 0,
+    "cachefs": 0,  # the package's __init__: its version
+}
+
+
+def package_of(mod: str) -> str:
+    """The entry of RANKS a module belongs to: its longest matching prefix."""
+    best = max((p for p in RANKS if mod == p or mod.startswith(p + ".")), key=len, default=None)
+    assert best is not None, f"{mod} is in no package of RANKS: add it to the layering"
+    return best
+
+
+def arrow_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        home = package_of(mod)
+        for dep in sorted(deps):
+            there = package_of(dep)
+            if there != home and RANKS[there] >= RANKS[home]:
+                bad.append(f"{mod} imports {dep} ({there} is not below {home})")
+    return bad
+
+
+def test_every_module_is_in_a_layer():
+    for mod in _graph():
+        package_of(mod)
+
+
+def test_packages_depend_one_way():
+    """cli/ -> fuse/ -> dataplane/ -> image/ -> {qcow2/, backend/} -> {errors, policy, mountinfo}."""
+    assert arrow_violations(_graph()) == []
+
+
+def test_the_arrow_rule_sees_a_violation():
+    """A package importing one above it, or a sibling of its own rank, is caught."""
+    graph = {"cachefs.image.base": {"cachefs.dataplane.plane", "cachefs.qcow2.engine"},
+             "cachefs.qcow2.engine": {"cachefs.backend.base"},
+             "cachefs.dataplane.plane": set(), "cachefs.backend.base": set()}
+    assert arrow_violations(graph) == [
+        "cachefs.image.base imports cachefs.dataplane.plane (cachefs.dataplane is not below cachefs.image)",
+        "cachefs.qcow2.engine imports cachefs.backend.base (cachefs.backend is not below cachefs.qcow2)"]
+
+
 def test_backends_know_no_qcow2_and_no_fuse():
     """backend/: bytes at offsets. It knows no image format and no FUSE."""
-    assert offenders(files("backend/*.py"), ("cachefs.qcow2", "cachefs.image", "pyfuse3", "cachefs.fs")) == []
+    assert offenders(files("backend/*.py"), ("cachefs.qcow2", "cachefs.image", "pyfuse3", "cachefs.fuse")) == []
 
 
-def test_only_the_backend_and_the_data_plane_glue_import_native():
-    """native/: the cffi module. Everything else goes through the backend (habit 7)."""
-    allowed = ("cachefs.backend", "cachefs.native", "cachefs.dataplane", "cachefs.dpops")
+def test_only_the_backend_and_the_data_plane_import_native():
+    """native/: the cffi module. Everything else goes through backend/ or dataplane/plane.py (habit 7)."""
+    allowed = ("cachefs.backend", "cachefs.native", "cachefs.dataplane.plane")
     users = [p for p in PKG.rglob("*.py")
              if not any(module_name(p) == a or module_name(p).startswith(a + ".") for a in allowed)]
     assert offenders(users, ("cachefs.native",)) == []
 
 
 def test_below_the_front_end_nothing_imports_pyfuse3():
-    """image.py, the metadata queue, the catalog and the data-plane glue (once it exists):
-    FUSE is fs.py's business."""
-    below = [PKG / "image.py", PKG / "qcow2image.py", PKG / "openimage.py", PKG / "catalog.py",
-             PKG / "backendset.py", *files("qcow2/*.py"),
-             *PKG.glob("dataplane*.py"), PKG / "dpops.py", PKG / "sparse.py"]
+    """image/, dataplane/, qcow2/, backend/, the catalog and the requests C hands to Python:
+    FUSE's types are fuse/operations.py's business."""
+    below = [*files("image/*.py"), *files("dataplane/*.py"), *files("qcow2/*.py"), *files("backend/*.py"),
+             PKG / "fuse/catalog.py", PKG / "fuse/direct_requests.py"]
     assert offenders(below, ("pyfuse3",)) == []
 
 
 def test_the_front_end_knows_no_qcow2_internals():
-    """fs.py: pyfuse3 operations. It sees images, not L2 tables."""
-    assert offenders([PKG / "fs.py"], ("cachefs.qcow2",)) == []
+    """fuse/: pyfuse3 operations. It sees images, not L2 tables."""
+    assert offenders(files("fuse/*.py"), ("cachefs.qcow2",)) == []
 
 
 def test_nothing_imports_the_command_line():
-    """cli.py is the top: nothing imports it."""
-    assert offenders([p for p in PKG.rglob("*.py") if p.name != "cli.py"], ("cachefs.cli",)) == []
+    """cli/ is the top: nothing outside it imports it."""
+    assert offenders([p for p in PKG.rglob("*.py") if not module_name(p).startswith("cachefs.cli")],
+                     ("cachefs.cli",)) == []
 
 
 def test_the_rules_see_a_violation(tmp_path):
@@ -146,17 +203,17 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_the_image_layer_is_in_no_import_cycle():
-    """The image layer (image.py, qcow2image.py, openimage.py) is below the commands: nothing it
+    """The image layer (image/base.py, image/qcow2image.py, image/opening.py) is below the commands: nothing it
     imports (however deep) imports it back. The repair a dirty lazy-refcounts image needs at open
-    is repairio.py, below both the image layer and checkcmd.py (issue 10, layering)."""
+    is image/repair_file.py, below both the image layer and cli/check.py (issue 10, layering)."""
     graph = _graph()
-    for mod in ("cachefs.image", "cachefs.qcow2image", "cachefs.openimage"):
+    for mod in ("cachefs.image.base", "cachefs.image.qcow2image", "cachefs.image.opening"):
         assert mod not in _reachable(graph, mod), mod
-        assert "cachefs.checkcmd" not in _reachable(graph, mod), mod
+        assert "cachefs.cli.check" not in _reachable(graph, mod), mod
 
 
 def test_the_checker_reads_headers_through_the_format_module():
     """Header reading lives in format.py; the checker and the repair do not depend on the engine."""
     graph = _graph()
-    for mod in ("cachefs.qcow2.check", "cachefs.qcow2.repair", "cachefs.repairio"):
+    for mod in ("cachefs.qcow2.check", "cachefs.qcow2.repair", "cachefs.image.repair_file"):
         assert "cachefs.qcow2.engine" not in _reachable(graph, mod), mod

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cachefs.errors import ImageLocked
-from cachefs.locking import ImageLock
+from cachefs.image.locking import ImageLock
 
 TIMEOUT = 10
 

@@ -187,9 +187,9 @@ def running(pid: int) -> bool:
 
 
 def test_umount_of_another_filesystem_sent_to_the_helper_by_a_stale_entry(workdir):
-    """A daemon killed and its mount cleared with fusermount3 leaves its utab entry (cachefs/utab.py);
+    """A daemon killed and its mount cleared with fusermount3 leaves its utab entry (cachefs/fuse/utab.py);
     a tmpfs mounted there later must still unmount with plain umount, and the entry go."""
-    from cachefs import utab
+    from cachefs.fuse import utab
     target = workdir / "t"
     target.mkdir()
     run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target)

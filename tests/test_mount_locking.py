@@ -1,6 +1,6 @@
 """Image locking seen from a real mount: QEMU's tools and cachefs keep out of each other's way.
 
-cachefs takes QEMU's file-posix lock bytes (cachefs/locking.py), so QEMU's
+cachefs takes QEMU's file-posix lock bytes (cachefs/image/locking.py), so QEMU's
 own tools see a mounted image as "in use" and vice versa.
 """
 

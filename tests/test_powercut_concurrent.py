@@ -25,11 +25,11 @@ import interleaving
 
 from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync, Write
-from cachefs.backendset import BackendSet
+from cachefs.image.backends import BackendSet
 from cachefs.policy import DIRECTSYNC, WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.qcow2image import Qcow2Image
 from test_cache_modes import SECTOR, ModeView, Op, allowed_by_sector, fresh_qcow2
 from test_powercut import guest_after_cut
 

@@ -1,7 +1,7 @@
-"""Power cuts with allocating writes served by the data plane (issue 14, dp_alloc.c, dpalloc.py).
+"""Power cuts with allocating writes served by the data plane (issue 14, dp_alloc.c, dataplane/lending.py).
 
 The production image layer (Qcow2Image, its engine and metadata queue) and the
-production ``cachefs.dpalloc.FastAllocations`` run over a recorded memory file,
+production ``cachefs.dataplane.lending.FastAllocations`` run over a recorded memory file,
 as in tests/test_powercut_concurrent.py. Only C is simulated, by
 :class:`SimulatedPlane`: the plane calls FastAllocations makes (lend, take the
 log, claims, status), and ``c_write``, which plans a write inside one cluster
@@ -37,14 +37,14 @@ import interleaving
 
 from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync
-from cachefs.backendset import BackendSet
-from cachefs.dpalloc import FastAllocations
-from cachefs.dpmap import MappingPublisher
+from cachefs.image.backends import BackendSet
+from cachefs.dataplane.lending import FastAllocations
+from cachefs.dataplane.mapping import MappingPublisher
 from cachefs.policy import NONE, WRITEBACK
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
-from cachefs.qcow2image import Qcow2Image
+from cachefs.image.qcow2image import Qcow2Image
 from memimage import read_all
 from simplane import INO, PublishedPlane, SimulatedPlane
 from test_cache_modes import SECTOR, Op, allowed_by_sector, fresh_qcow2

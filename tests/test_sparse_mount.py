@@ -1,7 +1,7 @@
 """Discard, write-zeroes and SEEK_DATA/SEEK_HOLE through a real mount (issue 12).
 
 pyfuse3 has no fallocate or lseek: the data plane takes FUSE_FALLOCATE and
-FUSE_LSEEK before libfuse and Python serves them (cachefs/dpops.py). The
+FUSE_LSEEK before libfuse and Python serves them (cachefs/fuse/direct_requests.py). The
 clients here are the real ones: fallocate(1), os.lseek, cp --sparse,
 qemu-img convert and map. The expected bytes come from the same fallocate
 calls on a plain file of the host filesystem.
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cachefs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from cachefs.image.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from conftest import cachefs, qemu_img, qemu_io, run, sha256
 
 MiB = 1 << 20

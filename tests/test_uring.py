@@ -25,7 +25,7 @@ import trio.testing
 from cachefs import native
 from cachefs.backend import ALIGN, Backend, SubmitterUnavailable, UringBackend, UringUnavailable
 from cachefs.backend import uring as uring_mod
-from cachefs.backendset import file_opener, submitter_name
+from cachefs.image.backends import file_opener, submitter_name
 from cachefs.errors import CachefsError
 from cachefs.policy import mode_named
 from test_aio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401

@@ -32,9 +32,14 @@ from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Writ
 from .file import FileBackend
 from .memory import MemoryBackend
 from .uring import UringBackend, UringUnavailable
-from ..mounts import filesystem_type
+from ..mountinfo import filesystem_type
+
+#: The submitters that carry a backend's requests to the kernel: threads (FileBackend),
+#: native Linux AIO (AioBackend) and io_uring (UringBackend); ``--aio``/``-o aio=`` names one.
+SUBMITTERS = ("threads", "native", "io_uring")
 
 __all__ = [
+    "SUBMITTERS",
     "ALIGN",
     "Backend",
     "IOCounters",

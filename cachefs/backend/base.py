@@ -56,7 +56,7 @@ import trio
 
 from .. import native
 from ..errors import DirectIOUnsupported
-from ..mounts import filesystem_type
+from ..mountinfo import filesystem_type
 
 #: O_DIRECT alignment of offsets, lengths and buffer addresses. 4096 covers
 #: every logical block size a backing device is expected to have.

@@ -365,7 +365,7 @@ else:
 # The data plane (DESIGN.md section 4, issue 11; ../shared/DATAPLANE.md): one C thread that
 # owns /dev/fuse and serves published READs and WRITEs on io_uring, forwarding everything else
 # to libfuse over a socketpair. Too big for a string here, so its C is in dp_*.c / dp*.h beside
-# this file. Python drives it through the functions below (cachefs/dataplane.py); each returns
+# this file. Python drives it through the functions below (cachefs/dataplane/plane.py); each returns
 # >= 0 or -errno. Without liburing it compiles to stubs (dp_stub.c) and dp_built() == 0.
 _DP_CDEF = """
     struct dp { ...; };

@@ -1,4 +1,4 @@
-/* The data plane's ABI with Python (cachefs/dataplane.py): shared by dp.h and dp_stub.c. */
+/* The data plane's ABI with Python (cachefs/dataplane/plane.py): shared by dp.h and dp_stub.c. */
 #ifndef CACHEFS_DP_ABI_H
 #define CACHEFS_DP_ABI_H
 

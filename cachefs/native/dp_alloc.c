@@ -1,6 +1,6 @@
 /* Allocating writes in the data plane (issue 14; docs/design.md "Allocating in C").
  *
- * Python lends an image host clusters taken from its reservation (cachefs/dpalloc.py). Each is
+ * Python lends an image host clusters taken from its reservation (cachefs/dataplane/lending.py). Each is
  * fresh: inside the file as a hole that was never written, so it reads as zeros after a crash,
  * and counted by a refcount that an earlier flush made durable (DESIGN.md section 3, "Reserve
  * ahead"). A WRITE that lands in a cluster published DP_MAP_ZERO | DP_MAP_ALLOC (unallocated, or
@@ -42,7 +42,7 @@ int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t 
     if (!a->on || (h->sync && h->batch_fd < 0) || s->nalloc == DP_MAXALLOC || dp_alloc_claimed(a, cl))
         return 0;
     if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + s->nalloc >= DP_ALOG)
-        return 0;  /* forwarded: Python allocates it, then refills (dpalloc.py) */
+        return 0;  /* forwarded: Python allocates it, then refills (dataplane/lending.py) */
     *host = a->spare[(a->spare_head + s->nalloc) % DP_SPARE];
     s->alloc_cl[s->nalloc++] = cl;
     return 1;
@@ -51,7 +51,7 @@ int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t 
 /* The request was planned and will be served: take its lent clusters, map and log them.
  * 1 when Python should be woken (few lent clusters left, or the log half full). An allocation
  * refused for want of either wakes nobody: the write goes to Python, which allocates it and
- * then refills (dpalloc.py), in that order, so it takes what a refill would have reserved. */
+ * then refills (dataplane/lending.py), in that order, so it takes what a refill would have reserved. */
 int dp_alloc_commit(struct dp_image *im, struct dp_slot *s) {
     struct dp_alloc *a = &im->alloc;
     for (int i = 0; i < s->nalloc; i++) {
@@ -94,7 +94,7 @@ static struct dp_image *dp_alloc_image(struct dp *dp, uint64_t ino) {
 
 /* Allow allocation (1) or stop it (0). Stopping makes the clusters allocated and not yet
  * adopted read-only: a write-through handle is about to be published, and their mappings are
- * not durable (dpmap.py, "Durable before writable"). */
+ * not durable (dataplane/mapping.py, "Durable before writable"). */
 int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water) {
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_alloc_image(dp, ino);

@@ -4,7 +4,7 @@
  * Compiled in dp_loop.c's translation unit (build.py includes it after dp_loop.c), so the loop's
  * static helpers (dp_reply, dp_free_slot, dp_count) are used as they are. The loop thread calls
  * dp_pyq_serve, dp_pyq_admit and dp_pyq_holds; Python calls dp_pyq_fd, dp_pyq_take and
- * dp_pyq_reply (cachefs/dpops.py).
+ * dp_pyq_reply (cachefs/fuse/direct_requests.py).
  *
  * Why they are kept from libfuse: pyfuse3 registers
  * neither, and libfuse's ENOSYS would make the kernel stop sending them for the connection's

@@ -1,5 +1,5 @@
 /* The data plane without liburing at build time: the same names, each saying -ENOSYS, and
- * dp_built() == 0, so `--dataplane on` is refused in one line (cachefs/dataplane.py). */
+ * dp_built() == 0, so `--dataplane on` is refused in one line (cachefs/dataplane/plane.py). */
 #include <errno.h>
 #include <stdint.h>
 #include "dp_abi.h"

@@ -3,7 +3,7 @@
 An image marked compress-on-write (a backup target) stores every full-cluster
 write compressed, in qcow2's own compressed-cluster format, so qemu-img and
 QEMU read it (spec "Compressed Clusters Descriptor"). The compressing itself
-happens elsewhere (cachefs/compressor.py, worker threads); this module decides
+happens elsewhere (cachefs/image/compressor.py, worker threads); this module decides
 where the compressed bytes go and what the metadata says about them.
 
 **The setting** lives in the image: a header extension of cachefs's own

@@ -21,7 +21,7 @@ What it owns (docs/design.md, "Discard, write-zeroes, SEEK_DATA"):
   clusters are holes, and so is the guest's end, as for any file.
 
 Partial clusters at the edges of a range are the caller's: it writes zeros
-there through the ordinary write path (image.py), where they are needed.
+there through the ordinary write path (image/base.py), where they are needed.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class MetaQueue:
         self._allocs_since_flush = 0
         self._own_allocs_since_flush = 0
         # Reserved clusters Python keeps for its own allocations when it lends the rest to the
-        # data plane (dpalloc.py): twice its own allocations of the last interval.
+        # data plane (dataplane/lending.py): twice its own allocations of the last interval.
         self.keep = MIN_KEEP
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
         # The driver punches holes for freed host clusters (plan.DiscardRequest): the image layer's does.
@@ -145,7 +145,7 @@ class MetaQueue:
 
     def allocated(self, allocation, *, by_plane: bool = False) -> None:
         """A cluster was allocated (counted, and it sizes the next reservation). ``by_plane``: the
-        data plane allocated it from a lent cluster (dpalloc.py); the others size the share of
+        data plane allocated it from a lent cluster (dataplane/lending.py); the others size the share of
         the reservation Python keeps for itself (:attr:`keep`)."""
         self.counters.allocations += 1
         self.counters.from_reservation += allocation.fresh
@@ -287,7 +287,7 @@ class MetaQueue:
 
     def refill(self, count: int):
         """Generator: reserve ``count`` more clusters now, without a sync: the data plane ran
-        short of lent clusters between guest flushes (dpalloc.py). The file grows over them (a
+        short of lent clusters between guest flushes (dataplane/lending.py). The file grows over them (a
         hole) before anything may point at them; their raise becomes durable with the next
         flush, which writes the refcount blocks a round before the L2 entries that wait for them
         (Refcounts.counted): an extra sync for that flush only, as an allocation outside the

@@ -84,7 +84,7 @@ class Refcounts:
         # at: counted() owes no dependency for them, so an L2 update does not wait for a
         # refcount block another change (a free, the next reservation) made dirty again.
         self._counted_durable: set[int] = set()
-        # Clusters lent to the data plane (issue 14, dpalloc.py): taken from the reservation with
+        # Clusters lent to the data plane (issue 14, dataplane/lending.py): taken from the reservation with
         # their raise durable; the data plane may write one and log it, and the L2 entry that
         # Python then adopts (Engine.adopt) owes no dependency. Unused ones come back (unlend).
         self.lent: set[int] = set()

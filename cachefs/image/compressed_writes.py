@@ -1,0 +1,181 @@
+"""The image layer's side of compress-on-write (seed 003): compress, place, write.
+
+A write to a compress-on-write qcow2 image (qcow2/compress.py) is split by
+guest cluster:
+
+- every whole cluster of the request is compressed in worker threads
+  (image/compressor.py), all of them at once, before any lock is taken;
+- a cluster of zeros, one that does not shrink, and the partial head and
+  tail take the ordinary path (Qcow2Image._write_plain): a zero cluster stays
+  a zero cluster, the others become normal clusters (a partial write
+  copies-on-write out of a compressed one);
+- the compressed chunks are placed in the fill cache and their L2 entries
+  change, under the image's write lock (so concurrent writers fill the same
+  host cluster); a host cluster that became full is written then, whole, still
+  under the lock, so a flush never finds one half written.
+
+Reads of a chunk whose host cluster is still in memory are served from it,
+and so is the old data a copy-on-write keeps (:class:`FillReader`).
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from cachefs.backend.base import bytes_view
+from cachefs.image.compressor import Compressor
+from cachefs.qcow2 import format as fmt
+from cachefs.qcow2.compress import FillCache, compress_of, header_fields, plan_compressed
+
+
+@attrs.define
+class CompressCounters:
+    compressed: int = 0       # guest clusters stored compressed
+    stored_normally: int = 0  # whole clusters that did not shrink
+    zero_clusters: int = 0    # whole clusters of zeros (zero clusters, no data)
+
+
+class CompressedWrites:
+    """One qcow2 image's compress-on-write state: its fill cache and compressor."""
+
+    def __init__(self, image):
+        self.image = image
+        self.engine = image.engine
+        self.cs = image.engine.cs
+        self.fill = FillCache(image.engine)
+        self.counters = CompressCounters()
+        self._compressor: Compressor | None = None
+        self._seen = None  # the header object ``_algorithm`` was read from
+        self._algorithm: str | None = None
+
+    @property
+    def algorithm(self) -> str | None:
+        """The header's setting. Asked on every write, so read again only when the header changed
+        (HeaderItem.update makes a new Header object)."""
+        hdr = self.engine.header.hdr
+        if hdr is not self._seen:
+            self._seen, self._algorithm = hdr, compress_of(hdr)
+        return self._algorithm
+
+    def compressor(self, algorithm: str) -> Compressor:
+        if self._compressor is None or self._compressor.algorithm != algorithm:
+            self._compressor = Compressor(algorithm, self.cs)
+        return self._compressor
+
+    def stats(self) -> dict:
+        f = self.fill.counters
+        stored = f.host_clusters * self.cs
+        return {"compress": self.algorithm or "off", "compressed_clusters": self.counters.compressed,
+                "compressed_bytes": f.chunk_bytes, "compress_host_clusters": f.host_clusters,
+                "compress_spanning": f.spanning, "compress_full_writes": f.full_writes,
+                "compress_flush_writes": f.flush_writes, "stored_normally": self.counters.stored_normally,
+                "compress_zero_clusters": self.counters.zero_clusters,
+                "compress_ratio": f"{self.counters.compressed * self.cs / stored:.2f}" if stored else "0"}
+
+    # ------------------------------------------------------------ writing
+
+    def whole_clusters(self, offset: int, length: int) -> range:
+        """Guest byte offsets of the whole clusters inside [offset, offset + length)."""
+        first = -(-offset // self.cs) * self.cs
+        return range(first, (offset + length) // self.cs * self.cs, self.cs)
+
+    async def write(self, be, offset: int, data) -> None:
+        """A guest write with compression for its whole clusters."""
+        mv = bytes_view(data)
+        whole = self.whole_clusters(offset, len(mv))
+        algorithm = self.algorithm
+        if not whole or algorithm is None:
+            return await self.image._write_plain(be, offset, data)
+        views = [mv[p - offset:p - offset + self.cs] for p in whole]
+        zero = [self.engine._all_zero(v) for v in views]
+        packed = iter(await self.compressor(algorithm).compress([v for v, z in zip(views, zero) if not z]))
+        chunks, plain, start = [], [], 0  # plain: runs [start, end) of the request taking the ordinary path
+        for p, z in zip(whole, zero):
+            payload = None if z else next(packed)
+            if payload is None:
+                self.counters.zero_clusters += z
+                self.counters.stored_normally += not z
+                continue
+            chunks.append((p // self.cs, payload))
+            plain.append((start, p - offset))
+            start = p - offset + self.cs
+        plain.append((start, len(mv)))
+        if chunks:
+            await self._store(be, chunks)
+        for lo, hi in plain:
+            if hi > lo:
+                await self.image._write_plain(be, offset + lo, mv[lo:hi])
+
+    async def _store(self, be, chunks: list) -> None:
+        img = self.image
+        async with img.write_lock:
+            # An allocating write in flight on one of these clusters commits first (image/inflight.py).
+            await img.allocating.settle(img.write_lock, chunks[0][0], chunks[-1][0] - chunks[0][0] + 1)
+            # Shielded: a cancel between a placement and its L2 change would
+            # leave a chunk counted that nothing references (a leak).
+            with trio.CancelScope(shield=True):
+                self.fill.keep_open = img.mode.default.write_through
+                self.fill.prune()
+                await img._core(self._plan(chunks), be)
+            img._zcache = None
+            self.counters.compressed += len(chunks)
+            await self.write_full(be)
+            if self.engine.cache.over_budget:
+                await img._run_queue(be, img.queue.writeout_early())
+
+    def _plan(self, chunks: list):
+        for vcluster, payload in chunks:
+            yield from plan_compressed(self.engine, self.fill, vcluster, payload)
+
+    async def write_full(self, be) -> None:
+        """Write the host clusters that became full, each once, whole. Caller holds the write lock.
+
+        A failed write leaves the cluster in memory and dirty: the next flush
+        writes it again (and reports the error if it fails again).
+        """
+        for c in self.fill.take_full():
+            await be.pwrite(c.offset, c.buf)
+            self.image.queue.written_by_caller(c)
+            self.fill.written(c)
+            self.fill.counters.full_writes += 1
+
+    # ------------------------------------------------------------ the setting
+
+    async def set_algorithm(self, algorithm: str | None) -> None:
+        """Turn compress-on-write on ("zlib", "zstd") or off (None); durable when this returns.
+
+        Refused in one line (UnsupportedOperation) when the header's
+        compression type is another algorithm and the image may hold
+        compressed clusters (compress.header_fields). An image without a
+        single L2 table (a new one) holds none, so its type may still change.
+        """
+        img = self.image
+        async with img.write_lock:
+            img.engine.overlap.check_writable()
+            empty = not any(e & fmt.OFFSET_MASK for e in self.engine.map.l1)
+            fields = header_fields(self.engine.hdr, algorithm, empty=empty)
+            self.engine.header.update(**fields)
+        await img.write_back()
+
+
+class FillReader:
+    """A backend's ``pread`` that serves host bytes still in the fill cache from memory."""
+
+    __slots__ = ("fill", "be")
+
+    def __init__(self, fill: FillCache, be) -> None:
+        self.fill, self.be = fill, be
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        cb, end, parts, pos = self.fill.cb, offset + length, [], offset
+        while pos < end:
+            c = pos >> cb
+            n = min(end, (c + 1) << cb) - pos
+            held = self.fill.held(c)
+            if held is not None:
+                parts.append(bytes(held.buf[pos - held.offset:pos - held.offset + n]))
+            else:
+                parts.append(bytes(await self.be.pread(pos, n)))
+            pos += n
+        return b"".join(parts)

@@ -1,0 +1,426 @@
+"""An open qcow2 image: the engine and its metadata queue, driven on the image's backends.
+
+Image (image/base.py) owns what every format shares: the lock, the cache modes and
+their descriptors, the counters, the flush protocol and the sticky fdatasync
+error. This module is the qcow2 half (QEMU's qcow2.c): the two-phase write
+around the engine's plans (plan under the write lock, data writes without it,
+commit or abort under it again; image/inflight.py), reads of the extents a plan maps, and the metadata queue's requests
+(``_QueueIO``). Every call into the core goes through :meth:`Qcow2Image._core`,
+the one boundary where corruption marks the image read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from cachefs.image import sparse
+from cachefs.image.inflight import InFlight
+from cachefs.image.compressed_writes import CompressedWrites, FillReader
+from cachefs.errors import CorruptImage
+from cachefs.image.base import Image, zero_padded
+from cachefs.image.cluster_runs import format_runs
+from cachefs.policy import WRITEBACK, Mode
+from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
+from cachefs.qcow2.plan import ExtentKind, run_async
+
+log = logging.getLogger("cachefs.image.base")
+
+
+class Qcow2Image(Image):
+    """A qcow2 image served through the engine and its metadata queue."""
+
+    format = "qcow2"
+
+    def __init__(self, path, backends, lock, writable, engine: Engine, mode: Mode = WRITEBACK):
+        self.engine = engine
+        self.queue = engine.queue
+        super().__init__(path, backends, lock, writable and engine.writable, mode)
+        self.commits = self.queue.commits
+        self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
+        self.write_lock = UncontendedLock()
+        self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
+        self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
+        self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
+        # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
+        # runs, the only place a deferred free is applied, so no fast request still uses a
+        # host cluster being freed; and told when corruption makes the image read-only.
+        self.free_fence = None
+        self.queue_ran = None
+        self.on_read_only: list = []
+        # Allocation in C (dpalloc.FastAllocations, issue 14): lends C clusters and hands back
+        # its log of allocations, which this image adopts as L2 updates (_adopt).
+        self.lender = None
+        self.file_at_least = 0  # the image file is at least this long (_QueueIO.truncate)
+        # The flush that makes the latest mapping change durable (Generations.ticket). An
+        # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
+        # the mapping it wrote through may not be durable yet (_write_through_done).
+        self._remap_ticket = 0
+        engine.on_mapping_change(self._remapped)
+
+    @property
+    def size(self) -> int:
+        return self.engine.size
+
+    @property
+    def read_only_reason(self) -> str | None:
+        why = self.engine.overlap.read_only_reason
+        return None if why == OPENED_READ_ONLY else why
+
+    @property
+    def cluster_size(self) -> int:
+        return self.engine.cs
+
+    @property
+    def compress(self) -> str | None:
+        """The compress-on-write algorithm the header names, or None (the data plane forwards
+        every write of such an image: compressed clusters are never published)."""
+        return self.compressed.algorithm
+
+    async def set_compress(self, algorithm: str | None) -> None:
+        if not self.writable:
+            raise OSError(errno.EROFS, "image is read-only")
+        if algorithm is not None and self.lender is not None:
+            self.lender.allow(False)  # compressed in Python only: what C allocated is adopted below
+            async with self.write_lock:
+                await self._adopt(self.backend)
+        async with self.backends.in_use():
+            await self.compressed.set_algorithm(algorithm)
+
+    def _reader(self, be):
+        """What the core reads through: host bytes still in the fill cache come from memory."""
+        return FillReader(self.compressed.fill, be) if self.compressed.fill.pending else be
+
+    @property
+    def early_writeouts(self) -> int:
+        return self.queue.early_writeouts
+
+    def info(self) -> dict:
+        # The clusters counted ahead of their use (the reservation, and those lent to C): nothing
+        # on disk points at them, so a check of the live image sees leaks; `cachefs check -U`
+        # reports them apart (cli/served.py).
+        refs = self.engine.refs
+        return {**super().info(), "reserved": format_runs([*refs.reservation, *refs.lent])}
+
+    def stats(self) -> dict:
+        out = super().stats()
+        c, q = self.engine.counters, self.queue
+        out.update(metadata_writes=c.metadata_writes, metadata_bytes=c.metadata_bytes,
+                   metadata_batches=c.batches, allocations=c.allocations, frees=c.frees,
+                   zero_writes=c.zero_writes, cow_reads=c.cow_reads,
+                   queue_depth=len(q.dirty_items()), pending_frees=len(q.pending),
+                   cached_tables=len(self.engine.cache), reserved_clusters=len(self.engine.refs.reservation),
+                   from_reservation=c.from_reservation, data_first=c.data_first,
+                   early_writeouts=q.early_writeouts, **self.compressed.stats())
+        honoured = out["guest_flushes"] - sum(m.flushes_ignored for m in self.by_mode.values())
+        out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
+        return out
+
+    async def _core(self, gen, be, io=None):
+        """Drive one of the core's generators on ``be``: every planner and queue
+        entry point runs through here.
+
+        The one boundary for corruption (docs/design.md, "Validation and
+        damage"): a CorruptImage raised anywhere in the core (an overlap, a
+        refcount that would drop below zero, a cluster allocated twice)
+        marks the image corrupt and read-only, as QEMU's
+        qcow2_signal_corruption does, and fails the request with it (EIO);
+        later writes get EROFS, and the corrupt bit reaches the header at
+        the next writeout.
+        """
+        try:
+            return await run_async(gen, be.pread, io)
+        except CorruptImage as exc:
+            self.engine.overlap.corrupted(str(exc))
+            log.error("%s: %s; the image is now read-only", self.path, exc)
+            for callback in self.on_read_only:
+                callback()
+            raise
+
+    # -------------------------------------------------------------- reads
+
+    async def _read(self, be, offset: int, length: int):
+        await self.adopt_fast_allocations(be)  # a cluster C allocated must read as its data
+        q = self.queue
+        # Counted before planning: plan_read may wait for an L2 table after it
+        # has mapped an earlier cluster, and a free of that cluster's host
+        # cluster must not be applied meanwhile (tests/test_inflight_race.py).
+        q.inflight += 1
+        try:
+            extents = await self._core(self.engine.plan_read(offset, length), be)
+            if len(extents) == 1:  # the common case: no join, so no copy
+                return await self._read_extent(be, extents[0])
+            parts = [await self._read_extent(be, ext) for ext in extents]
+        finally:
+            q.inflight -= 1
+        return b"".join(parts)
+
+    async def _read_extent(self, be, ext) -> bytes:
+        if ext.kind is ExtentKind.ZERO:
+            return bytes(ext.length)
+        if ext.kind is ExtentKind.DATA:
+            return zero_padded(await be.pread_view(ext.host_offset, ext.length), ext.length)
+        if ext.kind is ExtentKind.COMPRESSED:
+            desc = ext.compressed
+            if self._zcache is None or self._zcache[0] != desc.offset:
+                raw = await self._reader(be).pread(desc.offset, desc.max_length)
+                self._zcache = (desc.offset, self.engine.decompress(desc, raw))
+            return self._zcache[1][ext.in_cluster:ext.in_cluster + ext.length]
+        raise OSError(errno.EIO, "damaged image metadata for this range")
+
+    # -------------------------------------------------------------- writes
+
+    async def _write(self, be, offset: int, data) -> None:
+        if self.compressed.algorithm is not None:
+            return await self.compressed.write(be, offset, data)
+        await self._write_plain(be, offset, data)
+
+    async def _write_plain(self, be, offset: int, data) -> None:
+        """Plan under the write lock, write the data without it, commit (or abort) under it again.
+
+        As QEMU's qcow2 drops its lock for the data I/O: while one writer's allocation is in
+        flight the others plan, write in place and commit their own. The guest clusters of an
+        allocation in flight are claimed (allocations.InFlight), so no other change plans
+        against their old mapping meanwhile; readers still see that old mapping until the
+        commit. ``queue.inflight`` keeps frees of the clusters the data I/O writes from being
+        applied (metaqueue.py). The data plane allocates none of them meanwhile (settle_range).
+        """
+        cs = self.engine.cs
+        fenced = None
+        try:
+            async with self.write_lock:
+                first = offset // cs
+                fenced = await self.settle_range(be, first, (offset + len(data) - 1) // cs - first + 1)
+                plan = await self._core(self.engine.plan_write(offset, data), self._reader(be))
+                claimed = claim = None
+                if plan.needs_commit:
+                    # Write-through: the data and the metadata go out without O_DSYNC, and one
+                    # fdatasync shared with concurrent writers covers them before the ack
+                    # (_write_through_done), as QEMU emulates writethrough.
+                    be = self.backends.batch(be.mode)
+                    claimed = [u.vcluster for u in plan.updates]
+                    claim = self.allocating.claim(claimed)
+                elif be.dsync and len(plan.data_writes) > 1:
+                    # Write-through in place: one O_DSYNC write is one device sync; more than one
+                    # share an fdatasync instead.
+                    be = self.backends.batch(be.mode)
+                self.queue.inflight += 1
+            await self._write_data(be, plan, claimed, claim)
+        finally:
+            self.release_range(fenced)
+
+    async def _write_data(self, be, plan, claimed, claim) -> None:
+        """The plan's data writes without the lock, then commit or abort what it allocated."""
+        try:
+            written = False
+            try:
+                await self._data_writes(be, plan)
+                written = True
+            finally:
+                self.queue.inflight -= 1
+                if claim is not None:
+                    with trio.CancelScope(shield=True):  # commit or abort, whatever happens
+                        await self._settle_plan(be, plan, written)
+        finally:
+            if claim is not None:
+                self.allocating.release(claimed, claim)
+
+    # -------------------------------------------------------------- the data plane's allocations
+
+    async def settle_range(self, be, first: int, count: int):
+        """Caller holds write_lock: return, still holding it, once nothing else may change guest
+        clusters [first, first+count): no allocation of ours in flight there (InFlight), and none
+        of the data plane's, which is claimed out of the range and whose earlier allocations are
+        adopted. Returns the claim, for :meth:`release_range` once the caller's change is made."""
+        claim = None if self.lender is None else self.lender.claim(first, count)
+        try:
+            await self._adopt(be)
+            await self.allocating.settle(self.write_lock, first, count)
+        except BaseException:
+            self.release_range(claim)
+            raise
+        return claim
+
+    def release_range(self, claim) -> None:
+        if claim is not None:
+            self.lender.unclaim(claim)
+
+    async def _adopt(self, be) -> None:
+        """Caller holds write_lock: C's logged allocations become L2 updates (Engine.adopt)."""
+        pairs = self.lender.peek_log() if self.lender is not None else None
+        if pairs:
+            await self._core(self.engine.adopt(pairs), be)
+            self.lender.drop_log(len(pairs))
+            self.lender.adopted_clusters(v for v, _ in pairs)
+            self._remap_ticket = self.commits.ticket()  # not durable until the next flush
+            self._zcache = None
+
+    async def refill_reservation(self, be, count: int) -> None:
+        """Caller holds write_lock: ``count`` more reserved clusters, for the data plane to
+        allocate into (dataplane/lending.py; MetaQueue.refill: no sync)."""
+        be = self.backends.batch(be.mode)
+        await self._core(self.queue.refill(count), be, _QueueIO(self, be))
+
+    async def sync_for_plane(self) -> None:
+        """Write-through writes the data plane parked (dp_park.c): their data and new mappings
+        durable, in one flush shared with every other flush and write-through write."""
+        async with self.backends.in_use():
+            await self._shared_flush(self.backends.batch(self._concrete(None)), reserve=True)
+
+    async def adopt_fast_allocations(self, be=None) -> None:
+        """Before Python reads a mapping (a read, lseek): what C allocated is adopted."""
+        if self.lender is not None and self.lender.logged():
+            async with self.write_lock:
+                await self._adopt(be or self.backend)
+
+    async def _settle_plan(self, be, plan, written: bool) -> None:
+        """Under the lock again: publish the L2 entries of a plan whose data is written, or give
+        back what a failed one allocated (nothing points at it)."""
+        eng = self.engine
+        async with self.write_lock:
+            if not written:
+                await self._core(eng.abort(plan), be)
+                return
+            await self._core(eng.commit(plan), be)
+            self._zcache = None
+            if self.lender is not None and any(u.new_cluster is not None for u in plan.updates):
+                self.lender.python_allocated()
+            if eng.cache.over_budget:
+                await self._run_queue(be, self.queue.writeout_early())
+
+    async def _data_writes(self, be, plan) -> None:
+        try:
+            for w in plan.data_writes:
+                await be.pwrite(w.host_offset, w.data)
+        finally:
+            # Through an O_DSYNC descriptor (an overwrite in place in writethrough) the data is
+            # durable already: no flush needs to sync it, so the queue is not made dirty.
+            if plan.data_writes and not be.dsync:
+                self.queue.data_written()
+
+    async def truncate(self, size: int) -> None:
+        if not self.writable:
+            raise OSError(errno.EROFS, "image is read-only")
+        async with self.backends.in_use(), self.write_lock:
+            await self._adopt(self.backend)
+            # A refused size raises UnsupportedOperation: EOPNOTSUPP at fuse/operations.py.
+            await self._core(self.engine.resize(size), self.backend)
+
+    # -------------------------------------------------------------- flush
+
+    async def _run_queue(self, be, gen):
+        """Carry out what the metadata queue asks, on ``be``. Caller holds write_lock.
+
+        On a write-through mode's batch twin (BackendSet.batch): the queue's rounds end in a
+        sync each, so O_DSYNC would only add a device sync per metadata write.
+        """
+        be = self.backends.batch(be.mode)
+        await self._adopt(be)  # a flush covers what C allocated before it (dataplane/lending.py)
+        if self.free_fence is not None:
+            await self.free_fence()
+        result = await self._core(gen, be, _QueueIO(self, be))
+        if self.queue_ran is not None:
+            self.queue_ran()  # dpmap: mappings that became durable may be written in C now
+        return result
+
+    async def _make_durable(self, be) -> None:
+        async with self.write_lock:
+            await self._run_queue(be, self.queue.make_durable())
+
+    async def _write_through_done(self, be) -> None:
+        """A write-through write returned: one fdatasync, shared, makes it durable with its metadata.
+
+        Group commit as for guest flushes (Image._shared_flush): writers that finish while a
+        sync runs share the next one. The flush reserves ahead (metaqueue.prepare_flush), so the
+        next writes' L2 entries point at clusters whose refcounts are durable already and need
+        no round of their own: one sync per write, as DESIGN.md section 3 asks of a flush.
+        Nothing to do when no write is unsynced and every mapping change is durable (an
+        overwrite in place through the O_DSYNC descriptor, on a mapping made durable earlier):
+        an overwrite through a mapping another writer has committed but not yet made durable
+        must wait for that writer's sync, or its acknowledged data would hang off an L2 entry
+        a crash can still lose. Queued refcount drops (frees) wait: they can only leak.
+        """
+        if self.backends.unsynced or not self.commits.covered(self._remap_ticket):
+            await self._shared_flush(self.backends.batch(be.mode), reserve=True)
+
+    def _remapped(self, change) -> None:
+        # ticket(): a flush running now may have chosen its writes already, so the next one.
+        self._remap_ticket = self.commits.ticket()
+
+    async def _flush_durable(self, be, *, reserve: bool) -> None:
+        async with self.write_lock:
+            await self._run_queue(be, self.queue.flush(reserve=reserve))
+
+    async def _close_writeout(self, be) -> None:
+        async with self.write_lock:
+            if self.lender is not None:
+                self.lender.take_back()  # unused lent clusters: the reservation gives them up
+            self.compressed.fill.close()  # its held frees apply: a clean close leaves no leak
+            await self._run_queue(be, self.queue.close())
+
+
+class _QueueIO:
+    """The metadata queue's requests, done on one descriptor (plan.py).
+
+    A sync goes through the image: it is skipped when no completed write
+    needs one (an O_DSYNC descriptor), and a failure is sticky.
+    """
+
+    __slots__ = ("image", "be")
+
+    def __init__(self, image: Image, be) -> None:
+        self.image, self.be = image, be
+
+    def pwrite(self, offset: int, data):
+        return self.be.pwrite(offset, data)
+
+    def sync(self):
+        return self.image._sync(self.be)
+
+    async def discard(self, offset: int, length: int) -> None:
+        if await sparse.punch(self.be, offset, length):
+            self.image.guest.bytes_punched += length
+
+    async def truncate(self, size: int, grow: bool) -> None:
+        # Every flush asks that the file cover the reservation; it only ever grows meanwhile
+        # (a clean close shrinks it), so a size known to be reached needs no fstat.
+        if grow and size <= self.image.file_at_least:
+            return
+        now = self.be.size()
+        if (now < size) if grow else (now > size):
+            await self.be.truncate(size)
+        self.image.file_at_least = max(now, size) if grow else 0
+
+
+class UncontendedLock:
+    """A trio.Lock whose acquire does not yield to the scheduler when the lock is free.
+
+    trio.Lock.acquire always passes a checkpoint, a full scheduler round even
+    when nobody holds the lock, and every in-place write takes this lock once
+    (issue 10, hot path). A free trio.Lock has no waiters (release hands it
+    straight to the first one), so taking it at once is fair; a contended
+    acquire queues as before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def acquire(self) -> None:
+        await self.__aenter__()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
