@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from sidebyside_report import Cells, fratio, short, table, target_info
+from sidebyside_cells import Cells, fratio, short, table, target_info
 
 
 @dataclass(frozen=True)

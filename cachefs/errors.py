@@ -1,5 +1,6 @@
 """The project's error types. Each carries the errno a client gets for it;
-fuse/operations.py is the one place that turns it into a FUSE reply (STYLE.md habit 4).
+fuse/failures.errno_of is the one place that picks a reply's errno (STYLE.md habit 4),
+for fuse/operations.py and fuse/direct_requests.py alike.
 """
 
 import errno as _errno

@@ -30,7 +30,7 @@ fast request planned earlier may still be running on the old host cluster.
 That cluster is only *freed* later (metaqueue defers every free until the L2
 change is durable), so the change records a drain ticket, and the image
 awaits :meth:`MappingPublisher.fence` before it runs the metadata queue,
-the only place a deferred free is applied (image.Image._run_queue). One drain
+the only place a deferred free is applied (image/qcow2image.py, where the queue runs). One drain
 per writeout at most, and none when nothing changed.
 
 Durable before writable: a fast write through an O_DSYNC descriptor

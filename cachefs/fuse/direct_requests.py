@@ -34,7 +34,7 @@ import trio
 
 from cachefs.dataplane.plane import DirectRequest
 from cachefs.errors import CachefsError
-from cachefs.fuse.failures import image_named, reason
+from cachefs.fuse.failures import errno_of, image_named, reason
 from cachefs.image.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 
 log = logging.getLogger("cachefs.fuse.direct_requests")
@@ -68,13 +68,10 @@ class PyServed:
         with trio.CancelScope(shield=True):
             try:
                 offset = await self._serve(req)
-            except OSError as exc:
-                err = exc.errno or errno.EIO
+            except (OSError, CachefsError) as exc:
+                err = errno_of(exc)
                 if err != errno.ENXIO:  # ENXIO: SEEK_DATA past the last data, an answer, not a problem
                     self._warn(req, reason(exc))
-            except CachefsError as exc:
-                err = exc.errno
-                self._warn(req, reason(exc))
             except Exception:
                 err = errno.EIO
                 log.exception("%s failed", self._describe(req))

@@ -38,6 +38,15 @@ class Failures:
         return {"failed_requests": str(self.count), **({"last_failure": self.last} if self.last else {})}
 
 
+def errno_of(exc: BaseException) -> int:
+    """The errno a client gets for an exception (STYLE.md habit 4): an OSError's own, a
+    CachefsError's class errno, else EIO. Both answerers use it: fuse/operations.py (through
+    libfuse) and fuse/direct_requests.py (the requests C hands to Python)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return getattr(exc, "errno", None) or errno.EIO
+
+
 def reason(exc: BaseException) -> str:
     """``EPERM: why``: the errno's name and the message, without Python's ``[Errno 1]``."""
     code = exc.errno if isinstance(exc, OSError) and exc.errno else getattr(exc, "errno", None) or errno.EIO

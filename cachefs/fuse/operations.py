@@ -45,7 +45,7 @@ from cachefs.fuse.catalog import Catalog, Entry, visible_name
 from cachefs.dataplane.handles import NoFastPaths
 from cachefs.image.base import Image
 from cachefs.mountinfo import command_of
-from cachefs.fuse.failures import Failures, describe, reason
+from cachefs.fuse.failures import Failures, describe, errno_of, reason
 from cachefs.policy import CacheMode, mode_named
 
 log = logging.getLogger("cachefs.fuse.operations")
@@ -98,9 +98,7 @@ def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
     """The errno a client gets: an OSError's own, a CachefsError's class errno, else EIO."""
     if isinstance(exc, pyfuse3.FUSEError):
         return exc
-    if isinstance(exc, OSError) and exc.errno:
-        return pyfuse3.FUSEError(exc.errno)
-    return pyfuse3.FUSEError(getattr(exc, "errno", None) or errno.EIO)
+    return pyfuse3.FUSEError(errno_of(exc))
 
 
 def translated(fn):

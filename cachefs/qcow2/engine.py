@@ -307,10 +307,10 @@ class Engine:
         c, slot = _Chunk(vcluster, in_cluster, at, data), _Slot(vcluster, table, idx, entry)
         off, compressed = entry & fmt.OFFSET_MASK, bool(entry & fmt.L2_COMPRESSED)
         if zeros:
-            # Zero detection is our discard: pyfuse3 registers no FUSE
-            # fallocate, so a client discards by writing zeros (README,
-            # "What it supports today"). A full cluster of zeros becomes a
-            # zero cluster (v3) and frees its host cluster.
+            # Zero detection is a discard too, for clients that never send
+            # one (dd from /dev/zero, a guest without discard; fallocate
+            # arrives through fuse/direct_requests.py): a full cluster of
+            # zeros becomes a zero cluster (v3) and frees its host cluster.
             if self.header.hdr.version >= 3:
                 return None, self._zeroed(slot)
             if off == 0 and not compressed:

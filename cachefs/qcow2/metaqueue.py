@@ -373,7 +373,7 @@ class MetaQueue:
         """Set the header's dirty bit while reserved clusters may leak (spec "dirty bit").
 
         After a crash the unused reservation is leaked refcount; QEMU, and
-        our own open (image.open_image), rebuild refcounts on a writable open
+        our own open (image/opening.open_image), rebuild refcounts on a writable open
         of a dirty image, so the leaks are reclaimed at the next mount. It
         rides in the same round as the reservation: no extra sync. v2 has no
         feature bits; its leaks wait for ``cachefs check --repair leaks``.
