@@ -15,7 +15,7 @@ import pytest
 
 from cachefs import native
 from cachefs.dataplane import plane as dataplane
-from cachefs.cli.mount_options import MountOptionError, MountOptions, merge, parse_options
+from cachefs.cli.options import MountOptionError, MountOptions, merge, parse_options
 
 needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
                                      reason=str(dataplane.why_unavailable()))

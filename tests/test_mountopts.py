@@ -1,11 +1,11 @@
-"""cachefs/cli/mount_options.py: the -o parser on its own (no mounts; milliseconds)."""
+"""cachefs/cli/options.py: the -o parser on its own (no mounts; milliseconds)."""
 
 from __future__ import annotations
 
 import pytest
 
 from cachefs.errors import CachefsError
-from cachefs.cli.mount_options import (IGNORED, REFUSED, MountOptionError, MountOptions, check_submitter, merge,
+from cachefs.cli.options import (IGNORED, REFUSED, MountOptionError, MountOptions, check_submitter, merge,
                                parse_options)
 from cachefs.policy import MODES
 

@@ -12,19 +12,19 @@ import time
 
 import click
 
-from cachefs.cli import mount_checks
+from cachefs.cli import preflight
 from cachefs.fuse import utab
 from cachefs.errors import CachefsError
 from cachefs.fuse.kernel_mount import unmount_path
 from cachefs.mountinfo import busy_detail, mount_at
-from cachefs.cli.mount_options import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, VALUES, MountOptionError, MountOptions,
+from cachefs.cli.options import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, VALUES, MountOptionError, MountOptions,
                                check_submitter, merge, parse_options)
 from cachefs.policy import MODES
 
 # ------------------------------------------------------------------ mount
 
 @click.command()
-@click.argument("image_dir", type=click.Path())  # checked by mount_config (cachefs/cli/mount_checks.py)
+@click.argument("image_dir", type=click.Path())  # checked by mount_config (cachefs/cli/preflight.py)
 @click.argument("mountpoint", type=click.Path())
 @click.option("--cache", "cache_mode", default=None, type=click.Choice(list(MODES)),
               help="Cache mode of every image (default writeback; see docs/cache-modes.md).")
@@ -83,11 +83,11 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
     Shared by `cachefs mount` and mount.fuse.cachefs (cachefs/cli/mount_helper.py).
     """
     from cachefs.fuse.daemon import MountConfig, discover_images
-    real_dir = mount_checks.directory(image_dir, "image directory")
-    mount_checks.refuse_self_mount(real_dir, mount_checks.directory(mountpoint, "mountpoint"))
+    real_dir = preflight.directory(image_dir, "image directory")
+    preflight.refuse_self_mount(real_dir, preflight.directory(mountpoint, "mountpoint"))
     if opts.pid_file:
-        mount_checks.check_pid_file(os.path.abspath(opts.pid_file))
-    why_read_only = None if opts.read_only else mount_checks.read_only_reason(real_dir)
+        preflight.check_pid_file(os.path.abspath(opts.pid_file))
+    why_read_only = None if opts.read_only else preflight.read_only_reason(real_dir)
     given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
              "dataplane": opts.dataplane, "l2_cache_size": opts.l2_cache_size,
              "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,

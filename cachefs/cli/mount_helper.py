@@ -11,7 +11,7 @@ the Makefile links it into /sbin. mount(8) calls it as
 
 with SRC made absolute and OPTIONS starting with ``rw`` or ``ro``; it has
 already removed ``defaults``, ``noauto``, ``x-*`` and ``comment=``, and
-leaves ``nofail`` and ``_netdev`` in (cli/mount_options.py accepts those).
+leaves ``nofail`` and ``_netdev`` in (cli/options.py accepts those).
 
 mount(8) exits with its helper's status, so the helper speaks mount(8)'s
 exit codes: 1 for a wrong invocation or option, 32 for a mount that failed.
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     from cachefs.fuse.daemon import run_mount
     from cachefs.cli.mount import mount_config
-    from cachefs.cli.mount_options import parse_options
+    from cachefs.cli.options import parse_options
 
     # gnu_getopt: mount(8) puts the options after SRC and MNT.
     try:
