@@ -126,10 +126,9 @@ struct dp {
     struct dp_slot *free, *sendq, *sendq_tail;
     int active;                /* fast requests in flight (loop thread) */
     int completed;             /* one completed since the last look: wake a drain */
-    int reading, dead, quitting, sock_eof;
+    int reading, dead, sock_eof;
     int fuse_polled, sock_polled, sock_out_polled, ctl_polled;
     int fuse_ready, sock_ready;  /* may have something to read: not seen EAGAIN since the last poll */
-    int notes_in_flight;
     char *rbuf;
     struct dp_track track[DP_TRACK];
     unsigned requests;         /* DP_STOP_READING | DP_QUIT, atomic */

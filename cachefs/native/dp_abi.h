@@ -28,7 +28,7 @@ enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATION
 
 /* What Python asks (dp_request) and what the loop tells (dp_state). */
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
-enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
+enum { DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
        DP_ST_ALLOC = 32, /* an image's lent clusters run low or its allocation log fills: dp_alloc_woken */
        DP_ST_SYNC = 64 /* write-through writes wait for a sync: dp_sync_woken, dp_sync_ticket */ };
 

@@ -147,7 +147,6 @@ static void dp_note(struct dp *dp, const char *msg, size_t n) {
     io_uring_prep_write(sqe, dp->fuse_fd, note->data, (unsigned)n, (uint64_t)-1);
     sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data64(sqe, TAG(T_NOTE) | (uint64_t)(uintptr_t)note);
-    dp->notes_in_flight++;
     dp_count(&dp->g[DP_G_NOTIFICATIONS], 1);
 }
 

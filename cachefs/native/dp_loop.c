@@ -316,7 +316,6 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
     }
     case T_NOTE:
         free((void *)(uintptr_t)UNTAG(ud));
-        dp->notes_in_flight--;
         if (res < 0 && res != -ENOENT && res != -ENODEV)
             dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
         break;
@@ -397,11 +396,14 @@ int dp_built(void) { return 1; }
 /* Before the mount exists (dp_start gets its descriptor), so a refusal leaves nothing mounted. */
 int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit, struct dp **out) {
     struct dp *dp = calloc(1, sizeof *dp);
-    /* One thread submits and reaps, so the kernel may run completion work only when it waits
-     * (DEFER_TASKRUN, 6.1): no interrupting the loop per completion. The ring starts disabled so
-     * that the loop thread, not this one, becomes its issuer. Older kernels get a plain ring. */
+    /* A CQ of 4096 entries (CQSIZE) against a 512-entry SQ: more can be in flight than the SQ
+     * holds (DP_NSLOT requests of up to DP_MAXPIECE pieces, the polls, the notifications).
+     * One thread submits and reaps (SINGLE_ISSUER, 6.0), and the ring starts disabled
+     * (R_DISABLED) so that the loop thread, not this one, enables it and becomes that issuer
+     * (dp_main). DEFER_TASKRUN is not set: completion work runs as ordinary task work. A kernel
+     * that refuses these flags (-EINVAL) gets a plain ring with the same CQ size. */
     struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
-                                          IORING_SETUP_R_DISABLED /*XDEFER*/,
+                                          IORING_SETUP_R_DISABLED,
                                  .cq_entries = 4096 };
     int rc;
     if (!dp)
