@@ -303,3 +303,21 @@ print(",".join(native.IMAGE_COUNTERS), ",".join(native.CONNECTION_COUNTERS), dat
     images, connection, why = out.stdout.split(" ", 2)
     assert images == ",".join(native.IMAGE_COUNTERS) or not native.available()
     assert connection.split(",")[0] == "requests" and "without liburing" in why
+
+
+@needs_native
+def test_the_module_exports_the_header_functions_and_nothing_else_of_the_data_plane():
+    """Each C file is its own translation unit; what one file calls of another is DP_HIDDEN
+    (dp_internal.h), so the exported dp_* functions are exactly dp_abi.h's and dp_testhooks.h's."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm")
+    from cachefs.native import _cachefs_native
+    so = _cachefs_native.__file__
+    out = subprocess.run([nm, "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.split()[-1].startswith("dp_")}
+    cdef = _build_module().read_abi_cdef("dp_abi.h", "dp_testhooks.h")
+    declared = set(re.findall(r"\b(dp_\w+)\s*\(", cdef))
+    if not native.lib.dp_built():  # the stub build: no test hooks
+        declared = {n for n in declared if not n.startswith("dp_test_")}
+    assert exported == declared

@@ -386,8 +386,10 @@ def use_liburing() -> bool:
 # is the interface's one source, and every C file includes it, so C, the stubs and the cdef
 # cannot disagree. Without liburing it compiles to stubs (dp_stub.c) and dp_built() == 0.
 
-#: The data plane's C files, one translation unit (dp_loop.c calls statics of the others).
-DP_SOURCES = ("dp_table.c", "dp_alloc.c", "dp_loop.c", "dp_park.c", "dp_pyq.c", "dp_testhooks.c")
+#: The data plane's C files, each its own translation unit (dp_internal.h says what each owns
+#: and declares what they share).
+DP_SOURCES = ("dp_map.c", "dp_plan.c", "dp_publish.c", "dp_counters.c", "dp_alloc.c", "dp_loop.c",
+              "dp_forward.c", "dp_park.c", "dp_pyq.c", "dp_testhooks.c")
 #: What the stub build compiles instead (no loop, no test hooks); dp_names.c is in both.
 DP_STUB_SOURCES = ("dp_stub.c",)
 DP_COMMON_SOURCES = ("dp_names.c",)
@@ -434,7 +436,7 @@ def abi_cdef(text: str, name: str = "dp_abi.h") -> str:
             out.append("")
         elif stripped.startswith("#") and not _DEFINE_INT.match(stripped):
             raise AbiError(f"{name}:{n + 1}: {stripped!r}: cffi's cdef cannot take it; the header keeps to "
-                           "enums, #define NAME <integer>, structs and prototypes (C-only things go in dp.h)")
+                           "enums, #define NAME <integer>, structs and prototypes (C-only things go in dp_internal.h)")
         elif stripped.startswith("#"):
             out += [line, f'# {n + 2} "{name}"']
         else:
@@ -470,8 +472,8 @@ def dataplane_section(uring: bool) -> Section:
     """The data plane with liburing: the loop and its test hooks; without it, the stubs."""
     if uring:
         return Section("dataplane", cdef=read_abi_cdef("dp_abi.h", "dp_testhooks.h"),
-                       source="".join(f'#include "{name}"\n' for name in DP_SOURCES),
-                       sources=DP_COMMON_SOURCES, libraries=("uring", "pthread"))
+                       source='#include "dp_abi.h"\n#include "dp_testhooks.h"\n',
+                       sources=DP_COMMON_SOURCES + DP_SOURCES, libraries=("uring", "pthread"))
     return Section("dataplane", cdef=read_abi_cdef("dp_abi.h"), source='#include "dp_abi.h"\n',
                    sources=DP_COMMON_SOURCES + DP_STUB_SOURCES)
 

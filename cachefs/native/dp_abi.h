@@ -5,7 +5,7 @@
  * the data plane includes it, the stub (dp_stub.c) too, so the compiler checks each definition
  * against the prototype Python is given. So it stays in the subset of C that cffi's cdef reads:
  * enums, `#define NAME <integer>`, structs and prototypes (abi_cdef refuses anything else and
- * names the line). What C alone needs is in dp.h.
+ * names the line). What C alone needs is in dp_internal.h.
  *
  * Each function returns >= 0 or -errno unless it says otherwise.
  */
@@ -60,7 +60,7 @@ struct dp_pyreq {
     uint32_t opcode, mode, uid, gid, pid, padding;
 };
 
-/* The data plane: opaque to Python (dp.h defines it). */
+/* The data plane: opaque to Python (dp_internal.h defines it). */
 struct dp;
 
 /* dp_names.c, in both builds: the name (in stats) of counter `i` of a table (DP_COUNTERS_*), or
@@ -80,7 +80,7 @@ int dp_join(struct dp *dp);
 void dp_destroy(struct dp *dp);
 int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
 
-/* dp_table.c: publishing images, mappings and handles; the drain. */
+/* dp_publish.c: publishing images, mappings and handles; the drain. */
 uint64_t dp_ticket(struct dp *dp);
 int dp_drained(struct dp *dp, uint64_t ticket);
 int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned cluster_bits, int identity);
@@ -95,7 +95,7 @@ int dp_handle_unpublish(struct dp *dp, uint64_t fh);
 int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
                   uint64_t *out, uint32_t *reply_len);
 
-/* dp_table.c: the counters (names: dp_counter_name). */
+/* dp_counters.c: the counters (names: dp_counter_name). */
 int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n);
 int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
 void dp_counters(struct dp *dp, uint64_t *out, int n);

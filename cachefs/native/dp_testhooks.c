@@ -2,12 +2,12 @@
  * "C checked against its model"; tests/test_dataplane_differential.py drives them side by side
  * with tests/simplane.py). cachefs itself never calls them.
  *
- * Compiled in dp_loop.c's translation unit, after it (build.py), so a planned request goes
- * through the loop's own static dp_take_fast: the same plan (dp_plan), the same dp_alloc_may
- * and dp_alloc_commit, the same wake and the same choice of descriptor as a request read from
- * /dev/fuse; only the backend I/O and the reply are left out. The other hooks only read.
+ * A planned request goes through the loop's own dp_take_fast (dp_loop.c): the same plan
+ * (dp_plan), the same dp_alloc_may and dp_alloc_commit, the same wake and the same choice of
+ * descriptor as a request read from /dev/fuse; only the backend I/O and the reply are left out.
+ * The other hooks only read.
  */
-#include "dp.h"
+#include "dp_internal.h"
 #include "dp_testhooks.h"
 
 /* Plan and dispatch a READ or WRITE of handle `fh` as the loop does when one arrives, then
