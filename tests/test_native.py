@@ -1,4 +1,4 @@
-"""The compiled cffi module: aligned buffers and posix_fadvise."""
+"""The compiled cffi module: aligned buffers, posix_fadvise, and the data plane's ABI (dp_abi.h)."""
 
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def test_the_cdef_refuses_a_header_cffi_would_not_read_as_the_compiler_does():
     hooks = build.abi_cdef(_abi_text("dp_testhooks.h"), "dp_testhooks.h")
     abi = ("dp_abi.h", build.abi_cdef(text))
     assert "dp_test_plan" in build.check_cdef([abi, ("dp_testhooks.h", hooks)])
-    at = _abi_text("dp_testhooks.h").split("\n").index("    uint64_t seq;              /* its dispatch number (a drain ticket) */")
+    at = next(n for n, line in enumerate(_abi_text("dp_testhooks.h").split("\n")) if "uint64_t seq;" in line)
     with pytest.raises(build.AbiError, match=rf"dp_testhooks.h:{at + 1}:"):
         build.check_cdef([abi, ("dp_testhooks.h", hooks.replace("uint64_t seq;", "uint64_t seq[DP_NOSUCH];"))])
 
@@ -261,7 +261,7 @@ def test_counter_names_come_from_c_and_match_its_counts():
         """The real lib with one table's names changed."""
 
         def __init__(self, table, names):
-            self.table, self.names, self.keep = table, [ffi.new("char[]", n.encode()) for n in names], []
+            self.table, self.names = table, [ffi.new("char[]", n.encode()) for n in names]
 
         def __getattr__(self, name):
             return getattr(lib, name)
@@ -285,7 +285,8 @@ def test_the_stub_build_has_the_same_abi(tmp_path, monkeypatch):
     build = _build_module()
     monkeypatch.setenv("CACHEFS_NATIVE_STUBS", "1")
     assert not build.use_liburing()
-    so = build.make_ffibuilder(uring=False, absolute_sources=True).compile(tmpdir=str(tmp_path), target="_cachefs_native.abi3.so")
+    stub = build.make_ffibuilder(uring=False, absolute_sources=True)
+    so = stub.compile(tmpdir=str(tmp_path), target="_cachefs_native.abi3.so")
     code = r"""
 import importlib.machinery, importlib.util, sys
 so = sys.argv[1]

@@ -5,9 +5,14 @@ run by hand (``python cachefs/native/build.py``) to compile in place.
 
 The module is assembled from *sections*. Each section contributes C
 declarations (``cdef``) and the C source that implements or includes them.
-A section may also name libraries to link (io_uring links liburing). A new
-kernel interface adds a section here and its Python wrapper in ``__init__.py``;
-nothing else needs to change.
+A section may also name C files of this directory compiled on their own, and
+libraries to link (io_uring links liburing). A new kernel interface adds a
+section here and its Python wrapper in ``__init__.py``; nothing else needs to
+change.
+
+The data plane's section is different: its cdef is not written here but read
+from its header, dp_abi.h (abi_cdef), which its C files include too.
+CACHEFS_NATIVE_STUBS=1 builds as a machine without liburing does (stubs).
 """
 
 from __future__ import annotations
@@ -413,9 +418,10 @@ def abi_cdef(text: str, name: str = "dp_abi.h") -> str:
     """The cdef text of a header written in cffi's subset of C (dp_abi.h, dp_testhooks.h).
 
     Comments, ``#include`` lines and the include guard (``#ifndef G``, ``#define G``, the last
-    ``#endif``) are taken out; ``#define NAME <integer>`` stays, as cffi reads it. Any other preprocessor line raises AbiError naming the header's line: what the
-    compiler would read and cffi would not see is how the copies used to drift apart.
-    check_cdef then has cffi's parser read the result.
+    ``#endif``) are taken out; ``#define NAME <integer>`` stays, as cffi reads it. Any other
+    preprocessor line raises AbiError naming the header's line: what the compiler would read
+    and cffi would not is how the copies used to drift apart. check_cdef then has cffi's parser
+    read the result.
     """
     lines = _strip_comments(text).split("\n")
     directives = [n for n, line in enumerate(lines) if line.lstrip().startswith("#")]
@@ -436,7 +442,8 @@ def abi_cdef(text: str, name: str = "dp_abi.h") -> str:
             out.append("")
         elif stripped.startswith("#") and not _DEFINE_INT.match(stripped):
             raise AbiError(f"{name}:{n + 1}: {stripped!r}: cffi's cdef cannot take it; the header keeps to "
-                           "enums, #define NAME <integer>, structs and prototypes (C-only things go in dp_internal.h)")
+                           "enums, #define NAME <integer>, structs and prototypes "
+                           "(C-only things go in dp_internal.h)")
         elif stripped.startswith("#"):
             out += [line, f'# {n + 2} "{name}"']
         else:
