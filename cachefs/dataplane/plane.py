@@ -61,12 +61,10 @@ MAX_BACKGROUND = 64
 SOCKET_BUFFER = 16 << 20
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>: beyond wmem_max, for root
 
-#: dp_image_counters()'s order (dp_abi.h), with the names they get in stats.
-IMAGE_COUNTERS = ("fast_reads", "fast_writes", "fast_bytes_read", "fast_bytes_written", "forwarded",
-                  "fast_errors", "fast_unsynced_writes", "fast_allocations")
-HANDLE_COUNTERS = ("reads", "writes", "bytes_read", "bytes_written")  # dp_handle_counters()
-CONNECTION_COUNTERS = ("requests", "fast", "forwarded", "replies", "notifications", "forward_errors",
-                       "reply_errors", "peak_active", "send_queued")
+#: dp_image_counters()'s order, with the names they get in stats: C's own (dp_names.c).
+IMAGE_COUNTERS = native.IMAGE_COUNTERS
+HANDLE_COUNTERS = native.HANDLE_COUNTERS  # dp_handle_counters()
+CONNECTION_COUNTERS = native.CONNECTION_COUNTERS  # dp_counters()
 
 
 @attrs.frozen

@@ -17,6 +17,8 @@ What it provides today:
 - ``UringContext(depth)``: an io_uring (liburing) completing into an
   eventfd, for ``cachefs.backend.uring``. ``uring_available()`` says
   whether the module was built with liburing.
+- ``IMAGE_COUNTERS``, ``HANDLE_COUNTERS``, ``CONNECTION_COUNTERS``: the data
+  plane's counter names, in C's order, read from C (``cachefs.dataplane.plane``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ __all__ = [
     "IORING_OP_WRITE",
     "IORING_OP_FSYNC",
     "IORING_FSYNC_DATASYNC",
+    "AbiMismatch",
+    "counter_names",
+    "IMAGE_COUNTERS",
+    "HANDLE_COUNTERS",
+    "CONNECTION_COUNTERS",
 ]
 
 
@@ -208,6 +215,43 @@ def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
     rc = lib.posix_fadvise(fd, offset, length, advice)
     if rc != 0:
         raise OSError(rc, os.strerror(rc))
+
+
+# ---------------------------------------------------------------- the data plane's counters
+# Their names come from C (dp_names.c, in the stub build too), each at its enum's index, so the
+# stats keys and C's counts cannot drift apart; dataplane/plane.py takes these tuples. Without the
+# compiled module there is no data plane, nothing to count, and they are empty.
+
+
+class AbiMismatch(RuntimeError):
+    """C's tables of names and its counts disagree: a build of the native module to fix."""
+
+
+def counter_names(lib, ffi) -> dict[str, tuple[str, ...]]:
+    """Each counter table's names, read from ``dp_counter_name``; AbiMismatch unless each table
+    has exactly the entries its count in dp_abi.h says (DP_C_NIMAGE, DP_H_N, DP_G_N)."""
+    tables = {"image": (lib.DP_COUNTERS_IMAGE, lib.DP_C_NIMAGE), "handle": (lib.DP_COUNTERS_HANDLE, lib.DP_H_N),
+              "connection": (lib.DP_COUNTERS_CONNECTION, lib.DP_G_N)}
+    out = {}
+    for table, (which, count) in tables.items():
+        names = []
+        while len(names) <= count and (p := lib.dp_counter_name(which, len(names))) != ffi.NULL:
+            names.append(ffi.string(p).decode())
+        if len(names) != count or len(set(names)) != count:
+            raise AbiMismatch(f"dp_counter_name gives the {table} counters {names}, dp_abi.h counts {count} "
+                              "(dp_names.c and dp_abi.h disagree: rebuild, or fix dp_names.c)")
+        out[table] = tuple(names)
+    return out
+
+
+_names = counter_names(lib, ffi) if lib is not None else {}
+#: dp_image_counters()'s order, as stats names them.
+IMAGE_COUNTERS: tuple[str, ...] = _names.get("image", ())
+#: dp_handle_counters()'s order.
+HANDLE_COUNTERS: tuple[str, ...] = _names.get("handle", ())
+#: dp_counters()'s order (the whole connection).
+CONNECTION_COUNTERS: tuple[str, ...] = _names.get("connection", ())
+del _names
 
 
 # ---------------------------------------------------------------- Linux AIO

@@ -5,31 +5,53 @@ run by hand (``python cachefs/native/build.py``) to compile in place.
 
 The module is assembled from *sections*. Each section contributes C
 declarations (``cdef``) and the C source that implements or includes them.
-A section may also name libraries to link (io_uring links liburing). A new
-kernel interface adds a section here and its Python wrapper in ``__init__.py``;
-nothing else needs to change.
+A section may also name C files of this directory compiled on their own, and
+libraries to link (io_uring links liburing). A new kernel interface adds a
+section here and its Python wrapper in ``__init__.py``; nothing else needs to
+change.
+
+The data plane's section is different: its cdef is not written here but read
+from its header, dp_abi.h (abi_cdef), which its C files include too.
+CACHEFS_NATIVE_STUBS=1 builds as a machine without liburing does (stubs).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 
-from cffi import FFI
+from cffi import FFI, CDefError, FFIError
 
 MODULE_NAME = "cachefs.native._cachefs_native"
 
-# Each entry: (name, cdef, C source, libraries). Order is the order in the module.
-SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = []
-
-#: This directory: a section whose C lives in files here #includes them by name.
+#: This directory: a section whose C lives in files here names them (headers, sources).
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The project's root (setup.py's directory).
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+class Section:
+    """Part of the module: its declarations for cffi, the C that implements or includes them,
+    C files of this directory compiled as translation units of their own, libraries to link.
+    (A plain class: cffi's setuptools hook runs this file with exec, not as a module, and
+    dataclasses needs the module.)"""
+
+    __slots__ = ("name", "cdef", "source", "sources", "libraries")
+
+    def __init__(self, name: str, cdef: str, source: str = "", sources: tuple[str, ...] = (),
+                 libraries: tuple[str, ...] = ()) -> None:
+        self.name, self.cdef, self.source, self.sources, self.libraries = name, cdef, source, sources, libraries
+
+
+#: The sections every build has, in module order; make_ffibuilder adds io_uring and the data plane.
+SECTIONS: list[Section] = []
 
 
 def section(name: str, cdef: str, source: str = "", libraries: tuple[str, ...] = ()) -> None:
-    SECTIONS.append((name, cdef, source, libraries))
+    SECTIONS.append(Section(name, cdef, source, libraries=libraries))
 
 
 # Types the cdef parser does not know; the compiler fills in the real size.
@@ -356,126 +378,139 @@ def have_liburing() -> bool:
     return r.returncode == 0
 
 
-if have_liburing():
-    section("io_uring", cdef=_URING_CDEF, source=_URING_SOURCE, libraries=("uring",))
-else:
-    section("io_uring", cdef=_URING_CDEF, source=_URING_STUB_SOURCE)
+def use_liburing() -> bool:
+    """Build the io_uring section and the data plane for real: liburing is there, and
+    CACHEFS_NATIVE_STUBS=1 does not ask for the stubs (what a machine without liburing builds)."""
+    return os.environ.get("CACHEFS_NATIVE_STUBS", "") in ("", "0") and have_liburing()
 
 
 # The data plane (DESIGN.md section 4, issue 11; ../shared/DATAPLANE.md): one C thread that
 # owns /dev/fuse and serves published READs and WRITEs on io_uring, forwarding everything else
-# to libfuse over a socketpair. Too big for a string here, so its C is in dp_*.c / dp*.h beside
-# this file. Python drives it through the functions below (cachefs/dataplane/plane.py); each returns
-# >= 0 or -errno. Without liburing it compiles to stubs (dp_stub.c) and dp_built() == 0.
-_DP_CDEF = """
-    struct dp { ...; };
-    static const int DP_MAP_ABSENT, DP_MAP_WRITABLE, DP_MAP_READONLY, DP_MAP_ZERO;
-    #define DP_MAP_ALLOC ...
-    #define DP_MAP_UNSYNCED ...
-    #define DP_SPARE ...
-    #define DP_ALOG ...
-    #define DP_NCLAIM ...
-    #define DP_MAXALLOC ...
-    static const int DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN;
-    static const int DP_C_FORWARDED, DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_NIMAGE;
-    static const int DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS;
-    static const int DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N;
-    static const int DP_STOP_READING, DP_QUIT;
-    static const int DP_ST_INIT_DONE, DP_ST_DEAD, DP_ST_STOPPED, DP_ST_EXITED, DP_ST_ALLOC, DP_ST_SYNC;
+# to libfuse over a socketpair. Its C is in dp_*.c / dp*.h beside this file. Python drives it
+# through the functions of dp_abi.h (cachefs/dataplane/plane.py), whose text is the cdef: the header
+# is the interface's one source, and every C file includes it, so C, the stubs and the cdef
+# cannot disagree. Without liburing it compiles to stubs (dp_stub.c) and dp_built() == 0.
 
-    int dp_built(void);
-    int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
-                  struct dp **out);
-    int dp_start(struct dp *dp, int fuse_fd);
-    void dp_request(struct dp *dp, unsigned what);
-    unsigned dp_state(struct dp *dp);
-    void dp_waiting(struct dp *dp, int delta);
-    int dp_join(struct dp *dp);
-    void dp_destroy(struct dp *dp);
-    uint64_t dp_ticket(struct dp *dp);
-    int dp_drained(struct dp *dp, uint64_t ticket);
-    int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned cluster_bits, int identity);
-    int dp_image_pause(struct dp *dp, uint64_t ino, int paused);
-    int dp_image_remove(struct dp *dp, uint64_t ino);
-    int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries);
-    int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
-    uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino);
-    int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
-                          int sync, int batch_fd);
-    int dp_handle_unpublish(struct dp *dp, uint64_t fh);
-    int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n);
-    static const int DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N;
-    int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
-                      uint64_t *out, uint32_t *reply_len);
-    static const int DP_MAXPIECE;
-    int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
-    void dp_counters(struct dp *dp, uint64_t *out, int n);
-    int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
-    struct dp_pyreq { uint64_t unique, nodeid, fh, offset, length; uint32_t opcode, mode, uid, gid, pid, padding; };
-    static const int DP_PYQ;
-    int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water);
-    int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n);
-    int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
-    int dp_alloc_peek_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
-    int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n);
-    int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
-    int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
-    int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);
-    int dp_alloc_woken(struct dp *dp);
-    int dp_sync_woken(struct dp *dp);
-    uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino);
-    int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err);
-    int dp_pyq_fd(struct dp *dp);
-    int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max);
-    int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset);
-"""
+#: The data plane's C files, each its own translation unit (dp_internal.h says what each owns
+#: and declares what they share).
+DP_SOURCES = ("dp_map.c", "dp_plan.c", "dp_publish.c", "dp_counters.c", "dp_alloc.c", "dp_loop.c",
+              "dp_forward.c", "dp_park.c", "dp_pyq.c", "dp_testhooks.c")
+#: What the stub build compiles instead (no loop, no test hooks); dp_names.c is in both.
+DP_STUB_SOURCES = ("dp_stub.c",)
+DP_COMMON_SOURCES = ("dp_names.c",)
 
 
-def make_ffibuilder() -> FFI:
+class AbiError(Exception):
+    """A header that cannot be the cdef: its name, the line, and why."""
+
+
+_DEFINE_INT = re.compile(r"#\s*define\s+[A-Za-z_]\w*\s+(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\s*$")
+_GUARD = re.compile(r"#\s*(ifndef|define)\s+([A-Za-z_]\w*)\s*$")
+
+
+def _strip_comments(text: str) -> str:
+    """Comments out, each newline kept, so line numbers still count the header's lines."""
+    text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group().count("\n") + " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def abi_cdef(text: str, name: str = "dp_abi.h") -> str:
+    """The cdef text of a header written in cffi's subset of C (dp_abi.h, dp_testhooks.h).
+
+    Comments, ``#include`` lines and the include guard (``#ifndef G``, ``#define G``, the last
+    ``#endif``) are taken out; ``#define NAME <integer>`` stays, as cffi reads it. Any other
+    preprocessor line raises AbiError naming the header's line: what the compiler would read
+    and cffi would not is how the copies used to drift apart. check_cdef then has cffi's parser
+    read the result.
+    """
+    lines = _strip_comments(text).split("\n")
+    directives = [n for n, line in enumerate(lines) if line.lstrip().startswith("#")]
+    guard: set[int] = set()
+    if len(directives) >= 3:
+        first, second = (_GUARD.match(lines[n].strip()) for n in directives[:2])
+        last = lines[directives[-1]].strip()
+        if (first and second and first.group(1) == "ifndef" and second.group(1) == "define"
+                and first.group(2) == second.group(2) and re.fullmatch(r"#\s*endif", last)):
+            guard = {directives[0], directives[1], directives[-1]}
+    # Line markers (which cffi keeps) make its errors name the header's own lines: one at the
+    # top, and one after each #define, as cffi's removal of a #define takes the blank lines
+    # before it along.
+    out = [f'# 1 "{name}"']
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if n in guard or re.match(r"#\s*include\s*[<\"]", stripped):
+            out.append("")
+        elif stripped.startswith("#") and not _DEFINE_INT.match(stripped):
+            raise AbiError(f"{name}:{n + 1}: {stripped!r}: cffi's cdef cannot take it; the header keeps to "
+                           "enums, #define NAME <integer>, structs and prototypes "
+                           "(C-only things go in dp_internal.h)")
+        elif stripped.startswith("#"):
+            out += [line, f'# {n + 2} "{name}"']
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def check_cdef(parts: list[tuple[str, str]]) -> str:
+    """The cdefs of (header name, abi_cdef text) pairs joined, once cffi's parser has read them
+    all; AbiError (with the header's name and line, from abi_cdef's markers) if it refuses them."""
+    for k in range(1, len(parts) + 1):  # header by header, so the error names the one at fault
+        cdef = "\n".join(text for _name, text in parts[:k])
+        try:
+            FFI().cdef(cdef)
+        except (CDefError, FFIError) as exc:
+            name, msg = parts[k - 1][0], str(exc)
+            if msg.startswith(":"):  # some of cffi's errors give the line alone
+                msg = name + msg
+            raise AbiError(f"cffi refuses the cdef of {name}: {msg}") from exc
+    return cdef
+
+
+def read_abi_cdef(*names: str) -> str:
+    """The cdef of headers of this directory, in order (a later one may use an earlier one's names)."""
+    parts = []
+    for name in names:
+        with open(os.path.join(HERE, name)) as f:
+            parts.append((name, abi_cdef(f.read(), name)))
+    return check_cdef(parts)
+
+
+def dataplane_section(uring: bool) -> Section:
+    """The data plane with liburing: the loop and its test hooks; without it, the stubs."""
+    if uring:
+        return Section("dataplane", cdef=read_abi_cdef("dp_abi.h", "dp_testhooks.h"),
+                       source='#include "dp_abi.h"\n#include "dp_testhooks.h"\n',
+                       sources=DP_COMMON_SOURCES + DP_SOURCES, libraries=("uring", "pthread"))
+    return Section("dataplane", cdef=read_abi_cdef("dp_abi.h"), source='#include "dp_abi.h"\n',
+                   sources=DP_COMMON_SOURCES + DP_STUB_SOURCES)
+
+
+def make_ffibuilder(uring: bool | None = None, *, absolute_sources: bool = False) -> FFI:
+    """The module's builder; ``uring`` None: as use_liburing() says (False: the stub build).
+
+    The C files are named relative to the project's root, where setuptools runs (it refuses
+    absolute paths); ``absolute_sources`` for ``compile(tmpdir=...)``, which runs the compiler
+    in tmpdir and then puts their objects under it, by their absolute path.
+    """
+    if uring is None:
+        uring = use_liburing()
+    uring_section = (Section("io_uring", cdef=_URING_CDEF, source=_URING_SOURCE, libraries=("uring",)) if uring
+                     else Section("io_uring", cdef=_URING_CDEF, source=_URING_STUB_SOURCE))
+    sections = [*SECTIONS, uring_section, dataplane_section(uring)]
     builder = FFI()
-    builder.cdef("\n".join(cdef for _name, cdef, _src, _libs in SECTIONS))
+    builder.cdef("\n".join(sec.cdef for sec in sections))
     # No feature macros here: cffi includes Python.h first, and its pyconfig.h
     # already defines _GNU_SOURCE and _FILE_OFFSET_BITS=64 (64-bit off_t).
     builder.set_source(
         MODULE_NAME,
-        "\n".join(src for _name, _cdef, src, _libs in SECTIONS),
-        libraries=sorted({lib for *_rest, libs in SECTIONS for lib in libs}),
+        "\n".join(sec.source for sec in sections),
+        sources=[os.path.join(HERE if absolute_sources else os.path.relpath(HERE, ROOT), name)
+                 for sec in sections for name in sec.sources],
+        libraries=sorted({lib for sec in sections for lib in sec.libraries}),
         include_dirs=[HERE],
         extra_compile_args=["-O2", "-Wall"],
     )
     return builder
-
-
-# Test hooks (dp_testhooks.c): the loop's decisions without a mount or I/O, for the differential
-# test of C against tests/simplane.py. Only with the real data plane: the stubs have no loop.
-_DP_TEST_CDEF = """
-    struct dp_test_plan {
-        int fast, fd, sync, defer, unsynced, nalloc, npieces;
-        uint32_t reply_len;
-        uint64_t seq;
-        uint64_t alloc_cl[...];
-        uint64_t piece_host[...];
-        uint32_t piece_buf[...], piece_len[...];
-    };
-    struct dp_test_alloc {
-        int on, wake_sent;
-        uint32_t low_water, overflow, spare_count, log_count;
-        uint64_t claim_first[...], claim_end[...];
-    };
-    int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
-                     struct dp_test_plan *out);
-    int dp_test_entries(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, uint64_t *out);
-    int dp_test_alloc_state(struct dp *dp, uint64_t ino, struct dp_test_alloc *out, uint64_t *spares);
-"""
-
-
-if have_liburing():
-    section("dataplane", cdef=_DP_CDEF + _DP_TEST_CDEF,
-            source='#include "dp_table.c"\n#include "dp_alloc.c"\n#include "dp_loop.c"\n#include "dp_park.c"\n'
-                   '#include "dp_pyq.c"\n#include "dp_testhooks.c"\n',
-            libraries=("uring", "pthread"))
-else:
-    section("dataplane", cdef=_DP_CDEF, source='#include "dp_stub.c"\n')
 
 
 ffibuilder = make_ffibuilder()
@@ -486,11 +521,13 @@ if __name__ == "__main__":
     # the same name `pip install` gives it (cffi builds for the limited API).
     # A module with a version tag (_cachefs_native.cpython-311-...so) would
     # win the import over the .abi3.so, so a stale one from an older build
-    # is removed: the module just built is the one that gets imported.
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    target = "_cachefs_native.abi3.so"  # build_ext puts it in the package dir
-    for name in os.listdir(here):
+    # is removed: the module just built is the one that gets imported. The
+    # generated C and the objects stay in build/ (the C files are compiled
+    # by absolute path, so their objects land under build/ by that path).
+    target = "_cachefs_native.abi3.so"  # build_ext puts it in the package dir, under tmpdir
+    for name in os.listdir(HERE):
         if name.startswith("_cachefs_native.") and name.endswith(".so"):
-            os.unlink(os.path.join(here, name))
-    ffibuilder.compile(tmpdir=root, verbose=True, target=target)
+            os.unlink(os.path.join(HERE, name))
+    built = make_ffibuilder(absolute_sources=True).compile(
+        tmpdir=os.path.join(ROOT, "build", "cffi-inplace"), verbose=True, target=target)
+    os.replace(built, os.path.join(HERE, target))

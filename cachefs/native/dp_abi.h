@@ -1,4 +1,14 @@
-/* The data plane's ABI with Python (cachefs/dataplane/plane.py): shared by dp.h and dp_stub.c. */
+/* The data plane's interface with Python (cachefs/dataplane/plane.py): its only source.
+ *
+ * build.py hands this file to cffi as the data plane's cdef (build.py, abi_cdef: the comments
+ * and the lines cffi cannot read, the include guard and #include, taken out). Every C file of
+ * the data plane includes it, the stub (dp_stub.c) too, so the compiler checks each definition
+ * against the prototype Python is given. So it stays in the subset of C that cffi's cdef reads:
+ * enums, `#define NAME <integer>`, structs and prototypes (abi_cdef refuses anything else and
+ * names the line). What C alone needs is in dp_internal.h.
+ *
+ * Each function returns >= 0 or -errno unless it says otherwise.
+ */
 #ifndef CACHEFS_DP_ABI_H
 #define CACHEFS_DP_ABI_H
 
@@ -25,10 +35,12 @@ enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
 enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
        DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_N };
+/* The three counter tables, for dp_counter_name. */
+enum { DP_COUNTERS_IMAGE, DP_COUNTERS_HANDLE, DP_COUNTERS_CONNECTION };
 
 /* What Python asks (dp_request) and what the loop tells (dp_state). */
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
-enum { DP_ST_RUNNING = 1, DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
+enum { DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
        DP_ST_ALLOC = 32, /* an image's lent clusters run low or its allocation log fills: dp_alloc_woken */
        DP_ST_SYNC = 64 /* write-through writes wait for a sync: dp_sync_woken, dp_sync_ticket */ };
 
@@ -47,5 +59,66 @@ struct dp_pyreq {
     uint64_t unique, nodeid, fh, offset, length;
     uint32_t opcode, mode, uid, gid, pid, padding;
 };
+
+/* The data plane: opaque to Python (dp_internal.h defines it). */
+struct dp;
+
+/* dp_names.c, in both builds: the name (in stats) of counter `i` of a table (DP_COUNTERS_*), or
+ * NULL past its end. Python builds its tuples of names from these (cachefs/native/__init__.py). */
+const char *dp_counter_name(int table, int i);
+
+/* dp_loop.c: the thread's life. 1 when built with liburing (dp_stub.c: 0). dp_create before the
+ * mount exists (-errno when io_uring is refused), dp_start once /dev/fuse is open. */
+int dp_built(void);
+int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit,
+              struct dp **out);
+int dp_start(struct dp *dp, int fuse_fd);
+void dp_request(struct dp *dp, unsigned what);
+unsigned dp_state(struct dp *dp);
+void dp_waiting(struct dp *dp, int delta);
+int dp_join(struct dp *dp);
+void dp_destroy(struct dp *dp);
+int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len);
+
+/* dp_publish.c: publishing images, mappings and handles; the drain. */
+uint64_t dp_ticket(struct dp *dp);
+int dp_drained(struct dp *dp, uint64_t ticket);
+int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned cluster_bits, int identity);
+int dp_image_pause(struct dp *dp, uint64_t ino, int paused);
+int dp_image_remove(struct dp *dp, uint64_t ino);
+int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries);
+int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino);
+int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
+                      int sync, int batch_fd);
+int dp_handle_unpublish(struct dp *dp, uint64_t fh);
+int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t size, char *data,
+                  uint64_t *out, uint32_t *reply_len);
+
+/* dp_counters.c: the counters (names: dp_counter_name). */
+int dp_handle_counters(struct dp *dp, uint64_t fh, uint64_t *out, int n);
+int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n);
+void dp_counters(struct dp *dp, uint64_t *out, int n);
+
+/* dp_pyq.c: the requests Python serves. */
+int dp_pyq_fd(struct dp *dp);
+int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max);
+int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset);
+
+/* dp_alloc.c: clusters lent to C, its allocation log, claims. */
+int dp_alloc_set(struct dp *dp, uint64_t ino, int on, uint32_t low_water);
+int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n);
+int dp_alloc_take_spares(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+int dp_alloc_peek_log(struct dp *dp, uint64_t ino, uint64_t *out, uint32_t max);
+int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n);
+int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
+int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);
+int dp_alloc_woken(struct dp *dp);
+
+/* dp_park.c: write-through writes that wait for Python's sync. */
+int dp_sync_woken(struct dp *dp);
+uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino);
+int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err);
 
 #endif

@@ -22,8 +22,7 @@
  * Everything here runs under dp->lock: planning and committing in the loop thread, the
  * dp_alloc_* calls from Python.
  */
-#include <stdlib.h>
-#include "dp.h"
+#include "dp_internal.h"
 
 static int dp_alloc_claimed(const struct dp_alloc *a, uint64_t cl) {
     if (a->overflow)

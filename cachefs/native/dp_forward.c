@@ -4,8 +4,11 @@
  * its one answer comes back the same way and is written to /dev/fuse, after the INIT and OPEN
  * replies are patched (max_background, max_write, parallel direct writes). Notifications
  * (unique 0) are written by an io-wq worker, never by the loop (a page lock may wait on a READ
- * in our own queue). Part of dp_loop.c's translation unit: #included there.
+ * in our own queue). The loop (dp_loop.c) calls dp_forward, dp_flush_sendq and dp_drain_sock.
  */
+#include "dp_internal.h"
+#include <stddef.h>
+#include <sys/socket.h>
 
 /* ------------------------------------------------------------ forwarding to libfuse */
 
@@ -65,7 +68,7 @@ static void dp_forward_failed(struct dp *dp, struct dp_slot *s) {
 }
 
 /* Send what waited for room, in order; stop at the first that still has none. */
-static void dp_flush_sendq(struct dp *dp) {
+void dp_flush_sendq(struct dp *dp) {
     while (dp->sendq) {
         struct dp_slot *s = dp->sendq;
         int rc = dp->sock_eof ? -EPIPE : dp_send(dp, s);
@@ -80,7 +83,7 @@ static void dp_flush_sendq(struct dp *dp) {
     dp->sendq_tail = NULL;
 }
 
-static void dp_forward(struct dp *dp, struct dp_slot *s) {
+void dp_forward(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     dp_count_forward(dp, ih);
     if (ih->opcode == FUSE_INIT || ih->opcode == FUSE_OPEN || ih->opcode == FUSE_CREATE)
@@ -147,12 +150,11 @@ static void dp_note(struct dp *dp, const char *msg, size_t n) {
     io_uring_prep_write(sqe, dp->fuse_fd, note->data, (unsigned)n, (uint64_t)-1);
     sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data64(sqe, TAG(T_NOTE) | (uint64_t)(uintptr_t)note);
-    dp->notes_in_flight++;
     dp_count(&dp->g[DP_G_NOTIFICATIONS], 1);
 }
 
 /* Only after its poll fired: a recv that finds nothing is a syscall per wakeup for nothing. */
-static void dp_drain_sock(struct dp *dp) {
+void dp_drain_sock(struct dp *dp) {
     while (dp->sock_ready && !dp->sock_eof) {
         ssize_t n = recv(dp->sock_fd, dp->rbuf, DP_RBUF, MSG_DONTWAIT | MSG_TRUNC);
         if (n < 0 && errno == EINTR)

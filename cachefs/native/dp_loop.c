@@ -15,9 +15,7 @@
  * Notifications from libfuse (unique 0) are written by an io-wq worker, never by this thread:
  * notify_inval_inode waits for page locks that a READ in our own queue may hold.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE  /* cffi's Python.h defines it already */
-#endif
+#include "dp_internal.h"
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -29,49 +27,27 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
-#include "dp.h"
-
-enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE };
-#define TAG(t) ((uint64_t)(t) << 56)
-#define UNTAG(ud) ((ud) & ((1ull << 56) - 1))
 
 static void dp_finish(struct dp *dp, struct dp_slot *s);
-static void dp_answer(struct dp *dp, struct dp_slot *s);
-/* dp_park.c (write-through writes that wait for Python's sync), built after this file. */
-static void dp_park(struct dp *dp, struct dp_slot *s);
-static void dp_answer_released(struct dp *dp);
-static void dp_fail_parked(struct dp *dp);
-static int dp_parked(struct dp *dp);
-/* dp_pyq.c (FALLOCATE and LSEEK, served by Python), built in this translation unit after this file. */
-static int dp_pyq_init(struct dp *dp);
-static int dp_pyq_serve(struct dp *dp, struct dp_slot *s);
-static void dp_pyq_admit(struct dp *dp);
-static int dp_pyq_holds(struct dp *dp, uint64_t unique);
-static void dp_pyq_free(struct dp *dp);
 
 /* ------------------------------------------------------------ small helpers */
 
-static struct io_uring_sqe *dp_sqe(struct dp *dp) {
+struct io_uring_sqe *dp_sqe(struct dp *dp) {
     struct io_uring_sqe *sqe;
     while (!(sqe = io_uring_get_sqe(&dp->ring)))
         io_uring_submit(&dp->ring);  /* the SQ ring is full: hand it over and take a new one */
     return sqe;
 }
 
-static void dp_free_slot(struct dp *dp, struct dp_slot *s) {
-    s->next = dp->free;
-    dp->free = s;
-}
-
 /* Tell Python (its trio task awaits evt_fd): a state bit newly set, or progress for a drain. */
-static void dp_post(struct dp *dp, unsigned bits) {
+void dp_post(struct dp *dp, unsigned bits) {
     unsigned old = __atomic_fetch_or(&dp->state, bits, __ATOMIC_RELEASE);
     uint64_t one = 1;
     if ((old & bits) != bits || !bits)
         (void)!write(dp->evt_fd, &one, sizeof one);
 }
 
-static void dp_write_fuse(struct dp *dp, struct iovec *iov, int n) {
+void dp_write_fuse(struct dp *dp, struct iovec *iov, int n) {
     while (writev(dp->fuse_fd, iov, n) < 0) {
         if (errno == EINTR)
             continue;
@@ -83,7 +59,7 @@ static void dp_write_fuse(struct dp *dp, struct iovec *iov, int n) {
     }
 }
 
-static void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_t len) {
+void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_t len) {
     struct fuse_out_header oh = { (uint32_t)sizeof oh + (err ? 0 : len), err, unique };
     struct iovec iov[2] = { { &oh, sizeof oh }, { (void *)data, len } };
     dp_write_fuse(dp, iov, err || !len ? 1 : 2);
@@ -98,14 +74,14 @@ static void dp_submit_piece(struct dp *dp, struct dp_slot *s, int i) {
         io_uring_prep_write(sqe, s->fd, s->data + p->buf, p->len, p->host);
     else
         io_uring_prep_read(sqe, s->fd, s->data + p->buf, p->len, p->host);
-    io_uring_sqe_set_data64(sqe, TAG(T_IO) | (uint64_t)(s - dp->slots) << 8 | (uint64_t)i);
+    io_uring_sqe_set_data64(sqe, DP_UD_IO(s - dp->slots, i));
 }
 
 /* Plan a READ or WRITE of handle `fh` and, if it is served here, dispatch it: take its lent
  * clusters, number it, choose its descriptor. 1: fast (the slot is active, its I/O is the
  * caller's). Apart from the I/O, all of the loop's decision, so that dp_testhooks.c checks
  * this very code against tests/simplane.py without a mount. */
-static int dp_take_fast(struct dp *dp, struct dp_slot *s, uint64_t fh, int write, uint64_t off, uint32_t size) {
+int dp_take_fast(struct dp *dp, struct dp_slot *s, uint64_t fh, int write, uint64_t off, uint32_t size) {
     pthread_mutex_lock(&dp->lock);
     struct dp_handle *h = dp_map_get(&dp->handles, fh);
     int planned = h && !h->img->paused, fast = planned && dp_plan(h->img, h, write, off, size, s->data, s) == 0;
@@ -187,7 +163,7 @@ static void dp_finish(struct dp *dp, struct dp_slot *s) {
 }
 
 /* Count, answer, free. */
-static void dp_answer(struct dp *dp, struct dp_slot *s) {
+void dp_answer(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     uint64_t *c = s->img->c;
     uint32_t size = ((const struct fuse_read_in *)(ih + 1))->size;
@@ -217,8 +193,6 @@ static int dp_interrupts_fast(struct dp *dp, struct dp_slot *s) {
     }
     return dp_pyq_holds(dp, unique);
 }
-
-#include "dp_forward.c"  /* forwarding to libfuse and its replies */
 
 /* ------------------------------------------------------------ reading /dev/fuse */
 
@@ -293,9 +267,9 @@ static void dp_poll(struct dp *dp, int fd, unsigned events, int tag, int *armed)
 }
 
 static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
-    switch (ud >> 56) {
+    switch (ud >> DP_UD_TAG_SHIFT) {
     case T_IO:
-        dp_piece_done(dp, &dp->slots[(ud >> 8) & 0xffff], (int)(ud & 0xff), res);
+        dp_piece_done(dp, &dp->slots[DP_UD_SLOT(ud)], (int)DP_UD_PIECE(ud), res);
         break;
     case T_FUSE_POLL:
         dp->fuse_polled = 0;
@@ -316,7 +290,6 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
     }
     case T_NOTE:
         free((void *)(uintptr_t)UNTAG(ud));
-        dp->notes_in_flight--;
         if (res < 0 && res != -ENOENT && res != -ENODEV)
             dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
         break;
@@ -397,11 +370,14 @@ int dp_built(void) { return 1; }
 /* Before the mount exists (dp_start gets its descriptor), so a refusal leaves nothing mounted. */
 int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit, struct dp **out) {
     struct dp *dp = calloc(1, sizeof *dp);
-    /* One thread submits and reaps, so the kernel may run completion work only when it waits
-     * (DEFER_TASKRUN, 6.1): no interrupting the loop per completion. The ring starts disabled so
-     * that the loop thread, not this one, becomes its issuer. Older kernels get a plain ring. */
+    /* A CQ of 4096 entries (CQSIZE) against a 512-entry SQ: more can be in flight than the SQ
+     * holds (DP_NSLOT requests of up to DP_MAXPIECE pieces, the polls, the notifications).
+     * One thread submits and reaps (SINGLE_ISSUER, 6.0), and the ring starts disabled
+     * (R_DISABLED) so that the loop thread, not this one, enables it and becomes that issuer
+     * (dp_main). DEFER_TASKRUN is not set: completion work runs as ordinary task work. A kernel
+     * that refuses these flags (-EINVAL) gets a plain ring with the same CQ size. */
     struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
-                                          IORING_SETUP_R_DISABLED /*XDEFER*/,
+                                          IORING_SETUP_R_DISABLED,
                                  .cq_entries = 4096 };
     int rc;
     if (!dp)

@@ -17,10 +17,10 @@
  * flush that releases it may itself wait for a drain). The parked and released lists are under
  * dp->lock; answering is the loop thread's.
  */
-#include "dp.h"
+#include "dp_internal.h"
 
 /* The loop thread: the slot's write completed; it waits for the image's next sync. */
-static void dp_park(struct dp *dp, struct dp_slot *s) {
+void dp_park(struct dp *dp, struct dp_slot *s) {
     pthread_mutex_lock(&dp->lock);
     s->park_seq = ++s->img->alloc.park_seq;
     s->next = dp->parked;
@@ -31,7 +31,7 @@ static void dp_park(struct dp *dp, struct dp_slot *s) {
 }
 
 /* The loop thread: answer what Python released (after its sync), in any order. */
-static void dp_answer_released(struct dp *dp) {
+void dp_answer_released(struct dp *dp) {
     if (!__atomic_load_n(&dp->released, __ATOMIC_ACQUIRE))
         return;
     pthread_mutex_lock(&dp->lock);
@@ -48,7 +48,7 @@ static void dp_answer_released(struct dp *dp) {
 }
 
 /* The loop thread, quitting: nobody will sync any more; what is still parked fails. */
-static void dp_fail_parked(struct dp *dp) {
+void dp_fail_parked(struct dp *dp) {
     pthread_mutex_lock(&dp->lock);
     for (struct dp_slot *s = dp->parked, *next; s; s = next) {
         next = s->next;
@@ -61,7 +61,7 @@ static void dp_fail_parked(struct dp *dp) {
     dp_answer_released(dp);
 }
 
-static int dp_parked(struct dp *dp) {
+int dp_parked(struct dp *dp) {
     pthread_mutex_lock(&dp->lock);
     int n = dp->nparked;
     pthread_mutex_unlock(&dp->lock);

@@ -1,10 +1,9 @@
 /* Python-served requests: FALLOCATE and LSEEK (docs/design.md "Discard, write-zeroes, SEEK_DATA"),
  * and FSYNC (a guest flush: straight to the image's group flush, without libfuse and pyfuse3).
  *
- * Compiled in dp_loop.c's translation unit (build.py includes it after dp_loop.c), so the loop's
- * static helpers (dp_reply, dp_free_slot, dp_count) are used as they are. The loop thread calls
- * dp_pyq_serve, dp_pyq_admit and dp_pyq_holds; Python calls dp_pyq_fd, dp_pyq_take and
- * dp_pyq_reply (cachefs/fuse/direct_requests.py).
+ * The loop thread calls dp_pyq_serve, dp_pyq_admit and dp_pyq_holds (and dp_pyq_init,
+ * dp_pyq_free at create and destroy); Python calls dp_pyq_fd, dp_pyq_take and dp_pyq_reply
+ * (cachefs/dataplane/plane.py, for fuse/direct_requests.py).
  *
  * Why they are kept from libfuse: pyfuse3 registers
  * neither, and libfuse's ENOSYS would make the kernel stop sending them for the connection's
@@ -17,6 +16,9 @@
  * once it is empty /dev/fuse is not read (the loop's back-pressure). Nothing is refused for
  * lack of room: an EAGAIN from fallocate(2) would be a spurious failure to the caller, and a
  * forward would be libfuse's ENOSYS. An INTERRUPT of one is dropped (finishing is correct). */
+#include "dp_internal.h"
+#include <sys/eventfd.h>
+
 enum { PYQ_FREE, PYQ_QUEUED, PYQ_TAKEN };
 
 struct dp_pyq {
@@ -61,7 +63,7 @@ static int dp_pyq_push(struct dp *dp, struct dp_slot *s) {
 /* Admit held requests, in order, while the table has room. `waiting` is set before the first
  * try: an answer that frees an entry after a failed try then sees it and wakes the loop (the
  * entry is freed under dp->lock, which orders the two), so no request is left held for good. */
-static void dp_pyq_admit(struct dp *dp) {
+void dp_pyq_admit(struct dp *dp) {
     struct dp_pyq *q = dp->pyq;
     if (!q->wait)
         return;
@@ -79,7 +81,7 @@ static void dp_pyq_admit(struct dp *dp) {
 
 /* 1: the request was Python's: queued (its slot freed), held in its slot behind those already
  * held (the order kept), or answered here when malformed. */
-static int dp_pyq_serve(struct dp *dp, struct dp_slot *s) {
+int dp_pyq_serve(struct dp *dp, struct dp_slot *s) {
     struct dp_pyq *q = dp->pyq;
     struct fuse_in_header *ih = (void *)s->hdr;
     size_t need = sizeof *ih + (ih->opcode == FUSE_FALLOCATE ? sizeof(struct fuse_fallocate_in)
@@ -102,7 +104,7 @@ static int dp_pyq_serve(struct dp *dp, struct dp_slot *s) {
 }
 
 /* An INTERRUPT of a request Python holds: dropped, it finishes normally. */
-static int dp_pyq_holds(struct dp *dp, uint64_t unique) {
+int dp_pyq_holds(struct dp *dp, uint64_t unique) {
     int found = 0;
     pthread_mutex_lock(&dp->lock);
     for (int i = 0; i < DP_PYQ && !found; i++)
@@ -113,14 +115,14 @@ static int dp_pyq_holds(struct dp *dp, uint64_t unique) {
     return found;
 }
 
-static void dp_pyq_free(struct dp *dp) {
+void dp_pyq_free(struct dp *dp) {
     if (dp->pyq && dp->pyq->evt_fd > 0)
         close(dp->pyq->evt_fd);
     free(dp->pyq);
     dp->pyq = NULL;
 }
 
-static int dp_pyq_init(struct dp *dp) {
+int dp_pyq_init(struct dp *dp) {
     if (!(dp->pyq = calloc(1, sizeof *dp->pyq)))
         return -ENOMEM;
     dp->pyq->evt_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -1,4 +1,4 @@
-/* The data plane without liburing at build time: the same names, each saying -ENOSYS, and
+/* The data plane without liburing at build time: the same names (dp_abi.h), each saying -ENOSYS, and
  * dp_built() == 0, so `--dataplane on` is refused in one line (cachefs/dataplane/plane.py). */
 #include <errno.h>
 #include <stdint.h>

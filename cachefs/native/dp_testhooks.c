@@ -2,32 +2,13 @@
  * "C checked against its model"; tests/test_dataplane_differential.py drives them side by side
  * with tests/simplane.py). cachefs itself never calls them.
  *
- * Compiled in dp_loop.c's translation unit, after it (build.py), so a planned request goes
- * through the loop's own static dp_take_fast: the same plan (dp_plan), the same dp_alloc_may
- * and dp_alloc_commit, the same wake and the same choice of descriptor as a request read from
- * /dev/fuse; only the backend I/O and the reply are left out. The other hooks only read.
+ * A planned request goes through the loop's own dp_take_fast (dp_loop.c): the same plan
+ * (dp_plan), the same dp_alloc_may and dp_alloc_commit, the same wake and the same choice of
+ * descriptor as a request read from /dev/fuse; only the backend I/O and the reply are left out.
+ * The other hooks only read.
  */
-#include "dp.h"
-
-/* What the loop decided for one request (dp_test_plan). */
-struct dp_test_plan {
-    int fast;                  /* served here (1) or forwarded (0) */
-    int fd, sync, defer;       /* the descriptor its I/O would use, O_DSYNC, answered after Python's sync */
-    int unsynced;              /* the plan touched a mapping that is not durable */
-    int nalloc, npieces;
-    uint32_t reply_len;
-    uint64_t seq;              /* its dispatch number (a drain ticket) */
-    uint64_t alloc_cl[DP_MAXALLOC];  /* guest clusters it allocated, in plan order */
-    uint64_t piece_host[DP_MAXPIECE];
-    uint32_t piece_buf[DP_MAXPIECE], piece_len[DP_MAXPIECE];
-};
-
-/* An image's allocation state (dp_alloc.c), copied under the lock. */
-struct dp_test_alloc {
-    int on, wake_sent;
-    uint32_t low_water, overflow, spare_count, log_count;
-    uint64_t claim_first[DP_NCLAIM], claim_end[DP_NCLAIM];  /* claim_end 0: the id is free */
-};
+#include "dp_internal.h"
+#include "dp_testhooks.h"
 
 /* Plan and dispatch a READ or WRITE of handle `fh` as the loop does when one arrives, then
  * report what it decided. `data` holds `size` bytes: the payload (a READ gets its zero

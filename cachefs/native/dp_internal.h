@@ -10,14 +10,42 @@
  * that Python's unpublish is effective for the next request the moment it returns, and a drain
  * ticket (`seq` after the unpublish) names every request that could still use the old mapping.
  * Counters are written by the loop thread only, read by Python with relaxed atomic loads.
+ *
+ * Files (each its own translation unit, build.py DP_SOURCES; this header is what they share):
+ *   dp_abi.h       Python's interface, and the cdef: constants, prototypes (the only exports)
+ *   dp_names.c     the counters' names (the stub build has them too)
+ *   dp_map.c       the u64 -> pointer table (images, handles) and an image's chunked mapping
+ *   dp_plan.c      planning a READ or WRITE against the mapping
+ *   dp_publish.c   Python publishing and withdrawing images, mappings and handles; the drain
+ *   dp_counters.c  Python reading the counters
+ *   dp_alloc.c     allocating writes with clusters Python lent
+ *   dp_loop.c      the thread: reading /dev/fuse, the fast path, the loop, create/start/destroy
+ *   dp_forward.c   forwarding to libfuse and writing its replies back
+ *   dp_park.c      write-through writes waiting for Python's sync
+ *   dp_pyq.c       FALLOCATE, LSEEK and FSYNC served by Python
+ *   dp_testhooks.c the loop's decisions for tests, without I/O
+ * A function used by another file is declared here with DP_HIDDEN (not exported from the
+ * module: only dp_abi.h's are). The hot helpers are static inline here, so they still inline
+ * into the fast path as they did when all of this was one translation unit.
  */
-#ifndef CACHEFS_DP_H
-#define CACHEFS_DP_H
+#ifndef CACHEFS_DP_INTERNAL_H
+#define CACHEFS_DP_INTERNAL_H
+
+/* cffi's own translation unit gets these from Python.h; the data plane's files do not include it. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#ifndef _FILE_OFFSET_BITS
+#define _FILE_OFFSET_BITS 64
+#endif
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/uio.h>
 #include <linux/fuse.h>
 #include <liburing.h>
 
@@ -126,10 +154,9 @@ struct dp {
     struct dp_slot *free, *sendq, *sendq_tail;
     int active;                /* fast requests in flight (loop thread) */
     int completed;             /* one completed since the last look: wake a drain */
-    int reading, dead, quitting, sock_eof;
+    int reading, dead, sock_eof;
     int fuse_polled, sock_polled, sock_out_polled, ctl_polled;
     int fuse_ready, sock_ready;  /* may have something to read: not seen EAGAIN since the last poll */
-    int notes_in_flight;
     char *rbuf;
     struct dp_track track[DP_TRACK];
     unsigned requests;         /* DP_STOP_READING | DP_QUIT, atomic */
@@ -142,26 +169,102 @@ struct dp {
     int nparked;               /* parked + released (under lock) */
 };
 
-/* dp_table.c */
-int dp_map_init(struct dp_u64map *m);
-void dp_map_free(struct dp_u64map *m);
-void *dp_map_get(const struct dp_u64map *m, uint64_t key);
-int dp_map_put(struct dp_u64map *m, uint64_t key, void *val);
-void *dp_map_del(struct dp_u64map *m, uint64_t key);
-int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
-            uint32_t size, const char *data, struct dp_slot *s);
-void dp_image_free_chunks(struct dp_image *im);
-uint64_t dp_entry(const struct dp_image *im, uint64_t cluster);
-int dp_set_entry(struct dp_image *im, uint64_t cluster, uint64_t e);
-/* dp_alloc.c */
-int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cluster, struct dp_slot *s,
-                 uint64_t *host);
-int dp_alloc_commit(struct dp_image *im, struct dp_slot *s);
-void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count);
-void dp_alloc_free(struct dp_image *im);
-int dp_image_remove(struct dp *dp, uint64_t ino);
-void dp_destroy(struct dp *dp);
+#define DP_HIDDEN __attribute__((visibility("hidden")))
+
+/* ------------------------------------------------------------ io_uring user_data (dp_loop.c, dp_forward.c)
+ * The top byte tags what completed. A backend I/O (T_IO) carries its slot's index and its piece's
+ * index below; a notification (T_NOTE) its buffer's address, which user space keeps below bit 56
+ * (x86-64 and arm64 hand out no higher address unless mmap is asked for one). */
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_NTAGS };
+#define DP_UD_TAG_SHIFT 56
+#define DP_UD_PIECE_BITS 8
+#define DP_UD_SLOT_BITS 16
+#define TAG(t) ((uint64_t)(t) << DP_UD_TAG_SHIFT)
+#define UNTAG(ud) ((ud) & ((1ull << DP_UD_TAG_SHIFT) - 1))
+#define DP_UD_IO(slot, piece) (TAG(T_IO) | (uint64_t)(slot) << DP_UD_PIECE_BITS | (uint64_t)(piece))
+#define DP_UD_SLOT(ud) (((ud) >> DP_UD_PIECE_BITS) & ((1u << DP_UD_SLOT_BITS) - 1))
+#define DP_UD_PIECE(ud) ((ud) & ((1u << DP_UD_PIECE_BITS) - 1))
+_Static_assert(DP_NSLOT <= 1 << DP_UD_SLOT_BITS, "a slot index must fit user_data's slot bits");
+_Static_assert(DP_MAXPIECE <= 1 << DP_UD_PIECE_BITS, "a piece index must fit user_data's piece bits");
+_Static_assert(DP_UD_PIECE_BITS + DP_UD_SLOT_BITS <= DP_UD_TAG_SHIFT, "slot and piece must stay below the tag");
+_Static_assert(T_NTAGS <= 1 << (64 - DP_UD_TAG_SHIFT), "every tag must fit user_data's top bits");
+_Static_assert(sizeof(void *) <= sizeof(uint64_t), "a notification's address must fit user_data");
+
+/* ------------------------------------------------------------ hot helpers, inlined across files */
 
 static inline void dp_count(uint64_t *c, uint64_t n) { __atomic_fetch_add(c, n, __ATOMIC_RELAXED); }
+
+static inline uint32_t dp_hash(uint64_t key, uint32_t cap) {
+    key *= 0x9E3779B97F4A7C15ull;  /* fh and inode numbers are sequential: spread them */
+    return (uint32_t)(key >> 32) & (cap - 1);
+}
+
+/* The value of `key`, or NULL (dp_map.c has the rest of the table). */
+static inline void *dp_map_get(const struct dp_u64map *m, uint64_t key) {
+    for (uint32_t i = dp_hash(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
+        if (m->keys[i] == key)
+            return m->vals[i];
+        if (m->keys[i] == 0)
+            return NULL;
+    }
+}
+
+/* The published entry of a guest cluster of a mapped image (DP_MAP_ABSENT outside its chunks). */
+static inline uint64_t dp_entry(const struct dp_image *im, uint64_t cluster) {
+    uint64_t chunk = cluster >> DP_CHUNK_BITS;
+    if (chunk >= im->nchunks || !im->chunks[chunk])
+        return DP_MAP_ABSENT;
+    return im->chunks[chunk][cluster & ((1u << DP_CHUNK_BITS) - 1)];
+}
+
+static inline void dp_free_slot(struct dp *dp, struct dp_slot *s) {
+    s->next = dp->free;
+    dp->free = s;
+}
+
+/* ------------------------------------------------------------ functions that cross files */
+
+/* dp_map.c */
+DP_HIDDEN int dp_map_init(struct dp_u64map *m);
+DP_HIDDEN void dp_map_free(struct dp_u64map *m);
+DP_HIDDEN int dp_map_put(struct dp_u64map *m, uint64_t key, void *val);
+DP_HIDDEN void *dp_map_del(struct dp_u64map *m, uint64_t key);
+DP_HIDDEN uint64_t dp_chunks_for(const struct dp_image *im, uint64_t vsize);
+DP_HIDDEN int dp_resize_chunks(struct dp_image *im, uint64_t n);
+DP_HIDDEN int dp_set_entry(struct dp_image *im, uint64_t cluster, uint64_t e);
+DP_HIDDEN void dp_clear_entries(struct dp_image *im, uint64_t first, uint64_t count);
+DP_HIDDEN void dp_image_free_chunks(struct dp_image *im);
+/* dp_plan.c */
+DP_HIDDEN int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
+                      uint32_t size, const char *data, struct dp_slot *s);
+/* dp_alloc.c */
+DP_HIDDEN int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cluster,
+                           struct dp_slot *s, uint64_t *host);
+DP_HIDDEN int dp_alloc_commit(struct dp_image *im, struct dp_slot *s);
+DP_HIDDEN void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count);
+DP_HIDDEN void dp_alloc_free(struct dp_image *im);
+/* dp_loop.c */
+DP_HIDDEN struct io_uring_sqe *dp_sqe(struct dp *dp);
+DP_HIDDEN void dp_post(struct dp *dp, unsigned bits);
+DP_HIDDEN void dp_write_fuse(struct dp *dp, struct iovec *iov, int n);
+DP_HIDDEN void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_t len);
+DP_HIDDEN void dp_answer(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN int dp_take_fast(struct dp *dp, struct dp_slot *s, uint64_t fh, int write, uint64_t off,
+                           uint32_t size);
+/* dp_forward.c */
+DP_HIDDEN void dp_forward(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN void dp_flush_sendq(struct dp *dp);
+DP_HIDDEN void dp_drain_sock(struct dp *dp);
+/* dp_park.c */
+DP_HIDDEN void dp_park(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN void dp_answer_released(struct dp *dp);
+DP_HIDDEN void dp_fail_parked(struct dp *dp);
+DP_HIDDEN int dp_parked(struct dp *dp);
+/* dp_pyq.c */
+DP_HIDDEN int dp_pyq_init(struct dp *dp);
+DP_HIDDEN void dp_pyq_free(struct dp *dp);
+DP_HIDDEN int dp_pyq_serve(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN void dp_pyq_admit(struct dp *dp);
+DP_HIDDEN int dp_pyq_holds(struct dp *dp, uint64_t unique);
 
 #endif
