@@ -254,7 +254,7 @@ def test_counter_names_come_from_c_and_match_its_counts():
     assert len(native.IMAGE_COUNTERS) == lib.DP_C_NIMAGE and native.IMAGE_COUNTERS[lib.DP_C_ALLOCATIONS] == \
         "fast_allocations"
     assert len(native.HANDLE_COUNTERS) == lib.DP_H_N and len(native.CONNECTION_COUNTERS) == lib.DP_G_N
-    from cachefs import dataplane
+    from cachefs.dataplane import plane as dataplane
     assert dataplane.IMAGE_COUNTERS is native.IMAGE_COUNTERS
 
     class Altered:
@@ -295,7 +295,8 @@ class Stub:
         if name == "cachefs.native._cachefs_native":
             return importlib.util.spec_from_loader(name, importlib.machinery.ExtensionFileLoader(name, so))
 sys.meta_path.insert(0, Stub())
-from cachefs import native, dataplane
+from cachefs import native
+from cachefs.dataplane import plane as dataplane
 assert native.lib.dp_built() == 0 and native.lib.cachefs_uring_built() == 0
 print(",".join(native.IMAGE_COUNTERS), ",".join(native.CONNECTION_COUNTERS), dataplane.why_unavailable())
 """
