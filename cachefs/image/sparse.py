@@ -105,21 +105,19 @@ async def allocate(img, offset: int, length: int, mode) -> None:
         be = img.backends.get(mode)
         cs, per, eng = img.cluster_size, img.engine.map.l2_entries, img.engine
         vcl, end = offset // cs, -(-(offset + length) // cs)  # a partial cluster is preallocated whole
-
-        async def give_space(plan) -> None:
-            await _give_space(img, be, [u.new_cluster for u in plan.updates])
         while vcl < end:
             n = min(end, (vcl // per + 1) * per) - vcl
-            await img.remap(be, vcl, vcl + n, functools.partial(plan_allocate, eng, vcl, n), before_commit=give_space)
+            await img.remap(be, vcl, vcl + n, functools.partial(plan_allocate, eng, vcl, n),
+                            before_commit=functools.partial(_give_space, img, be))
             vcl += n
         if mode.write_through:
             await img.make_durable(be)
 
 
-async def _give_space(img, be, clusters: list[int]) -> None:
-    """fallocate the new host clusters (mode 0: the file grows over any past its end); the data item
-    is touched so that a flush syncs that before the entries that need it (plan_allocate)."""
-    cb = img.engine.cb
+async def _give_space(img, be, plan) -> None:
+    """fallocate the plan's new host clusters (mode 0: the file grows over any past its end); the data
+    item is touched so that a flush syncs that before the entries that need it (plan_allocate)."""
+    cb, clusters = img.engine.cb, [u.new_cluster for u in plan.updates]
     for first, count in cluster_runs(clusters):
         start, n = first << cb, count << cb
         if be.fd is None:  # a memory backend (tests): the file only has to cover them
