@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from cachefs import native
+from cachefs.image.hooks import PlaneHooks
 from cachefs.qcow2 import format as fmt
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class SimulatedPlane:
         self.overflow = 0                # claims beyond DP_NCLAIM: no allocation at all meanwhile
         self.wake_sent = False           # C woke Python, which has not lent or adopted since
         self.cmap: dict[int, int] = {}   # guest cluster -> C's entry (host | DP_MAP_*) for what it allocated
-        self.completed = 0               # C's completed fast writes (BackendSet.fast_writes)
+        self.completed = 0               # C's completed fast writes (PlaneHooks.fast_writes)
         self.allocated = 0
         self.in_place = 0
         self.forwarded = 0
@@ -71,10 +72,13 @@ class SimulatedPlane:
         self._inflight: set[int] = set()
         self.wake = trio.Event()
         self.on_alloc_wake = lambda: self.wake.set()  # DataPlane.on_alloc_wake: C's wake, from Python
-        img.backends.fast_writes = lambda: self.completed
-        img.free_fence = self._fence
         self.engine.on_mapping_change(self._changed)
         self.engine.cache.listeners.append(self)  # C holds the entries of cached tables only
+
+    def hooks(self, **more) -> PlaneHooks:
+        """The image's hooks into this plane (FastPaths._connect): C's completed writes count for the
+        next sync, frees wait for C's requests in flight (_fence); ``more`` sets or replaces others."""
+        return attrs.evolve(PlaneHooks(fast_writes=lambda: self.completed, fence_frees=self._fence), **more)
 
     # ------------------------------------------------------------ the plane calls (dataplane.DataPlane)
 

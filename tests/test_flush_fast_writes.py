@@ -2,7 +2,7 @@
 
 The data plane's fast writes never pass the metadata queue: the only thing
 that knows of them is ``BackendSet.unsynced`` (C's completed-writes counter),
-which the image checks when the queue asks for a sync (Image._sync). A flush
+which the image checks when the queue asks for a sync (Image.sync). A flush
 whose queue held only frees waiting for guest I/O in flight (``pending``:
 dirty, yet nothing to write and nothing awaiting a sync) ran a writeout of no
 rounds, asked for no sync, and returned: C's writes acknowledged before it
@@ -21,6 +21,7 @@ import trio.testing
 from cachefs.backend import IOCounters, MemoryBackend, RecordingBackend
 from cachefs.backend.faulty import Sync, Write
 from cachefs.image.backends import BackendSet
+from cachefs.image.hooks import PlaneHooks
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async
 from cachefs.image.qcow2image import Qcow2Image
@@ -74,7 +75,7 @@ async def host_of(img: Qcow2Image, offset: int) -> int:
 async def test_a_flush_with_only_pending_frees_still_syncs_the_data_planes_writes():
     img, rec, view = await open_recorded(new_buffer(4 << 20))
     fast_writes = 0
-    img.backends.fast_writes = lambda: fast_writes  # dataplane.DataPlane's counter, C's completed writes
+    img.connect_plane(PlaneHooks(fast_writes=lambda: fast_writes))  # dataplane.DataPlane's counter, C's completed writes
     await img.write(0, b"a" * 4096)
     await img.write(CS, b"b" * 4096)
     await img.flush()

@@ -11,7 +11,7 @@ written there; an owned data cluster in place; an unallocated or zero cluster
 (no host cluster) that is not claimed takes the next lent cluster, maps it and
 logs it, unless the write is a whole cluster of zeros; anything else goes to
 Python (``img.write``), as C forwards it. The data write follows, yielding, and
-is counted as C's completed fast writes (BackendSet.fast_writes), so a flush
+is counted as C's completed fast writes (PlaneHooks.fast_writes), so a flush
 that starts after it syncs it.
 
 Eight writers interleave C writes (most), Python writes, reads of their own
@@ -70,7 +70,7 @@ async def open_image(base: bytes, mode, rng):
     img = Qcow2Image("mem.qcow2", backends, None, True, engine, mode)
     plane = SimulatedPlane(img, rec, mode, rng)
     allocs = FastAllocations(plane, INO, img, Publisher())
-    img.queue_ran = allocs.top_up
+    img.connect_plane(plane.hooks(queue_ran=allocs.top_up, lender=allocs))
     allocs.allow(True)
     allocs.top_up()  # as FastPaths._allow_allocation: what the reservation holds (nothing yet)
     return img, rec, plane, allocs
@@ -160,7 +160,7 @@ async def run_workload(img, rec, plane, mode, rng, n_ops: int, *, mix=(0.07, 0.1
             ops.append(Op("write", off, data, started, len(rec.events)))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(plane.serve, img.lender)
+        nursery.start_soon(plane.serve, img.plane_hooks.lender)
         async with trio.open_nursery() as writers:
             for k in range(WRITERS):
                 writers.start_soon(writer, k)
@@ -313,7 +313,7 @@ async def test_clean_close_after_allocations_leaves_no_leaks(tmp_path):
 def test_the_checks_catch_a_flush_that_does_not_adopt(monkeypatch, tmp_path, seed):
     """Sabotage: the metadata-queue run no longer adopts C's log (a flush does not cover what C
     allocated before it). The same workload and checks must then find flushed writes lost."""
-    orig_run_queue, orig_adopt = Qcow2Image._run_queue, Qcow2Image._adopt
+    orig_run_queue, orig_adopt = Qcow2Image._run_queue, Qcow2Image.adopt_logged
 
     async def run_queue(self, be, gen):
         self._sabotaged = True
@@ -327,7 +327,7 @@ def test_the_checks_catch_a_flush_that_does_not_adopt(monkeypatch, tmp_path, see
             await orig_adopt(self, be)
 
     monkeypatch.setattr(Qcow2Image, "_run_queue", run_queue)
-    monkeypatch.setattr(Qcow2Image, "_adopt", adopt)
+    monkeypatch.setattr(Qcow2Image, "adopt_logged", adopt)
     caught = interleaving.run(sabotaged_losses, seed, tmp_path, seed=seed)
     assert caught, "the checks missed flushes that lose C's allocations"
 
@@ -471,8 +471,7 @@ async def test_c_keeps_its_allocation_when_the_table_is_evicted_and_reloaded_bef
     plane = PublishedPlane(img, rec, WRITEBACK, rng)
     pub = MappingPublisher(plane, INO, engine)
     allocs = FastAllocations(plane, INO, img, pub)
-    img.free_fence = pub.fence
-    img.queue_ran = lambda: (pub.settle(), allocs.top_up())
+    img.connect_plane(plane.hooks(fence_frees=pub.fence, queue_ran=lambda: (pub.settle(), allocs.top_up()), lender=allocs))
     allocs.allow(True)
     for t in range(16):  # sixteen L2 tables, then a flush: clean tables, and clusters lent to C
         await img.write(t * span, b"\1" * SECTOR)

@@ -21,6 +21,7 @@ decides what it is given (../shared/DATAPLANE.md, "The mapping contract"):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from cachefs.dataplane.plane import HANDLE_COUNTERS
 from cachefs.dataplane.lending import FastAllocations
 from cachefs.dataplane.mapping import MappingPublisher
 from cachefs.errors import CachefsError
+from cachefs.image.hooks import PlaneHooks
 from cachefs.policy import MODES
 
 log = logging.getLogger("cachefs.dataplane.plane")
@@ -93,15 +95,25 @@ class FastPaths:
         if inode in self._images:
             return
         self._images[inode] = image
-        image.backends.fast_writes = lambda: self.plane.unsynced_writes(inode)
-        if not raw:
-            # Stage 2: a qcow2 image's clusters are published as its L2 tables enter the cache.
-            pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
-            allocs = self.allocations[inode] = FastAllocations(self.plane, inode, image, pub)
-            image.free_fence = pub.fence
-            image.queue_ran = lambda: (pub.settle(), allocs.top_up())
-            image.on_read_only.append(lambda: self._read_only(inode))
-            pub.republish()
+        self._connect(inode, image)
+
+    def _connect(self, inode: int, image) -> None:
+        """Once per image: the hooks it calls (image/hooks.py). C's writes count for the image's
+        next fdatasync; a qcow2 image's clusters are also published as its L2 tables enter the
+        cache (stage 2), and C allocates into clusters it lends (dataplane/lending.py)."""
+        fast_writes = functools.partial(self.plane.unsynced_writes, inode)
+        if image.format == "raw":
+            image.connect_plane(PlaneHooks(fast_writes=fast_writes))
+            return
+        pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
+        allocs = self.allocations[inode] = FastAllocations(self.plane, inode, image, pub)
+
+        def queue_ran() -> None:
+            pub.settle()  # mappings that became durable may be written in place in C
+            allocs.top_up()  # and C is lent what the reservation holds
+        image.connect_plane(PlaneHooks(fast_writes=fast_writes, fence_frees=pub.fence, queue_ran=queue_ran,
+                                       read_only=functools.partial(self._read_only, inode), lender=allocs))
+        pub.republish()
 
     def _read_only(self, inode: int) -> None:
         """Corruption made the image read-only: C serves nothing of it from now on (forwarded,

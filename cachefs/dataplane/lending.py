@@ -10,7 +10,7 @@ back:
   (refcount.Refcounts.lend). They are fresh holes inside the file, so a crash
   leaves a leak at worst; a clean close takes the unused ones back
   (:meth:`take_back`) and the reservation gives them up.
-- **adopting** the log as L2 updates (qcow2image.Qcow2Image._adopt, Engine.adopt):
+- **adopting** the log as L2 updates (qcow2image.Qcow2Image.adopt_logged, Engine.adopt):
   before Python plans anything that touches those clusters (it first
   *claims* the range in C, so C allocates nothing there meanwhile, then
   adopts everything logged), before a Python read or lseek, at every run of
@@ -43,7 +43,10 @@ MIN_REFILL_BYTES = 16 << 20
 
 
 class FastAllocations:
-    """One qcow2 image's lent clusters and C's allocation log; see the module docstring."""
+    """One qcow2 image's lent clusters and C's allocation log; see the module docstring.
+
+    The image's lender (image/hooks.py, PlaneHooks.lender): FastPaths connects it.
+    """
 
     def __init__(self, plane, inode: int, image, publisher) -> None:
         self.plane = plane
@@ -60,7 +63,6 @@ class FastAllocations:
         self._since_refill = 0  # C's allocations adopted since the last refill: sizes the next
         self.low_water = 4  # C wakes us when it holds this few lent clusters
         self.capacity = plane.alloc_capacity  # lent clusters C holds at most
-        image.lender = self
 
     # ------------------------------------------------------------ C's state
 
@@ -154,8 +156,8 @@ class FastAllocations:
         if not logged and not (self.allowed and spares <= self.low_water):
             return
         async with img.backends.in_use(), img.write_lock:
-            be = img.backends.batch(img._concrete(None))
-            await img._adopt(be)
+            be = img.backends.batch(img.mode.default)
+            await img.adopt_logged(be)
             if self.allowed and self.status()[0] <= self.low_water:
                 count = max(MIN_REFILL_BYTES >> self.cb, 2 * self._since_refill)
                 self._since_refill = 0

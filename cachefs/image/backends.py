@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from cachefs.backend import SUBMITTERS, AioBackend, Backend, FileBackend, IOCounters, UringBackend
 from cachefs.errors import CachefsError
+from cachefs.image.hooks import no_fast_writes
 from cachefs.policy import CacheMode
 
 
@@ -150,29 +151,33 @@ class BackendSet:
         self._open: dict[str, ModeBackend] = {}
         self.counters: dict[str, IOCounters] = {}
         self._unsynced = False
-        #: The data plane's count of completed fast writes through descriptors that are not
-        #: O_DSYNC (cachefs/dataplane/plane.py), which never pass ModeBackend.pwrite; None without it.
-        self.fast_writes: Callable[[], int] | None = None
+        # The data plane's count of completed fast writes through descriptors that are not
+        # O_DSYNC (cachefs/dataplane/plane.py), which never pass ModeBackend.pwrite.
+        self._fast_writes: Callable[[], int] = no_fast_writes
         self._fast_synced = 0  # that count when the last fdatasync started
         # Invariant: ``_users`` counts calls that may touch a backend right
         # now; ``close_all`` runs only when it is zero and ``_closed`` keeps
         # new calls out meanwhile, so no worker thread ever uses a closed fd.
         self._users = 0
-        self._in_use = _InUse(self)
+        self._in_use = _InUse(self._enter, self._leave)
         self._idle: trio.Event | None = None  # set when _users drops to 0 while a quiesce waits
         self._reopened: trio.Event | None = None
 
     @property
     def unsynced(self) -> bool:
         """Some completed write may not be durable yet: a pwrite here, or a fast write in C."""
-        return self._unsynced or (self.fast_writes is not None and self.fast_writes() != self._fast_synced)
+        return self._unsynced or self._fast_writes() != self._fast_synced
 
     @unsynced.setter
     def unsynced(self, value: bool) -> None:
         # Cleared when an fdatasync starts: the fast writes counted so far are covered by it.
         self._unsynced = value
-        if not value and self.fast_writes is not None:
-            self._fast_synced = self.fast_writes()
+        if not value:
+            self._fast_synced = self._fast_writes()
+
+    def count_fast_writes(self, counter: Callable[[], int]) -> None:
+        """Writes that bypass this set count too (Image.connect_plane: PlaneHooks.fast_writes)."""
+        self._fast_writes = counter
 
     def get(self, mode: CacheMode) -> ModeBackend:
         be = self._open.get(mode.name)
@@ -265,10 +270,12 @@ class BackendSet:
 
 @attrs.frozen
 class _InUse:
-    owner: BackendSet
+    """BackendSet.in_use's context manager, made once: its enter and leave, bound."""
+    enter: Callable[[], Awaitable[None]]
+    leave: Callable[[], None]
 
     async def __aenter__(self) -> None:
-        await self.owner._enter()
+        await self.enter()
 
     async def __aexit__(self, *exc: object) -> None:
-        self.owner._leave()
+        self.leave()

@@ -33,6 +33,7 @@ import trio
 
 from cachefs.image import sparse
 from cachefs.image.backends import BackendSet
+from cachefs.image.hooks import NO_HOOKS, PlaneHooks
 from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.image.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
@@ -126,6 +127,7 @@ class Image:
         self.commits = Generations()
         self._flush_running: trio.Event | None = None
         self._growing = trio.Lock()
+        self._plane = NO_HOOKS  # the data plane's hooks: connect_plane
         self.backends.get(mode.default)     # fail now (e.g. no O_DIRECT here), not at first I/O
 
     # -------------------------------------------------------------- common
@@ -134,6 +136,23 @@ class Image:
     def backend(self):
         """The descriptor for image-level work: the mode's default (writeback under auto)."""
         return self.backends.get(self.mode.default)
+
+    @property
+    def plane_hooks(self) -> PlaneHooks:
+        """What the data plane asked to be told (image/hooks.py); NO_HOOKS until connect_plane."""
+        return self._plane
+
+    def connect_plane(self, hooks: PlaneHooks) -> None:
+        """The data plane serves this image from now on (dataplane/handles.py, once per image).
+
+        One call, made before C serves anything of the image: C's fast writes count
+        for the next fdatasync (BackendSet.count_fast_writes) and the image calls the
+        hooks at the points image/hooks.py names.
+        """
+        if self._plane is not NO_HOOKS:
+            raise RuntimeError(f"{self.path}: a data plane serves this image already")
+        self._plane = hooks
+        self.backends.count_fast_writes(hooks.fast_writes)
 
     def _concrete(self, mode: CacheMode | None) -> CacheMode:
         return self.mode.default if mode is None else mode
@@ -159,7 +178,7 @@ class Image:
         if self.sync_error is not None:
             raise OSError(self.sync_error, "an earlier fdatasync of this image failed; remount it")
 
-    async def _sync(self, be) -> None:
+    async def sync(self, be) -> None:
         """fdatasync, unless every completed write is durable already. A failure is sticky."""
         self._check_sync_error()
         if not self.backends.unsynced:
@@ -298,7 +317,7 @@ class Image:
         async with self.backends.quiesced():
             old = self.mode
             if self.writable:
-                await self._make_durable(self.backends.get(old.default))
+                await self.make_durable(self.backends.get(old.default))
             self.backends.close_all()
             try:
                 be = self.backends.get(new.default)
@@ -328,7 +347,7 @@ class Image:
     async def write_back(self) -> None:
         """Write and sync everything queued, reserving nothing (what a writethrough write does)."""
         async with self.backends.in_use():
-            await self._make_durable(self.backend)
+            await self.make_durable(self.backend)
 
     async def write_back_all(self) -> None:
         """What a close writes, without closing: everything, synced, nothing left reserved."""
@@ -361,18 +380,18 @@ class Image:
     async def _write(self, be, offset: int, data) -> None:
         raise NotImplementedError
 
-    async def _make_durable(self, be) -> None:
-        await self._sync(be)
+    async def make_durable(self, be) -> None:
+        await self.sync(be)
 
     async def _write_through_done(self, be) -> None:
         """A write-through write returned: make it durable before the acknowledgement."""
-        await self._make_durable(be)
+        await self.make_durable(be)
 
     async def _flush_durable(self, be, *, reserve: bool) -> None:
-        await self._make_durable(be)
+        await self.make_durable(be)
 
     async def _close_writeout(self, be) -> None:
-        await self._make_durable(be)
+        await self.make_durable(be)
 
 
 class RawImage(Image):

@@ -6,13 +6,16 @@ guest cluster:
 - every whole cluster of the request is compressed in worker threads
   (image/compressor.py), all of them at once, before any lock is taken;
 - a cluster of zeros, one that does not shrink, and the partial head and
-  tail take the ordinary path (Qcow2Image._write_plain): a zero cluster stays
+  tail take the ordinary path (Qcow2Image.write_plain): a zero cluster stays
   a zero cluster, the others become normal clusters (a partial write
   copies-on-write out of a compressed one);
 - the compressed chunks are placed in the fill cache and their L2 entries
   change, under the image's write lock (so concurrent writers fill the same
   host cluster); a host cluster that became full is written then, whole, still
-  under the lock, so a flush never finds one half written.
+  under the lock, so a flush never finds one half written. That is one
+  Qcow2Image.remap: the placement is its planner (it changes the entries
+  itself, so there is nothing left to commit) and the full clusters' writes
+  the I/O before its commit.
 
 Reads of a chunk whose host cluster is still in memory are served from it,
 and so is the old data a copy-on-write keeps (:class:`FillReader`).
@@ -20,13 +23,15 @@ and so is the old data a copy-on-write keeps (:class:`FillReader`).
 
 from __future__ import annotations
 
+import functools
+
 import attrs
-import trio
 
 from cachefs.backend.base import bytes_view
 from cachefs.image.compressor import Compressor
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.compress import FillCache, compress_of, header_fields, plan_compressed
+from cachefs.qcow2.plan import WritePlan
 
 
 @attrs.define
@@ -86,9 +91,9 @@ class CompressedWrites:
         whole = self.whole_clusters(offset, len(mv))
         algorithm = self.algorithm
         if not whole or algorithm is None:
-            return await self.image._write_plain(be, offset, data)
+            return await self.image.write_plain(be, offset, data)
         views = [mv[p - offset:p - offset + self.cs] for p in whole]
-        zero = [self.engine._all_zero(v) for v in views]
+        zero = [self.engine.all_zero(v) for v in views]
         packed = iter(await self.compressor(algorithm).compress([v for v, z in zip(views, zero) if not z]))
         chunks, plain, start = [], [], 0  # plain: runs [start, end) of the request taking the ordinary path
         for p, z in zip(whole, zero):
@@ -105,28 +110,28 @@ class CompressedWrites:
             await self._store(be, chunks)
         for lo, hi in plain:
             if hi > lo:
-                await self.image._write_plain(be, offset + lo, mv[lo:hi])
+                await self.image.write_plain(be, offset + lo, mv[lo:hi])
 
     async def _store(self, be, chunks: list) -> None:
-        img = self.image
-        async with img.write_lock:
-            # An allocating write in flight on one of these clusters commits first (image/inflight.py).
-            await img.allocating.settle(img.write_lock, chunks[0][0], chunks[-1][0] - chunks[0][0] + 1)
-            # Shielded: a cancel between a placement and its L2 change would
-            # leave a chunk counted that nothing references (a leak).
-            with trio.CancelScope(shield=True):
-                self.fill.keep_open = img.mode.default.write_through
-                self.fill.prune()
-                await img._core(self._plan(chunks), be)
-            img._zcache = None
-            self.counters.compressed += len(chunks)
+        """Place the chunks and change their entries, then write the fill clusters that became full.
+
+        Settled first: an allocating write in flight on one of these clusters commits first
+        (image/inflight.py). Shielded (remap): a cancel between a placement and its L2 change
+        would leave a chunk counted that nothing references (a leak).
+        """
+        async def write_full(plan) -> None:
             await self.write_full(be)
-            if self.engine.cache.over_budget:
-                await img._run_queue(be, img.queue.writeout_early())
+        await self.image.remap(be, chunks[0][0], chunks[-1][0] + 1, functools.partial(self._plan, chunks),
+                               before_commit=write_full)
 
     def _plan(self, chunks: list):
+        """Generator: place every chunk and point its entry there; a WritePlan with nothing left to commit."""
+        self.fill.keep_open = self.image.mode.default.write_through
+        self.fill.prune()
         for vcluster, payload in chunks:
             yield from plan_compressed(self.engine, self.fill, vcluster, payload)
+        self.counters.compressed += len(chunks)
+        return WritePlan((), ())
 
     async def write_full(self, be) -> None:
         """Write the host clusters that became full, each once, whole. Caller holds the write lock.

@@ -4,15 +4,20 @@ Image (image/base.py) owns what every format shares: the lock, the cache modes a
 their descriptors, the counters, the flush protocol and the sticky fdatasync
 error. This module is the qcow2 half (QEMU's qcow2.c): the two-phase write
 around the engine's plans (plan under the write lock, data writes without it,
-commit or abort under it again; image/inflight.py), reads of the extents a plan maps, and the metadata queue's requests
-(``_QueueIO``). Every call into the core goes through :meth:`Qcow2Image._core`,
-the one boundary where corruption marks the image read-only.
+commit or abort under it again; image/inflight.py), the one public way to
+change the mapping otherwise (:meth:`Qcow2Image.remap`), reads of the extents a
+plan maps, and the metadata queue's requests (``_QueueIO``). Every call into the
+core goes through :meth:`Qcow2Image._core`, the one boundary where corruption
+marks the image read-only. The data plane is told what it must know through
+the hooks it connected (image/hooks.py), never by reaching in.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
 
 import trio
 
@@ -24,9 +29,12 @@ from cachefs.image.base import Image, zero_padded
 from cachefs.image.cluster_runs import format_runs
 from cachefs.policy import WRITEBACK, Mode
 from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
-from cachefs.qcow2.plan import ExtentKind, run_async
+from cachefs.qcow2.plan import ExtentKind, WritePlan, run_async
 
 log = logging.getLogger("cachefs.image.base")
+
+#: A core generator (qcow2/engine.py, qcow2/discard.py) returning the plan :meth:`Qcow2Image.remap` commits.
+Planner = Callable[[], Generator[Any, Any, WritePlan]]
 
 
 class Qcow2Image(Image):
@@ -44,15 +52,6 @@ class Qcow2Image(Image):
         self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
         self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
-        # The data plane's hooks (dpmap.MappingPublisher): awaited before the metadata queue
-        # runs, the only place a deferred free is applied, so no fast request still uses a
-        # host cluster being freed; and told when corruption makes the image read-only.
-        self.free_fence = None
-        self.queue_ran = None
-        self.on_read_only: list = []
-        # Allocation in C (dpalloc.FastAllocations, issue 14): lends C clusters and hands back
-        # its log of allocations, which this image adopts as L2 updates (_adopt).
-        self.lender = None
         self.file_at_least = 0  # the image file is at least this long (_QueueIO.truncate)
         # The flush that makes the latest mapping change durable (Generations.ticket). An
         # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
@@ -82,10 +81,10 @@ class Qcow2Image(Image):
     async def set_compress(self, algorithm: str | None) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
-        if algorithm is not None and self.lender is not None:
-            self.lender.allow(False)  # compressed in Python only: what C allocated is adopted below
+        if algorithm is not None:
+            self.plane_hooks.lender.allow(False)  # compressed in Python only: what C allocated is adopted below
             async with self.write_lock:
-                await self._adopt(self.backend)
+                await self.adopt_logged(self.backend)
         async with self.backends.in_use():
             await self.compressed.set_algorithm(algorithm)
 
@@ -135,8 +134,7 @@ class Qcow2Image(Image):
         except CorruptImage as exc:
             self.engine.overlap.corrupted(str(exc))
             log.error("%s: %s; the image is now read-only", self.path, exc)
-            for callback in self.on_read_only:
-                callback()
+            self.plane_hooks.read_only()
             raise
 
     # -------------------------------------------------------------- reads
@@ -175,24 +173,30 @@ class Qcow2Image(Image):
     async def _write(self, be, offset: int, data) -> None:
         if self.compressed.algorithm is not None:
             return await self.compressed.write(be, offset, data)
-        await self._write_plain(be, offset, data)
+        await self.write_plain(be, offset, data)
 
-    async def _write_plain(self, be, offset: int, data) -> None:
-        """Plan under the write lock, write the data without it, commit (or abort) under it again.
+    async def write_plain(self, be, offset: int, data) -> None:
+        """A guest write without compression (compressed_writes.py sends the clusters it does not
+        compress here): plan under the write lock, write the data without it, commit (or abort)
+        under it again.
 
         As QEMU's qcow2 drops its lock for the data I/O: while one writer's allocation is in
         flight the others plan, write in place and commit their own. The guest clusters of an
         allocation in flight are claimed (allocations.InFlight), so no other change plans
         against their old mapping meanwhile; readers still see that old mapping until the
         commit. ``queue.inflight`` keeps frees of the clusters the data I/O writes from being
-        applied (metaqueue.py). The data plane allocates none of them meanwhile (settle_range).
+        applied (metaqueue.py). The data plane allocates none of them meanwhile (_settle_range).
+
+        Not a :meth:`remap`, though it starts and ends as one (_settle_range and the plan; then
+        _commit and _committed): the lock is let go for the data I/O, the plan chooses the
+        descriptor, and an overwrite in place has nothing to commit, so never takes it again.
         """
         cs = self.engine.cs
         fenced = None
         try:
             async with self.write_lock:
                 first = offset // cs
-                fenced = await self.settle_range(be, first, (offset + len(data) - 1) // cs - first + 1)
+                fenced = await self._settle_range(be, first, (offset + len(data) - 1) // cs - first + 1)
                 plan = await self._core(self.engine.plan_write(offset, data), self._reader(be))
                 claimed = claim = None
                 if plan.needs_commit:
@@ -209,7 +213,7 @@ class Qcow2Image(Image):
                 self.queue.inflight += 1
             await self._write_data(be, plan, claimed, claim)
         finally:
-            self.release_range(fenced)
+            self._release_range(fenced)
 
     async def _write_data(self, be, plan, claimed, claim) -> None:
         """The plan's data writes without the lock, then commit or abort what it allocated."""
@@ -229,31 +233,36 @@ class Qcow2Image(Image):
 
     # -------------------------------------------------------------- the data plane's allocations
 
-    async def settle_range(self, be, first: int, count: int):
+    async def _settle_range(self, be, first: int, count: int):
         """Caller holds write_lock: return, still holding it, once nothing else may change guest
         clusters [first, first+count): no allocation of ours in flight there (InFlight), and none
         of the data plane's, which is claimed out of the range and whose earlier allocations are
-        adopted. Returns the claim, for :meth:`release_range` once the caller's change is made."""
-        claim = None if self.lender is None else self.lender.claim(first, count)
+        adopted. Returns the claim, for :meth:`_release_range` once the caller's change is made."""
+        claim = self.plane_hooks.lender.claim(first, count)
         try:
-            await self._adopt(be)
+            await self.adopt_logged(be)
             await self.allocating.settle(self.write_lock, first, count)
         except BaseException:
-            self.release_range(claim)
+            self._release_range(claim)
             raise
         return claim
 
-    def release_range(self, claim) -> None:
+    def _release_range(self, claim) -> None:
         if claim is not None:
-            self.lender.unclaim(claim)
+            self.plane_hooks.lender.unclaim(claim)
 
-    async def _adopt(self, be) -> None:
-        """Caller holds write_lock: C's logged allocations become L2 updates (Engine.adopt)."""
-        pairs = self.lender.peek_log() if self.lender is not None else None
+    async def adopt_logged(self, be) -> None:
+        """Caller holds write_lock: C's logged allocations become L2 updates (Engine.adopt).
+
+        Not a :meth:`remap`: adopting is the first step of every remap's _settle_range (C's
+        entries are the image's before anything plans against them), and the lent clusters
+        need no commit (their refcounts are durable, their data needs no ordering)."""
+        lender = self.plane_hooks.lender
+        pairs = lender.peek_log()
         if pairs:
             await self._core(self.engine.adopt(pairs), be)
-            self.lender.drop_log(len(pairs))
-            self.lender.adopted_clusters(v for v, _ in pairs)
+            lender.drop_log(len(pairs))
+            lender.adopted_clusters(v for v, _ in pairs)
             self._remap_ticket = self.commits.ticket()  # not durable until the next flush
             self._zcache = None
 
@@ -271,24 +280,75 @@ class Qcow2Image(Image):
 
     async def adopt_fast_allocations(self, be=None) -> None:
         """Before Python reads a mapping (a read, lseek): what C allocated is adopted."""
-        if self.lender is not None and self.lender.logged():
+        if self.plane_hooks.lender.logged():
             async with self.write_lock:
-                await self._adopt(be or self.backend)
+                await self.adopt_logged(be or self.backend)
+
+    # -------------------------------------------------------------- changing the mapping
+
+    async def remap(self, be, first: int, end: int, planner: Planner, *,
+                    before_commit: Callable[[WritePlan], Awaitable[None]] | None = None) -> WritePlan:
+        """Change the mapping of guest clusters [first, end) with ``planner``, on ``be``.
+
+        The one sequence every change of L2 entries but a guest write follows (discard,
+        write-zeroes and preallocation in sparse.py, compressed_writes.py), under the write lock:
+
+        1. settle the range (_settle_range): no allocation in flight there, ours or C's;
+        2. ``planner()``: a core generator returning the WritePlan whose updates are committed
+           (a compressed placement changes its entries itself and returns one with none);
+        3. ``before_commit(plan)``: the I/O the new entries need first (preallocation's
+           fallocate, full fill clusters); if it fails, the plan is aborted;
+        4. commit; then what follows every change of the mapping (_committed).
+
+        Steps 2 to 4 are shielded: a cancel between an allocation, or a placement, and the entry
+        that refers to it would leak the cluster.
+        """
+        async with self.write_lock:
+            claim = await self._settle_range(be, first, end - first)
+            try:
+                with trio.CancelScope(shield=True):
+                    plan = await self._core(planner(), be)
+                    await self._commit(be, plan, before_commit)
+            finally:
+                self._release_range(claim)
+                self._zcache = None  # whatever the planner changed, even if the commit failed
+            await self._committed(be, plan)
+        return plan
+
+    async def query(self, gen, be=None):
+        """Run a core generator that only looks at the mapping (an L2 entry, SEEK_DATA) through
+        the corruption boundary (_core). Changes go through :meth:`remap`."""
+        return await self._core(gen, be or self.backend)
+
+    async def _commit(self, be, plan, before_commit=None) -> None:
+        """Caller holds write_lock, shielded: the I/O the plan needs first, then its entries; if
+        that I/O failed, give back what the plan allocated (nothing points at it)."""
+        try:
+            if before_commit is not None:
+                await before_commit(plan)
+        except BaseException:
+            await self._core(self.engine.abort(plan), be)
+            raise
+        await self._core(self.engine.commit(plan), be)
+
+    async def _committed(self, be, plan) -> None:
+        """Caller holds write_lock: after a change of the mapping."""
+        if any(u.new_cluster is not None for u in plan.updates):
+            self.plane_hooks.lender.python_allocated()  # C may run low: refill now
+        if self.engine.cache.over_budget:
+            # A cache full of dirty tables is written out now, not at the next flush.
+            await self._run_queue(be, self.queue.writeout_early())
 
     async def _settle_plan(self, be, plan, written: bool) -> None:
         """Under the lock again: publish the L2 entries of a plan whose data is written, or give
         back what a failed one allocated (nothing points at it)."""
-        eng = self.engine
         async with self.write_lock:
             if not written:
-                await self._core(eng.abort(plan), be)
+                await self._core(self.engine.abort(plan), be)
                 return
-            await self._core(eng.commit(plan), be)
+            await self._commit(be, plan)
             self._zcache = None
-            if self.lender is not None and any(u.new_cluster is not None for u in plan.updates):
-                self.lender.python_allocated()
-            if eng.cache.over_budget:
-                await self._run_queue(be, self.queue.writeout_early())
+            await self._committed(be, plan)
 
     async def _data_writes(self, be, plan) -> None:
         try:
@@ -304,7 +364,7 @@ class Qcow2Image(Image):
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")
         async with self.backends.in_use(), self.write_lock:
-            await self._adopt(self.backend)
+            await self.adopt_logged(self.backend)
             # A refused size raises UnsupportedOperation: EOPNOTSUPP at fuse/operations.py.
             await self._core(self.engine.resize(size), self.backend)
 
@@ -317,15 +377,14 @@ class Qcow2Image(Image):
         sync each, so O_DSYNC would only add a device sync per metadata write.
         """
         be = self.backends.batch(be.mode)
-        await self._adopt(be)  # a flush covers what C allocated before it (dataplane/lending.py)
-        if self.free_fence is not None:
-            await self.free_fence()
+        await self.adopt_logged(be)  # a flush covers what C allocated before it (dataplane/lending.py)
+        hooks = self.plane_hooks
+        await hooks.fence_frees()  # no fast request still uses a host cluster this run frees
         result = await self._core(gen, be, _QueueIO(self, be))
-        if self.queue_ran is not None:
-            self.queue_ran()  # dpmap: mappings that became durable may be written in C now
+        hooks.queue_ran()  # dpmap: mappings that became durable may be written in C now
         return result
 
-    async def _make_durable(self, be) -> None:
+    async def make_durable(self, be) -> None:
         async with self.write_lock:
             await self._run_queue(be, self.queue.make_durable())
 
@@ -355,8 +414,7 @@ class Qcow2Image(Image):
 
     async def _close_writeout(self, be) -> None:
         async with self.write_lock:
-            if self.lender is not None:
-                self.lender.take_back()  # unused lent clusters: the reservation gives them up
+            self.plane_hooks.lender.take_back()  # unused lent clusters: the reservation gives them up
             self.compressed.fill.close()  # its held frees apply: a clean close leaves no leak
             await self._run_queue(be, self.queue.close())
 
@@ -377,7 +435,7 @@ class _QueueIO:
         return self.be.pwrite(offset, data)
 
     def sync(self):
-        return self.image._sync(self.be)
+        return self.image.sync(self.be)
 
     async def discard(self, offset: int, length: int) -> None:
         if await sparse.punch(self.be, offset, length):

@@ -5,7 +5,8 @@ FUSE fallocate or lseek); Image's methods of the same names call these.
 
 - **raw**: the same fallocate(2), or lseek(2), on the image file. The host
   filesystem does the work and knows the holes.
-- **qcow2**: the mapping changes (qcow2/discard.py plans it, no I/O there).
+- **qcow2**: the mapping changes (qcow2/discard.py plans it, no I/O there;
+  Qcow2Image.remap runs each L2 table's plan).
   Whole clusters become unallocated (discard) or zero clusters (write-zeroes,
   keeping an owned host cluster preallocated, as ZERO_RANGE keeps blocks on
   a local filesystem); the host clusters dropped are freed through the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 
@@ -105,28 +107,17 @@ async def allocate(img, offset: int, length: int, mode) -> None:
         vcl, end = offset // cs, -(-(offset + length) // cs)  # a partial cluster is preallocated whole
         while vcl < end:
             n = min(end, (vcl // per + 1) * per) - vcl
-            async with img.write_lock:
-                claim = await img.settle_range(be, vcl, n)  # no write's allocation in flight there
-                try:
-                    plan = await img._core(plan_allocate(eng, vcl, n), be)
-                    try:
-                        await _give_space(img, be, [u.new_cluster for u in plan.updates])
-                    except BaseException:
-                        with trio.CancelScope(shield=True):
-                            await img._core(eng.abort(plan), be)
-                        raise
-                    await img._core(eng.commit(plan), be)
-                finally:
-                    img.release_range(claim)
+            await img.remap(be, vcl, vcl + n, functools.partial(plan_allocate, eng, vcl, n),
+                            before_commit=functools.partial(_give_space, img, be))
             vcl += n
         if mode.write_through:
-            await img._make_durable(be)
+            await img.make_durable(be)
 
 
-async def _give_space(img, be, clusters: list[int]) -> None:
-    """fallocate the new host clusters (mode 0: the file grows over any past its end); the data item
-    is touched so that a flush syncs that before the entries that need it (plan_allocate)."""
-    cb = img.engine.cb
+async def _give_space(img, be, plan) -> None:
+    """fallocate the plan's new host clusters (mode 0: the file grows over any past its end); the data
+    item is touched so that a flush syncs that before the entries that need it (plan_allocate)."""
+    cb, clusters = img.engine.cb, [u.new_cluster for u in plan.updates]
     for first, count in cluster_runs(clusters):
         start, n = first << cb, count << cb
         if be.fd is None:  # a memory backend (tests): the file only has to cover them
@@ -150,7 +141,7 @@ async def _clear(img, offset: int, length: int, mode, *, zero: bool) -> None:
         be = img.backends.get(mode)
         await _qcow2_clear(img, be, offset, length, zero=zero)
         if mode.write_through:
-            await img._make_durable(be)  # writethrough: durable when it returns, metadata included
+            await img.make_durable(be)  # writethrough: durable when it returns, metadata included
 
 
 async def _raw(img, flags: int, offset: int, length: int, mode) -> None:
@@ -161,7 +152,7 @@ async def _raw(img, flags: int, offset: int, length: int, mode) -> None:
         await trio.to_thread.run_sync(fallocate, be.fd, flags, offset, length)
         img.backends.unsynced = True  # O_DSYNC covers writes, not fallocate: the next sync must run
         if mode.write_through:
-            await img._make_durable(be)
+            await img.make_durable(be)
 
 
 async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None:
@@ -171,22 +162,13 @@ async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None
     first, count, edges = whole_clusters(offset, length, img.cluster_size)
     await img.adopt_fast_allocations(be)  # an edge C allocated is not zeros any more
     for off, n in edges:
-        entry = await img._core(eng.map.entry(off // img.cluster_size), be)
+        entry = await img.query(eng.map.entry(off // img.cluster_size), be)
         if not reads_as_zeros(entry):
-            await img._write(be, off, bytes(n))
+            await img.write_plain(be, off, bytes(n))  # a partial cluster: never compressed
     per, vcl, end = eng.map.l2_entries, first, first + count
     while vcl < end:
         n = min(end, (vcl // per + 1) * per) - vcl
-        async with img.write_lock:
-            claim = await img.settle_range(be, vcl, n)  # no write's allocation in flight there
-            try:
-                plan = await img._core(plan_clear(eng, vcl, n, zero=zero), be)
-                await img._core(eng.commit(plan), be)
-            finally:
-                img.release_range(claim)
-            img._zcache = None
-            if eng.cache.over_budget:
-                await img._run_queue(be, img.queue.writeout_early())
+        await img.remap(be, vcl, vcl + n, functools.partial(plan_clear, eng, vcl, n, zero=zero))
         vcl += n
 
 
@@ -200,7 +182,7 @@ async def seek(img, offset: int, *, data: bool) -> int:
             pos = await trio.to_thread.run_sync(os.lseek, img.backends.fd, offset, whence)
             return min(pos, img.size)
         await img.adopt_fast_allocations()  # a cluster C allocated is data
-        pos = await img._core(plan_seek(img.engine, offset, data=data), img.backend)
+        pos = await img.query(plan_seek(img.engine, offset, data=data))
     if pos is None:
         raise OSError(errno.ENXIO, "no data after this offset")
     return pos

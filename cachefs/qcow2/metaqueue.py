@@ -233,7 +233,7 @@ class MetaQueue:
         ``sync`` (a flush, a close): end in a sync even when no metadata needed
         a round. Guest data the queue never sees, the data plane's fast writes,
         is durable only through that sync, which the image skips when no
-        completed write is unsynced (Image._sync, BackendSet.unsynced). Without
+        completed write is unsynced (Image.sync, BackendSet.unsynced). Without
         it, a flush with only pending frees queued (dirty, yet nothing to write)
         returned with no fdatasync at all and lost C's flushed writes (issue 19).
         """
