@@ -35,7 +35,7 @@ import trio.testing
 from cachefs.backend import IOCounters, MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import FaultyBackend, Sync, Write
 from cachefs.image.backends import BackendSet
-from cachefs.image.base import RawImage
+from cachefs.image.raw import RawImage
 from cachefs.image.qcow2image import Qcow2Image
 from cachefs.policy import (AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, CacheMode,
                             mode_named)

@@ -82,7 +82,7 @@ def test_daemon_opens_disguised_raw_as_raw(disguised):
     """open_image is what the mount calls: by name, raw, and its bytes are the file's."""
     import trio
 
-    from cachefs.image.base import RawImage
+    from cachefs.image.raw import RawImage
     from cachefs.image.opening import open_image
 
     async def first_bytes():

@@ -16,7 +16,7 @@ from cachefs.backend import MemoryBackend
 from cachefs.image.backends import BackendSet
 from cachefs.errors import CorruptImage, UnsupportedImage, UnsupportedOperation
 from cachefs.fuse.operations import _fuse_error
-from cachefs.image.base import RawImage
+from cachefs.image.raw import RawImage
 from cachefs.policy import WRITEBACK, WRITETHROUGH
 from cachefs.qcow2 import format as fmt
 from memimage import new_buffer, open_memory

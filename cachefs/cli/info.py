@@ -24,7 +24,7 @@ from cachefs.qcow2.plan import run_sync
 
 def require_format(path: str, given: str | None) -> None:
     """Refuse before opening anything when neither the name nor ``-f`` says the format."""
-    from cachefs.image.base import format_by_name
+    from cachefs.image.formats import format_by_name
     if given is None and format_by_name(path) is None:
         raise UnsupportedImage(f"{path}: the name says no format (.qcow2, .raw or .img); "
                                f"pass -f qcow2, -f raw or -f probe")
@@ -32,7 +32,7 @@ def require_format(path: str, given: str | None) -> None:
 
 def resolve_format(path: str, fd: int, given: str | None) -> str:
     """The format by name or ``-f`` (``-f probe`` reads the content); a qcow2 must carry its magic."""
-    from cachefs.image.base import image_format
+    from cachefs.image.formats import image_format
     require_format(path, given)
     return image_format(path, os.pread(fd, 4, 0), given=given)
 

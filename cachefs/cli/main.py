@@ -133,7 +133,7 @@ def qcow2_layout(opts: dict[str, str]) -> dict:
 
 def create_format(image: str, given: str | None) -> str:
     """-f, else the name's format; a format the name contradicts is refused, as a mount would serve the name's."""
-    from cachefs.image.base import format_by_name
+    from cachefs.image.formats import format_by_name
     named = format_by_name(image)
     kind = given or named or "qcow2"
     if named is None:  # issue 20 defect 11: no mount would serve it

@@ -2,10 +2,11 @@
 
 This is where requests meet I/O. :class:`Image` owns what every format shares:
 the cache modes and their descriptors, the counters, the flush protocol (group
-commit by generation) and the live mode switch. :class:`RawImage` passes
-requests through; the qcow2 half, the two-phase write around the engine's plans
-and the metadata queue's rounds, is image/qcow2image.py. Opening a file (lock, format
-by name, validation) is image/opening.py.
+commit by generation) and the live mode switch. A raw image passes requests
+through (image/raw.py); the qcow2 half, the two-phase write around the engine's
+plans and the metadata queue's rounds, is image/qcow2image.py. Which format a
+file is served as is image/formats.py; opening it (lock, validation) is
+image/opening.py.
 
 A failed fdatasync is sticky (docs/design.md, "Errors"): the kernel may have
 dropped the dirty pages it could not write, so no later flush of this image
@@ -34,10 +35,9 @@ import trio
 from cachefs.image import sparse
 from cachefs.image.backends import BackendSet
 from cachefs.image.hooks import NO_HOOKS, PlaneHooks
-from cachefs.errors import CachefsError, CorruptImage, UnsupportedImage, UnsupportedOperation
+from cachefs.errors import CachefsError, UnsupportedOperation
 from cachefs.image.locking import ImageLock
 from cachefs.policy import WRITEBACK, CacheMode, Mode
-from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.metaqueue import Generations
 
 log = logging.getLogger("cachefs.image.base")
@@ -63,44 +63,6 @@ class ModeCounters:
     writes: int = 0
     flushes: int = 0
     flushes_ignored: int = 0
-
-
-#: The format follows from the file's name alone. Probing the content would be
-#: QEMU's format-probing hazard: a guest that writes a qcow2 header into its
-#: raw disk would be served that header's image at the next mount (and, once
-#: backing files exist, read any host file it names).
-FORMAT_BY_SUFFIX = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
-
-
-def format_by_name(path: str) -> str | None:
-    """"qcow2" or "raw" from the suffix, or None when the name says neither."""
-    return next((kind for suffix, kind in FORMAT_BY_SUFFIX.items() if path.endswith(suffix)), None)
-
-
-def _magic(path: str, magic: bytes | None) -> bytes:
-    if magic is not None:
-        return magic
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
-def image_format(path: str, magic: bytes | None = None, *, given: str | None = None) -> str:
-    """The format to serve ``path`` as: ``given`` ("qcow2", "raw"), else the one its name says.
-
-    ``given="probe"`` looks at the content; only ``cachefs info``/``check -f
-    probe`` ask for that, because the user did. A qcow2 must carry qcow2's
-    magic, otherwise CorruptImage; a raw image is raw whatever bytes it holds.
-    ``magic``: the file's first bytes, when the caller read them itself (a
-    direct mode reads them O_DIRECT, so no guest data enters the page cache).
-    """
-    if given == "probe":
-        return "qcow2" if _magic(path, magic)[:4] == fmt.MAGIC else "raw"
-    kind = given or format_by_name(path)
-    if kind is None:
-        raise UnsupportedImage(f"{path}: the name says no format (.qcow2, .raw or .img)")
-    if kind == "qcow2" and _magic(path, magic)[:4] != fmt.MAGIC:
-        raise CorruptImage(f"{path}: not a qcow2 image (bad magic)")
-    return kind
 
 
 class Image:
@@ -392,35 +354,6 @@ class Image:
 
     async def _close_writeout(self, be) -> None:
         await self.make_durable(be)
-
-
-class RawImage(Image):
-    """A raw image: bytes pass straight through to the backing file."""
-
-    format = "raw"
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._size = self.backend.size()
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def _read(self, be, offset: int, length: int):
-        return zero_padded(await be.pread_view(offset, length), length)
-
-    async def _write(self, be, offset: int, data) -> None:
-        await be.pwrite(offset, data)
-
-    async def truncate(self, size: int) -> None:
-        if not self.writable:
-            raise OSError(errno.EROFS, "image is read-only")
-        if size < self.size:
-            raise UnsupportedOperation("shrinking an image is refused")
-        async with self.backends.in_use():
-            await self.backend.truncate(size)
-        self._size = size
 
 
 def zero_padded(view: memoryview, length: int):

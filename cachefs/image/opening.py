@@ -9,7 +9,9 @@ import trio
 
 from cachefs.image.backends import BackendSet, file_opener
 from cachefs.errors import CorruptImage
-from cachefs.image.base import Image, RawImage, format_by_name, image_format
+from cachefs.image.base import Image
+from cachefs.image.formats import format_by_name, image_format
+from cachefs.image.raw import RawImage
 from cachefs.image.locking import ImageLock
 from cachefs.policy import WRITEBACK, Mode
 from cachefs.qcow2.create import new_image
