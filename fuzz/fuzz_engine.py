@@ -38,9 +38,9 @@ RESERVE_BYTES = 8 << 10
 
 
 def open_as_mount(f: MemFile, *, writable: bool):
-    """openimage.open_image's core: open (writable with -o drop_bitmaps, so that hostile bitmaps
+    """opening.open_image's core: open (writable with -o drop_bitmaps, so that hostile bitmaps
     are read and freed), rebuild the refcounts of an image not closed cleanly first, and make
-    the header changed at open durable (openimage._header_first)."""
+    the header changed at open durable (opening._header_first)."""
     kw = dict(writable=writable, cache_bytes=CACHE_BYTES, drop_bitmaps=writable)
     eng = f.run(open_engine(len(f), **kw))
     if eng.needs_repair and writable and eng.writable:
@@ -48,7 +48,7 @@ def open_as_mount(f: MemFile, *, writable: bool):
         eng = f.run(open_engine(len(f), **kw))
         if eng.needs_repair:
             raise CorruptImage("dirty lazy-refcounts image could not be repaired")
-    f.fill = FillCache(eng)  # every Qcow2Image has one (compressedio.CompressedWrites)
+    f.fill = FillCache(eng)  # every Qcow2Image has one (compressed_writes.CompressedWrites)
     if eng.writable:
         f.run(eng.queue.make_durable())
     return eng
@@ -94,7 +94,7 @@ def write(eng, f: MemFile, offset: int, data: bytes) -> None:
 
 
 def write_compressed(eng, f: MemFile, vcluster: int, data: bytes) -> None:
-    """A whole-cluster write to a compress-on-write image (compressedio.CompressedWrites._store)."""
+    """A whole-cluster write to a compress-on-write image (compressed_writes.CompressedWrites._store)."""
     payload = COMPRESSORS[compress_of(eng.hdr)](data)
     f.fill.prune()
     f.run(plan_compressed(eng, f.fill, vcluster, payload))

@@ -5,7 +5,7 @@ The input is an image file. The header is parsed from its first cluster
 input's length. A header that parses must survive the way cachefs writes it
 back (meta.HeaderItem.placed: Header.encode padded to the cluster): parsed
 again it is the same header, or the first write of an accepted image would
-change what it says. Then what `cachefs info` lists (infocmd.image_info):
+change what it says. Then what `cachefs info` lists (cli/info.image_info):
 the snapshot table (qcow2/snapshots.py) and the bitmaps extension, directory
 and tables (qcow2/bitmaps.py).
 """

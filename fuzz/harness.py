@@ -53,7 +53,7 @@ class MemFile:
     def __init__(self, data: bytes) -> None:
         self.buf = bytearray(data)
         # The image's compress-on-write fill cache (qcow2/compress.FillCache), if any: host bytes
-        # not written yet are read from it, as compressedio.FillReader does.
+        # not written yet are read from it, as compressed_writes.FillReader does.
         self.fill = None
 
     def __len__(self) -> int:

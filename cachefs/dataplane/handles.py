@@ -4,8 +4,8 @@ The data plane (dataplane/plane.py) is the C thread and its calls; this module
 decides what it is given (../shared/DATAPLANE.md, "The mapping contract"):
 
 - a raw image is one identity mapping; a qcow2 image's clusters are published
-  from its cached L2 tables (dpmap.MappingPublisher), and C allocates into
-  clusters Python lends it (dpalloc.FastAllocations, issue 14);
+  from its cached L2 tables (mapping.MappingPublisher), and C allocates into
+  clusters Python lends it (lending.FastAllocations, issue 14);
 - per handle: the descriptor of its concrete cache mode, whether its writes
   may be fast (coherence: not while a cached and a direct handle share the
   inode, DESIGN.md section 2), and for write-through modes the twin without
@@ -69,7 +69,7 @@ class FastPaths:
     """Which handles the data plane serves, asked by fuse/operations.py at open, release, resize and mode switch.
 
     A raw image is one identity mapping; a qcow2 image's clusters are published
-    from its cached L2 tables (dpmap.MappingPublisher).
+    from its cached L2 tables (mapping.MappingPublisher).
     """
 
     def __init__(self, plane: DataPlane, *, read_only: bool) -> None:
@@ -189,7 +189,7 @@ class FastPaths:
 
     def _hold_for_write_through(self, inode: int, write_through: bool) -> None:
         """Before a write-through handle may write in C: mappings not durable yet are published
-        read-only (dpmap, "Durable before writable"), those already published included."""
+        read-only (mapping, "Durable before writable"), those already published included."""
         pub = self.mappings.get(inode)
         if pub is None or pub.write_through == write_through:
             return

@@ -110,7 +110,7 @@ class FastAllocations:
     def adopted_clusters(self, vclusters) -> None:
         """Their L2 entries are Python's now. While a write-through handle is published, C keeps
         them DP_MAP_UNSYNCED (its write-through writes there wait for a sync, dp_park.c) until
-        they are durable and dpmap's settle publishes them plainly writable."""
+        they are durable and mapping's settle publishes them plainly writable."""
         if self.publisher.write_through:
             self.publisher.unsettled.update(vclusters)
 

@@ -485,9 +485,9 @@ async def _run_until_unmounted(ops, plane=None, ours=None) -> bool:
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signal)
         if plane is not None:
-            from cachefs.fuse.direct_requests import PyServed
+            from cachefs.fuse.direct_requests import DirectRequests
             nursery.start_soon(plane.serve, pyfuse3.terminate)
-            nursery.start_soon(PyServed(plane, ops).serve)  # fallocate and lseek (pyfuse3 has neither)
+            nursery.start_soon(DirectRequests(plane, ops).serve)  # fallocate and lseek (pyfuse3 has neither)
             nursery.start_soon(ops.fast.serve_allocations)  # lent clusters for C's allocating writes
             nursery.start_soon(ops.fast.serve_syncs)  # write-through writes C parked for a sync
         await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)

@@ -8,7 +8,7 @@ fall back to "all data". FSYNC, a guest flush, comes the same way because
 it is frequent and its work is all in the image's group flush: libfuse and
 pyfuse3 would only add their request handling to its latency. The data plane
 sees every request before libfuse, so it keeps these three (dp_pyq.c): it copies each
-into a bounded table and writes to an eventfd; :class:`PyServed` takes them,
+into a bounded table and writes to an eventfd; :class:`DirectRequests` takes them,
 serves each in a trio task through the image (image/sparse.py) and answers it
 itself, one write to /dev/fuse from this thread (``dp_pyq_reply``).
 
@@ -44,7 +44,7 @@ FUSE_FALLOCATE = 43
 FUSE_LSEEK = 46
 
 
-class PyServed:
+class DirectRequests:
     """Serves the data plane's Python-served requests for one mount, for the mount's life."""
 
     def __init__(self, plane, ops) -> None:

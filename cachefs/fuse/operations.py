@@ -415,7 +415,7 @@ class CachefsOperations(pyfuse3.Operations):
         await self.sync_handle(fh, self._handle(fh))
 
     async def sync_handle(self, fh, h) -> None:
-        """fsync of a handle (also dpops.PyServed's FSYNC, which the data plane hands Python)."""
+        """fsync of a handle (also direct_requests.DirectRequests's FSYNC, which the data plane hands Python)."""
         self.fast.take_wrote(fh)  # this sync covers the handle's fast writes too
         h.wrote = False
         await h.image.flush(h.mode)

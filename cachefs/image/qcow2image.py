@@ -381,7 +381,7 @@ class Qcow2Image(Image):
         hooks = self.plane_hooks
         await hooks.fence_frees()  # no fast request still uses a host cluster this run frees
         result = await self._core(gen, be, _QueueIO(self, be))
-        hooks.queue_ran()  # dpmap: mappings that became durable may be written in C now
+        hooks.queue_ran()  # mapping: mappings that became durable may be written in C now
         return result
 
     async def make_durable(self, be) -> None:

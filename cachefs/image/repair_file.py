@@ -2,7 +2,7 @@
 
 Two callers: ``cachefs check --repair`` (cli/check.py) and the open of an
 image not closed cleanly (its dirty bit: lazy refcounts, or a cachefs mount's
-reservation; openimage.open_image), which rebuilds refcounts
+reservation; opening.open_image), which rebuilds refcounts
 before its first write, as QEMU does. Neither imports the other: this module
 is below both. The I/O is synchronous and buffered (never O_DIRECT: the
 repair reads and writes unaligned ranges); the image layer runs it in a
