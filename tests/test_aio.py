@@ -8,74 +8,26 @@ whichever is such a filesystem.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import os
 import random
 import select
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from cachefs import native
-from cachefs.backend import ALIGN, AioBackend, AioUnavailable, Backend, FileBackend, filesystem_type
+from cachefs.backend import ALIGN, AioBackend, AioUnavailable, Backend, FileBackend
 from cachefs.backend import aio as aio_mod
 from cachefs.errors import CachefsError, UnsupportedImage
+from directio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native module not built")
 pytestmark = needs_native
-
-O_DIRECT_FLAG = 0o40000  # fdinfo "flags:" is octal; x86/arm64 value
-O_DSYNC_FLAG = 0o10000
-
-
-def _does_direct_io(directory: Path) -> bool:
-    if filesystem_type(directory) in ("tmpfs", "ramfs"):
-        return False
-    probe = directory / f".odirect-probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600))
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-    return True
-
-
-@pytest.fixture
-def disk_dir(tmp_path):
-    for base in (Path("/var/tmp"), tmp_path):
-        if base.is_dir() and _does_direct_io(base):
-            d = Path(tempfile.mkdtemp(prefix="cachefs-aio-", dir=base))
-            yield d
-            shutil.rmtree(d, ignore_errors=True)
-            return
-    pytest.skip("no directory on a filesystem that does direct I/O")
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def make_file(directory: Path, data: bytes, name: str = "img") -> Path:
-    path = directory / name
-    path.write_bytes(data)
-    return path
-
-
-def fdinfo_flags(fd: int) -> int:
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    raise AssertionError("no flags line in fdinfo")
 
 
 def wait_events(ctx: native.AioContext, want: int, timeout: float = 10.0) -> list:

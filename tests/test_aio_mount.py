@@ -12,7 +12,7 @@ import os
 import pytest
 
 from conftest import cachefs, qemu_img
-from test_fio import check_clean, fio, image  # noqa: F401 (image is a fixture)
+from fiojobs import check_clean, fio
 
 
 @pytest.mark.parametrize("mode", ["none", "directsync", "auto"])

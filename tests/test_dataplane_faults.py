@@ -39,48 +39,13 @@ from pathlib import Path
 import pytest
 
 from conftest import cachefs, is_mounted, qemu_img, qemu_io, run
-from lowerfs import LowerMount
-from test_dataplane_mount import needs_dataplane
+from lowerfs import faulty  # noqa: F401 (a fixture: the image directory on faultyfs)
+from mounting import needs_dataplane
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4096
 CLUSTER = 64 * KiB
 NAME = "disk.raw"  # how cachefs serves disk.qcow2, and disk.raw itself
-
-
-class Faulty(LowerMount):
-    """One faultyfs mount: SOURCE served at ``path``, failing requests once armed."""
-
-    def __init__(self, source: Path, path: Path, log: Path) -> None:
-        super().__init__("faultyfs.py", source, path, log)
-        self.log = log
-
-    def arm(self, **rules) -> None:
-        """``read=[[lo, hi]], write=[[lo, hi]], errno=N, file=NAME`` (host byte ranges of the lower file)."""
-        os.setxattr(self.path, "user.faulty.arm", json.dumps(rules).encode())
-
-    def disarm(self) -> None:
-        os.setxattr(self.path, "user.faulty.disarm", b"")
-
-    def state(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.faulty.state"))
-
-
-@pytest.fixture
-def faulty(workdir):
-    """``faulty() -> Faulty``: workdir/src served at workdir/lower (before ``mounted``: torn down after it)."""
-    started: list[Faulty] = []
-
-    def start() -> Faulty:
-        src, lower = workdir / "src", workdir / "lower"
-        lower.mkdir()
-        started.append(Faulty(src, lower, workdir / "faultyfs.log"))
-        return started[-1]
-
-    (workdir / "src").mkdir()
-    yield start
-    errors = [err for f in started if "Traceback" in (err := f.stop())]
-    assert not errors, f"faultyfs logged a traceback:\n{errors[0]}"
 
 
 def fast(m, name: str = NAME) -> dict[str, int]:
@@ -119,7 +84,6 @@ def host_offset(image: Path, fmt: str, guest: int) -> int:
 
 GUEST = 2 * MiB  # a 64 KiB read here fails; the 4 KiB before its bad block do not
 FAR = 6 * MiB    # another cluster, far from the failing range
-
 
 
 @needs_dataplane
@@ -186,7 +150,6 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
     qemu_io(image, f"read -P 0x11 {GUEST} 4k", f"read -P 0x44 {GUEST + BLOCK} 4k",
             f"read -P 0x11 {GUEST + 2 * BLOCK} 4k", f"read -P 0x55 {GUEST + 3 * BLOCK} 4k",
             f"read -P 0x11 {GUEST + 4 * BLOCK} {CLUSTER - 4 * BLOCK}", f"read -P 0x22 {FAR} 64k", fmt=fmt)
-
 
 
 @needs_dataplane

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from ackedwrites import acked_blocks_are_there, start_writer, wait_acked
 from conftest import run
-from test_dataplane_mount import (FIO_DIRECT, acked_blocks_are_there, image_stats, needs_dataplane,
-                                  start_writer, switch_modes_under_fio, wait_acked)
-from test_fio import fio
+from fiojobs import FIO_DIRECT, fio, switch_modes_under_fio
+from mounting import image_stats, needs_dataplane
 
 MiB = 1 << 20
 CLUSTER = 8192  # small clusters: an L2 table maps 8 MiB, so a 64 MiB disk has 8 of them

@@ -26,7 +26,7 @@ from cachefs.policy import WRITEBACK
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.discard import whole_clusters
 from cachefs.qcow2.plan import run_sync
-from test_cache_modes import open_recorded
+from recorded import open_recorded
 
 SIZE = 4 << 20
 CS = 4096

@@ -26,8 +26,8 @@ import time
 import pytest
 
 from conftest import qemu_img, sha256
-from test_dataplane_mount import image_stats
-from test_mount_interop import kill_daemon
+from fiojobs import switch_modes_under_fio
+from mounting import image_stats, kill_daemon
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 64 * KiB
@@ -247,7 +247,6 @@ def test_live_mode_switches_while_c_allocates(mounted, workdir):
     """fio allocates at QD32 on a fresh image while the cache mode switches every 50 ms: C stops
     allocating for the write-through modes (what it allocated and Python has not adopted turns
     read-only) and starts again after; fio's verify, qemu-img check and compare judge the result."""
-    from test_dataplane_mount import switch_modes_under_fio
     images = workdir / "images"
     images.mkdir()
     image = images / "vm.qcow2"

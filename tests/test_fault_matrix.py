@@ -60,7 +60,7 @@ from cachefs.qcow2.check import CheckResult, check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async, run_sync
 from cachefs.qcow2.create import new_image
-from test_cache_modes import open_recorded
+from recorded import open_recorded
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SECTOR = 512

@@ -18,7 +18,9 @@ import time
 import pytest
 
 from conftest import cachefs, qemu_img
-from test_cache_modes_mount import SYNC_CALLS, Strace, aligned
+from guestio import aligned
+from mounting import kill_daemon
+from stracing import SYNC_CALLS, Strace
 
 GUEST_FLUSHES = 250
 PER_FLUSH = 16
@@ -140,7 +142,6 @@ def test_sigkill_rounds_leave_leaks_at_most_and_keep_acknowledged_writes(mode, m
     """SIGKILL the daemon mid-workload, round after round, on one image: after each crash
     qemu-img check finds leaks at most, every fsync-acknowledged write and discard is there, and
     the next mount (which repairs the dirty image) leaves it clean again."""
-    from test_mount_interop import kill_daemon
     images = workdir / "images"
     images.mkdir()
     image = images / "vm.qcow2"

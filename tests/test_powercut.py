@@ -38,8 +38,9 @@ from cachefs.backend.faulty import Sync, replay
 from cachefs.policy import NONE, WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
-from memimage import read_all
-from test_cache_modes import SECTOR, Op, allowed_by_sector, cut_state, fresh_qcow2, guaranteed, open_recorded
+from powercut import SECTOR, allowed_by_sector, compressed_qcow2, guest_after_cut
+from recorded import Op, cut_state, fresh_qcow2, guaranteed, open_recorded
+
 
 async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int) -> tuple[list[Op], int]:
     """Ops as in test_cache_modes plus overwrites of written ranges, discards, write-zeroes and one resize half way."""
@@ -86,13 +87,6 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
     return ops, grown
 
 
-async def guest_after_cut(state: bytearray) -> tuple[bytes, object]:
-    reader = lambda off, n: bytes(state[off:off + n])  # noqa: E731
-    result = run_sync(check_image(len(state)), reader)
-    assert not result.corruptions, result.corruptions[:5]
-    return await read_all(state), result
-
-
 def resize_guaranteed(ops: list[Op], cut: int) -> int | None:
     """The new size if a resize and a later completed flush both happened before the cut."""
     for i, op in enumerate(ops):
@@ -100,18 +94,6 @@ def resize_guaranteed(ops: list[Op], cut: int) -> int | None:
             if any(o.kind == "flush" and o.done <= cut for o in ops[i + 1:]):
                 return op.offset
     return None
-
-
-def compressed_qcow2(tmp_path, size: int, cluster_bits: int) -> bytes:
-    """An image from ``qemu-img convert -c``: every allocated cluster is compressed old data."""
-    raw, img = tmp_path / "src.raw", tmp_path / "base.qcow2"
-    rng = random.Random(99)
-    with open(raw, "wb") as f:
-        for off in range(0, size, 1 << 16):
-            f.write(bytes([rng.randrange(1, 255)]) * 2048 + rng.randbytes(1024) + bytes((1 << 16) - 3072))
-    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={1 << cluster_bits}",
-                    str(raw), str(img)], check=True)
-    return img.read_bytes()
 
 
 WORKLOADS = {"16-fresh": (16, 1, "fresh"), "16-compressed": (16, 2, "compressed"), "12-fresh": (12, 3, "fresh"),
@@ -220,4 +202,3 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
 
 
 SOAK = {f"powercut-{case}": (simulate, case) for case in CASES}
-

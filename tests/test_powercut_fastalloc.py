@@ -47,9 +47,8 @@ from cachefs.qcow2.plan import run_async, run_sync
 from cachefs.image.qcow2image import Qcow2Image
 from memimage import read_all
 from simplane import INO, PublishedPlane, SimulatedPlane
-from test_cache_modes import SECTOR, Op, allowed_by_sector, fresh_qcow2
-from test_powercut import compressed_qcow2
-from test_powercut_concurrent import YieldingView, durable_state, promised
+from powercut import SECTOR, allowed_by_sector, compressed_qcow2
+from recorded import Op, YieldingView, durable_state, fresh_qcow2, promised
 
 WRITERS, BLOCK, CS = 8, 4096, 65536
 SHARED = 32                 # clusters 0..31: 4 KiB blocks dealt round-robin to the writers

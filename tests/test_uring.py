@@ -1,6 +1,6 @@
 """io_uring: the raw UringContext and UringBackend, on real files on a real disk.
 
-Like tests/test_aio.py (whose disk fixture and helpers this reuses): every
+Like tests/test_aio.py (with its disk fixture and helpers, tests/directio.py): every
 file lives on a filesystem that really does direct I/O, nothing about the
 submitter is mocked. The only stand-in is ``hold_completions``, which lets the
 kernel finish but delays handing results to the backend, to make
@@ -28,7 +28,7 @@ from cachefs.backend import uring as uring_mod
 from cachefs.image.backends import file_opener, submitter_name
 from cachefs.errors import CachefsError
 from cachefs.policy import mode_named
-from test_aio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401
+from directio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,7 @@ import pytest
 
 from cachefs import native
 from conftest import _env, cachefs, is_mounted, qemu_img, run
-from test_fio import check_clean, fio, image  # noqa: F401 (image is a fixture)
+from fiojobs import check_clean, fio
 
 HERE = Path(__file__).resolve().parent
 
