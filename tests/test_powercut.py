@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import subprocess
 
+import attrs
 import pytest
 
 import interleaving
@@ -117,6 +118,18 @@ def test_power_cut_states_are_consistent_and_keep_flushed_writes(case, tmp_path)
     assert states >= 200
 
 
+@attrs.frozen
+class Recorded:
+    """One seeded workload as recorded: the image it started from, its ops and the events they made."""
+
+    base: bytes
+    initial: bytes       # the guest's view of ``base``, its grown tail as zeros
+    size: int
+    grown: int           # the size after the resize
+    ops: list[Op]
+    events: list
+
+
 async def simulate(case: str, seed: int, tmp_path) -> int:
     """One seeded run of a case ("MODE-WORKLOAD"); the cut states checked. tiny-cache: 4 tables,
     so the queue writes out early (no sync) and evicts written tables."""
@@ -124,29 +137,49 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
     mode, (cluster_bits, _, source) = MODES[mode_name], WORKLOADS[shape]
     cs = 1 << cluster_bits
     size = 8 << 20 if cluster_bits > 9 else 2 << 20
-    if source == "compressed":
-        # Partial writes copy-on-write out of compressed clusters: the copied
-        # old data must be durable before the L2 entry switches (invariant 3).
-        base = compressed_qcow2(tmp_path, size, cluster_bits)
-    else:
-        base = bytes(fresh_qcow2(size, cluster_bits))
+    base = base_image(tmp_path, source, size, cluster_bits)
     initial, _ = await guest_after_cut(bytearray(base))
     initial = initial.ljust(size + (8 << 20), b"\0")  # the grown tail reads as zeros
     cache = 4 * cs if source == "tiny-cache" else None
     img, rec, _ = await open_recorded(bytearray(base), mode, cache_bytes=cache)
     rng = random.Random(seed)
-    first: list[Op] = []
-    if source == "tiny-cache":
-        # One write in the range of every L2 table before any flush: more dirty tables than the
-        # cache holds, so an early writeout happens on every seed (the random workload alone
-        # left it out on seed 55370313).
-        for off in range(0, size, (cs // 8) * cs):
-            started, data = len(rec.events), rng.randbytes(SECTOR)
-            await img.write(off, data)
-            first.append(Op("write", off, data, started, len(rec.events)))
+    first = await one_write_per_l2_table(img, rec, rng, size, cs) if source == "tiny-cache" else []
     ops, grown = await workload(img, rec, rng, 220, size, cs)
-    ops = first + ops
-    events = list(rec.events)
+    run = Recorded(base, initial, size, grown, first + ops, list(rec.events))
+    syncs_cost_what_the_mode_promises(run, mode, source, cluster_bits)
+    states = await check_cut_states(run, mode, rng, tmp_path)
+    if source == "tiny-cache" and not mode.write_through:  # write-through writes everything out at each write
+        assert img.early_writeouts > 0
+
+    await img.close()
+    final = replay(base, rec.events)
+    result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
+    assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])  # a clean close: no leaks
+    return states
+
+
+def base_image(tmp_path, source: str, size: int, cluster_bits: int) -> bytes:
+    if source == "compressed":
+        # Partial writes copy-on-write out of compressed clusters: the copied
+        # old data must be durable before the L2 entry switches (invariant 3).
+        return compressed_qcow2(tmp_path, size, cluster_bits)
+    return bytes(fresh_qcow2(size, cluster_bits))
+
+
+async def one_write_per_l2_table(img, rec, rng: random.Random, size: int, cs: int) -> list[Op]:
+    """One write in the range of every L2 table before any flush: more dirty tables than the
+    cache holds, so an early writeout happens on every seed (the random workload alone
+    left it out on seed 55370313)."""
+    first: list[Op] = []
+    for off in range(0, size, (cs // 8) * cs):
+        started, data = len(rec.events), rng.randbytes(SECTOR)
+        await img.write(off, data)
+        first.append(Op("write", off, data, started, len(rec.events)))
+    return first
+
+
+def syncs_cost_what_the_mode_promises(run: Recorded, mode, source: str, cluster_bits: int) -> None:
+    ops, events = run.ops, run.events
     flushes = sum(op.kind == "flush" for op in ops)
     syncs = sum(isinstance(e, Sync) for e in events)
     # One fdatasync per flush in steady state; new tables and the first flushes cost extra.
@@ -164,25 +197,19 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
     else:
         assert syncs <= per_flush * flushes + 4, (syncs, flushes)
 
+
+async def check_cut_states(run: Recorded, mode, rng: random.Random, tmp_path) -> int:
+    """Two cut states at each of about 100 cuts, each judged sector by sector; qemu-img check on
+    every 25th cut's. Returns how many states were checked."""
+    events = run.events
     cuts = sorted(set(rng.sample(range(len(events) + 1), min(100, len(events) + 1))) | {len(events)})
     states = 0
     for n, cut in enumerate(cuts):
         for _ in range(2):  # two random subsets of the uncovered writes per cut
-            state = cut_state(base, events, cut, rng)
+            state = cut_state(run.base, events, cut, rng)
             data, result = await guest_after_cut(state)
             states += 1
-            safe = guaranteed(ops, cut, mode)
-            must_size = resize_guaranteed(ops, cut)
-            if must_size is not None:
-                assert len(data) >= must_size, f"cut {cut}: a flushed resize was lost"
-            for s, allowed in allowed_by_sector(ops, safe, grown // SECTOR, initial).items():
-                got = data[s * SECTOR:(s + 1) * SECTOR] or None
-                if got is None:
-                    # Past the size this state has: only allowed if no guaranteed write is there.
-                    assert not any(s * SECTOR >= size and i in safe for i, op in enumerate(ops)
-                                   if op.kind == "write" and op.offset <= s * SECTOR < op.offset + len(op.data))
-                    continue
-                assert got in allowed, f"cut {cut}/{len(events)}: sector {s} lost a flushed write"
+            flushed_writes_survive(run, mode, cut, data)
         if n % 25 == 0:  # qemu-img is the judge: leaks at most
             path = tmp_path / f"cut{cut}.qcow2"
             path.write_bytes(state)
@@ -190,15 +217,25 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
             assert r.returncode in (0, 3), f"qemu-img check exit {r.returncode} at cut {cut}:\n{r.stdout}"
             path.unlink()
     assert states >= 2 * min(100, len(events) + 1)
-    if source == "tiny-cache" and not mode.write_through:  # write-through writes everything out at each write
-        assert img.early_writeouts > 0
     print(f"power-cut states checked: {states} ({len(cuts)} cuts of {len(events)} events)")
-
-    await img.close()
-    final = replay(base, rec.events)
-    result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
-    assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])  # a clean close: no leaks
     return states
+
+
+def flushed_writes_survive(run: Recorded, mode, cut: int, data: bytes) -> None:
+    """The guest view ``data`` of a state cut after ``cut`` events keeps what the mode promised."""
+    ops, size = run.ops, run.size
+    safe = guaranteed(ops, cut, mode)
+    must_size = resize_guaranteed(ops, cut)
+    if must_size is not None:
+        assert len(data) >= must_size, f"cut {cut}: a flushed resize was lost"
+    for s, allowed in allowed_by_sector(ops, safe, run.grown // SECTOR, run.initial).items():
+        got = data[s * SECTOR:(s + 1) * SECTOR] or None
+        if got is None:
+            # Past the size this state has: only allowed if no guaranteed write is there.
+            assert not any(s * SECTOR >= size and i in safe for i, op in enumerate(ops)
+                           if op.kind == "write" and op.offset <= s * SECTOR < op.offset + len(op.data))
+            continue
+        assert got in allowed, f"cut {cut}/{len(run.events)}: sector {s} lost a flushed write"
 
 
 SOAK = {f"powercut-{case}": (simulate, case) for case in CASES}
