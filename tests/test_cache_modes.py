@@ -35,7 +35,7 @@ from cachefs.backend import MemoryBackend, RecordingBackend, replay
 from cachefs.backend.faulty import Sync
 from cachefs.image.backends import BackendSet
 from cachefs.image.qcow2image import Qcow2Image
-from cachefs.policy import AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, mode_named
+from cachefs.policy import AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, CacheMode, mode_named
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
@@ -136,38 +136,14 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
     rng = random.Random(f"cut-{mode.name}")
     ops = await run_workload(img, rec, rng, 160, size)
     events = list(rec.events)
-    syncs = sum(isinstance(e, Sync) for e in events)
-    flushes = sum(op.kind == "flush" for op in ops)
-    assert flushes >= 10
-
-    # What each mode costs in explicit fdatasyncs (O_DSYNC writes are not calls).
-    explicit = sum(c.fdatasyncs for c in img.backends.counters.values())
-    if not mode.honour_flush:
-        assert explicit == 0 and syncs == 0, "unsafe must not sync before close"
-    elif mode.write_through:
-        # One device sync per guest write at most, metadata included: an overwrite in place is
-        # one O_DSYNC write (a Sync event here), an allocating write one shared fdatasync
-        # (docs/cache-modes.md, "One sync per write"). The first allocation, before any
-        # reservation, and a new L2 table cost a round more: counted over the run.
-        per_write = [sum(isinstance(e, Sync) for e in events[op.started:op.done]) for op in ops if op.kind == "write"]
-        print(f"{mode.name}: {sum(per_write)} device syncs ({explicit} fdatasyncs in all) for "
-              f"{len(per_write)} guest writes, at most {max(per_write)} per write")
-        assert sum(per_write) <= len(per_write), per_write
-    else:
-        # A flush right after a write must sync; one right after another flush may find nothing to do.
-        after_write = sum(op.kind == "flush" and i > 0 and ops[i - 1].kind == "write" for i, op in enumerate(ops))
-        assert after_write <= explicit <= 3 * flushes, (after_write, explicit, flushes)
+    syncs_cost_what_the_mode_says(img, mode, ops, events)
 
     cuts = sorted(set(rng.sample(range(len(events) + 1), min(120, len(events) + 1))) | {len(events)})
     checked_promises = 0
     for n, cut in enumerate(cuts):
         state = cut_state(base, events, cut, rng)
         data = await read_guest(state, sectors)
-        safe = guaranteed(ops, cut, mode)
-        for s, allowed in allowed_by_sector(ops, safe, sectors).items():
-            got = data[s * SECTOR:(s + 1) * SECTOR]
-            assert got in allowed, f"{mode.name}: cut {cut}/{len(events)}: sector {s} lost an acknowledged write"
-        checked_promises += len(safe)
+        checked_promises += keeps_the_promise(mode, ops, cut, len(events), data, sectors)
         if n % 30 == 0:  # qemu-img is the judge: leaks at most
             path = tmp_path / f"cut{cut}.qcow2"
             path.write_bytes(state)
@@ -185,6 +161,39 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
         assert data[s * SECTOR:(s + 1) * SECTOR] in allowed
     assert isinstance(rec.events[-1], Sync)
     assert run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n])).exit_code() == 0
+
+
+def syncs_cost_what_the_mode_says(img, mode: CacheMode, ops: list[Op], events: list) -> None:
+    """What each mode costs in explicit fdatasyncs (O_DSYNC writes are not calls)."""
+    syncs = sum(isinstance(e, Sync) for e in events)
+    flushes = sum(op.kind == "flush" for op in ops)
+    assert flushes >= 10
+    explicit = sum(c.fdatasyncs for c in img.backends.counters.values())
+    if not mode.honour_flush:
+        assert explicit == 0 and syncs == 0, "unsafe must not sync before close"
+    elif mode.write_through:
+        # One device sync per guest write at most, metadata included: an overwrite in place is
+        # one O_DSYNC write (a Sync event here), an allocating write one shared fdatasync
+        # (docs/cache-modes.md, "One sync per write"). The first allocation, before any
+        # reservation, and a new L2 table cost a round more: counted over the run.
+        per_write = [sum(isinstance(e, Sync) for e in events[op.started:op.done]) for op in ops if op.kind == "write"]
+        print(f"{mode.name}: {sum(per_write)} device syncs ({explicit} fdatasyncs in all) for "
+              f"{len(per_write)} guest writes, at most {max(per_write)} per write")
+        assert sum(per_write) <= len(per_write), per_write
+    else:
+        # A flush right after a write must sync; one right after another flush may find nothing to do.
+        after_write = sum(op.kind == "flush" and i > 0 and ops[i - 1].kind == "write" for i, op in enumerate(ops))
+        assert after_write <= explicit <= 3 * flushes, (after_write, explicit, flushes)
+
+
+def keeps_the_promise(mode: CacheMode, ops: list[Op], cut: int, n_events: int, data: bytes, sectors: int) -> int:
+    """Every sector of the guest view ``data`` of a state cut after ``cut`` events holds what the
+    mode promised; returns how many promised writes were checked."""
+    safe = guaranteed(ops, cut, mode)
+    for s, allowed in allowed_by_sector(ops, safe, sectors).items():
+        got = data[s * SECTOR:(s + 1) * SECTOR]
+        assert got in allowed, f"{mode.name}: cut {cut}/{n_events}: sector {s} lost an acknowledged write"
+    return len(safe)
 
 
 @pytest.mark.parametrize("mode", [WRITEBACK, NONE], ids=lambda m: m.name)
