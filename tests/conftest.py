@@ -9,6 +9,8 @@ Kept small on purpose:
   Python traceback. A test (or module) marked ``both_planes`` runs twice,
   with the data plane on and off (``--dataplane``, issue 11), unless it
   passes ``--dataplane`` itself.
+- ``image``: an image directory with a fresh 256 MiB qcow2, vm.qcow2 (the
+  fio tests and the submitters' mount tests).
 - plain helpers (import them with ``from conftest import ...``):
   ``qemu_img``, ``qemu_io``, ``cachefs``, ``make_random_raw``, ``sha256``.
 """
@@ -243,3 +245,12 @@ def mounted(workdir, plane):
             failures.append(str(exc))
     if failures:
         pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def image(workdir):
+    """workdir/images holding vm.qcow2, a fresh 256 MiB qcow2 (served as vm.raw)."""
+    d = workdir / "images"
+    d.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", d / "vm.qcow2", "256M")
+    return d

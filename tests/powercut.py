@@ -13,6 +13,9 @@
   of its writes a cut must keep.
 - :class:`Judge`: one crash state judged: our checker (leaks at most),
   ``qemu-img check`` when asked, and the promised writes, sector by sector.
+- :func:`guest_after_cut`: a simulated cut state checked and read as the guest
+  sees it; :func:`compressed_qcow2`: a base image whose clusters are all
+  compressed (``qemu-img convert -c``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import trio
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
 from cachefs.image.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from memimage import open_memory
+from memimage import open_memory, read_all
 from recordfs import DURABLE, POSITION, SYNC, TRUNCATE, WRITE, Record
 
 SECTOR = 512
@@ -383,3 +386,25 @@ def qemu_check(buf: bytearray, path) -> str:
     finally:
         os.unlink(path)
     return "" if r.returncode in (0, 3) else f"qemu-img check exit {r.returncode}: {(r.stdout + r.stderr)[-600:]}"
+
+
+# ---------------------------------------------------------------- images and guest views of cut states
+
+async def guest_after_cut(state: bytearray) -> tuple[bytes, object]:
+    """The guest's view of a cut state, and our checker's result on it (no corruption: asserted)."""
+    reader = lambda off, n: bytes(state[off:off + n])  # noqa: E731
+    result = run_sync(check_image(len(state)), reader)
+    assert not result.corruptions, result.corruptions[:5]
+    return await read_all(state), result
+
+
+def compressed_qcow2(tmp_path, size: int, cluster_bits: int) -> bytes:
+    """An image from ``qemu-img convert -c``: every allocated cluster is compressed old data."""
+    raw, img = tmp_path / "src.raw", tmp_path / "base.qcow2"
+    rng = random.Random(99)
+    with open(raw, "wb") as f:
+        for off in range(0, size, 1 << 16):
+            f.write(bytes([rng.randrange(1, 255)]) * 2048 + rng.randbytes(1024) + bytes((1 << 16) - 3072))
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={1 << cluster_bits}",
+                    str(raw), str(img)], check=True)
+    return img.read_bytes()

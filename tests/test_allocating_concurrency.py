@@ -26,7 +26,7 @@ from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
 from cachefs.image.qcow2image import Qcow2Image
 from conftest import cachefs, qemu_img
-from test_cache_modes import ModeView, fresh_qcow2
+from recorded import ModeView, fresh_qcow2
 
 CS = 65536
 BLOCK = 4096

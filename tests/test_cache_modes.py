@@ -27,24 +27,21 @@ import re
 import subprocess
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
 import trio.testing
 
-from cachefs.backend import IOCounters, MemoryBackend, RecordingBackend, replay
-from cachefs.backend.faulty import FaultyBackend, Sync, Write
+from cachefs.backend import MemoryBackend, RecordingBackend, replay
+from cachefs.backend.faulty import Sync
 from cachefs.image.backends import BackendSet
-from cachefs.image.raw import RawImage
 from cachefs.image.qcow2image import Qcow2Image
-from cachefs.policy import (AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, CacheMode,
-                            mode_named)
+from cachefs.policy import AUTO, DIRECTSYNC, MODES, NONE, UNSAFE, WRITEBACK, WRITETHROUGH, CacheMode, mode_named
 from cachefs.qcow2.check import check_image
-from cachefs.qcow2.create import new_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
 from memimage import read_all
-from powercut import SECTOR, allowed_by_sector  # noqa: F401 (test_powercut*.py import them from here)
+from powercut import SECTOR, allowed_by_sector
+from recorded import ModeView, Op, cut_state, fresh_qcow2, guaranteed, open_recorded
 
 CONCRETE = [WRITEBACK, WRITETHROUGH, NONE, DIRECTSYNC, UNSAFE]
 
@@ -98,75 +95,7 @@ def test_no_code_branches_on_a_modes_name():
     assert offenders == []
 
 
-# ---------------------------------------------------------------- an image over recorded memory
-
-class ModeView:
-    """What one mode's descriptor is, over a shared recorded file.
-
-    ``write_through`` emulates O_DSYNC: a write is durable when it returns,
-    recorded as a Sync right after it. Own counters, as a real descriptor.
-    """
-
-    def __init__(self, inner, mode: CacheMode):
-        self.inner, self.mode = inner, mode
-        self.counters = IOCounters()
-        self.fd = None
-        self.direct = mode.direct
-
-    def size(self):
-        return self.inner.size()
-
-    def close(self):
-        pass
-
-    async def pread(self, offset, length):
-        return await self.inner.pread(offset, length)
-
-    async def pwrite(self, offset, data):
-        await self.inner.pwrite(offset, data)
-        self.counters.writes += 1
-        if self.mode.write_through:
-            await self.inner.fdatasync()
-
-    async def truncate(self, size):
-        await self.inner.truncate(size)
-
-    async def fdatasync(self):
-        await self.inner.fdatasync()
-        self.counters.fdatasyncs += 1
-
-
-def fresh_qcow2(size: int, cluster_bits: int = 16) -> bytearray:
-    buf = bytearray()
-    for off, data in new_image(size, cluster_bits=cluster_bits):
-        if len(buf) < off + len(data):
-            buf.extend(bytes(off + len(data) - len(buf)))
-        buf[off:off + len(data)] = data
-    return buf
-
-
-async def open_recorded(buf: bytearray, mode, *, faulty: bool = False, raw: bool = False,
-                        cache_bytes: int | None = None):
-    store = MemoryBackend(buf)
-    inner = FaultyBackend(store) if faulty else store
-    rec = RecordingBackend(inner)
-    backends = BackendSet(lambda m: ModeView(rec, m))
-    if raw:
-        return RawImage("mem.raw", backends, None, True, mode), rec, inner
-    be = backends.get(mode.default)
-    kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
-    engine = await run_async(open_engine(len(buf), writable=True, **kw), be.pread)
-    return Qcow2Image("mem.qcow2", backends, None, True, engine, mode), rec, inner
-
-
-@attrs.frozen
-class Op:
-    kind: str              # "write" | "flush"
-    offset: int = 0
-    data: bytes = b""
-    started: int = 0       # events recorded when the op was issued
-    done: int = 0          # events recorded when it returned
-
+# ---------------------------------------------------------------- a workload over recorded memory
 
 async def run_workload(img, rec, rng: random.Random, n_ops: int, size: int) -> list[Op]:
     """Allocating, partial, overwriting and all-zero writes with a guest flush now and then."""
@@ -191,26 +120,6 @@ async def run_workload(img, rec, rng: random.Random, n_ops: int, size: int) -> l
     return ops
 
 
-def guaranteed(ops: list[Op], cut: int, mode: CacheMode) -> set[int]:
-    """Indexes of the writes the mode promises are durable once ``cut`` events happened."""
-    safe: set[int] = set()
-    if mode.write_through:
-        safe |= {i for i, op in enumerate(ops) if op.kind == "write" and op.done <= cut}
-    if mode.honour_flush:
-        covered_upto = max((i for i, op in enumerate(ops) if op.kind == "flush" and op.done <= cut),
-                           default=-1)
-        safe |= {i for i in range(covered_upto) if ops[i].kind == "write"}
-    return safe
-
-
-def cut_state(base: bytes, events: list, cut: int, rng: random.Random) -> bytearray:
-    """The file after a power cut once ``cut`` events happened: the durable prefix plus a random subset."""
-    last_sync = next((i for i in range(cut - 1, -1, -1) if isinstance(events[i], Sync)), None)
-    durable = events[:events[last_sync].covers] if last_sync is not None else []
-    maybe = [e for e in events[len(durable):cut] if isinstance(e, Write)]
-    return replay(base, list(durable) + [e for e in maybe if rng.random() < 0.5])
-
-
 async def read_guest(buf: bytearray, sectors: int) -> bytes:
     reader = lambda off, n: bytes(buf[off:off + n])  # noqa: E731
     result = run_sync(check_image(len(buf)), reader)
@@ -227,38 +136,14 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
     rng = random.Random(f"cut-{mode.name}")
     ops = await run_workload(img, rec, rng, 160, size)
     events = list(rec.events)
-    syncs = sum(isinstance(e, Sync) for e in events)
-    flushes = sum(op.kind == "flush" for op in ops)
-    assert flushes >= 10
-
-    # What each mode costs in explicit fdatasyncs (O_DSYNC writes are not calls).
-    explicit = sum(c.fdatasyncs for c in img.backends.counters.values())
-    if not mode.honour_flush:
-        assert explicit == 0 and syncs == 0, "unsafe must not sync before close"
-    elif mode.write_through:
-        # One device sync per guest write at most, metadata included: an overwrite in place is
-        # one O_DSYNC write (a Sync event here), an allocating write one shared fdatasync
-        # (docs/cache-modes.md, "One sync per write"). The first allocation, before any
-        # reservation, and a new L2 table cost a round more: counted over the run.
-        per_write = [sum(isinstance(e, Sync) for e in events[op.started:op.done]) for op in ops if op.kind == "write"]
-        print(f"{mode.name}: {sum(per_write)} device syncs ({explicit} fdatasyncs in all) for "
-              f"{len(per_write)} guest writes, at most {max(per_write)} per write")
-        assert sum(per_write) <= len(per_write), per_write
-    else:
-        # A flush right after a write must sync; one right after another flush may find nothing to do.
-        after_write = sum(op.kind == "flush" and i > 0 and ops[i - 1].kind == "write" for i, op in enumerate(ops))
-        assert after_write <= explicit <= 3 * flushes, (after_write, explicit, flushes)
+    syncs_cost_what_the_mode_says(img, mode, ops, events)
 
     cuts = sorted(set(rng.sample(range(len(events) + 1), min(120, len(events) + 1))) | {len(events)})
     checked_promises = 0
     for n, cut in enumerate(cuts):
         state = cut_state(base, events, cut, rng)
         data = await read_guest(state, sectors)
-        safe = guaranteed(ops, cut, mode)
-        for s, allowed in allowed_by_sector(ops, safe, sectors).items():
-            got = data[s * SECTOR:(s + 1) * SECTOR]
-            assert got in allowed, f"{mode.name}: cut {cut}/{len(events)}: sector {s} lost an acknowledged write"
-        checked_promises += len(safe)
+        checked_promises += keeps_the_promise(mode, ops, cut, len(events), data, sectors)
         if n % 30 == 0:  # qemu-img is the judge: leaks at most
             path = tmp_path / f"cut{cut}.qcow2"
             path.write_bytes(state)
@@ -276,6 +161,39 @@ async def test_power_cut_keeps_each_modes_promise(mode, tmp_path):
         assert data[s * SECTOR:(s + 1) * SECTOR] in allowed
     assert isinstance(rec.events[-1], Sync)
     assert run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n])).exit_code() == 0
+
+
+def syncs_cost_what_the_mode_says(img, mode: CacheMode, ops: list[Op], events: list) -> None:
+    """What each mode costs in explicit fdatasyncs (O_DSYNC writes are not calls)."""
+    syncs = sum(isinstance(e, Sync) for e in events)
+    flushes = sum(op.kind == "flush" for op in ops)
+    assert flushes >= 10
+    explicit = sum(c.fdatasyncs for c in img.backends.counters.values())
+    if not mode.honour_flush:
+        assert explicit == 0 and syncs == 0, "unsafe must not sync before close"
+    elif mode.write_through:
+        # One device sync per guest write at most, metadata included: an overwrite in place is
+        # one O_DSYNC write (a Sync event here), an allocating write one shared fdatasync
+        # (docs/cache-modes.md, "One sync per write"). The first allocation, before any
+        # reservation, and a new L2 table cost a round more: counted over the run.
+        per_write = [sum(isinstance(e, Sync) for e in events[op.started:op.done]) for op in ops if op.kind == "write"]
+        print(f"{mode.name}: {sum(per_write)} device syncs ({explicit} fdatasyncs in all) for "
+              f"{len(per_write)} guest writes, at most {max(per_write)} per write")
+        assert sum(per_write) <= len(per_write), per_write
+    else:
+        # A flush right after a write must sync; one right after another flush may find nothing to do.
+        after_write = sum(op.kind == "flush" and i > 0 and ops[i - 1].kind == "write" for i, op in enumerate(ops))
+        assert after_write <= explicit <= 3 * flushes, (after_write, explicit, flushes)
+
+
+def keeps_the_promise(mode: CacheMode, ops: list[Op], cut: int, n_events: int, data: bytes, sectors: int) -> int:
+    """Every sector of the guest view ``data`` of a state cut after ``cut`` events holds what the
+    mode promised; returns how many promised writes were checked."""
+    safe = guaranteed(ops, cut, mode)
+    for s, allowed in allowed_by_sector(ops, safe, sectors).items():
+        got = data[s * SECTOR:(s + 1) * SECTOR]
+        assert got in allowed, f"{mode.name}: cut {cut}/{n_events}: sector {s} lost an acknowledged write"
+    return len(safe)
 
 
 @pytest.mark.parametrize("mode", [WRITEBACK, NONE], ids=lambda m: m.name)

@@ -18,30 +18,23 @@ against those observations, not used instead of them.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import errno
 import os
 import random
-import re
 import shutil
-import signal
 import subprocess
-import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from conftest import cachefs, is_mounted, qemu_img, run
+from guestio import BLOCK, O_DIRECT, pread_block, pwrite_block
+from mounting import stat_of, xattr
+from stracing import O_DSYNC, SYNC_CALLS, WRITE_CALLS, Strace, fd_flags, io_fds, kind
 
-BLOCK = 4096
-O_DIRECT = os.O_DIRECT  # 0o40000 on x86_64
-O_DSYNC = os.O_DSYNC    # 0o10000; O_SYNC is O_DSYNC plus __O_SYNC
 CONCRETE = ("writeback", "writethrough", "none", "directsync", "unsafe")
 DIRECT = {"none", "directsync"}
 WRITE_THROUGH = {"writethrough", "directsync"}
-SYNC_CALLS = ("fdatasync", "fsync", "sync_file_range", "syncfs", "sync")
-WRITE_CALLS = ("pwrite64", "pwritev", "pwritev2")
 WRITES, EVERY = 64, 8  # the flush workload: 64 block writes, a guest fdatasync after every 8th
 FLUSHES = WRITES // EVERY
 
@@ -68,49 +61,11 @@ def backing(images: Path, name: str) -> Path:
     return images / "vm.qcow2" if name == "vm.raw" else images / name
 
 
-def xattr(path, key: str) -> str:
-    return os.getxattr(path, "user.cachefs." + key).decode()
-
-
-def stat_of(path, key: str) -> int:
-    """An integer counter ``user.cachefs.stats.KEY``; 0 when the daemon has none yet (mode never used)."""
-    try:
-        return int(xattr(path, "stats." + key))
-    except OSError:
-        return 0
-
-
 def invalidations(mnt) -> int:
     return int(xattr(mnt, "invalidations"))
 
 
 # ---------------------------------------------------------------- the daemon's descriptors
-
-
-def fd_flags(pid: int, target: Path) -> dict[int, int]:
-    """fd -> open flags (fdinfo, octal) of every descriptor of process ``pid`` on file ``target``."""
-    out = {}
-    target = os.path.realpath(target)
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") != target:
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                flags = next(line for line in f if line.startswith("flags:"))
-        except (OSError, StopIteration):
-            continue  # closed meanwhile
-        out[int(name)] = int(flags.split()[1], 8)
-    return out
-
-
-def io_fds(pid: int, target: Path) -> dict[int, int]:
-    """The daemon's read-write I/O descriptors on ``target`` (the lock descriptor is O_RDONLY)."""
-    return {fd: fl for fd, fl in fd_flags(pid, target).items() if fl & os.O_ACCMODE == os.O_RDWR}
-
-
-def kind(flags: int) -> tuple[bool, bool]:
-    """(O_DIRECT set, O_DSYNC set) of an fdinfo flags word."""
-    return bool(flags & O_DIRECT), bool(flags & O_DSYNC)
 
 
 def holders(prefix: Path) -> list[str]:
@@ -151,129 +106,7 @@ def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int:
     return st.nr_cache
 
 
-# ---------------------------------------------------------------- strace
-
-
-class Strace:
-    """``strace -f -C -p PID`` over sync and write calls: per-fd counts plus strace's own summary.
-
-    -f follows the worker threads trio starts on demand after we attached;
-    -C gives both the per-call lines (which carry the fd, so calls can be
-    charged to one image) and the -c summary table.
-    """
-
-    CALLS = SYNC_CALLS + WRITE_CALLS
-    LINE = re.compile(r"^\d+\s+(\w+)\((\d+)")
-
-    def __init__(self, pid: int, out: Path):
-        self.pid, self.out = pid, out
-        self.proc: subprocess.Popen | None = None
-        self.by_fd: dict[str, Counter] = {}
-        self.summary: Counter = Counter()
-
-    def __enter__(self) -> Strace:
-        self.proc = subprocess.Popen(
-            ["strace", "-f", "-C", "-qq", "-e", "trace=" + ",".join(self.CALLS), "-p", str(self.pid),
-             "-o", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            self._wait_attached()
-        except BaseException:
-            self._kill()
-            raise
-        return self
-
-    def _wait_attached(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            assert self.proc.poll() is None, f"strace exited early: {self.proc.stderr.read()}"
-            tracers = set()
-            for task in os.listdir(f"/proc/{self.pid}/task"):
-                try:
-                    with open(f"/proc/{self.pid}/task/{task}/status") as f:
-                        tracers.add(next(int(line.split()[1]) for line in f if line.startswith("TracerPid:")))
-                except (OSError, StopIteration):
-                    continue
-            if tracers == {self.proc.pid}:
-                return
-            assert time.monotonic() < deadline, f"strace never attached to every thread of {self.pid}"
-            time.sleep(0.02)
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:
-            self._kill()
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # detach and write the summary
-        self._finish()
-
-    def wait_tracee_exit(self, timeout: float = 60) -> None:
-        """For a traced daemon that is going away (unmount): strace ends by itself when it exits."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._kill()
-            pytest.fail(f"strace still running {timeout}s after the daemon was told to exit")
-
-    def _kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def _finish(self) -> None:
-        try:
-            rc = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._kill()
-            pytest.fail("strace did not stop on SIGINT")
-        err = self.proc.stderr.read()
-        # After SIGINT strace detaches, writes its summary and dies of the signal it got.
-        assert rc in (0, -signal.SIGINT), f"strace exited {rc}: {err}"
-        self.parse(self.out.read_text())
-
-    def parse(self, text: str) -> None:
-        in_summary = False
-        for line in text.splitlines():
-            if line.startswith("% time"):
-                in_summary = True
-                continue
-            if in_summary:
-                tok = line.split()
-                if len(tok) >= 5 and tok[-1] in self.CALLS:
-                    self.summary[tok[-1]] += int(tok[3])  # % time, seconds, usecs/call, calls, [errors,] syscall
-                continue
-            m = self.LINE.match(line)
-            if m:  # "<unfinished ...>" lines match once, "<... resumed>" lines not at all
-                self.by_fd.setdefault(m.group(2), Counter())[m.group(1)] += 1
-
-    def count(self, calls, fds) -> int:
-        """How many of these calls were made on these descriptors."""
-        return sum(self.by_fd.get(str(fd), Counter())[c] for fd in fds for c in calls)
-
-    def total(self, calls) -> int:
-        """The per-line count of these calls, checked against strace's -c summary."""
-        lines = sum(c[name] for c in self.by_fd.values() for name in calls)
-        assert lines == sum(self.summary[name] for name in calls), (self.by_fd, self.summary)
-        return lines
-
-
 # ---------------------------------------------------------------- guest I/O
-
-
-def aligned(data: bytes) -> mmap.mmap:
-    """A page-aligned buffer holding ``data`` (what O_DIRECT wants)."""
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    return buf
-
-
-def pwrite_block(fd: int, data: bytes, offset: int) -> None:
-    assert os.pwrite(fd, aligned(data), offset) == len(data)
-
-
-def pread_block(fd: int, offset: int, length: int = BLOCK) -> bytes:
-    buf = mmap.mmap(-1, length)
-    n = os.preadv(fd, [buf], offset)
-    return bytes(buf[:n])
 
 
 def flush_workload(path: Path, direct: bool, seed: int) -> dict[int, bytes]:
@@ -314,6 +147,9 @@ def missing(view: Path, written: dict[int, bytes]) -> list[int]:
 # ---------------------------------------------------------------- 1 + 2: flags and syncs per mode
 
 
+NAMES = ("vm.raw", "disk.img")  # the qcow2 image and the raw one
+
+
 @pytest.mark.parametrize("plane", ["on", "off"])
 @pytest.mark.parametrize("mode", CONCRETE)
 def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, workdir):
@@ -324,12 +160,32 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
     are Python's either way, and strace counts them.
     """
     m = mounted(images, "--cache", mode, "--dataplane", plane)
-    names = ("vm.raw", "disk.img")
-    want = (mode in DIRECT, mode in WRITE_THROUGH)
+    io = one_io_descriptor_per_image(m, images, mode)
 
-    # The descriptors: one lock fd (read-only) and exactly one I/O fd per image, with the mode's flags.
+    # The workload, with every sync and write syscall of the daemon counted.
+    written = {}
+    with Strace(m.pid, workdir / f"strace-{mode}.txt") as st:
+        for seed, name in enumerate(NAMES):
+            written[name] = flush_workload(m / name, direct=mode in DIRECT, seed=seed)
+    fds = io_descriptors_after_the_workload(m, images, mode, io)
+    syncs = {name: st.count(SYNC_CALLS, list(fds[name])) for name in NAMES}
+    print(f"\n{mode}: fdatasync+fsync per image during 64 writes / {FLUSHES} guest flushes: {syncs}; "
+          f"fd flags: { {n: oct(fd_flags(m.pid, backing(images, n))[io[n]]) for n in NAMES} }")
+    assert st.total(SYNC_CALLS) == sum(syncs.values()), f"syncs on descriptors other than the images': {st.by_fd}"
+
+    page_cache_only_in_buffered_modes(m, images, mode, written)
+    for name in NAMES:
+        writes_and_syncs_as_the_mode_promises(st, m / name, name, mode, plane, fds[name], io[name], syncs[name])
+        counters_agree_with_strace(m / name, mode, syncs[name])
+    flushed_writes_are_in_the_file(m, images, workdir, mode, written)
+    clean_unmount_keeps_everything(m, images, workdir, mode, io, written)
+
+
+def one_io_descriptor_per_image(m, images: Path, mode: str) -> dict[str, int]:
+    """One lock fd (read-only) and exactly one I/O fd per image, with the mode's flags: name -> that fd."""
+    want = (mode in DIRECT, mode in WRITE_THROUGH)
     io = {}
-    for name in names:
+    for name in NAMES:
         flags = fd_flags(m.pid, backing(images, name))
         rw = io_fds(m.pid, backing(images, name))
         assert len(rw) == 1, f"{mode}: {name} should have one I/O descriptor: {flags}"
@@ -339,28 +195,26 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
         io[name] = fd
         assert xattr(m / name, "cache") == mode
         assert xattr(m / name, "stats.descriptors") == mode
+    return io
 
-    # The workload, with every sync and write syscall of the daemon counted.
-    written = {}
-    with Strace(m.pid, workdir / f"strace-{mode}.txt") as st:
-        for seed, name in enumerate(names):
-            written[name] = flush_workload(m / name, direct=mode in DIRECT, seed=seed)
-    # A write-through mode's qcow2 image has a second I/O descriptor once it allocated: the batch
-    # twin (backendset.BackendSet.batch), same O_DIRECT-ness, no O_DSYNC. Nothing else appears.
-    fds = {name: io_fds(m.pid, backing(images, name)) for name in names}
-    for name in names:
+
+def io_descriptors_after_the_workload(m, images: Path, mode: str, io: dict[str, int]) -> dict[str, dict[int, int]]:
+    """A write-through mode's qcow2 image has a second I/O descriptor once it allocated: the batch
+    twin (backendset.BackendSet.batch), same O_DIRECT-ness, no O_DSYNC. Nothing else appears."""
+    want = (mode in DIRECT, mode in WRITE_THROUGH)
+    fds = {name: io_fds(m.pid, backing(images, name)) for name in NAMES}
+    for name in NAMES:
         twins = {fd: fl for fd, fl in fds[name].items() if fd != io[name]}
         allowed = {(want[0], False)} if mode in WRITE_THROUGH and name == "vm.raw" else set()
         assert {kind(fl) for fl in twins.values()} <= allowed and len(twins) <= 1, (mode, name, fds[name])
-    syncs = {name: st.count(SYNC_CALLS, list(fds[name])) for name in names}
-    print(f"\n{mode}: fdatasync+fsync per image during 64 writes / {FLUSHES} guest flushes: {syncs}; "
-          f"fd flags: { {n: oct(fd_flags(m.pid, backing(images, n))[io[n]]) for n in names} }")
-    assert st.total(SYNC_CALLS) == sum(syncs.values()), f"syncs on descriptors other than the images': {st.by_fd}"
+    return fds
 
-    # No page cache anywhere in the direct modes (docs/cache-modes.md: "no page cache holds the guest's data
-    # anywhere on the host"): not the cachefs file's (its handles are direct_io, so every read
-    # reaches the daemon), not the backing file's (O_DIRECT). The buffered modes cache both.
-    for name in names:
+
+def page_cache_only_in_buffered_modes(m, images: Path, mode: str, written: dict[str, dict[int, bytes]]) -> None:
+    """No page cache anywhere in the direct modes (docs/cache-modes.md: "no page cache holds the guest's
+    data anywhere on the host"): not the cachefs file's (its handles are direct_io, so every read
+    reaches the daemon), not the backing file's (O_DIRECT). The buffered modes cache both."""
+    for name in NAMES:
         fd = os.open(m / name, os.O_RDONLY)
         try:
             r0 = stat_of(m / name, "guest_reads")
@@ -385,44 +239,50 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
         os.close(raw_fd)
     assert (host_pages == 0) if mode in DIRECT else (host_pages >= WRITES), f"{mode}: {host_pages} pages"
 
-    for name in names:
-        # strace saw the data go out through that very descriptor: it really was traced,
-        # and every write to a writethrough image went through the O_DSYNC fd.
-        if plane == "on" and name == "disk.img":  # io_uring, on that descriptor (dataplane/plane.py)
-            assert stat_of(m / name, "fast_writes") == WRITES, xattr(m / name, "stats.forwarded")
-        elif plane == "on" and mode not in WRITE_THROUGH:  # qcow2: C allocates too (issue 14), once lent clusters
-            assert st.count(WRITE_CALLS, list(fds[name])) + stat_of(m / name, "fast_writes") >= WRITES, st.by_fd
-            assert stat_of(m / name, "fast_allocations") >= WRITES // 2, xattr(m / name, "stats.forwarded")
-        else:
-            assert st.count(WRITE_CALLS, list(fds[name])) >= WRITES, (name, st.by_fd)
-        assert st.count(("fsync", "sync_file_range", "syncfs", "sync"), list(fds[name])) == 0, st.by_fd
-        n = syncs[name]
-        if mode == "unsafe" or mode in WRITE_THROUGH and name == "disk.img":
-            # unsafe: flushes ignored. Raw writethrough/directsync: O_DSYNC made each write durable.
-            assert n == 0, f"{mode}: {name}: {n} syncs during the run"
-        elif mode in WRITE_THROUGH:
-            # qcow2 writethrough/directsync: each write allocates here, and one fdatasync makes the
-            # data and its metadata durable (docs/cache-modes.md, "One sync per write"); the first
-            # write, with no reservation yet and a new L2 table, takes two more (DESIGN.md section 3).
-            dsync_writes = st.count(WRITE_CALLS, [io[name]])
-            assert n + dsync_writes <= WRITES + 2, f"{mode}: qcow2: {n} fdatasyncs, {dsync_writes} O_DSYNC writes"
-        elif name == "disk.img":
-            assert n == FLUSHES, f"{mode}: raw image: {n} fdatasyncs for {FLUSHES} guest flushes"
-        else:
-            assert FLUSHES <= n <= 3 * FLUSHES, f"{mode}: qcow2: {n} fdatasyncs for {FLUSHES} guest flushes"
 
-        # The daemon's counters agree with what strace saw.
-        p = m / name
-        assert stat_of(p, f"{mode}.guest_writes") == WRITES
-        assert stat_of(p, f"{mode}.guest_flushes") == FLUSHES  # the close after a flush adds none
-        assert stat_of(p, f"{mode}.flushes_ignored") == (FLUSHES if mode == "unsafe" else 0)
-        assert stat_of(p, f"{mode}.fdatasyncs") == n
-        assert stat_of(p, "backend_fdatasyncs") == n
-        direct_bytes = stat_of(p, f"{mode}.direct_bytes")
-        assert (direct_bytes >= WRITES * BLOCK) if mode in DIRECT else (direct_bytes == 0), direct_bytes
+def writes_and_syncs_as_the_mode_promises(st: Strace, p: Path, name: str, mode: str, plane: str,
+                                          fds: dict[int, int], io_fd: int, n: int) -> None:
+    """``n``: the image's syncs strace saw during the workload."""
+    # strace saw the data go out through that very descriptor: it really was traced,
+    # and every write to a writethrough image went through the O_DSYNC fd.
+    if plane == "on" and name == "disk.img":  # io_uring, on that descriptor (dataplane/plane.py)
+        assert stat_of(p, "fast_writes") == WRITES, xattr(p, "stats.forwarded")
+    elif plane == "on" and mode not in WRITE_THROUGH:  # qcow2: C allocates too (issue 14), once lent clusters
+        assert st.count(WRITE_CALLS, list(fds)) + stat_of(p, "fast_writes") >= WRITES, st.by_fd
+        assert stat_of(p, "fast_allocations") >= WRITES // 2, xattr(p, "stats.forwarded")
+    else:
+        assert st.count(WRITE_CALLS, list(fds)) >= WRITES, (name, st.by_fd)
+    assert st.count(("fsync", "sync_file_range", "syncfs", "sync"), list(fds)) == 0, st.by_fd
+    if mode == "unsafe" or mode in WRITE_THROUGH and name == "disk.img":
+        # unsafe: flushes ignored. Raw writethrough/directsync: O_DSYNC made each write durable.
+        assert n == 0, f"{mode}: {name}: {n} syncs during the run"
+    elif mode in WRITE_THROUGH:
+        # qcow2 writethrough/directsync: each write allocates here, and one fdatasync makes the
+        # data and its metadata durable (docs/cache-modes.md, "One sync per write"); the first
+        # write, with no reservation yet and a new L2 table, takes two more (DESIGN.md section 3).
+        dsync_writes = st.count(WRITE_CALLS, [io_fd])
+        assert n + dsync_writes <= WRITES + 2, f"{mode}: qcow2: {n} fdatasyncs, {dsync_writes} O_DSYNC writes"
+    elif name == "disk.img":
+        assert n == FLUSHES, f"{mode}: raw image: {n} fdatasyncs for {FLUSHES} guest flushes"
+    else:
+        assert FLUSHES <= n <= 3 * FLUSHES, f"{mode}: qcow2: {n} fdatasyncs for {FLUSHES} guest flushes"
 
-    # What the guest flushes left in the backing file, read by QEMU from a byte copy
-    # (the copy is what a daemon crash right now would leave behind).
+
+def counters_agree_with_strace(p: Path, mode: str, n: int) -> None:
+    """The daemon's counters of the served file ``p`` agree with the ``n`` syncs strace saw."""
+    assert stat_of(p, f"{mode}.guest_writes") == WRITES
+    assert stat_of(p, f"{mode}.guest_flushes") == FLUSHES  # the close after a flush adds none
+    assert stat_of(p, f"{mode}.flushes_ignored") == (FLUSHES if mode == "unsafe" else 0)
+    assert stat_of(p, f"{mode}.fdatasyncs") == n
+    assert stat_of(p, "backend_fdatasyncs") == n
+    direct_bytes = stat_of(p, f"{mode}.direct_bytes")
+    assert (direct_bytes >= WRITES * BLOCK) if mode in DIRECT else (direct_bytes == 0), direct_bytes
+
+
+def flushed_writes_are_in_the_file(m, images: Path, workdir: Path, mode: str,
+                                   written: dict[str, dict[int, bytes]]) -> None:
+    """What the guest flushes left in the backing file, read by QEMU from a byte copy
+    (the copy is what a daemon crash right now would leave behind)."""
     snap = workdir / "snapshot.qcow2"
     shutil.copyfile(backing(images, "vm.raw"), snap)
     lost = missing(guest_view(snap, workdir / "snapshot.raw"), written["vm.raw"])
@@ -437,16 +297,19 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
         assert rc in (0, 3), rc
     assert not missing(backing(images, "disk.img"), written["disk.img"])
 
-    # A clean unmount writes and syncs everything, whatever the mode (unsafe included).
+
+def clean_unmount_keeps_everything(m, images: Path, workdir: Path, mode: str, io: dict[str, int],
+                                   written: dict[str, dict[int, bytes]]) -> None:
+    """A clean unmount writes and syncs everything, whatever the mode (unsafe included)."""
     with Strace(m.pid, workdir / f"strace-umount-{mode}.txt") as st:
         m.umount()
         st.wait_tracee_exit()
-    at_umount = {name: st.count(SYNC_CALLS, [io[name]]) for name in names}
+    at_umount = {name: st.count(SYNC_CALLS, [io[name]]) for name in NAMES}
     print(f"{mode}: fdatasyncs at unmount: {at_umount}")
     if mode == "unsafe":
         assert all(at_umount.values()), f"unsafe: unmount did not sync every image: {at_umount}"
     qemu_img("check", backing(images, "vm.raw"))
-    for name in names:
+    for name in NAMES:
         view = guest_view(backing(images, name), workdir / f"final-{name}")
         assert not missing(view, written[name]), f"{mode}: {name}: data lost across the unmount"
 
@@ -549,17 +412,28 @@ def test_switch_to_none_refused_on_ramfs(ramfs, mounted, workdir):
 # ---------------------------------------------------------------- 4: live switch writeback -> none
 
 
+class GuestWrites:
+    """What the guest wrote: each write's region, and every byte as it should read back."""
+
+    def __init__(self, size: int) -> None:
+        self.expect = bytearray(size)
+        self.regions: list[tuple[int, int]] = []
+
+    def wrote(self, off: int, data: bytes) -> None:
+        self.expect[off:off + len(data)] = data
+        self.regions.append((off, len(data)))
+
+    def read_back(self, fd: int) -> None:
+        for off, n in self.regions:
+            assert os.pread(fd, n, off) == self.expect[off:off + n]
+
+
 def test_live_switch_writeback_to_none(mounted, images, workdir):
     m = mounted(images)
     img = backing(images, "vm.raw")
     f = m / "vm.raw"
     rng = random.Random(4)
-    expect = bytearray((8 << 20) + (1 << 16))  # the guest's first 8 MiB and a bit, as written
-    regions: list[tuple[int, int]] = []
-
-    def wrote(off: int, data: bytes) -> None:
-        expect[off:off + len(data)] = data
-        regions.append((off, len(data)))
+    guest = GuestWrites((8 << 20) + (1 << 16))  # the guest's first 8 MiB and a bit
 
     # Buffered writes, some unaligned, no flush; one handle stays open across the switch.
     # Nothing may fork meanwhile: a child's exec closes its copy of `old`, and for FUSE that close
@@ -570,68 +444,81 @@ def test_live_switch_writeback_to_none(mounted, images, workdir):
     try:
         with st:
             old = os.open(f, os.O_RDWR)
-            for i in range(24):
-                off = rng.randrange(0, 8 << 20)
-                data = rng.randbytes(rng.choice((BLOCK, 512, 100, 3 * BLOCK + 7)))
-                os.pwrite(old, data, off)
-                wrote(off, data)
-            for off, n in regions:  # prime the page cache of the old handle
-                assert os.pread(old, n, off) == expect[off:off + n]
-            (wb_fd, fl), = io_fds(m.pid, img).items()
-            assert kind(fl) == (False, False)
-            assert stat_of(f, "writeback.fdatasyncs") == 0
-            os.setxattr(f, "user.cachefs.cache", b"none")
-        # The switch flushed the buffered writes through the old descriptor, then reopened O_DIRECT;
-        # no buffered I/O fd is left.
-        assert st.count(("fdatasync",), [wb_fd]) >= 1, st.by_fd
-        assert stat_of(f, "writeback.fdatasyncs") >= 1
-        after = io_fds(m.pid, img)
-        assert [kind(fl) for fl in after.values()] == [(True, False)], {k: oct(v) for k, v in after.items()}
-        assert xattr(f, "cache") == "none"
-        assert run("getfattr", "--only-values", "-n", "user.cachefs.cache", f).stdout == "none"
-        assert cachefs("cache", f).stdout.strip() == "none"
-        assert xattr(f, "stats.descriptors") == "none"
+            wb_fd = buffered_writes_then_switch_to_none(m, f, img, old, rng, guest)
+        the_switch_flushed_and_reopened_direct(st, m, f, img, wb_fd)
 
         # Everything written before the switch reads back, through the old handle and a new one.
         fresh = os.open(f, os.O_RDONLY)
         try:
-            for off, n in regions:
-                assert os.pread(old, n, off) == expect[off:off + n]
-                assert os.pread(fresh, n, off) == expect[off:off + n]
+            guest.read_back(old)
+            guest.read_back(fresh)
         finally:
             os.close(fresh)
-
-        # New writes work: through the old handle (now served in mode none) and an O_DIRECT one.
-        w0, wb0 = stat_of(f, "none.guest_writes"), stat_of(f, "writeback.guest_writes")
-        for i in range(8):
-            off = rng.randrange(0, 8 << 20)
-            data = rng.randbytes(rng.choice((BLOCK, 100)))
-            os.pwrite(old, data, off)
-            wrote(off, data)
-        d = os.open(f, os.O_RDWR | O_DIRECT)
-        try:
-            for i in range(8):
-                off = rng.randrange(0, (8 << 20) // BLOCK) * BLOCK
-                data = rng.randbytes(BLOCK)
-                pwrite_block(d, data, off)
-                wrote(off, data)
-            os.fsync(d)
-        finally:
-            os.close(d)
-        # (the kernel may split an unaligned write of a cached handle in two FUSE requests)
-        assert 16 <= stat_of(f, "none.guest_writes") - w0 <= 24
-        assert stat_of(f, "writeback.guest_writes") == wb0, "a request after the switch was served as writeback"
-        assert stat_of(f, "none.direct_bytes") > 0
+        new_writes_are_served_in_mode_none(f, old, rng, guest)
     finally:
         if old is not None:
             os.close(old)
 
     with open(f, "rb") as g:
-        assert g.read(len(expect)) == expect
+        assert g.read(len(guest.expect)) == guest.expect
     m.umount()
     qemu_img("check", img)
     with open(guest_view(img, workdir / "switched.raw"), "rb") as g:
-        assert g.read(len(expect)) == expect
+        assert g.read(len(guest.expect)) == guest.expect
+
+
+def buffered_writes_then_switch_to_none(m, f: Path, img: Path, old: int, rng: random.Random,
+                                        guest: GuestWrites) -> int:
+    """24 buffered writes through ``old``, read back (priming its page cache), then the switch
+    to none: returns writeback's I/O descriptor."""
+    for i in range(24):
+        off = rng.randrange(0, 8 << 20)
+        data = rng.randbytes(rng.choice((BLOCK, 512, 100, 3 * BLOCK + 7)))
+        os.pwrite(old, data, off)
+        guest.wrote(off, data)
+    guest.read_back(old)  # prime the page cache of the old handle
+    (wb_fd, fl), = io_fds(m.pid, img).items()
+    assert kind(fl) == (False, False)
+    assert stat_of(f, "writeback.fdatasyncs") == 0
+    os.setxattr(f, "user.cachefs.cache", b"none")
+    return wb_fd
+
+
+def the_switch_flushed_and_reopened_direct(st: Strace, m, f: Path, img: Path, wb_fd: int) -> None:
+    """The switch flushed the buffered writes through the old descriptor, then reopened O_DIRECT;
+    no buffered I/O fd is left."""
+    assert st.count(("fdatasync",), [wb_fd]) >= 1, st.by_fd
+    assert stat_of(f, "writeback.fdatasyncs") >= 1
+    after = io_fds(m.pid, img)
+    assert [kind(fl) for fl in after.values()] == [(True, False)], {k: oct(v) for k, v in after.items()}
+    assert xattr(f, "cache") == "none"
+    assert run("getfattr", "--only-values", "-n", "user.cachefs.cache", f).stdout == "none"
+    assert cachefs("cache", f).stdout.strip() == "none"
+    assert xattr(f, "stats.descriptors") == "none"
+
+
+def new_writes_are_served_in_mode_none(f: Path, old: int, rng: random.Random, guest: GuestWrites) -> None:
+    """New writes work: through the old handle (now served in mode none) and an O_DIRECT one."""
+    w0, wb0 = stat_of(f, "none.guest_writes"), stat_of(f, "writeback.guest_writes")
+    for i in range(8):
+        off = rng.randrange(0, 8 << 20)
+        data = rng.randbytes(rng.choice((BLOCK, 100)))
+        os.pwrite(old, data, off)
+        guest.wrote(off, data)
+    d = os.open(f, os.O_RDWR | O_DIRECT)
+    try:
+        for i in range(8):
+            off = rng.randrange(0, (8 << 20) // BLOCK) * BLOCK
+            data = rng.randbytes(BLOCK)
+            pwrite_block(d, data, off)
+            guest.wrote(off, data)
+        os.fsync(d)
+    finally:
+        os.close(d)
+    # (the kernel may split an unaligned write of a cached handle in two FUSE requests)
+    assert 16 <= stat_of(f, "none.guest_writes") - w0 <= 24
+    assert stat_of(f, "writeback.guest_writes") == wb0, "a request after the switch was served as writeback"
+    assert stat_of(f, "none.direct_bytes") > 0
 
 
 # ---------------------------------------------------------------- 5: coherence of cached and direct handles

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _env, cachefs, qemu_img, qemu_io, run
-from test_mount_locking import wait_held_by
+from mounting import wait_held_by
 
 QCOW2_MAGIC = b"QFI\xfb"
 

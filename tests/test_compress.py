@@ -30,7 +30,7 @@ from cachefs.qcow2.check import check_image
 from cachefs.qcow2.compress import compress_of
 from cachefs.qcow2.plan import run_sync
 from memimage import new_buffer, open_memory, read_all
-from test_cache_modes import open_recorded
+from recorded import open_recorded
 
 MiB = 1 << 20
 CS = 1 << 16

@@ -24,7 +24,7 @@ import subprocess
 import pytest
 
 from conftest import cachefs, qemu_img, run
-from test_cache_modes_mount import Strace
+from stracing import Strace
 
 CS = 1 << 16
 CALL = re.compile(r"^\d+\s+(\w+)\((\d+), (.*)")

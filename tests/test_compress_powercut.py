@@ -26,8 +26,8 @@ from cachefs.policy import DIRECTSYNC, NONE, WRITEBACK
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
 from memimage import new_buffer
-from test_cache_modes import SECTOR, Op, allowed_by_sector, cut_state, guaranteed, open_recorded
-from test_powercut import guest_after_cut
+from powercut import SECTOR, allowed_by_sector, guest_after_cut
+from recorded import Op, cut_state, guaranteed, open_recorded
 
 
 def compressible(rng: random.Random, n: int) -> bytes:

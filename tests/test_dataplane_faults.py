@@ -39,48 +39,13 @@ from pathlib import Path
 import pytest
 
 from conftest import cachefs, is_mounted, qemu_img, qemu_io, run
-from lowerfs import LowerMount
-from test_dataplane_mount import needs_dataplane
+from lowerfs import faulty  # noqa: F401 (a fixture: the image directory on faultyfs)
+from mounting import needs_dataplane
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4096
 CLUSTER = 64 * KiB
 NAME = "disk.raw"  # how cachefs serves disk.qcow2, and disk.raw itself
-
-
-class Faulty(LowerMount):
-    """One faultyfs mount: SOURCE served at ``path``, failing requests once armed."""
-
-    def __init__(self, source: Path, path: Path, log: Path) -> None:
-        super().__init__("faultyfs.py", source, path, log)
-        self.log = log
-
-    def arm(self, **rules) -> None:
-        """``read=[[lo, hi]], write=[[lo, hi]], errno=N, file=NAME`` (host byte ranges of the lower file)."""
-        os.setxattr(self.path, "user.faulty.arm", json.dumps(rules).encode())
-
-    def disarm(self) -> None:
-        os.setxattr(self.path, "user.faulty.disarm", b"")
-
-    def state(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.faulty.state"))
-
-
-@pytest.fixture
-def faulty(workdir):
-    """``faulty() -> Faulty``: workdir/src served at workdir/lower (before ``mounted``: torn down after it)."""
-    started: list[Faulty] = []
-
-    def start() -> Faulty:
-        src, lower = workdir / "src", workdir / "lower"
-        lower.mkdir()
-        started.append(Faulty(src, lower, workdir / "faultyfs.log"))
-        return started[-1]
-
-    (workdir / "src").mkdir()
-    yield start
-    errors = [err for f in started if "Traceback" in (err := f.stop())]
-    assert not errors, f"faultyfs logged a traceback:\n{errors[0]}"
 
 
 def fast(m, name: str = NAME) -> dict[str, int]:
@@ -121,7 +86,6 @@ GUEST = 2 * MiB  # a 64 KiB read here fails; the 4 KiB before its bad block do n
 FAR = 6 * MiB    # another cluster, far from the failing range
 
 
-
 @needs_dataplane
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 @pytest.mark.parametrize("mode", ["none", "writeback"])
@@ -129,22 +93,13 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
     """cache=none: the backend is O_DIRECT on the lower file (the kernel's FUSE direct I/O);
     writeback: buffered (the lower answers FOPEN_DIRECT_IO, so no lower page hides the failure)."""
     image = workdir / "src" / f"disk.{fmt}"
-    if fmt == "qcow2":
-        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
-    else:
-        with open(image, "wb") as f:
-            f.truncate(64 * MiB)
-    qemu_io(image, "write -P 0x11 0 4M", "write -P 0x22 4M 4M", fmt=fmt)  # allocated: C may write them
+    make_written_image(image, fmt)
     host = host_offset(image, fmt, GUEST)
     bad = [[host + 2 * BLOCK, host + 3 * BLOCK]]  # the third 4 KiB block of GUEST's cluster, on the host
     low = faulty()
     m = mounted(low.path, "--cache", mode)
     assert os.getxattr(m.path, "user.cachefs.dataplane") == b"on"
-    # What cachefs needs of its image directory works on FUSE: QEMU's OFD lock bytes (kept by the
-    # kernel on the FUSE inode) keep qemu-img out of a served image, and cache=none opens O_DIRECT.
-    r = qemu_io(low.path / image.name, "read 0 4k", fmt=fmt, check=False)  # a writer: wants "write"
-    assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr, r
-    assert (low.state()["direct_opens"] > 0) == (mode == "none"), low.state()
+    a_fuse_lower_layer_serves(low, image, fmt, mode)
 
     fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
     try:
@@ -153,23 +108,7 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
         assert pread(fd, CLUSTER, GUEST) == b"\x11" * CLUSTER
         before = fast(m)
         assert before["fast_reads"] == warm["fast_reads"] + 1, "not served in C"
-
-        low.arm(read=bad, write=bad, file=image.name)
-        expect_errno(errno.EIO, pread, fd, CLUSTER, GUEST)
-        expect_errno(errno.EIO, pread, fd, BLOCK, GUEST + 2 * BLOCK)
-        expect_errno(errno.EIO, os.pwrite, fd, aligned(b"\x33" * BLOCK), GUEST + 2 * BLOCK)
-        armed = fast(m)
-        assert armed == {**before, "fast_errors": before["fast_errors"] + 3}, (before, armed)
-        # Only the requests that met the failing block: its neighbours and the rest of the disk work.
-        assert pread(fd, 2 * BLOCK, GUEST) == b"\x11" * 2 * BLOCK
-        assert pread(fd, CLUSTER - 3 * BLOCK, GUEST + 3 * BLOCK) == b"\x11" * (CLUSTER - 3 * BLOCK)
-        assert pread(fd, CLUSTER, FAR) == b"\x22" * CLUSTER
-        os.pwrite(fd, aligned(b"\x44" * BLOCK), GUEST + BLOCK)
-        after = fast(m)
-        assert after == {"fast_reads": before["fast_reads"] + 3, "fast_writes": before["fast_writes"] + 1,
-                         "fast_errors": armed["fast_errors"]}, (armed, after)
-        lower = low.state()
-        assert lower["failed_reads"] >= 2 and lower["failed_writes"] >= 1, lower
+        armed, after, lower = only_the_failing_block_fails(fd, m, low, bad, image.name, before)
 
         low.disarm()
         # The failed write changed nothing; the one beside it is there.
@@ -187,6 +126,45 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
             f"read -P 0x11 {GUEST + 2 * BLOCK} 4k", f"read -P 0x55 {GUEST + 3 * BLOCK} 4k",
             f"read -P 0x11 {GUEST + 4 * BLOCK} {CLUSTER - 4 * BLOCK}", f"read -P 0x22 {FAR} 64k", fmt=fmt)
 
+
+def make_written_image(image: Path, fmt: str) -> None:
+    """A 64 MiB image whose first 8 MiB are allocated (0x11, then 0x22): C may write them."""
+    if fmt == "qcow2":
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    else:
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+    qemu_io(image, "write -P 0x11 0 4M", "write -P 0x22 4M 4M", fmt=fmt)
+
+
+def a_fuse_lower_layer_serves(low, image: Path, fmt: str, mode: str) -> None:
+    """What cachefs needs of its image directory works on FUSE: QEMU's OFD lock bytes (kept by the
+    kernel on the FUSE inode) keep qemu-img out of a served image, and cache=none opens O_DIRECT."""
+    r = qemu_io(low.path / image.name, "read 0 4k", fmt=fmt, check=False)  # a writer: wants "write"
+    assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr, r
+    assert (low.state()["direct_opens"] > 0) == (mode == "none"), low.state()
+
+
+def only_the_failing_block_fails(fd: int, m, low, bad: list, name: str, before: dict) -> tuple[dict, dict, dict]:
+    """Armed: fast requests that meet the bad block get EIO (C's fast_errors), their neighbours and
+    the rest of the disk work. Returns C's counters armed and after, and the lower layer's state."""
+    low.arm(read=bad, write=bad, file=name)
+    expect_errno(errno.EIO, pread, fd, CLUSTER, GUEST)
+    expect_errno(errno.EIO, pread, fd, BLOCK, GUEST + 2 * BLOCK)
+    expect_errno(errno.EIO, os.pwrite, fd, aligned(b"\x33" * BLOCK), GUEST + 2 * BLOCK)
+    armed = fast(m)
+    assert armed == {**before, "fast_errors": before["fast_errors"] + 3}, (before, armed)
+    # Only the requests that met the failing block: its neighbours and the rest of the disk work.
+    assert pread(fd, 2 * BLOCK, GUEST) == b"\x11" * 2 * BLOCK
+    assert pread(fd, CLUSTER - 3 * BLOCK, GUEST + 3 * BLOCK) == b"\x11" * (CLUSTER - 3 * BLOCK)
+    assert pread(fd, CLUSTER, FAR) == b"\x22" * CLUSTER
+    os.pwrite(fd, aligned(b"\x44" * BLOCK), GUEST + BLOCK)
+    after = fast(m)
+    assert after == {"fast_reads": before["fast_reads"] + 3, "fast_writes": before["fast_writes"] + 1,
+                     "fast_errors": armed["fast_errors"]}, (armed, after)
+    lower = low.state()
+    assert lower["failed_reads"] >= 2 and lower["failed_writes"] >= 1, lower
+    return armed, after, lower
 
 
 @needs_dataplane
@@ -250,6 +228,11 @@ def image_stat(m, key: str) -> int:
     return int(os.getxattr(m / NAME, f"user.cachefs.stats.{key}"))
 
 
+def block(value: int) -> mmap.mmap:
+    """An aligned 4 KiB block of ``value`` bytes."""
+    return aligned(bytes([value]) * BLOCK)
+
+
 @needs_dataplane
 def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
     fs = workdir / "small"
@@ -260,29 +243,12 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
         image = fs / "images" / "disk.qcow2"
         qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
         m = mounted(fs / "images", "--cache", "none")
-        block = lambda value: aligned(bytes([value]) * BLOCK)  # noqa: E731
         fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
         filler = fs / "filler"
         try:
-            os.pwrite(fd, block(1), 0)
-            os.fsync(fd)  # the flush reserves clusters for the next interval: the file covers them, as a hole
-            taken = image_stat(m, "from_reservation")
-            for k in range(2, 6):  # a fresh guest cluster each, from the reservation: 4 KiB written of 64
-                os.pwrite(fd, block(k), k * CLUSTER)
-            assert image_stat(m, "from_reservation") == taken + 4
-            before = fast(m)
-            os.pwrite(fd, block(0x20), 2 * CLUSTER + 4 * BLOCK)  # into the hole while there is room: C
-            assert fast(m)["fast_writes"] == before["fast_writes"] + 1, "not served in C"
-
+            before = holes_in_reserved_clusters(fd, m)
             fill(filler)
-            expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)
-            full = fast(m)
-            assert full["fast_errors"] == before["fast_errors"] + 1 and full["fast_writes"] == before["fast_writes"] + 1
-            # An allocating write (issue 14: C takes a lent cluster), its 4 KiB the first block needed.
-            expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x60), 6 * CLUSTER)
-            assert fast(m) == {**full, "fast_errors": full["fast_errors"] + 1}
-            assert pread(fd, BLOCK, 6 * CLUSTER) == bytes(BLOCK)  # allocated in C, but a hole: zeros
-            full = fast(m)
+            full = enospc_for_writes_into_holes(fd, m, before)
             # Still serving: reads, and writes into blocks the file has.
             assert pread(fd, BLOCK, 3 * CLUSTER) == bytes([3]) * BLOCK
             assert pread(fd, BLOCK, 3 * CLUSTER + 8 * BLOCK) == bytes(BLOCK)
@@ -308,6 +274,33 @@ def test_enospc_from_a_hole_in_a_reserved_cluster(mounted, workdir):
                 f"read -P 0 {6 * CLUSTER + BLOCK} {CLUSTER - BLOCK}", f"read -P 0 {7 * CLUSTER} 1M")
     finally:
         run("umount", "-l", fs, check=False)
+
+
+def holes_in_reserved_clusters(fd: int, m) -> dict[str, int]:
+    """Guest clusters 2..5 take reserved clusters and write 4 KiB of each: the rest stays a hole;
+    then C writes into one while there is room. Returns C's counters before that write."""
+    os.pwrite(fd, block(1), 0)
+    os.fsync(fd)  # the flush reserves clusters for the next interval: the file covers them, as a hole
+    taken = image_stat(m, "from_reservation")
+    for k in range(2, 6):  # a fresh guest cluster each, from the reservation: 4 KiB written of 64
+        os.pwrite(fd, block(k), k * CLUSTER)
+    assert image_stat(m, "from_reservation") == taken + 4
+    before = fast(m)
+    os.pwrite(fd, block(0x20), 2 * CLUSTER + 4 * BLOCK)  # into the hole while there is room: C
+    assert fast(m)["fast_writes"] == before["fast_writes"] + 1, "not served in C"
+    return before
+
+
+def enospc_for_writes_into_holes(fd: int, m, before: dict[str, int]) -> dict[str, int]:
+    """With the filesystem full, C's writes that need a block get ENOSPC. Returns C's counters after."""
+    expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x30), 3 * CLUSTER + 8 * BLOCK)
+    full = fast(m)
+    assert full["fast_errors"] == before["fast_errors"] + 1 and full["fast_writes"] == before["fast_writes"] + 1
+    # An allocating write (issue 14: C takes a lent cluster), its 4 KiB the first block needed.
+    expect_errno(errno.ENOSPC, os.pwrite, fd, block(0x60), 6 * CLUSTER)
+    assert fast(m) == {**full, "fast_errors": full["fast_errors"] + 1}
+    assert pread(fd, BLOCK, 6 * CLUSTER) == bytes(BLOCK)  # allocated in C, but a hole: zeros
+    return fast(m)
 
 
 @needs_dataplane

@@ -16,25 +16,21 @@ import mmap
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cachefs.dataplane import plane as dataplane
 from cachefs.fuse import queue_limit as fuseconn
+from ackedwrites import acked_blocks_are_there, start_writer, wait_acked
 from conftest import REPO, _env, cachefs, is_mounted, run
-from test_fio import fio
+from fiojobs import FIO_DIRECT, fio, switch_modes_under_fio
+from mounting import image_stats, needs_dataplane
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 BLOCK = 4096
-
-needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
-                                     reason=str(dataplane.why_unavailable()))
 
 
 @pytest.fixture
@@ -44,10 +40,6 @@ def raw(workdir):
     with open(d / "disk.raw", "wb") as f:
         f.truncate(256 * MiB)
     return d
-
-
-def image_stats(m, name="disk.raw") -> dict:
-    return {k.removeprefix("stats."): v for k, v in m.stats()["images"][name].items()}
 
 
 def connection(m) -> dict:
@@ -62,9 +54,6 @@ def aligned(data: bytes) -> mmap.mmap:
 
 def pattern(i: int, tag: bytes = b"cachefs!") -> bytes:
     return (i.to_bytes(8, "little") + tag) * (BLOCK // 16)
-
-
-FIO_DIRECT = ("--ioengine=libaio", "--direct=1", "--iodepth=32")
 
 
 @needs_dataplane
@@ -251,25 +240,6 @@ def test_a_cached_reader_sees_a_direct_writers_bytes(mounted, raw):
         os.close(direct)
 
 
-def switch_modes_under_fio(m, f, *, number_ios: int) -> None:
-    """Switch the cache mode of ``f`` every 50 ms while fio writes and verifies at QD32."""
-    job = subprocess.Popen(
-        ["fio", "--name=job", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M",
-         f"--number_ios={number_ios}", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=m.path.parent)
-    switches = 0
-    modes = ["none", "writethrough", "directsync", "unsafe", "writeback"]
-    try:
-        while job.poll() is None:
-            os.setxattr(f, "user.cachefs.cache", modes[switches % len(modes)].encode())
-            switches += 1
-            time.sleep(0.05)
-    finally:
-        out = job.communicate(timeout=120)[0]
-    assert job.returncode == 0 and "err= 0" in out and "verify" not in out.lower().replace("verify=", ""), out
-    assert switches >= 3, f"fio ended before the switches ({switches}):\n{out}"
-
-
 @needs_dataplane
 def test_live_mode_switch_under_fio(mounted, raw):
     m = mounted(raw, "--cache", "writeback")
@@ -279,52 +249,6 @@ def test_live_mode_switch_under_fio(mounted, raw):
     assert s["fast_writes"] > 1000 and s["fast_errors"] == 0, s
     # After the last switch the descriptor is writeback's again, and C serves it.
     fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=60000", "--verify_only")
-
-
-WRITER = r"""
-import mmap, os, sys, threading
-path, nblocks, nthreads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-lock = threading.Lock()
-def run(t):
-    buf = mmap.mmap(-1, 4096)
-    for i in range(t, nblocks, nthreads):
-        buf[:] = (i.to_bytes(8, "little") + b"acked!!!") * 256
-        try:
-            os.pwrite(fd, buf, i * 4096)
-        except OSError:
-            return
-        with lock:
-            print(i, flush=True)  # acknowledged
-ts = [threading.Thread(target=run, args=(t,)) for t in range(nthreads)]
-for t in ts: t.start()
-for t in ts: t.join()
-"""
-
-
-def acked_blocks_are_there(image: Path, acked: list[int]) -> None:
-    with open(image, "rb") as f:
-        lost = [i for i in acked
-                if os.pread(f.fileno(), BLOCK, i * BLOCK) != (i.to_bytes(8, "little") + b"acked!!!") * 256]
-    assert not lost, f"{len(lost)} acknowledged writes lost, e.g. blocks {lost[:10]}"
-
-
-def wait_acked(acked: list[int], count: int = 1000, timeout: float = 30.0) -> None:
-    """Until the writer has ``count`` acknowledgements: a stop sent then lands mid-run, however
-    fast the machine (a fixed second let a quiet one finish all 60000 first)."""
-    deadline = time.monotonic() + timeout
-    while len(acked) < count:
-        assert time.monotonic() < deadline, f"the writer did not get going: {len(acked)} acknowledged"
-        time.sleep(0.01)
-
-
-def start_writer(f, nblocks: int):
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(f), str(nblocks), "16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    acked: list[int] = []
-    reader = threading.Thread(target=lambda: acked.extend(int(line) for line in proc.stdout))
-    reader.start()
-    return proc, acked, reader
 
 
 @needs_dataplane

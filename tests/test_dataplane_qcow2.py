@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from ackedwrites import acked_blocks_are_there, start_writer, wait_acked
 from conftest import run
-from test_dataplane_mount import (FIO_DIRECT, acked_blocks_are_there, image_stats, needs_dataplane,
-                                  start_writer, switch_modes_under_fio, wait_acked)
-from test_fio import fio
+from fiojobs import FIO_DIRECT, fio, switch_modes_under_fio
+from mounting import image_stats, needs_dataplane
 
 MiB = 1 << 20
 CLUSTER = 8192  # small clusters: an L2 table maps 8 MiB, so a 64 MiB disk has 8 of them
@@ -116,22 +116,7 @@ def test_race_fast_writes_against_zeroing_and_cow(mounted, images, workdir):
     # 32 KiB: four 8 KiB tables in all (L2 and refcount blocks) for eight L2 tables' worth of disk.
     m = mounted(images, "--cache", "none", "--l2-cache-size", "32K")
     f = m / "race.raw"
-    stop = workdir / "stop"
-    churner = subprocess.Popen([sys.executable, "-c", CHURNER, str(f), str(CLUSTER), str(CHURNED[0]),
-                                str(CHURNED[1]), str(WITNESS[0]), str(WITNESS[1]), str(stop)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    noise = subprocess.Popen(["fio", "--name=noise", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k",
-                              f"--offset={CHURNED[0]}", f"--size={CHURNED[1] - CHURNED[0]}", "--time_based",
-                              "--runtime=6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", f"--size={VERIFIED[1]}", "--number_ios=20000",
-            "--do_verify=1")
-        assert noise.wait(timeout=120) == 0, noise.stdout.read()
-    finally:
-        stop.touch()
-        out, err = churner.communicate(timeout=120)
-    assert churner.returncode == 0, err
-    rounds, witnesses = map(int, out.split())
+    rounds, witnesses = churn_under_verified_fio(f, workdir / "stop")
     during = image_stats(m, "race.raw")
     # Final, known contents of the churned region, and the witnesses still intact through the mount.
     fd = os.open(f, os.O_RDWR)
@@ -154,6 +139,33 @@ def test_race_fast_writes_against_zeroing_and_cow(mounted, images, workdir):
     assert during["allocations"] > during["from_reservation"], during
     assert rounds > 20 and witnesses > 5, (rounds, witnesses)
     run("qemu-img", "check", img)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, expected_image(img, workdir, witnesses))
+
+
+def churn_under_verified_fio(f: Path, stop: Path) -> tuple[int, int]:
+    """The churner (zeroing and copy-on-write) and fio noise in the churned region while a verified
+    fio job writes the verified one; returns the churner's rounds and witnesses."""
+    churner = subprocess.Popen([sys.executable, "-c", CHURNER, str(f), str(CLUSTER), str(CHURNED[0]),
+                                str(CHURNED[1]), str(WITNESS[0]), str(WITNESS[1]), str(stop)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    noise = subprocess.Popen(["fio", "--name=noise", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k",
+                              f"--offset={CHURNED[0]}", f"--size={CHURNED[1] - CHURNED[0]}", "--time_based",
+                              "--runtime=6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", f"--size={VERIFIED[1]}", "--number_ios=20000",
+            "--do_verify=1")
+        assert noise.wait(timeout=120) == 0, noise.stdout.read()
+    finally:
+        stop.touch()
+        out, err = churner.communicate(timeout=120)
+    assert churner.returncode == 0, err
+    rounds, witnesses = map(int, out.split())
+    return rounds, witnesses
+
+
+def expected_image(img: Path, workdir: Path, witnesses: int) -> Path:
+    """The guest view the image must have: the verified region as it is (fio checked it), the
+    churned region's known contents, the witnesses."""
     expected = workdir / "expected.raw"
     run("qemu-img", "convert", "-O", "raw", img, expected)  # the verified region, checked by fio above
     with open(expected, "r+b") as e:
@@ -164,7 +176,7 @@ def test_race_fast_writes_against_zeroing_and_cow(mounted, images, workdir):
         for i in range(witnesses):
             e.write(witness(WITNESS[0] + i * CLUSTER))
         e.truncate(WITNESS[1])
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, expected)
+    return expected
 
 
 @needs_dataplane

@@ -26,7 +26,7 @@ from cachefs.policy import WRITEBACK
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.discard import whole_clusters
 from cachefs.qcow2.plan import run_sync
-from test_cache_modes import open_recorded
+from recorded import open_recorded
 
 SIZE = 4 << 20
 CS = 4096
@@ -51,7 +51,26 @@ async def test_discard_and_zero_range_against_a_model(tmp_path, compat):
     buf = bytearray(path.read_bytes())  # the memory backend writes into it in place
     img, rec, _ = await open_recorded(buf, WRITEBACK)
     model = bytearray(SIZE)
-    rng = random.Random(compat)
+    counts = await random_ops_against_the_model(img, rec, random.Random(compat), compat, model)
+    assert bytes(await img.read(0, SIZE)) == bytes(model)
+    st = img.stats()
+    assert (st["discards"], st["write_zeroes"]) == (counts["discard"], counts["zero"])
+
+    holes = await holes_hold_only_zeros(img, model)
+    zero_clusters = sum(model[c:c + CS] == bytes(CS) for c in range(0, SIZE, CS))
+    assert holes >= zero_clusters * CS // 2  # most zero clusters are holes (a few hold written zeros)
+
+    await img.close()
+    result = run_sync(check_image(len(buf)), lambda o, k: bytes(buf[o:o + k]))
+    assert result.exit_code() == 0, (result.corruptions[:5], result.leaks[:10])
+    path.write_bytes(buf)
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+async def random_ops_against_the_model(img, rec, rng: random.Random, compat: str, model: bytearray) -> dict[str, int]:
+    """400 writes, discards, write-zeroes, preallocations (compat 1.1) and flushes, each applied to
+    ``model`` too; returns how many discards and write-zeroes."""
     counts = {"discard": 0, "zero": 0}
     for _ in range(400):
         roll = rng.random()
@@ -72,10 +91,12 @@ async def test_discard_and_zero_range_against_a_model(tmp_path, compat):
             await img.allocate(off, n)  # preallocated zero clusters: the guest sees no change
         else:
             await img.flush()
-    assert bytes(await img.read(0, SIZE)) == bytes(model)
-    st = img.stats()
-    assert (st["discards"], st["write_zeroes"]) == (counts["discard"], counts["zero"])
+    return counts
 
+
+async def holes_hold_only_zeros(img, model: bytearray) -> int:
+    """Walk the image with seek_hole/seek_data: every hole reads as zeros in ``model``. Returns
+    the bytes in holes."""
     pos, holes = 0, 0
     while pos < SIZE:
         hole = await img.seek_hole(pos)
@@ -87,12 +108,4 @@ async def test_discard_and_zero_range_against_a_model(tmp_path, compat):
         assert model[hole:data] == bytes(data - hole), f"hole [{hole}, {data}) holds data"
         holes += data - hole
         pos = data
-    zero_clusters = sum(model[c:c + CS] == bytes(CS) for c in range(0, SIZE, CS))
-    assert holes >= zero_clusters * CS // 2  # most zero clusters are holes (a few hold written zeros)
-
-    await img.close()
-    result = run_sync(check_image(len(buf)), lambda o, k: bytes(buf[o:o + k]))
-    assert result.exit_code() == 0, (result.corruptions[:5], result.leaks[:10])
-    path.write_bytes(buf)
-    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    return holes

@@ -164,7 +164,7 @@ def test_failed_metadata_write_does_not_stop_the_round():
     from cachefs.qcow2.check import check_image
     from cachefs.qcow2.meta import State
     from cachefs.qcow2.plan import run_sync
-    from test_cache_modes import open_recorded
+    from recorded import open_recorded
 
     buf = new_buffer(64 * MiB)
     hdr = fmt.parse_header_untrusted(bytes(buf[:CS]), len(buf))

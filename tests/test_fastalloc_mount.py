@@ -22,12 +22,13 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import qemu_img, sha256
-from test_dataplane_mount import image_stats
-from test_mount_interop import kill_daemon
+from fiojobs import switch_modes_under_fio
+from mounting import image_stats, kill_daemon
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 64 * KiB
@@ -176,19 +177,7 @@ def test_sigkill_rounds_during_allocating_qd32_writes(cache, mounted, workdir):
         try:
             # Kill somewhere in the first half of the round's writes, once some fdatasyncs returned
             # and C has allocated.
-            kill_at = rng.randrange(region // 8, region // 2)
-            deadline = time.monotonic() + 60
-            fast = 0
-            while True:
-                assert writer.poll() is None, "the writer finished before the kill"
-                assert time.monotonic() < deadline, "the writer did not get going"
-                text = log.read_text() if log.exists() else ""
-                if not fast and text.count("f ") >= 4:
-                    fast = stat(f, "fast_allocations")
-                    assert fast > 0, "C allocated nothing: the writes were not served by the data plane"
-                if fast and text.count("w ") >= kill_at:
-                    break
-                time.sleep(0.005)
+            fast = wait_for_c_allocations_then_writes(writer, f, log, rng.randrange(region // 8, region // 2))
             kill_daemon(m)
         finally:
             writer.kill()
@@ -206,6 +195,23 @@ def test_sigkill_rounds_during_allocating_qd32_writes(cache, mounted, workdir):
     r = qemu_img("check", image, check=False)
     assert r.returncode == 0, r.stdout + r.stderr  # the repair and a clean unmount: no leaks left
     print(f"{cache}: {len(promised)} acknowledged blocks kept over {rounds} kills; qemu-img check {verdicts}")
+
+
+def wait_for_c_allocations_then_writes(writer, f: Path, log: Path, kill_at: int) -> int:
+    """Until 4 fdatasyncs returned (C has allocated by then: asserted) and ``kill_at`` writes were
+    logged; returns C's fast_allocations at the first check."""
+    deadline = time.monotonic() + 60
+    fast = 0
+    while True:
+        assert writer.poll() is None, "the writer finished before the kill"
+        assert time.monotonic() < deadline, "the writer did not get going"
+        text = log.read_text() if log.exists() else ""
+        if not fast and text.count("f ") >= 4:
+            fast = stat(f, "fast_allocations")
+            assert fast > 0, "C allocated nothing: the writes were not served by the data plane"
+        if fast and text.count("w ") >= kill_at:
+            return fast
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])
@@ -247,7 +253,6 @@ def test_live_mode_switches_while_c_allocates(mounted, workdir):
     """fio allocates at QD32 on a fresh image while the cache mode switches every 50 ms: C stops
     allocating for the write-through modes (what it allocated and Python has not adopted turns
     read-only) and starts again after; fio's verify, qemu-img check and compare judge the result."""
-    from test_dataplane_mount import switch_modes_under_fio
     images = workdir / "images"
     images.mkdir()
     image = images / "vm.qcow2"

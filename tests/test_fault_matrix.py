@@ -60,7 +60,7 @@ from cachefs.qcow2.check import CheckResult, check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async, run_sync
 from cachefs.qcow2.create import new_image
-from test_cache_modes import open_recorded
+from recorded import open_recorded
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SECTOR = 512
@@ -608,12 +608,7 @@ async def test_data_write_fault(kind, err, times, tmp_path):
     assert run.img.sync_error is None
     assert await run.img.read(guest, n) == old, "a failed write must not change what the guest reads"
     after = await run_async(eng.refs.get(cluster), pread)
-    if kind == "data-overwrite":
-        assert refcount == after == 1
-    else:
-        assert refcount == (1 if kind == "data-reserved" else 0)
-        assert after == 0, "the failed write's allocation was not aborted"
-        assert cluster not in eng.refs.reservation
+    allocation_was_aborted(kind, eng, cluster, refcount, after)
     run.assert_crash_safe(f"{kind}: after the failed write")
 
     # A flush while the fault may last: nothing the flush writes needs that cluster.
@@ -622,21 +617,8 @@ async def test_data_write_fault(kind, err, times, tmp_path):
         assert cluster not in r.leaks, "the aborted cluster leaked"
         await run.assert_leaks_known(r)
     retried = False
-    if times == "always" and kind == "data-overwrite":
-        # The same host bytes again: it fails again, and changes nothing.
-        with pytest.raises(OSError) as again:
-            await run.step(step)
-        assert again.value.errno == code and fault.hits == 2
-        assert await run.img.read(guest, n) == old
-    elif times == "always":
-        # An allocating write may go elsewhere (and work) or back to the bad cluster (and fail again).
-        try:
-            await run.step(step)
-            retried = True
-        except OSError as again:
-            assert again.errno == code and fault.hits == 2
-            assert await run.img.read(guest, n) == old
-        run.assert_crash_safe(f"{kind}: retried while the fault lasts")
+    if times == "always":
+        retried = await retry_while_the_fault_lasts(run, kind, step, code, fault, old)
     run.faulty.clear()
     if not retried:
         await run.step(step)  # the retry works
@@ -644,6 +626,38 @@ async def test_data_write_fault(kind, err, times, tmp_path):
     run.assert_crash_safe(f"{kind}: after the retry")
     await run.finish()
     await run.close_clean()
+
+
+def allocation_was_aborted(kind: str, eng, cluster: int, refcount: int, after: int) -> None:
+    """The cluster's refcount before (``refcount``) and after the failed write (``after``)."""
+    if kind == "data-overwrite":
+        assert refcount == after == 1
+    else:
+        assert refcount == (1 if kind == "data-reserved" else 0)
+        assert after == 0, "the failed write's allocation was not aborted"
+        assert cluster not in eng.refs.reservation
+
+
+async def retry_while_the_fault_lasts(run, kind: str, step: int, code: int, fault, old: bytes) -> bool:
+    """The step again while the fault lasts; True if it worked (it went elsewhere)."""
+    _, guest, n = BIG.steps[step]
+    if kind == "data-overwrite":
+        # The same host bytes again: it fails again, and changes nothing.
+        with pytest.raises(OSError) as again:
+            await run.step(step)
+        assert again.value.errno == code and fault.hits == 2
+        assert await run.img.read(guest, n) == old
+        return False
+    # An allocating write may go elsewhere (and work) or back to the bad cluster (and fail again).
+    retried = False
+    try:
+        await run.step(step)
+        retried = True
+    except OSError as again:
+        assert again.errno == code and fault.hits == 2
+        assert await run.img.read(guest, n) == old
+    run.assert_crash_safe(f"{kind}: retried while the fault lasts")
+    return retried
 
 
 # ---------------------------------------------------------------- found by this matrix: an ordering bug

@@ -8,46 +8,16 @@ not asserted: this is a correctness test, benchmarks live in bench/.
 
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
 
-from conftest import qemu_img, run
+from conftest import qemu_img
+from fiojobs import check_clean, fio
 
 pytestmark = pytest.mark.both_planes  # issue 11: with the data plane on and off
 
 # fio is installed by `make test`; a missing fio must fail, not skip.
 
 MiB = 1 << 20
-
-
-def fio(filename, *args) -> str:
-    # fio may drop a verify-state file into its working directory: keep it in the test dir.
-    r = run("fio", "--name=job", f"--filename={filename}", "--ioengine=psync", "--verify=crc32c",
-            "--verify_state_save=0", "--output-format=normal", *args, check=False, timeout=120,
-            cwd=os.path.dirname(os.path.dirname(filename)))  # the mountpoint's parent
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"fio exited {r.returncode}:\n{out}"
-    assert not re.search(r"verify.*(fail|bad|error)|bad (magic|header)", out, re.IGNORECASE), out
-    assert re.search(r"err= *0", out), out
-    for line in out.splitlines():
-        if re.match(r"\s+(read|write): IOPS=", line):
-            print(f"fio {' '.join(args)}:{line}")
-    return out
-
-
-@pytest.fixture
-def image(workdir):
-    d = workdir / "images"
-    d.mkdir()
-    qemu_img("create", "-q", "-f", "qcow2", d / "vm.qcow2", "256M")
-    return d
-
-
-def check_clean(img):
-    r = qemu_img("check", img, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_fio_randwrite_4k_verify(mounted, image):

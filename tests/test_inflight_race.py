@@ -30,7 +30,7 @@ from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async, run_sync
-from test_cache_modes import ModeView, fresh_qcow2
+from recorded import ModeView, fresh_qcow2
 
 CB = 9                  # 512-byte clusters: one L2 table maps 64 of them
 CS = 1 << CB

@@ -217,3 +217,64 @@ def test_the_checker_reads_headers_through_the_format_module():
     graph = _graph()
     for mod in ("cachefs.qcow2.check", "cachefs.qcow2.repair", "cachefs.image.repair_file"):
         assert "cachefs.qcow2.engine" not in _reachable(graph, mod), mod
+
+
+
+# ---------------------------------------------------------------- the tests themselves (issue 21)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imports_of_a_test_module(paths: list[Path]) -> list[str]:
+    """Imports (at any depth) of a ``test_*`` module in ``paths``: shared helpers live in plain
+    modules (recorded.py, powercut.py, mounting.py, ...), so each test file runs and reads alone."""
+    bad = []
+    for p in paths:
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [f"{p.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    return bad
+
+
+def test_no_test_module_imports_another():
+    assert imports_of_a_test_module(sorted(TESTS.glob("test_*.py"))) == []
+
+
+def test_the_test_import_rule_sees_a_violation(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import os\n\ndef f():\n    from test_cache_modes import open_recorded\n")
+    good = tmp_path / "test_good.py"
+    good.write_text("from recorded import open_recorded\nimport testing_helpers\n")
+    assert imports_of_a_test_module([bad, good]) == ["test_bad.py imports test_cache_modes"]
+
+
+#: Functions fit on a screen (STYLE.md, habit 6), in the tests as in production: a longer test
+#: reads as named steps (issue 21).
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions (tests, helpers, nested ones) of ``paths`` longer than ``limit`` lines, def to last line."""
+    found = []
+    for p in paths:
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines >= limit:
+                    found.append(f"{p.name}:{node.lineno} {node.name}: {lines} lines")
+    return found
+
+
+def test_every_function_in_the_tests_fits_a_screen():
+    assert long_functions(sorted(TESTS.glob("*.py"))) == []
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path):
+    long = tmp_path / "test_long.py"
+    long.write_text("def test_long():\n" + "    x = 1\n" * 59 + "\n\ndef short():\n    pass\n")
+    assert long_functions([long]) == ["test_long.py:1 test_long: 60 lines"]

@@ -22,7 +22,7 @@ from cachefs.policy import WRITEBACK
 from cachefs.qcow2.cluster import Mapping, MappingChange, MappingKind
 from cachefs.qcow2.plan import run_sync
 from memimage import open_memory
-from test_cache_modes import fresh_qcow2, open_recorded
+from recorded import fresh_qcow2, open_recorded
 
 CS = 1 << 16
 SIZE = 4 << 20

@@ -14,11 +14,14 @@ import os
 import random
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import cachefs, qemu_img
-from test_cache_modes_mount import SYNC_CALLS, Strace, aligned
+from guestio import aligned
+from mounting import kill_daemon
+from stracing import SYNC_CALLS, Strace
 
 GUEST_FLUSHES = 250
 PER_FLUSH = 16
@@ -140,7 +143,6 @@ def test_sigkill_rounds_leave_leaks_at_most_and_keep_acknowledged_writes(mode, m
     """SIGKILL the daemon mid-workload, round after round, on one image: after each crash
     qemu-img check finds leaks at most, every fsync-acknowledged write and discard is there, and
     the next mount (which repairs the dirty image) leaves it clean again."""
-    from test_mount_interop import kill_daemon
     images = workdir / "images"
     images.mkdir()
     image = images / "vm.qcow2"
@@ -154,31 +156,12 @@ def test_sigkill_rounds_leave_leaks_at_most_and_keep_acknowledged_writes(mode, m
         m = mounted(images, "--cache", mode)
         log = workdir / f"writer{rnd}.log"
         seed = 100 + rnd
-        writer = subprocess.Popen([os.sys.executable, script, m / "vm.raw", str(seed),
-                                   "1" if mode == "none" else "0", log])
-        try:
-            deadline = time.monotonic() + 30
-            while not log.exists() or log.read_text().count("acked") < 8 + 4 * rnd:
-                assert writer.poll() is None and time.monotonic() < deadline, "writer did not get going"
-                time.sleep(0.02)
-            kill_daemon(m)
-        finally:
-            writer.kill()
-            writer.wait()
+        kill_mid_workload(m, script, seed, mode, log, acked_at_least=8 + 4 * rnd)
         acked, maybe = acked_blocks(log.read_text(), seed)
         for block in maybe:
             expect.pop(block, None)  # an unacknowledged write may or may not have landed
         expect.update({b: d for b, d in acked.items() if b not in maybe})
-
-        r = qemu_img("check", image, check=False)
-        assert r.returncode in (0, 3), f"round {rnd}: qemu-img check after a crash: exit {r.returncode}\n{r.stdout}"
-        verdicts.append(r.returncode)
-        view = workdir / "view.raw"
-        qemu_img("convert", "-O", "raw", image, view)
-        with open(view, "rb") as v:
-            lost = [b for b, d in expect.items() if os.pread(v.fileno(), BLOCK, b * BLOCK) != d]
-        assert lost == [], f"round {rnd}: {len(lost)} fsync-acknowledged blocks lost"
-        view.unlink()
+        verdicts.append(leaks_at_most_and_nothing_acknowledged_lost(image, workdir, expect, rnd))
 
     # The reservation outstanding at each kill is leaked; the dirty bit makes the
     # next writable open rebuild the refcounts, so the leaks never pile up.
@@ -187,3 +170,34 @@ def test_sigkill_rounds_leave_leaks_at_most_and_keep_acknowledged_writes(mode, m
     m.umount()
     r = qemu_img("check", image, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def kill_mid_workload(m, script: Path, seed: int, mode: str, log: Path, acked_at_least: int) -> None:
+    """The writer on the mount until it logged ``acked_at_least`` acknowledgements, then SIGKILL
+    the daemon."""
+    writer = subprocess.Popen([os.sys.executable, script, m / "vm.raw", str(seed),
+                               "1" if mode == "none" else "0", log])
+    try:
+        deadline = time.monotonic() + 30
+        while not log.exists() or log.read_text().count("acked") < acked_at_least:
+            assert writer.poll() is None and time.monotonic() < deadline, "writer did not get going"
+            time.sleep(0.02)
+        kill_daemon(m)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def leaks_at_most_and_nothing_acknowledged_lost(image: Path, workdir: Path, expect: dict[int, bytes],
+                                                rnd: int) -> int:
+    """qemu-img check finds leaks at most, and every block in ``expect`` reads back; returns
+    qemu-img check's exit status."""
+    r = qemu_img("check", image, check=False)
+    assert r.returncode in (0, 3), f"round {rnd}: qemu-img check after a crash: exit {r.returncode}\n{r.stdout}"
+    view = workdir / "view.raw"
+    qemu_img("convert", "-O", "raw", image, view)
+    with open(view, "rb") as v:
+        lost = [b for b, d in expect.items() if os.pread(v.fileno(), BLOCK, b * BLOCK) != d]
+    assert lost == [], f"round {rnd}: {len(lost)} fsync-acknowledged blocks lost"
+    view.unlink()
+    return r.returncode

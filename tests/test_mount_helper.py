@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cachefs, is_mounted, run
-from test_dataplane_faults import faulty  # noqa: F401  (a fixture: the image directory on faultyfs)
+from lowerfs import faulty  # noqa: F401  (a fixture: the image directory on faultyfs)
 
 HELPER = Path("/sbin/mount.fuse.cachefs")
 

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ import time
 import pytest
 
 from conftest import cachefs, is_mounted, make_random_raw, qemu_img, qemu_io, sha256
+from mounting import kill_daemon
 
 pytestmark = pytest.mark.both_planes  # issue 11: with the data plane on and off
 
@@ -466,15 +466,6 @@ def test_dirty_lazy_refcounts_image_from_killed_qemu(workdir, mounted):
 
 
 # ---------------------------------------------------------------- daemon crash
-
-def kill_daemon(m) -> None:
-    """SIGKILL the mount's daemon (a crash: no flush, no unmount) and drop the dead mount."""
-    os.kill(m.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{m.pid}") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    subprocess.run(["fusermount3", "-uz", str(m.path)], capture_output=True)
-    assert not is_mounted(m.path)
 
 
 def test_daemon_killed_after_fsync_keeps_flushed_data(workdir, mounted):

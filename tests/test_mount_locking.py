@@ -6,13 +6,12 @@ own tools see a mounted image as "in use" and vice versa.
 
 from __future__ import annotations
 
-import re
 import subprocess
-import time
 
 import pytest
 
 from conftest import qemu_img, qemu_io, run, sha256
+from mounting import wait_held_by
 
 
 @pytest.fixture
@@ -54,31 +53,6 @@ def test_read_only_mount_lets_qemu_readers_in(mounted, images):
     assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
     assert_locked_out("qemu-io", "-c", "write 0 512", img)
     m.umount()
-
-
-def wait_held_by(proc, img, timeout=10.0):
-    """Poll /proc/locks until proc holds QEMU's "write" permission byte on img.
-
-    Probing with `qemu-img info` instead races: a read-only open that lands
-    while qemu-io starts blocks qemu-io's own write lock (CI stop 7).
-    """
-    ino = img.stat().st_ino
-    # QEMU file-posix: permission bytes start at 100; BLK_PERM_WRITE is bit 1,
-    # so byte 101. The kernel merges adjacent bytes into one range.
-    pattern = re.compile(rf"OFDLCK\s+ADVISORY\s+\w+\s+-1\s+\S+:{ino}\s+(\d+)\s+(\d+)$")
-
-    def holds_write_byte(line):
-        m = pattern.search(line.strip())
-        return m is not None and int(m[1]) <= 101 <= int(m[2])
-
-    deadline = time.monotonic() + timeout
-    while True:
-        with open("/proc/locks") as f:
-            if any(holds_write_byte(line) for line in f):
-                return
-        assert proc.poll() is None, f"qemu-io exited early: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "qemu-io never took its locks"
-        time.sleep(0.05)
 
 
 def test_image_held_by_qemu_io_is_skipped(mounted, images):

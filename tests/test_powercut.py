@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import subprocess
 
+import attrs
 import pytest
 
 import interleaving
@@ -38,8 +39,9 @@ from cachefs.backend.faulty import Sync, replay
 from cachefs.policy import NONE, WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
-from memimage import read_all
-from test_cache_modes import SECTOR, Op, allowed_by_sector, cut_state, fresh_qcow2, guaranteed, open_recorded
+from powercut import SECTOR, allowed_by_sector, compressed_qcow2, guest_after_cut
+from recorded import Op, cut_state, fresh_qcow2, guaranteed, open_recorded
+
 
 async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int) -> tuple[list[Op], int]:
     """Ops as in test_cache_modes plus overwrites of written ranges, discards, write-zeroes and one resize half way."""
@@ -86,13 +88,6 @@ async def workload(img, rec, rng: random.Random, n_ops: int, size: int, cs: int)
     return ops, grown
 
 
-async def guest_after_cut(state: bytearray) -> tuple[bytes, object]:
-    reader = lambda off, n: bytes(state[off:off + n])  # noqa: E731
-    result = run_sync(check_image(len(state)), reader)
-    assert not result.corruptions, result.corruptions[:5]
-    return await read_all(state), result
-
-
 def resize_guaranteed(ops: list[Op], cut: int) -> int | None:
     """The new size if a resize and a later completed flush both happened before the cut."""
     for i, op in enumerate(ops):
@@ -100,18 +95,6 @@ def resize_guaranteed(ops: list[Op], cut: int) -> int | None:
             if any(o.kind == "flush" and o.done <= cut for o in ops[i + 1:]):
                 return op.offset
     return None
-
-
-def compressed_qcow2(tmp_path, size: int, cluster_bits: int) -> bytes:
-    """An image from ``qemu-img convert -c``: every allocated cluster is compressed old data."""
-    raw, img = tmp_path / "src.raw", tmp_path / "base.qcow2"
-    rng = random.Random(99)
-    with open(raw, "wb") as f:
-        for off in range(0, size, 1 << 16):
-            f.write(bytes([rng.randrange(1, 255)]) * 2048 + rng.randbytes(1024) + bytes((1 << 16) - 3072))
-    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={1 << cluster_bits}",
-                    str(raw), str(img)], check=True)
-    return img.read_bytes()
 
 
 WORKLOADS = {"16-fresh": (16, 1, "fresh"), "16-compressed": (16, 2, "compressed"), "12-fresh": (12, 3, "fresh"),
@@ -135,6 +118,18 @@ def test_power_cut_states_are_consistent_and_keep_flushed_writes(case, tmp_path)
     assert states >= 200
 
 
+@attrs.frozen
+class Recorded:
+    """One seeded workload as recorded: the image it started from, its ops and the events they made."""
+
+    base: bytes
+    initial: bytes       # the guest's view of ``base``, its grown tail as zeros
+    size: int
+    grown: int           # the size after the resize
+    ops: list[Op]
+    events: list
+
+
 async def simulate(case: str, seed: int, tmp_path) -> int:
     """One seeded run of a case ("MODE-WORKLOAD"); the cut states checked. tiny-cache: 4 tables,
     so the queue writes out early (no sync) and evicts written tables."""
@@ -142,29 +137,49 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
     mode, (cluster_bits, _, source) = MODES[mode_name], WORKLOADS[shape]
     cs = 1 << cluster_bits
     size = 8 << 20 if cluster_bits > 9 else 2 << 20
-    if source == "compressed":
-        # Partial writes copy-on-write out of compressed clusters: the copied
-        # old data must be durable before the L2 entry switches (invariant 3).
-        base = compressed_qcow2(tmp_path, size, cluster_bits)
-    else:
-        base = bytes(fresh_qcow2(size, cluster_bits))
+    base = base_image(tmp_path, source, size, cluster_bits)
     initial, _ = await guest_after_cut(bytearray(base))
     initial = initial.ljust(size + (8 << 20), b"\0")  # the grown tail reads as zeros
     cache = 4 * cs if source == "tiny-cache" else None
     img, rec, _ = await open_recorded(bytearray(base), mode, cache_bytes=cache)
     rng = random.Random(seed)
-    first: list[Op] = []
-    if source == "tiny-cache":
-        # One write in the range of every L2 table before any flush: more dirty tables than the
-        # cache holds, so an early writeout happens on every seed (the random workload alone
-        # left it out on seed 55370313).
-        for off in range(0, size, (cs // 8) * cs):
-            started, data = len(rec.events), rng.randbytes(SECTOR)
-            await img.write(off, data)
-            first.append(Op("write", off, data, started, len(rec.events)))
+    first = await one_write_per_l2_table(img, rec, rng, size, cs) if source == "tiny-cache" else []
     ops, grown = await workload(img, rec, rng, 220, size, cs)
-    ops = first + ops
-    events = list(rec.events)
+    run = Recorded(base, initial, size, grown, first + ops, list(rec.events))
+    syncs_cost_what_the_mode_promises(run, mode, source, cluster_bits)
+    states = await check_cut_states(run, mode, rng, tmp_path)
+    if source == "tiny-cache" and not mode.write_through:  # write-through writes everything out at each write
+        assert img.early_writeouts > 0
+
+    await img.close()
+    final = replay(base, rec.events)
+    result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
+    assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])  # a clean close: no leaks
+    return states
+
+
+def base_image(tmp_path, source: str, size: int, cluster_bits: int) -> bytes:
+    if source == "compressed":
+        # Partial writes copy-on-write out of compressed clusters: the copied
+        # old data must be durable before the L2 entry switches (invariant 3).
+        return compressed_qcow2(tmp_path, size, cluster_bits)
+    return bytes(fresh_qcow2(size, cluster_bits))
+
+
+async def one_write_per_l2_table(img, rec, rng: random.Random, size: int, cs: int) -> list[Op]:
+    """One write in the range of every L2 table before any flush: more dirty tables than the
+    cache holds, so an early writeout happens on every seed (the random workload alone
+    left it out on seed 55370313)."""
+    first: list[Op] = []
+    for off in range(0, size, (cs // 8) * cs):
+        started, data = len(rec.events), rng.randbytes(SECTOR)
+        await img.write(off, data)
+        first.append(Op("write", off, data, started, len(rec.events)))
+    return first
+
+
+def syncs_cost_what_the_mode_promises(run: Recorded, mode, source: str, cluster_bits: int) -> None:
+    ops, events = run.ops, run.events
     flushes = sum(op.kind == "flush" for op in ops)
     syncs = sum(isinstance(e, Sync) for e in events)
     # One fdatasync per flush in steady state; new tables and the first flushes cost extra.
@@ -182,25 +197,19 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
     else:
         assert syncs <= per_flush * flushes + 4, (syncs, flushes)
 
+
+async def check_cut_states(run: Recorded, mode, rng: random.Random, tmp_path) -> int:
+    """Two cut states at each of about 100 cuts, each judged sector by sector; qemu-img check on
+    every 25th cut's. Returns how many states were checked."""
+    events = run.events
     cuts = sorted(set(rng.sample(range(len(events) + 1), min(100, len(events) + 1))) | {len(events)})
     states = 0
     for n, cut in enumerate(cuts):
         for _ in range(2):  # two random subsets of the uncovered writes per cut
-            state = cut_state(base, events, cut, rng)
+            state = cut_state(run.base, events, cut, rng)
             data, result = await guest_after_cut(state)
             states += 1
-            safe = guaranteed(ops, cut, mode)
-            must_size = resize_guaranteed(ops, cut)
-            if must_size is not None:
-                assert len(data) >= must_size, f"cut {cut}: a flushed resize was lost"
-            for s, allowed in allowed_by_sector(ops, safe, grown // SECTOR, initial).items():
-                got = data[s * SECTOR:(s + 1) * SECTOR] or None
-                if got is None:
-                    # Past the size this state has: only allowed if no guaranteed write is there.
-                    assert not any(s * SECTOR >= size and i in safe for i, op in enumerate(ops)
-                                   if op.kind == "write" and op.offset <= s * SECTOR < op.offset + len(op.data))
-                    continue
-                assert got in allowed, f"cut {cut}/{len(events)}: sector {s} lost a flushed write"
+            flushed_writes_survive(run, mode, cut, data)
         if n % 25 == 0:  # qemu-img is the judge: leaks at most
             path = tmp_path / f"cut{cut}.qcow2"
             path.write_bytes(state)
@@ -208,16 +217,25 @@ async def simulate(case: str, seed: int, tmp_path) -> int:
             assert r.returncode in (0, 3), f"qemu-img check exit {r.returncode} at cut {cut}:\n{r.stdout}"
             path.unlink()
     assert states >= 2 * min(100, len(events) + 1)
-    if source == "tiny-cache" and not mode.write_through:  # write-through writes everything out at each write
-        assert img.early_writeouts > 0
     print(f"power-cut states checked: {states} ({len(cuts)} cuts of {len(events)} events)")
-
-    await img.close()
-    final = replay(base, rec.events)
-    result = run_sync(check_image(len(final)), lambda o, n: bytes(final[o:o + n]))
-    assert result.exit_code() == 0, (result.corruptions, result.leaks[:10])  # a clean close: no leaks
     return states
 
 
-SOAK = {f"powercut-{case}": (simulate, case) for case in CASES}
+def flushed_writes_survive(run: Recorded, mode, cut: int, data: bytes) -> None:
+    """The guest view ``data`` of a state cut after ``cut`` events keeps what the mode promised."""
+    ops, size = run.ops, run.size
+    safe = guaranteed(ops, cut, mode)
+    must_size = resize_guaranteed(ops, cut)
+    if must_size is not None:
+        assert len(data) >= must_size, f"cut {cut}: a flushed resize was lost"
+    for s, allowed in allowed_by_sector(ops, safe, run.grown // SECTOR, run.initial).items():
+        got = data[s * SECTOR:(s + 1) * SECTOR] or None
+        if got is None:
+            # Past the size this state has: only allowed if no guaranteed write is there.
+            assert not any(s * SECTOR >= size and i in safe for i, op in enumerate(ops)
+                           if op.kind == "write" and op.offset <= s * SECTOR < op.offset + len(op.data))
+            continue
+        assert got in allowed, f"cut {cut}/{len(run.events)}: sector {s} lost a flushed write"
 
+
+SOAK = {f"powercut-{case}": (simulate, case) for case in CASES}

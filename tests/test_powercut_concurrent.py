@@ -23,44 +23,16 @@ import trio
 
 import interleaving
 
-from cachefs.backend import MemoryBackend, RecordingBackend, replay
-from cachefs.backend.faulty import Sync, Write
+from cachefs.backend import MemoryBackend, RecordingBackend
 from cachefs.image.backends import BackendSet
 from cachefs.policy import DIRECTSYNC, WRITEBACK, WRITETHROUGH
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async
 from cachefs.image.qcow2image import Qcow2Image
-from test_cache_modes import SECTOR, ModeView, Op, allowed_by_sector, fresh_qcow2
-from test_powercut import guest_after_cut
+from powercut import SECTOR, allowed_by_sector, guest_after_cut
+from recorded import Op, YieldingView, durable_state, fresh_qcow2, promised
 
 WRITERS, BLOCK, CS = 8, 4096, 65536
-
-
-class YieldingView(ModeView):
-    """Every write and sync lets the other writers run first (and, for syncs, complete writes)."""
-
-    async def pwrite(self, offset, data):
-        await trio.sleep(0)
-        await super().pwrite(offset, data)
-
-    async def fdatasync(self):
-        await trio.sleep(0)
-        await super().fdatasync()
-
-
-def durable_state(base: bytes, events: list, cut: int, rng: random.Random) -> bytearray:
-    """The durable prefix (the widest a completed sync covers) plus a random subset of the rest."""
-    covers = max((e.covers for e in events[:cut] if isinstance(e, Sync)), default=0)
-    maybe = [e for e in events[covers:cut] if isinstance(e, Write)]
-    return replay(base, list(events[:covers]) + [e for e in maybe if rng.random() < 0.5])
-
-
-def promised(ops: list[Op], cut: int, write_through: bool) -> set[int]:
-    if write_through:
-        return {i for i, op in enumerate(ops) if op.kind == "write" and op.done <= cut}
-    flushes = [op.started for op in ops if op.kind == "flush" and op.done <= cut]
-    start = max(flushes, default=-1)
-    return {i for i, op in enumerate(ops) if op.kind == "write" and op.done <= start}
 
 
 async def run_writers(img, rec, mode, rng: random.Random, size: int) -> list[Op]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import subprocess
 
+import attrs
 import pytest
 import trio
 
@@ -47,9 +48,8 @@ from cachefs.qcow2.plan import run_async, run_sync
 from cachefs.image.qcow2image import Qcow2Image
 from memimage import read_all
 from simplane import INO, PublishedPlane, SimulatedPlane
-from test_cache_modes import SECTOR, Op, allowed_by_sector, fresh_qcow2
-from test_powercut import compressed_qcow2
-from test_powercut_concurrent import YieldingView, durable_state, promised
+from powercut import SECTOR, allowed_by_sector, compressed_qcow2
+from recorded import Op, YieldingView, durable_state, fresh_qcow2, promised
 
 WRITERS, BLOCK, CS = 8, 4096, 65536
 SHARED = 32                 # clusters 0..31: 4 KiB blocks dealt round-robin to the writers
@@ -81,83 +81,14 @@ async def run_workload(img, rec, plane, mode, rng, n_ops: int, *, mix=(0.07, 0.1
     """Ops are appended in completion order; each sector has one writer, so its history is that
     writer's order. Discards are writes of zeros to the guest. ``mix``: the cumulative shares of
     flushes, reads, discards and Python writes; the rest are C's writes."""
-    p_flush, p_read, p_discard, p_python = mix
     ops: list[Op] = []
-    shared_blocks = SHARED * CS // BLOCK
 
     async def writer(k: int) -> None:
-        mine = list(range(k, shared_blocks, WRITERS))
-        own = [(SHARED + PRIVATE * k + i) * CS for i in range(PRIVATE)]
-        model: dict[int, bytes] = {}  # sector -> what this writer last wrote there (its reads' truth)
-
-        def note(off, data):
-            for s in range(len(data) // SECTOR):
-                model[off // SECTOR + s] = data[s * SECTOR:(s + 1) * SECTOR]
-
-        async def read_back(off, n):
-            got = bytes(await img.read(off, n, mode))
-            want = b"".join(model.get(s, bytes(SECTOR) if initial is None else initial[s * SECTOR:(s + 1) * SECTOR])
-                             for s in range(off // SECTOR, (off + n) // SECTOR))
-            assert got == want, f"writer {k}: a read at {off:#x}+{n:#x} missed its own completed writes"
-
+        w = Writer(k, img, rec, plane, mode, rng, mix, ops, initial)
         if initial is not None:
-            # A converted image has every cluster allocated (compressed): C allocates only where a
-            # discard made room, so each writer discards its own clusters first, or how much C
-            # allocates would depend on the interleaving (issue 19: 5 allocations on some seeds).
-            for off in own:
-                started = len(rec.events)
-                await img.discard(off, CS, mode)
-                note(off, bytes(CS))
-                ops.append(Op("write", off, bytes(CS), started, len(rec.events)))
+            await w.discard_own_clusters()
         for _ in range(n_ops):
-            started = len(rec.events)
-            roll = rng.random()
-            if roll < p_flush:
-                await img.flush(mode)
-                ops.append(Op("flush", started=started, done=len(rec.events)))
-                continue
-            if roll < p_read:  # a read of this writer's own data
-                if rng.random() < 0.5:
-                    await read_back(rng.choice(mine) * BLOCK, BLOCK)
-                else:
-                    await read_back(rng.choice(own), CS)
-                continue
-            if roll < p_discard:  # a discard in its own clusters: whole clusters, or with partial edges
-                c = rng.randrange(PRIVATE)
-                n = rng.choice([CS, CS, (PRIVATE - c) * CS, CS - 3 * SECTOR, 5 * SECTOR])
-                off = own[c] + (rng.randrange((CS - n) // SECTOR + 1) * SECTOR if n < CS else 0)
-                r = rng.random()
-                if r < 0.15:  # preallocation (fallocate mode 0): zero clusters with space; nothing to see
-                    await img.allocate(off, n, mode)
-                    continue
-                await (img.discard if r < 0.6 else img.zero_range)(off, n, mode)  # write-zeroes keeps the space
-                note(off, bytes(n))
-                ops.append(Op("write", off, bytes(n), started, len(rec.events)))
-                continue
-            python = roll < p_python
-            if rng.random() < 0.6:  # a block of the shared clusters, where every writer allocates
-                b = rng.choice(mine)
-                n = rng.choice([1, 2, 8, 8]) * SECTOR
-                off = b * BLOCK + rng.randrange((BLOCK - n) // SECTOR + 1) * SECTOR
-                data = rng.randbytes(n)
-            elif rng.random() < 0.1:  # a whole cluster of zeros: C forwards it, Python frees
-                off, data = rng.choice(own), bytes(CS)
-            else:
-                n = rng.choice([1, 8, 8, 64, 128]) * SECTOR
-                if python and rng.random() < 0.5:
-                    n = rng.choice([130, 200]) * SECTOR  # Python's may span two clusters
-                first = own[0] // SECTOR
-                last = (own[-1] + CS - n) // SECTOR
-                s = rng.randrange(first, last + 1)
-                if not python:  # C's request stays in one cluster here
-                    s = min(s, (s * SECTOR // CS * CS + CS - n) // SECTOR)
-                off, data = s * SECTOR, rng.randbytes(n)
-            if python:
-                await img.write(off, data, mode)
-            else:
-                await plane.c_write(off, data)
-            note(off, data)
-            ops.append(Op("write", off, data, started, len(rec.events)))
+            await w.one_request()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(plane.serve, img.plane_hooks.lender)
@@ -166,6 +97,116 @@ async def run_workload(img, rec, plane, mode, rng, n_ops: int, *, mix=(0.07, 0.1
                 writers.start_soon(writer, k)
         nursery.cancel_scope.cancel()
     return ops
+
+
+@attrs.define
+class Writer:
+    """Writer ``k`` of run_workload: its 4 KiB blocks of the shared clusters (``mine``), its own
+    clusters (``own``), and what it last wrote to each sector (``model``: its reads' truth).
+
+    Every request draws from the one seeded ``rng`` in the order it always did (the seed fixes
+    the workload and, through tests/interleaving.py, the interleaving): the choices are plain
+    methods, the awaits those of the requests themselves.
+    """
+
+    k: int
+    img: object
+    rec: RecordingBackend
+    plane: SimulatedPlane
+    mode: object
+    rng: random.Random
+    mix: tuple[float, float, float, float]  # cumulative shares: flushes, reads, discards, Python writes
+    ops: list[Op]
+    initial: bytes | None
+    mine: list[int] = attrs.field(init=False)
+    own: list[int] = attrs.field(init=False)
+    model: dict[int, bytes] = attrs.Factory(dict)  # sector -> what this writer last wrote there
+
+    def __attrs_post_init__(self) -> None:
+        self.mine = list(range(self.k, SHARED * CS // BLOCK, WRITERS))
+        self.own = [(SHARED + PRIVATE * self.k + i) * CS for i in range(PRIVATE)]
+
+    def note(self, off, data):
+        for s in range(len(data) // SECTOR):
+            self.model[off // SECTOR + s] = data[s * SECTOR:(s + 1) * SECTOR]
+
+    async def read_back(self, off, n):
+        got = bytes(await self.img.read(off, n, self.mode))
+        initial = self.initial
+        want = b"".join(self.model.get(s, bytes(SECTOR) if initial is None else initial[s * SECTOR:(s + 1) * SECTOR])
+                        for s in range(off // SECTOR, (off + n) // SECTOR))
+        assert got == want, f"writer {self.k}: a read at {off:#x}+{n:#x} missed its own completed writes"
+
+    async def discard_own_clusters(self) -> None:
+        # A converted image has every cluster allocated (compressed): C allocates only where a
+        # discard made room, so each writer discards its own clusters first, or how much C
+        # allocates would depend on the interleaving (issue 19: 5 allocations on some seeds).
+        for off in self.own:
+            started = len(self.rec.events)
+            await self.img.discard(off, CS, self.mode)
+            self.note(off, bytes(CS))
+            self.ops.append(Op("write", off, bytes(CS), started, len(self.rec.events)))
+
+    async def one_request(self) -> None:
+        p_flush, p_read, p_discard, p_python = self.mix
+        rng, img, mode = self.rng, self.img, self.mode
+        started = len(self.rec.events)
+        roll = rng.random()
+        if roll < p_flush:
+            await img.flush(mode)
+            self.ops.append(Op("flush", started=started, done=len(self.rec.events)))
+            return
+        if roll < p_read:  # a read of this writer's own data
+            if rng.random() < 0.5:
+                await self.read_back(rng.choice(self.mine) * BLOCK, BLOCK)
+            else:
+                await self.read_back(rng.choice(self.own), CS)
+            return
+        if roll < p_discard:
+            await self.discard(started)
+            return
+        python = roll < p_python
+        off, data = self.pick_write(python)
+        if python:
+            await img.write(off, data, mode)
+        else:
+            await self.plane.c_write(off, data)
+        self.note(off, data)
+        self.ops.append(Op("write", off, data, started, len(self.rec.events)))
+
+    async def discard(self, started: int) -> None:
+        """A discard in its own clusters: whole clusters, or with partial edges."""
+        rng = self.rng
+        c = rng.randrange(PRIVATE)
+        n = rng.choice([CS, CS, (PRIVATE - c) * CS, CS - 3 * SECTOR, 5 * SECTOR])
+        off = self.own[c] + (rng.randrange((CS - n) // SECTOR + 1) * SECTOR if n < CS else 0)
+        r = rng.random()
+        if r < 0.15:  # preallocation (fallocate mode 0): zero clusters with space; nothing to see
+            await self.img.allocate(off, n, self.mode)
+            return
+        await (self.img.discard if r < 0.6 else self.img.zero_range)(off, n, self.mode)  # write-zeroes keeps the space
+        self.note(off, bytes(n))
+        self.ops.append(Op("write", off, bytes(n), started, len(self.rec.events)))
+
+    def pick_write(self, python: bool) -> tuple[int, bytes]:
+        """Where a write goes and what it writes (C's stay in one cluster)."""
+        rng, own = self.rng, self.own
+        if rng.random() < 0.6:  # a block of the shared clusters, where every writer allocates
+            b = rng.choice(self.mine)
+            n = rng.choice([1, 2, 8, 8]) * SECTOR
+            off = b * BLOCK + rng.randrange((BLOCK - n) // SECTOR + 1) * SECTOR
+            return off, rng.randbytes(n)
+        if rng.random() < 0.1:  # a whole cluster of zeros: C forwards it, Python frees
+            return rng.choice(own), bytes(CS)
+        n = rng.choice([1, 8, 8, 64, 128]) * SECTOR
+        if python and rng.random() < 0.5:
+            n = rng.choice([130, 200]) * SECTOR  # Python's may span two clusters
+        first = own[0] // SECTOR
+        last = (own[-1] + CS - n) // SECTOR
+        s = rng.randrange(first, last + 1)
+        if not python:  # C's request stays in one cluster here
+            s = min(s, (s * SECTOR // CS * CS + CS - n) // SECTOR)
+        return s * SECTOR, rng.randbytes(n)
 
 
 def cut_points(events, ops, rng, sample: int = 120) -> list[int]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import cachefs, qemu_img
-from test_cache_modes_mount import BLOCK, O_DIRECT, pwrite_block, stat_of
-from test_mount_interop import kill_daemon
+from guestio import BLOCK, O_DIRECT, pwrite_block
+from mounting import kill_daemon, stat_of
 
 N = 48
 CLUSTER = 65536

@@ -20,9 +20,10 @@ import subprocess
 
 import pytest
 
-from test_cache_modes_mount import (BLOCK, O_DIRECT, SYNC_CALLS, WRITE_CALLS, Strace, io_fds, kind,
-                                    pwrite_block, stat_of)
 from conftest import cachefs, qemu_img
+from guestio import BLOCK, O_DIRECT, pwrite_block
+from mounting import stat_of
+from stracing import SYNC_CALLS, WRITE_CALLS, Strace, io_fds, kind
 
 N = 48          # allocating writes, then as many overwrites in place
 CLUSTER = 65536
