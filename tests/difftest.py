@@ -159,7 +159,7 @@ class SimSide:
 
     def woken(self) -> bool:
         woken = self.plane.wake.is_set()
-        self.plane.wake = trio.Event()  # as fastpaths' serve_allocations consumes it
+        self.plane.wake = trio.Event()  # as handles' serve_allocations consumes it
         return woken
 
     def state(self) -> State:
@@ -363,7 +363,7 @@ class Generator:
         return first, self.rng.randint(1, min(longest, b - first))
 
     def _entry(self) -> int:
-        """What Python publishes (dpmap._state, _hold), and now and then what it never does."""
+        """What Python publishes (mapping._state, _hold), and now and then what it never does."""
         lib, rng, cs = native.lib, self.rng, self.layout.cs
         W, R, Z, A, U = (lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO, lib.DP_MAP_ALLOC,
                          lib.DP_MAP_UNSYNCED)

@@ -1,7 +1,7 @@
 """The differential test at the level of Python's L2 tables: :class:`simplane.SimulatedPlane`
 (which tests/test_powercut_fastalloc.py's workloads run against, and which plans C's writes
 from Python's own L2 entries) against the real C fed by the production
-``dpmap.MappingPublisher`` (which turns those L2 entries, tables entering and leaving the
+``mapping.MappingPublisher`` (which turns those L2 entries, tables entering and leaving the
 cache and mapping changes into dp_map_clusters and dp_unmap_clusters).
 
 A fake engine holds the L2 tables (a few clusters each) and reports what the real one
@@ -116,7 +116,7 @@ class L2Runner:
     def step(self, op: Op) -> None:
         getattr(self, "op_" + op.name)(*op.args)
         c, sim = self.c.woken(), self.sim.wake.is_set()
-        self.sim.wake = trio.Event()  # as fastpaths' serve_allocations consumes it
+        self.sim.wake = trio.Event()  # as handles' serve_allocations consumes it
         if c != sim:
             raise Disagreement("woke Python", c, sim)
         cs, s = self.c.state(), self.sim

@@ -131,14 +131,14 @@ class SimulatedPlane:
     # ------------------------------------------------------------ C's mapping
 
     def _changed(self, change) -> None:
-        """Python published a change (dpmap.changed): C's entry is Python's again, except for the
+        """Python published a change (mapping.changed): C's entry is Python's again, except for the
         clusters still in the log (dp_alloc_restore)."""
         for c in range(change.first, change.first + change.count):
             self.cmap.pop(c, None)
         self._restore(change.first, change.count)
 
     def entered(self, table) -> None:
-        """An L2 table entered Python's cache: dpmap publishes Python's entries, and C keeps what
+        """An L2 table entered Python's cache: mapping publishes Python's entries, and C keeps what
         it logged there (dp_alloc_restore)."""
         if table.kind == "l2" and table.l1_index >= 0:
             per = self.engine.map.l2_entries
@@ -235,13 +235,13 @@ class SimulatedPlane:
         return True
 
     async def _fence(self) -> None:
-        """dpmap.fence: C's requests dispatched so far have completed before frees are applied."""
+        """mapping.fence: C's requests dispatched so far have completed before frees are applied."""
         ticket = self._seq
         while any(s < ticket for s in self._inflight):
             await trio.sleep(0)
 
     async def serve(self, allocs: FastAllocations) -> None:
-        """fastpaths.FastPaths.serve_allocations: C woke us (few lent clusters, or the log fills)."""
+        """handles.FastPaths.serve_allocations: C woke us (few lent clusters, or the log fills)."""
         while True:
             await self.wake.wait()
             self.wake = trio.Event()  # on_alloc_wake sets the current one
@@ -250,7 +250,7 @@ class SimulatedPlane:
 
 class PublishedPlane(SimulatedPlane):
     """C's table of published entries (dp_table.c: dp_map_clusters with dp_alloc_restore,
-    dp_unmap_clusters), kept by the production dpmap.MappingPublisher, and C's requests planned
+    dp_unmap_clusters), kept by the production mapping.MappingPublisher, and C's requests planned
     from that table, as C plans them, not from Python's L2 tables."""
 
     def __init__(self, img, rec, mode, rng):

@@ -200,7 +200,7 @@ def one_io_descriptor_per_image(m, images: Path, mode: str) -> dict[str, int]:
 
 def io_descriptors_after_the_workload(m, images: Path, mode: str, io: dict[str, int]) -> dict[str, dict[int, int]]:
     """A write-through mode's qcow2 image has a second I/O descriptor once it allocated: the batch
-    twin (backendset.BackendSet.batch), same O_DIRECT-ness, no O_DSYNC. Nothing else appears."""
+    twin (backends.BackendSet.batch), same O_DIRECT-ness, no O_DSYNC. Nothing else appears."""
     want = (mode in DIRECT, mode in WRITE_THROUGH)
     fds = {name: io_fds(m.pid, backing(images, name)) for name in NAMES}
     for name in NAMES:

@@ -351,7 +351,7 @@ def test_write_through_waits_for_the_mapping_before_writing_in_c(faulty, mounted
     if the mapping it went through is durable too. A cluster just allocated by writer A is mapped in memory at
     once, and durable only when A's shared fdatasync (held 1 s in the lower filesystem) ends.
     Writer B, writing in that cluster meanwhile, must not be acknowledged before it: C holds the
-    new mapping read-only (dpmap, "Durable before writable"), so B goes to Python, which waits
+    new mapping read-only (mapping, "Durable before writable"), so B goes to Python, which waits
     for the sync. Once it ended, C writes the cluster again. (O_DIRECT handles: the kernel sends
     their writes in parallel, FOPEN_PARALLEL_DIRECT_WRITES; a cached handle's writes to one inode
     are serialized by the kernel, so B could not overtake A's acknowledgement there.)"""

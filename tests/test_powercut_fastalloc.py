@@ -58,7 +58,7 @@ SIZE = (SHARED + PRIVATE * WRITERS) * CS
 
 
 class Publisher:
-    """What FastAllocations asks of dpmap.MappingPublisher: no write-through handle here."""
+    """What FastAllocations asks of mapping.MappingPublisher: no write-through handle here."""
     write_through = False
     unsettled: set = set()
 
