@@ -55,8 +55,11 @@ from cachefs.policy import MODES
               help="What creating NAME.raw through the mount makes (default qcow2).")
 @click.option("--debug", is_flag=True, help="Log at debug level too: more detail in the log (see --log), "
                                             "for a bug report.")
+@click.option("--backing-dir", "backing_dirs", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="A directory where backing files of overlays may be, besides IMAGE_DIR (repeatable; "
+                   "also -o backing_dir=DIR). A backing file named anywhere else is refused.")
 def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, foreground, allow_other, options,
-          log_file, pid_file, create_format, debug):
+          log_file, pid_file, create_format, debug, backing_dirs):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
     Returns once the mount is live.
@@ -68,7 +71,8 @@ def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, fore
         click.echo(f"cachefs: --l2-cache-size {l2_cache_size}: {exc}", err=True)
         sys.exit(2)
     flags = MountOptions(cache=cache_mode, aio=aio, allow_other=allow_other, log=log_file, pid_file=pid_file,
-                         create_format=create_format, dataplane=dataplane, l2_cache_size=size, debug=debug)
+                         create_format=create_format, dataplane=dataplane, l2_cache_size=size, debug=debug,
+                         backing_dirs=tuple(backing_dirs))
     try:
         cfg = mount_config(image_dir, mountpoint, merge(flags, parse_options(options)), foreground=foreground)
     except MountOptionError as exc:  # a usage error: exit 2 as click's own, but in one line
@@ -100,6 +104,7 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
         allow_other=opts.allow_other, default_permissions=opts.kernel_checks_modes,
         foreground=foreground, debug=opts.debug, growable=opts.growable, drop_bitmaps=opts.drop_bitmaps,
         noexec=opts.noexec,
+        backing_dirs=tuple(preflight.directory(d, "backing directory") for d in opts.backing_dirs),
         **{k: v for k, v in given.items() if v is not None},
     )
     check_submitter(cfg.cache_mode, cfg.aio)

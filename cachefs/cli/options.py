@@ -77,6 +77,8 @@ class MountOptions:
     drop_bitmaps: bool = False
     # The kernel's noexec on the FUSE mount (mount(8) adds it for fstab's `user`).
     noexec: bool = False
+    # Where backing files may be besides the image directory (--backing-dir, -o backing_dir=; repeatable).
+    backing_dirs: tuple[str, ...] = ()
     # (option, why it has no effect), for `mount.fuse.cachefs -v`.
     ignored: tuple[tuple[str, str], ...] = ()
 
@@ -194,7 +196,7 @@ VALUES: dict[str, Callable[[str], object]] = {
     "pid_file": _path,
 }
 
-KNOWN = ", ".join([*FLAGS, *(f"{v}=" for v in VALUES)])
+KNOWN = ", ".join([*FLAGS, *(f"{v}=" for v in VALUES), "backing_dir="])
 
 
 # ------------------------------------------------------------------ parsing
@@ -218,6 +220,8 @@ def parse_options(texts: Iterable[str], *, sloppy: bool = False) -> MountOptions
         if name in FLAGS and not eq:
             field, on = FLAGS[name]
             fields[field] = on
+        elif name == "backing_dir":  # repeatable: each names one more directory
+            fields["backing_dirs"] = (*fields.get("backing_dirs", ()), _value(name, eq, value, _path))
         elif name in VALUES:
             fields[name] = _value(name, eq, value)
         elif (why := _why_ignored(opt)) is not None:
@@ -233,11 +237,11 @@ def parse_options(texts: Iterable[str], *, sloppy: bool = False) -> MountOptions
     return MountOptions(**fields, ignored=tuple(ignored))
 
 
-def _value(name: str, eq: str, value: str) -> object:
+def _value(name: str, eq: str, value: str, parse: Callable[[str], object] | None = None) -> object:
     if not eq or not value:
         raise MountOptionError(f"-o {name}: needs a value ({name}=...)")
     try:
-        return VALUES[name](value)
+        return (parse or VALUES[name])(value)
     except ValueError as exc:
         raise MountOptionError(f"-o {name}={value}: {exc}") from None
 
@@ -258,7 +262,7 @@ def merge(flags: MountOptions, given: MountOptions) -> MountOptions:
     out: dict[str, object] = {}
     for f in attrs.fields(MountOptions):
         a, b = getattr(flags, f.name), getattr(given, f.name)
-        if f is attrs.fields(MountOptions).ignored:
+        if isinstance(a, tuple):  # ignored, backing_dirs: both ways count
             out[f.name] = a + b
         elif isinstance(a, bool):
             out[f.name] = a or b

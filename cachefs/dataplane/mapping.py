@@ -69,6 +69,9 @@ class MappingPublisher:
         self.inode = inode
         self.engine = engine
         self.per_table = engine.map.l2_entries
+        # An overlay's unallocated clusters read from its backing file, which C does not reach
+        # (issue 22): they stay unpublished, so Python serves them and copies on write.
+        self._unallocated = 0 if getattr(engine, "backing", None) is not None else self._zero | self._alloc
         self.tables: dict[int, object] = {}  # L1 index -> its published L2 table (meta.Table)
         self.fence_ticket: int | None = None  # a drain owed before the next deferred free
         self.stopped = False
@@ -117,7 +120,9 @@ class MappingPublisher:
 
     def _state(self, entry: int, vcluster: int) -> int:
         """C's entry for an L2 entry: host offset | DP_MAP_* (0, absent, when C must not serve it)."""
-        if entry in (0, fmt.L2_ZERO):
+        if entry == 0:
+            return self._unallocated  # C may allocate one (dataplane/lending.py), unless a backing file is below
+        if entry == fmt.L2_ZERO:
             return self._zero | self._alloc  # no host cluster: C may allocate one (dataplane/lending.py)
         if entry & fmt.L2_COMPRESSED:
             return 0
@@ -153,7 +158,9 @@ class MappingPublisher:
         new = change.new
         if new.kind is MappingKind.DATA:
             return new.host_offset | (self._writable if new.owned else self._readonly)
-        if new.kind is MappingKind.UNALLOCATED or (new.kind is MappingKind.ZERO and not new.host_offset):
+        if new.kind is MappingKind.UNALLOCATED:
+            return self._unallocated
+        if new.kind is MappingKind.ZERO and not new.host_offset:
             return self._zero | self._alloc
         if new.kind is MappingKind.ZERO:
             return self._zero

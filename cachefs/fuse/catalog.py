@@ -124,6 +124,8 @@ class Catalog:
         self._next_inode = ROOT_INODE + 1
         self._lock = trio.Lock()
         self._seen_mtime: int | None = None  # of the directory, at a trusted scan
+        self._found: dict[tuple[int, int], Found] = {}  # the files of the scan in progress, by ident
+        self.bases = None  # image/backing.Bases: which overlays read which image (the daemon sets it)
 
     # -------------------------------------------------------------- lookups
 
@@ -153,6 +155,7 @@ class Catalog:
                 return []
             mtime = os.stat(self.image_dir).st_mtime_ns
             found, scanned_at = scan(self.image_dir)
+            self._found = {f.ident: f for group in found.values() for f in group if len(group) == 1}
             gone, moved = await self._drop_missing(found)
             await self._adopt(found, fatal)
             for e in moved:
@@ -220,6 +223,42 @@ class Catalog:
             self._skip(f.visible, why if why.startswith(f.path) else f"{f.path}: {why}")
             return
         self.add(img, f)
+
+    async def served_for_backing(self, path: str, ident: tuple[int, int]) -> Image | None:
+        """The mount's own open image of a base an overlay names, opening it now if the scan in
+        progress found it (one open per file: image/backing.py); None if the mount does not serve it."""
+        e = next((e for e in self.by_inode.values() if e.ident == ident), None)
+        if e is None and ident in self._found and self._found[ident].visible not in self.by_name:
+            await self._open_new(self._found[ident], ())
+            e = next((e for e in self.by_inode.values() if e.ident == ident), None)
+        return e.image if e is not None else None
+
+    def holders(self, img: Image) -> list[str]:
+        """The overlays (paths) reading ``img`` as their backing file."""
+        return self.bases.holders(img) if self.bases is not None else []
+
+    def open_conflict(self, e: Entry, writable: bool, written: Callable[[Entry], bool]) -> str | None:
+        """Why ``e`` must not be opened now, in one line, or None. A backing file allows no
+        writer while an overlay above it is open (QEMU's lock for a backing file), so a base is
+        not opened for writing then, nor an overlay while its base is open for writing."""
+        by_path = {x.image.path: x for x in self.by_inode.values()}
+        if writable:
+            above, todo = [], list(self.holders(e.image))
+            while todo:
+                x = by_path.get(todo.pop())
+                if x is not None and x not in above:
+                    above.append(x)
+                    todo += self.holders(x.image)
+            users = [x.visible or os.path.basename(x.image.path) for x in above if x.handles]
+            if users:
+                return f"it is the backing file of {', '.join(sorted(users))}, open now: no writer while they are"
+        base = e.image.backing
+        while base is not None:
+            x = by_path.get(base.image.path)
+            if x is not None and written(x):
+                return f"its backing file {x.visible} is open for writing"
+            base = base.image.backing
+        return None
 
     def add(self, img: Image, f: Found) -> Entry:
         """Serve an image just opened (by a scan, or by create(2) through the mount)."""
@@ -331,6 +370,9 @@ class Catalog:
             log.info("%s stays open until its last close", e.image.path)
             return
         self.by_inode.pop(e.inode, None)
+        if self.holders(e.image):  # still a base of served overlays: closed with the last of them
+            self.bases.take_over(e.image)
+            return
         await close_quietly(e.image)
 
     async def close_all(self) -> list[str]:

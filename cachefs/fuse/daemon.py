@@ -79,6 +79,7 @@ class MountConfig:
     debug: bool = False
     # -o growable: a write past a disk's end grows it; otherwise ENOSPC (only a resize changes the size).
     growable: bool = False
+    backing_dirs: tuple[str, ...] = ()  # --backing-dir: where else backing files may be (image/backing_names.py)
     # -o drop_bitmaps: an image with persistent bitmaps is served writable, its bitmaps deleted.
     drop_bitmaps: bool = False
     # -o noexec (mount(8) adds it for fstab's `user`): the kernel's flag on the FUSE mount.
@@ -275,6 +276,7 @@ async def _open_catalog(cfg: MountConfig):
     from cachefs.backend import SubmitterUnavailable
     from cachefs.fuse.catalog import Catalog
     from cachefs.errors import DirectIOUnsupported
+    from cachefs.image.backing import Bases
     from cachefs.image.opening import open_image
     from cachefs.policy import mode_named
 
@@ -282,8 +284,13 @@ async def _open_catalog(cfg: MountConfig):
 
     async def opener(path: str):
         return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio,
-                                cache_bytes=cfg.l2_cache_size, drop_bitmaps=cfg.drop_bitmaps)
+                                cache_bytes=cfg.l2_cache_size, drop_bitmaps=cfg.drop_bitmaps, bases=bases)
+
+    async def base_opener(path: str, walk):  # a base the mount does not serve: read-only, shared
+        return await open_image(path, writable=False, mode=mode, aio=cfg.aio,
+                                cache_bytes=cfg.l2_cache_size, bases=bases, walk=walk)
     catalog = Catalog(cfg.image_dir, opener)
+    bases = catalog.bases = Bases([cfg.image_dir, *cfg.backing_dirs], base_opener, catalog.served_for_backing)
     try:
         # The whole directory is on that filesystem / this host: refuse, no fallback.
         await catalog.refresh(force=True, fatal=(DirectIOUnsupported, SubmitterUnavailable))

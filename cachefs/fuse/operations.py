@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 from cachefs.backend import buffer_pool_stats
-from cachefs.errors import CachefsError, UnsupportedOperation
+from cachefs.errors import CachefsError, ImageLocked, UnsupportedOperation
 from cachefs.fuse.catalog import Catalog, Entry, visible_name
 from cachefs.dataplane.handles import NoFastPaths
 from cachefs.image.base import Image
@@ -327,9 +327,12 @@ class CachefsOperations(pyfuse3.Operations):
         return fi
 
     def _open_entry(self, e: Entry, flags: int, ctx) -> pyfuse3.FileInfo:
-        img = e.image
-        if flags & os.O_ACCMODE != os.O_RDONLY and (self.read_only or not img.writable):
+        img, writable = e.image, flags & os.O_ACCMODE != os.O_RDONLY
+        if writable and (self.read_only or not img.writable):
             raise pyfuse3.FUSEError(errno.EROFS)
+        why = self.catalog.open_conflict(e, writable, self._written)
+        if why is not None:
+            raise ImageLocked(f"{e.visible}: {why}")
         mode = img.mode.for_open(flags)
         img.backends.get(mode)  # open its descriptor now: a refusal fails open(2), not every read
         fh = self._next_fh
@@ -338,6 +341,10 @@ class CachefsOperations(pyfuse3.Operations):
         self.catalog.opened(e)
         # keep_cache=False: a cached open starts from what the image holds now.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=mode.direct)
+
+    def _written(self, e: Entry) -> bool:
+        """Is ``e`` open for writing through the mount now?"""
+        return any(h.entry is e and h.flags & os.O_ACCMODE != os.O_RDONLY for h in self.handles.values())
 
     def _handle(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -447,6 +454,8 @@ class CachefsOperations(pyfuse3.Operations):
         out["cache"] = img.mode.name
         out["compress"] = img.compress or "off"
         out["path"] = img.path
+        if holders := self.catalog.holders(img):  # overlays reading it as their backing file
+            out["backing_users"] = json.dumps([os.path.basename(p) for p in holders])
         if self.read_only and "read_only" in self.root_info:  # the whole mount's reason is each image's too
             out.setdefault("read_only_reason", self.root_info["read_only"])
         if img.switch_error:

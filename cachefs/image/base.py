@@ -72,6 +72,8 @@ class Image:
     #: The compress-on-write algorithm ("zlib", "zstd") or None: only a qcow2 image can be one.
     compress: str | None = None
     compress_error: str | None = None  # why the last live compress change was refused (fuse/operations.py)
+    #: The image below this one (image/backing.py: a qcow2 overlay's), or None.
+    backing = None
 
     def __init__(self, path: str, backends: BackendSet, lock: ImageLock | None, writable: bool,
                  mode: Mode = WRITEBACK):

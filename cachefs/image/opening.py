@@ -8,7 +8,9 @@ import os
 import trio
 
 from cachefs.image.backends import BackendSet, file_opener
-from cachefs.errors import CorruptImage
+from cachefs.errors import CorruptImage, UnsupportedImage
+from cachefs.image.backing import Bases
+from cachefs.image.backing_names import ChainWalk
 from cachefs.image.base import Image
 from cachefs.image.formats import format_by_name, image_format
 from cachefs.image.raw import RawImage
@@ -53,16 +55,26 @@ async def _header_first(img: Qcow2Image) -> None:
                     img.path, ", ".join(names), freed)
 
 
+async def _attach_backing(path: str, backing, bases: Bases | None, walk: ChainWalk | None):
+    """The overlay's backing image, opened or shared through ``bases`` (the name's rule is there)."""
+    if bases is None:
+        raise UnsupportedImage(f"{path}: it has a backing file ({backing.name!r}), and nothing here opens one")
+    return await bases.attach(path, backing.name, backing.format, walk)
+
+
 async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
-                     cache_bytes: int | None = None, aio: str = "threads", drop_bitmaps: bool = False) -> Image:
+                     cache_bytes: int | None = None, aio: str = "threads", drop_bitmaps: bool = False,
+                     bases: Bases | None = None, walk: ChainWalk | None = None) -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line).
 
     ``drop_bitmaps`` (-o drop_bitmaps): an image with persistent bitmaps is opened writable and
     its bitmaps deleted; without it such an image is served read-only (Image.read_only_reason).
+    ``bases``: where an overlay's backing image comes from (image/backing.py); an overlay opened
+    without it is refused. ``walk``: the chain this image is opened for, as a base (loops, depth).
     """
     lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
-    lock = None
+    lock = img = None
     try:
         lock = ImageLock.acquire(lock_fd, path, writable)
         be = backends.get(mode.default)
@@ -82,6 +94,8 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
                 raise CorruptImage(f"{path}: {_why_dirty(engine.hdr)}, and rebuilding its refcounts "
                                    f"did not clear the dirty bit")
         img = Qcow2Image(path, backends, lock, writable, engine, mode)
+        if engine.backing is not None:
+            img.backing = await _attach_backing(path, engine.backing, bases, walk)
         if img.writable and not engine.header.durable:
             await _header_first(img)
         return img
@@ -89,6 +103,9 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
         if lock is not None:
             lock.release()
         backends.close()
+        if isinstance(img, Qcow2Image) and img.backing is not None:
+            with trio.CancelScope(shield=True):
+                await img.backing.release()
         raise
 
 

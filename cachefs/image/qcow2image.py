@@ -25,6 +25,7 @@ from cachefs.image import sparse
 from cachefs.image.inflight import InFlight
 from cachefs.image.compressed_writes import CompressedWrites, FillReader
 from cachefs.errors import CorruptImage
+from cachefs.image.backing import BackingImage
 from cachefs.image.base import Image, zero_padded
 from cachefs.image.cluster_runs import format_runs
 from cachefs.policy import WRITEBACK, Mode
@@ -57,6 +58,9 @@ class Qcow2Image(Image):
         # overwrite in place through an O_DSYNC descriptor needs no sync of its own, unless
         # the mapping it wrote through may not be durable yet (_write_through_done).
         self._remap_ticket = 0
+        # The image below, where this one allocated nothing (image/backing.py); None without a
+        # backing file. Attached by opening.open_image before the image serves anything.
+        self.backing: BackingImage | None = None
         engine.on_mapping_change(self._remapped)
 
     @property
@@ -101,7 +105,19 @@ class Qcow2Image(Image):
         # on disk points at them, so a check of the live image sees leaks; `cachefs check -U`
         # reports them apart (cli/served.py).
         refs = self.engine.refs
-        return {**super().info(), "reserved": format_runs([*refs.reservation, *refs.lent])}
+        out = {**super().info(), "reserved": format_runs([*refs.reservation, *refs.lent])}
+        if self.backing is not None:  # qemu-img info's full-backing-filename and its format
+            out.update(backing_file=self.backing.file.path, backing_format=self.backing.file.format)
+        return out
+
+    async def close(self) -> None:
+        """Close, then let go of the backing image (closed with its last overlay: image/backing.py)."""
+        try:
+            await super().close()
+        finally:
+            backing, self.backing = self.backing, None
+            if backing is not None:
+                await backing.release()
 
     def stats(self) -> dict:
         out = super().stats()
@@ -130,12 +146,16 @@ class Qcow2Image(Image):
         the next writeout.
         """
         try:
-            return await run_async(gen, be.pread, io)
+            return await run_async(gen, be.pread, io, self._backing_reader())
         except CorruptImage as exc:
             self.engine.overlap.corrupted(str(exc))
             log.error("%s: %s; the image is now read-only", self.path, exc)
             self.plane_hooks.read_only()
             raise
+
+    def _backing_reader(self):
+        """What serves the core's BackingReadRequest (a copy-on-write from the backing file)."""
+        return self.backing.read if self.backing is not None else None
 
     # -------------------------------------------------------------- reads
 
@@ -160,6 +180,10 @@ class Qcow2Image(Image):
             return bytes(ext.length)
         if ext.kind is ExtentKind.DATA:
             return zero_padded(await be.pread_view(ext.host_offset, ext.length), ext.length)
+        if ext.kind is ExtentKind.BACKING:
+            if self.backing is None:
+                raise OSError(errno.EIO, "the backing file of this range is not open")
+            return await self.backing.read(ext.guest_offset, ext.length)
         if ext.kind is ExtentKind.COMPRESSED:
             desc = ext.compressed
             if self._zcache is None or self._zcache[0] != desc.offset:
