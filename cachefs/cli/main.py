@@ -372,6 +372,10 @@ def stats(mountpoint, as_json):
         click.echo(f"{name:<20} " + " ".join(f"{x.get(k, '-'):>18}" for k in STAT_KEYS))
         if "read_only_reason" in x:
             click.echo(f"{'':<20}   read-only: {x['read_only_reason']}")
+        if "backing_file" in x:
+            click.echo(f"{'':<20}   backing file: {x['backing_file']} ({x.get('backing_format', '?')})")
+        if "backing_users" in x:
+            click.echo(f"{'':<20}   backing file of: {', '.join(json.loads(x['backing_users']))}")
         for mode in MODES:
             if f"stats.{mode}.guest_flushes" in x:
                 per = " ".join(f"{k}={x.get(f'stats.{mode}.{k}', '-')}" for k in MODE_STAT_KEYS)

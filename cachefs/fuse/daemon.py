@@ -277,6 +277,7 @@ async def _open_catalog(cfg: MountConfig):
     from cachefs.fuse.catalog import Catalog
     from cachefs.errors import DirectIOUnsupported
     from cachefs.image.backing import Bases
+    from cachefs.image.backing_names import open_checked
     from cachefs.image.opening import open_image
     from cachefs.policy import mode_named
 
@@ -286,8 +287,9 @@ async def _open_catalog(cfg: MountConfig):
         return await open_image(path, writable=not cfg.read_only, mode=mode, aio=cfg.aio,
                                 cache_bytes=cfg.l2_cache_size, drop_bitmaps=cfg.drop_bitmaps, bases=bases)
 
-    async def base_opener(path: str, walk):  # a base the mount does not serve: read-only, shared
-        return await open_image(path, writable=False, mode=mode, aio=cfg.aio,
+    async def base_opener(bf, walk):  # a base the mount does not serve: read-only, shared
+        fd = open_checked(bf, os.O_RDONLY)  # the very file the name's rule accepted
+        return await open_image(bf.path, writable=False, mode=mode, aio=cfg.aio, fd=fd,
                                 cache_bytes=cfg.l2_cache_size, bases=bases, walk=walk)
     catalog = Catalog(cfg.image_dir, opener)
     bases = catalog.bases = Bases([cfg.image_dir, *cfg.backing_dirs], base_opener, catalog.served_for_backing)

@@ -26,15 +26,15 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 
-from cachefs.errors import CachefsError, CorruptImage
+from cachefs.errors import CorruptImage
 from cachefs.image.backing_names import BackingFile, ChainWalk, resolve_backing
 from cachefs.image.base import Image
 
 log = logging.getLogger("cachefs.image.backing")
 
-#: Opens a base read-only as its own image: (path, walk) -> Image (image/opening.open_image, which
-#: attaches the base's own backing through the same Bases).
-BaseOpener = Callable[[str, ChainWalk], Awaitable[Image]]
+#: Opens a base read-only as its own image: (the resolved file, walk) -> Image (image/opening.open_image
+#: on backing_names.open_checked's descriptor; it attaches the base's own backing through the same Bases).
+BaseOpener = Callable[[BackingFile, ChainWalk], Awaitable[Image]]
 #: The mount's own open image of a file, if it serves it: (path, (st_dev, st_ino)) -> Image | None.
 ServedLookup = Callable[[str, tuple[int, int]], Awaitable[Image | None]]
 
@@ -115,12 +115,7 @@ class Bases:
     async def _open_base(self, bf: BackingFile, ident: tuple[int, int], walk: ChainWalk) -> _Shared:
         served = await self._served(bf.path, ident)
         shared = _Shared(served, owned=False) if served is not None else \
-            _Shared(await self._open(bf.path, walk), owned=True)
-        st = os.stat(shared.image.path)
-        if (st.st_dev, st.st_ino) != ident:  # replaced between the resolution and the open
-            if shared.owned:
-                await shared.image.close()
-            raise _replaced(bf)
+            _Shared(await self._open(bf, walk), owned=True)
         self._by_ident[ident] = shared
         return shared
 
@@ -139,6 +134,3 @@ def _format_clash(overlay: str, bf: BackingFile, opened: str) -> CorruptImage:
     return CorruptImage(f"{os.path.basename(overlay)}: backing file {bf.name!r} is {opened}, "
                         f"the overlay records {bf.format}")
 
-
-def _replaced(bf: BackingFile) -> CachefsError:
-    return CachefsError(f"backing file {bf.path} was replaced while it was being opened")

@@ -64,15 +64,17 @@ async def _attach_backing(path: str, backing, bases: Bases | None, walk: ChainWa
 
 async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
                      cache_bytes: int | None = None, aio: str = "threads", drop_bitmaps: bool = False,
-                     bases: Bases | None = None, walk: ChainWalk | None = None) -> Image:
+                     bases: Bases | None = None, walk: ChainWalk | None = None, fd: int | None = None) -> Image:
     """Open, lock and validate one image file. Raises CachefsError subclasses (one line).
 
     ``drop_bitmaps`` (-o drop_bitmaps): an image with persistent bitmaps is opened writable and
     its bitmaps deleted; without it such an image is served read-only (Image.read_only_reason).
     ``bases``: where an overlay's backing image comes from (image/backing.py); an overlay opened
     without it is refused. ``walk``: the chain this image is opened for, as a base (loops, depth).
+    ``fd``: the file already opened read-only by the caller (a base: backing_names.open_checked,
+    so the file opened is the file the name's rule accepted); it belongs to the image from now on.
     """
-    lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
     backends = BackendSet(file_opener(path, writable, aio, via_fd=lock_fd), lock_fd)
     lock = img = None
     try:
