@@ -1,0 +1,229 @@
+"""Backing file names resolved safely (issue 22; docs/design.md, "Backing file names: the security rule").
+
+Every hostile name is written into a real overlay by ``qemu-img create -u`` (unsafe: qemu-img
+does not open the target) and read back from its header, so what is refused is what QEMU
+records; only a NUL and an empty name, which argv cannot carry, are given as strings. Each
+refusal is one UnsafeBackingName line (EACCES) that names the overlay. The strace tests prove
+the resolver decides without ever opening the target: a FIFO would block, a device be touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+from cachefs.errors import UnsafeBackingName
+from cachefs.image.backing_names import (MAX_CHAIN_DEPTH, BackingFile, ChainWalk, open_checked,
+                                         resolve_backing)
+from cachefs.qcow2.format import parse_header_untrusted
+from conftest import qemu_img
+
+#: The backing file format name header extension (qcow2 spec, "Header extensions").
+EXT_BACKING_FORMAT = 0xE2792ACA
+
+
+@attrs.frozen
+class Tree:
+    """tmp_path/img (the image directory), tmp_path/extra (a --backing-dir), tmp_path/outside."""
+    img: Path
+    extra: Path
+    outside: Path
+
+    @property
+    def allowed(self) -> list[str]:
+        return [str(self.img), str(self.extra)]
+
+
+@pytest.fixture
+def tree(tmp_path) -> Tree:
+    t = Tree(tmp_path / "img", tmp_path / "extra", tmp_path / "outside")
+    for d in (t.img, t.extra, t.outside):
+        d.mkdir()
+    return t
+
+
+def qcow2(path: Path, backing: str | None = None, fmt: str = "qcow2") -> Path:
+    """A 1 MiB qcow2 at ``path``, recording ``backing`` (never opened: -u) with format ``fmt``."""
+    args = ["-b", backing, "-F", fmt, "-u"] if backing is not None else []
+    qemu_img("create", "-q", "-f", "qcow2", *args, str(path), "1M")
+    return path
+
+
+def raw(path: Path) -> Path:
+    path.write_bytes(b"\0" * 65536)
+    return path
+
+
+def recorded(overlay: Path) -> tuple[str | None, str | None]:
+    """The backing name and recorded backing format from an overlay's header, as qemu-img wrote them."""
+    buf = overlay.read_bytes()[:65536]
+    hdr = parse_header_untrusted(buf, overlay.stat().st_size)
+    name = buf[hdr.backing_file_offset:hdr.backing_file_offset + hdr.backing_file_size].decode() \
+        if hdr.backing_file_offset else None
+    fmt = next((data.decode() for kind, data in hdr.extensions if kind == EXT_BACKING_FORMAT), None)
+    return name, fmt
+
+
+def resolve(tree: Tree, overlay: Path) -> BackingFile:
+    name, fmt = recorded(overlay)
+    return resolve_backing(str(overlay), name, fmt, allowed_dirs=tree.allowed)
+
+
+def refusal(call, overlay: str = "vm.qcow2") -> str:
+    """The one-line message a refused call raises; it names the overlay; the client gets EACCES."""
+    with pytest.raises(UnsafeBackingName) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg and "\0" not in msg, msg
+    assert msg.startswith(f"{overlay}: backing file "), msg
+    assert info.value.errno == errno.EACCES
+    return msg
+
+
+# ---------------------------------------------------------------- hostile names written by qemu-img
+
+def _device(t: Tree) -> str:
+    os.mknod(t.img / "disk.raw", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    return "disk.raw"
+
+
+def _block_device(t: Tree) -> str:
+    os.mknod(t.img / "sda.raw", stat.S_IFBLK | 0o600, os.makedev(7, 0))  # /dev/loop0's numbers
+    return "sda.raw"
+
+
+def _fifo(t: Tree) -> str:
+    os.mkfifo(t.img / "pipe.raw")
+    return "pipe.raw"
+
+
+def _socket(t: Tree) -> str:
+    sock = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
+    os.chdir(t.img)  # sun_path holds 108 bytes: bind by a short relative name
+    try:
+        sock.bind("sock.raw")
+    finally:
+        os.chdir(cwd)
+        sock.close()  # the socket file stays
+    return "sock.raw"
+
+
+def _directory(t: Tree) -> str:
+    (t.img / "dir.qcow2").mkdir()
+    return "dir.qcow2"
+
+
+def _dotdot_outside(t: Tree) -> str:
+    qcow2(t.img.parent / "outside.qcow2")
+    return "../outside.qcow2"
+
+
+def _symlink_outside(t: Tree) -> str:
+    (t.img / "link.qcow2").symlink_to(qcow2(t.outside / "base.qcow2"))
+    return "link.qcow2"
+
+
+def _dir_symlink_outside(t: Tree) -> str:
+    """A directory symlink: the '..'-free name goes out through it."""
+    qcow2(t.outside / "base.qcow2")
+    (t.img / "sub").symlink_to(t.outside)
+    return "sub/base.qcow2"
+
+
+def _prefix_sibling(t: Tree) -> str:
+    """/x/img2 shares /x/img's string prefix, not its components."""
+    (t.img.parent / "img2").mkdir()
+    return str(qcow2(t.img.parent / "img2" / "base.qcow2"))
+
+
+def _symlink_loop(t: Tree) -> str:
+    (t.img / "a.qcow2").symlink_to("b.qcow2")
+    (t.img / "b.qcow2").symlink_to("a.qcow2")
+    return "a.qcow2"
+
+
+def _raw_behind_qcow2_link(t: Tree) -> str:
+    """base.qcow2 -> guest.raw: a raw disk (whose content the guest controls) must stay raw."""
+    (t.img / "base.qcow2").symlink_to(raw(t.img / "guest.raw"))
+    return "base.qcow2"
+
+
+def _file(name: str, make=raw):
+    def setup(t: Tree) -> str:
+        make(t.img / name)
+        return name
+    return setup
+
+
+HOSTILE = [  # (id, setup returning the name, recorded format, what the refusal says)
+    ("etc-shadow", lambda t: "/etc/shadow", "raw", "resolves outside"),
+    ("dev-null-abs", lambda t: "/dev/null", "raw", "resolves outside"),
+    ("char-device", _device, "raw", "is a device node, not a regular file"),
+    ("block-device", _block_device, "raw", "is a device node, not a regular file"),
+    ("fifo", _fifo, "raw", "is a FIFO, not a regular file"),
+    ("socket", _socket, "raw", "is a socket, not a regular file"),
+    ("directory", _directory, "qcow2", "is a directory, not a regular file"),
+    ("dotdot-outside", _dotdot_outside, "qcow2", "resolves outside"),
+    ("symlink-outside", _symlink_outside, "qcow2", "resolves outside"),
+    ("dir-symlink-outside", _dir_symlink_outside, "qcow2", "resolves outside"),
+    ("prefix-sibling", _prefix_sibling, "qcow2", "resolves outside"),
+    ("symlink-loop", _symlink_loop, "qcow2", "cannot be resolved (Too many levels of symbolic links)"),
+    ("missing", lambda t: "gone.qcow2", "qcow2", "the backing file does not exist"),
+    ("json", lambda t: 'json:{"file.filename":"/etc/passwd"}', "raw", "json: specifications are not followed"),
+    ("nbd", lambda t: "nbd://host/x", "raw", "protocol 'nbd:' is not followed"),
+    ("http", lambda t: "http://x/y", "raw", "protocol 'http:' is not followed"),
+    ("https", lambda t: "https://x/y", "raw", "protocol 'https:' is not followed"),
+    ("file-protocol", lambda t: "file:/etc/passwd", "raw", "protocol 'file:' is not followed"),
+    ("ssh", lambda t: "ssh://h/p", "raw", "protocol 'ssh:' is not followed"),
+    ("word-colon", lambda t: "a:b.qcow2", "qcow2", "protocol 'a:' is not followed"),
+    ("newline", lambda t: "x\ny.qcow2", "qcow2", "contains a control character"),
+    ("raw-recorded-qcow2", _file("base.raw"), "qcow2", "recorded as qcow2 but its name 'base.raw' makes it raw"),
+    ("img-recorded-qcow2", _file("base.img"), "qcow2", "recorded as qcow2 but its name 'base.img' makes it raw"),
+    ("qcow2-recorded-raw", _file("base.qcow2", qcow2), "raw", "recorded as raw but its name 'base.qcow2' makes it qcow2"),
+    ("no-suffix", _file("base"), "raw", "'base' has no .qcow2, .raw or .img suffix"),
+    ("qcow2-link-to-raw", _raw_behind_qcow2_link, "qcow2", "recorded as qcow2 but its name 'guest.raw' makes it raw"),
+    ("unknown-format", _file("base.raw"), "vmdk", "backing format 'vmdk' is not qcow2 or raw"),
+]
+
+
+@pytest.mark.parametrize("setup, fmt, why", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_a_hostile_name_recorded_by_qemu_img_is_refused(tree, setup, fmt, why):
+    name = setup(tree)
+    overlay = qcow2(tree.img / "vm.qcow2", name, fmt)
+    assert recorded(overlay) == (name, fmt)
+    msg = refusal(lambda: resolve(tree, overlay))
+    assert why in msg, msg
+    assert msg.startswith(f"vm.qcow2: backing file {name!r} refused: "), msg
+
+
+@pytest.mark.parametrize("name, why", [("", "the name is empty"),
+                                       ("base\0.qcow2", "contains a control character"),
+                                       ("\0/etc/passwd", "contains a control character"),
+                                       ("ba\rse.qcow2", "contains a control character")])
+def test_names_argv_cannot_carry_are_refused_too(tree, name, why):
+    qcow2(tree.img / "base.qcow2")
+    msg = refusal(lambda: resolve_backing(str(tree.img / "vm.qcow2"), name, "qcow2", allowed_dirs=tree.allowed))
+    assert why in msg and "\0" not in msg
+
+
+def test_a_long_hostile_name_is_shown_cut_short(tree):
+    msg = refusal(lambda: resolve_backing(str(tree.img / "vm.qcow2"), "json:{" + "x" * 1000 + "}", None,
+                                          allowed_dirs=tree.allowed))
+    assert len(msg) < 300 and "..." in msg
+
+
+def test_an_overlay_with_a_newline_in_its_own_name_still_gets_one_line(tree):
+    msg = refusal(lambda: resolve_backing(str(tree.img / "v\nm.qcow2"), "/etc/passwd", "raw",
+                                          allowed_dirs=tree.allowed), overlay="'v\\nm.qcow2'")
+    assert "resolves outside" in msg
