@@ -227,3 +227,80 @@ def test_an_overlay_with_a_newline_in_its_own_name_still_gets_one_line(tree):
     msg = refusal(lambda: resolve_backing(str(tree.img / "v\nm.qcow2"), "/etc/passwd", "raw",
                                           allowed_dirs=tree.allowed), overlay="'v\\nm.qcow2'")
     assert "resolves outside" in msg
+
+
+# ---------------------------------------------------------------- names that are followed
+
+def _same_dir(t: Tree) -> tuple[str, Path]:
+    return "base.qcow2", qcow2(t.img / "base.qcow2")
+
+
+def _subdirectory(t: Tree) -> tuple[str, Path]:
+    (t.img / "sub").mkdir()
+    return "sub/base.qcow2", qcow2(t.img / "sub" / "base.qcow2")
+
+
+def _absolute_inside(t: Tree) -> tuple[str, Path]:
+    base = qcow2(t.img / "base.qcow2")
+    return str(base), base
+
+
+def _backing_dir_absolute(t: Tree) -> tuple[str, Path]:
+    base = qcow2(t.extra / "golden.qcow2")
+    return str(base), base
+
+
+def _backing_dir_relative(t: Tree) -> tuple[str, Path]:
+    """'..' leaves the image directory but lands in a --backing-dir: allowed."""
+    return "../extra/golden.qcow2", qcow2(t.extra / "golden.qcow2")
+
+
+def _symlink_inside(t: Tree) -> tuple[str, Path]:
+    (t.img / "sub").mkdir()
+    base = qcow2(t.img / "sub" / "base.qcow2")
+    (t.img / "current.qcow2").symlink_to("sub/base.qcow2")
+    return "current.qcow2", base
+
+
+def _dotdot_inside(t: Tree) -> tuple[str, Path]:
+    (t.img / "sub").mkdir()
+    return "sub/../base.qcow2", qcow2(t.img / "base.qcow2")
+
+
+def _colon_after_slash(t: Tree) -> tuple[str, Path]:
+    """QEMU reads './a:b.qcow2' as a file (the '/' comes first): so does cachefs."""
+    return "./a:b.qcow2", qcow2(t.img / "a:b.qcow2")
+
+
+ACCEPTED = [("same-dir", _same_dir), ("subdirectory", _subdirectory), ("absolute-inside", _absolute_inside),
+            ("backing-dir-absolute", _backing_dir_absolute), ("backing-dir-relative", _backing_dir_relative),
+            ("symlink-inside", _symlink_inside), ("dotdot-inside", _dotdot_inside),
+            ("colon-after-slash", _colon_after_slash)]
+
+
+@pytest.mark.parametrize("setup", [a[1] for a in ACCEPTED], ids=[a[0] for a in ACCEPTED])
+@pytest.mark.parametrize("fmt", ["qcow2", None], ids=["recorded", "unrecorded"])
+def test_a_name_inside_the_allowed_dirs_is_followed(tree, setup, fmt):
+    """``fmt`` None: an overlay without the backing format extension (qemu-img before 6.1 wrote
+    none; 7.2 refuses -b without -F), whose base is read in the format its name gives."""
+    name, base = setup(tree)
+    overlay = qcow2(tree.img / "vm.qcow2", name, "qcow2")
+    assert recorded(overlay) == (name, "qcow2")
+    got = resolve_backing(str(overlay), name, fmt, allowed_dirs=tree.allowed)
+    st = base.stat()
+    assert got == BackingFile(os.path.realpath(base), "qcow2", name, overlay=str(overlay),
+                              st_dev=st.st_dev, st_ino=st.st_ino)
+
+
+def test_a_raw_base_is_followed_as_raw(tree):
+    raw(tree.img / "base.img")
+    got = resolve(tree, qcow2(tree.img / "vm.qcow2", "base.img", "raw"))
+    assert (got.path, got.format) == (str(tree.img / "base.img"), "raw")
+
+
+def test_a_relative_name_resolves_against_the_overlays_directory_not_the_cwd(tree, monkeypatch):
+    (tree.img / "sub").mkdir()
+    base = qcow2(tree.img / "sub" / "base.qcow2")
+    monkeypatch.chdir(tree.outside)
+    got = resolve(tree, qcow2(tree.img / "sub" / "vm.qcow2", "base.qcow2"))
+    assert got.path == str(base)
