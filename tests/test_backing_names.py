@@ -304,3 +304,148 @@ def test_a_relative_name_resolves_against_the_overlays_directory_not_the_cwd(tre
     monkeypatch.chdir(tree.outside)
     got = resolve(tree, qcow2(tree.img / "sub" / "vm.qcow2", "base.qcow2"))
     assert got.path == str(base)
+
+
+# ---------------------------------------------------------------- chains: loops and depth
+
+def walk(tree: Tree, top: Path, limit: int = MAX_CHAIN_DEPTH) -> list[str]:
+    """Follow a chain from ``top`` as the image layer will: resolve each name, enter it, go down.
+    Returns the real paths of the backing files, top first excluded."""
+    chain, current, seen = [], top, ChainWalk(str(top), limit=limit)
+    while True:
+        name, fmt = recorded(current)
+        if name is None:
+            return chain
+        backing = resolve_backing(str(current), name, fmt, allowed_dirs=tree.allowed)
+        seen.enter(backing)
+        chain.append(backing.path)
+        if backing.format != "qcow2":
+            return chain
+        current = Path(backing.path)
+
+
+def test_an_image_backing_itself_is_a_loop(tree):
+    top = qcow2(tree.img / "vm.qcow2", "vm.qcow2")
+    msg = refusal(lambda: walk(tree, top))
+    assert msg.endswith("refused: it is already in the chain (a loop: vm.qcow2 -> vm.qcow2)"), msg
+
+
+def test_a_three_loop_through_symlinks_is_found_by_file_identity(tree):
+    """a -> lb (symlink to b) -> lc (to c) -> la (to a): no name repeats, the files do."""
+    for me, nxt in (("a", "b"), ("b", "c"), ("c", "a")):
+        qcow2(tree.img / f"{me}.qcow2", f"l{nxt}.qcow2")
+        (tree.img / f"l{nxt}.qcow2").symlink_to(f"{nxt}.qcow2")
+    msg = refusal(lambda: walk(tree, tree.img / "a.qcow2"), overlay="c.qcow2")
+    assert msg == ("c.qcow2: backing file 'la.qcow2' refused: it is already in the chain "
+                   "(a loop: a.qcow2 -> b.qcow2 -> c.qcow2 -> a.qcow2)")
+
+
+def test_a_loop_through_a_hard_link_is_found(tree):
+    top = qcow2(tree.img / "vm.qcow2", "again.qcow2")
+    os.link(top, tree.img / "again.qcow2")
+    assert "already in the chain" in refusal(lambda: walk(tree, top))
+
+
+def test_a_top_reached_through_a_symlink_is_still_itself(tree):
+    """The top is stat'ed following its link: the chain coming back to the real file is a loop."""
+    qcow2(tree.img / "real.qcow2", "real.qcow2")
+    (tree.img / "vm.qcow2").symlink_to("real.qcow2")
+    assert "a loop: vm.qcow2 -> real.qcow2" in refusal(lambda: walk(tree, tree.img / "vm.qcow2"))
+
+
+def _chain(tree: Tree, depth: int) -> Path:
+    """l0 (the top) -> l1 -> ... -> l{depth}: ``depth`` backing files."""
+    qcow2(tree.img / f"l{depth}.qcow2")
+    for i in reversed(range(depth)):
+        qcow2(tree.img / f"l{i}.qcow2", f"l{i + 1}.qcow2")
+    return tree.img / "l0.qcow2"
+
+
+def test_a_chain_of_max_depth_is_followed_and_one_deeper_is_refused(tree):
+    assert len(walk(tree, _chain(tree, MAX_CHAIN_DEPTH))) == MAX_CHAIN_DEPTH
+    qcow2(tree.img / f"l{MAX_CHAIN_DEPTH}.qcow2", f"l{MAX_CHAIN_DEPTH + 1}.qcow2")
+    qcow2(tree.img / f"l{MAX_CHAIN_DEPTH + 1}.qcow2")
+    msg = refusal(lambda: walk(tree, tree.img / "l0.qcow2"), overlay=f"l{MAX_CHAIN_DEPTH}.qcow2")
+    assert msg.endswith(f"refused: the chain would be deeper than {MAX_CHAIN_DEPTH} backing files"), msg
+
+
+def test_the_limit_is_a_parameter(tree):
+    top = _chain(tree, 3)
+    assert len(walk(tree, top, limit=3)) == 3
+    assert "deeper than 2 backing files" in refusal(lambda: walk(tree, top, limit=2), overlay="l2.qcow2")
+
+
+def test_a_hand_made_backing_file_is_not_entered(tree):
+    walker = ChainWalk(str(qcow2(tree.img / "vm.qcow2")))
+    fake = BackingFile(str(tree.img / "base.qcow2"), "qcow2", "base.qcow2")
+    assert "not resolved" in refusal(lambda: walker.enter(fake))
+    assert walker.depth == 0
+
+
+# ---------------------------------------------------------------- open_checked: the open cannot be raced
+
+def _resolved(tree: Tree, name: str = "base.qcow2") -> BackingFile:
+    return resolve_backing(str(tree.img / "vm.qcow2"), name, "qcow2", allowed_dirs=tree.allowed)
+
+
+def test_open_checked_opens_the_resolved_file_blocking_and_close_on_exec(tree):
+    base = qcow2(tree.img / "base.qcow2")
+    fd = open_checked(_resolved(tree), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4, 0) == b"QFI\xfb"
+        assert (os.fstat(fd).st_ino, os.readlink(f"/proc/self/fd/{fd}")) == (base.stat().st_ino, str(base))
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert not flags & os.O_NONBLOCK and flags & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
+
+
+def test_a_file_renamed_over_the_resolved_one_is_refused(tree):
+    qcow2(tree.img / "base.qcow2")
+    backing = _resolved(tree)
+    os.replace(qcow2(tree.img / "other.qcow2"), tree.img / "base.qcow2")
+    assert "the file changed after it was resolved" in refusal(lambda: open_checked(backing, os.O_RDONLY))
+
+
+def test_a_fifo_swapped_in_is_refused_without_blocking(tree):
+    """O_PATH first: the FIFO is never opened for reading, so nothing waits for a writer."""
+    qcow2(tree.img / "base.qcow2")
+    backing = _resolved(tree)
+    os.unlink(tree.img / "base.qcow2")
+    os.mkfifo(tree.img / "base.qcow2")
+    assert "changed after it was resolved" in refusal(lambda: open_checked(backing, os.O_RDONLY))
+
+
+def test_a_symlink_swapped_in_is_refused(tree):
+    base = qcow2(tree.img / "base.qcow2")
+    backing = _resolved(tree)
+    os.rename(base, tree.img / "moved.qcow2")
+    (tree.img / "base.qcow2").symlink_to("moved.qcow2")  # the same file, by a link: O_NOFOLLOW sees the link
+    assert "changed after it was resolved" in refusal(lambda: open_checked(backing, os.O_RDONLY))
+
+
+def test_a_directory_swapped_for_a_symlink_outside_is_refused_by_path(tree):
+    """The same inode, moved outside and reached through a directory symlink: fstat alone would
+    pass it; the kernel's path of the descriptor does not."""
+    (tree.img / "sub").mkdir()
+    qcow2(tree.img / "sub" / "base.qcow2")
+    backing = _resolved(tree, "sub/base.qcow2")
+    os.rename(tree.img / "sub", tree.outside / "sub")
+    (tree.img / "sub").symlink_to(tree.outside / "sub")
+    assert "its path changed after it was resolved" in refusal(lambda: open_checked(backing, os.O_RDONLY))
+
+
+def test_a_vanished_file_is_refused(tree):
+    qcow2(tree.img / "base.qcow2")
+    backing = _resolved(tree)
+    os.unlink(tree.img / "base.qcow2")
+    assert "no longer exists" in refusal(lambda: open_checked(backing, os.O_RDONLY))
+
+
+def test_open_checked_takes_only_resolved_files_and_never_creates(tree):
+    qcow2(tree.img / "base.qcow2")
+    fake = BackingFile(str(tree.img / "base.qcow2"), "qcow2", "base.qcow2", overlay=str(tree.img / "vm.qcow2"))
+    assert "not resolved" in refusal(lambda: open_checked(fake, os.O_RDONLY))
+    with pytest.raises(ValueError):
+        open_checked(_resolved(tree), os.O_RDWR | os.O_CREAT)
