@@ -449,3 +449,42 @@ def test_open_checked_takes_only_resolved_files_and_never_creates(tree):
     assert "not resolved" in refusal(lambda: open_checked(fake, os.O_RDONLY))
     with pytest.raises(ValueError):
         open_checked(_resolved(tree), os.O_RDWR | os.O_CREAT)
+
+
+# ---------------------------------------------------------------- the resolver never opens a target
+
+_RESOLVE_EACH = """
+import sys
+from cachefs.errors import UnsafeBackingName
+from cachefs.image.backing_names import resolve_backing
+overlay, allowed, *names = sys.argv[1:]
+for name in names:
+    try:
+        print(name, "followed", resolve_backing(overlay, name, None, allowed_dirs=[allowed]).format)
+    except UnsafeBackingName as e:
+        print(name, "refused", e)
+"""
+
+#: Targets the strace run resolves: (setup, what the resolver answers). The regular file is
+#: there to show that even a followed name is decided without an open.
+_TRACED = [(_fifo, "is a FIFO"), (_device, "is a device node"), (_block_device, "is a device node"),
+           (_socket, "is a socket"), (_directory, "is a directory"), (_file("base.raw"), "followed raw")]
+
+
+def test_the_resolver_never_opens_the_target(tree, tmp_path):
+    """Under strace: not one open/openat/openat2 of a FIFO, a device node, a socket, a directory
+    or a regular file the names lead to (a FIFO's open would block here, a device's reach its driver)."""
+    names = [setup(tree) for setup, _ in _TRACED]
+    trace = tmp_path / "trace"
+    out = subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(trace),
+                          sys.executable, "-c", _RESOLVE_EACH, str(tree.img / "vm.qcow2"), str(tree.img), *names],
+                         capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(_TRACED), out
+    for line, name, (_, answer) in zip(lines, names, _TRACED):
+        assert line.startswith(f"{name} ") and answer in line, line
+    opens = trace.read_text().splitlines()
+    assert any("backing_names" in o for o in opens), "strace saw no opens at all"
+    touched = [o for o in opens if str(tree.img) in o or any(n in o for n in names)]
+    assert touched == []
