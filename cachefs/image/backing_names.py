@@ -95,10 +95,12 @@ def _check_text(name: str) -> str | None:
         return "json: specifications are not followed"
     # QEMU's path_has_protocol(): a ':' before the first '/' makes the part before it a
     # protocol (nbd:, http:, file:, ...), even in "a:b.qcow2". cachefs reads local files only.
-    head, colon, _ = name.partition(":")
+    head, colon, rest = name.partition(":")
     if colon and "/" not in head:
-        return (f"protocol {head + ':'!r} is not followed (QEMU reads a ':' before the first '/' "
-                f"as a protocol; a local file of that name is written './{name}')")
+        # "a:b.qcow2" may well be a file: say how to record it so that QEMU agrees.
+        hint = "" if rest.startswith("/") else f"; a file of that name is recorded as {_shown('./' + name)}"
+        return (f"protocol {head + ':'!r} is not followed "
+                f"(QEMU reads a ':' before the first '/' as a protocol{hint})")
     return None
 
 
