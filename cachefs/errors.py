@@ -51,3 +51,14 @@ class DamagedMetadata(CachefsError):
     """One table entry is invalid: only the guest range behind it fails (EIO)."""
 
     errno = _errno.EIO
+
+
+class UnsafeBackingName(CachefsError):
+    """A qcow2 overlay's backing file name that cachefs will not follow (image/backing_names.py):
+    a json: or protocol name, a target outside the allowed directories, not a regular file,
+    missing, of a format its name does not give, or a loop or too deep a chain.
+
+    EACCES: the overlay is refused by policy, not damaged (EIO) nor read-only (EROFS), and asking
+    again will not help; the message says which rule refused it."""
+
+    errno = _errno.EACCES
