@@ -106,10 +106,18 @@ class MemFile:
         if end > offset:
             self.buf[offset:end] = bytes(end - offset)
 
+    @staticmethod
+    def backing(guest_offset: int, length: int) -> bytes:
+        """The backing chain's guest bytes: the core never opens a backing file (the image layer
+        does), so an overlay under fuzzing reads a pattern there, nonzero so a lost copy shows."""
+        if guest_offset < 0 or length < 0 or length > MAX_READ:
+            raise HarnessBug(f"backing read at {guest_offset}+{length}")
+        return b"\xbb" * length
+
     def run(self, gen):
         """Drive a core generator on this file (plan.run_sync)."""
         try:
-            return run_sync(gen, self.pread, self)
+            return run_sync(gen, self.pread, self, backing=self.backing)
         except HarnessBug as bug:
             # Raised again at the request's yield: the traceback then names the core's line.
             gen.throw(bug)

@@ -39,7 +39,10 @@ from cachefs.qcow2.plan import ReadRequest
 
 class MappingKind(enum.Enum):
     OUTSIDE = "outside"          # past the virtual size
-    UNALLOCATED = "unallocated"  # no host cluster, reads as zeros
+    UNALLOCATED = "unallocated"  # no host cluster, reads as zeros (an image without a backing file)
+    # No host cluster in an image with a backing file: reads the backing chain at the same guest
+    # offset (spec "Cluster mapping"), so whoever serves it must ask the backing image.
+    BACKING = "backing"
     ZERO = "zero"                # the zero flag: reads as zeros (host_offset: preallocated, or 0)
     DATA = "data"                # guest bytes at host_offset
     COMPRESSED = "compressed"    # a compressed cluster at host_offset (read-only: writes COW)
@@ -55,8 +58,9 @@ class Mapping:
     owned: bool = False
 
     @classmethod
-    def of(cls, entry: int, cluster_bits: int) -> Mapping:
-        """The mapping an L2 entry states (the entry is already validated)."""
+    def of(cls, entry: int, cluster_bits: int, backed: bool = False) -> Mapping:
+        """The mapping an L2 entry states (the entry is already validated); ``backed``: the image
+        has a backing file."""
         if entry & fmt.L2_COMPRESSED:
             return cls(MappingKind.COMPRESSED, fmt.decode_compressed(entry, cluster_bits).offset)
         off, owned = entry & fmt.OFFSET_MASK, bool(entry & fmt.L2_COPIED)
@@ -64,7 +68,7 @@ class Mapping:
             return cls(MappingKind.ZERO, off, owned)
         if off:
             return cls(MappingKind.DATA, off, owned)
-        return cls(MappingKind.UNALLOCATED)
+        return cls(MappingKind.BACKING if backed else MappingKind.UNALLOCATED)
 
 
 @attrs.frozen
@@ -222,7 +226,9 @@ class ClusterMap:
         """
         old_entry = table.entries[index]
         if self.subscribers and report:
-            self._report(MappingChange(vcluster, 1, Mapping.of(old_entry, self.cb), Mapping.of(new_entry, self.cb)))
+            backed = self.header.hdr.backing_name is not None
+            self._report(MappingChange(vcluster, 1, Mapping.of(old_entry, self.cb, backed),
+                                       Mapping.of(new_entry, self.cb, backed)))
         table.entries[index] = new_entry
         table.touch(*deps, index=index)
         self.cache.put(table)

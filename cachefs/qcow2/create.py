@@ -1,7 +1,11 @@
 """A new, empty qcow2 v3 image as bytes to write (no I/O here).
 
 Layout as qemu-img lays it out: header cluster, refcount table, refcount
-blocks, then the L1 table; every one of those clusters has refcount 1.
+blocks, then the L1 table; every one of those clusters has refcount 1. A
+backing file name goes in the header cluster after the header extensions,
+its format in the backing-format extension (spec "Header extensions"), as
+``qemu-img create -b NAME -F FORMAT`` writes them. The name is stored, never
+opened or resolved here.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ from cachefs.qcow2.compress import header_fields
 
 
 def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
-              lazy_refcounts: bool = False, compress: str | None = None) -> list[tuple[int, bytes]]:
+              lazy_refcounts: bool = False, compress: str | None = None,
+              backing_name: str | None = None, backing_format: str | None = None) -> list[tuple[int, bytes]]:
     """(offset, bytes) pieces of a fresh image; the last piece ends at the file's size.
 
     ``compress``: "zlib" or "zstd" makes it compress-on-write (qcow2/compress.py).
+    ``backing_name``/``backing_format``: an overlay of that backing file (ValueError, one line,
+    when the name is empty, holds NUL, or does not fit in the header cluster).
     """
+    fmt.check_backing(backing_name, backing_format)
     if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
         raise ValueError("cluster size must be a power of two from 512 B to 2 MiB")
     if not 0 <= refcount_order <= 6:
@@ -51,6 +59,9 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     )
     if compress is not None:
         hdr = attrs.evolve(hdr, **header_fields(hdr, compress, empty=True))
+    if backing_name is not None:
+        fmt_ext = () if backing_format is None else ((fmt.EXT_BACKING_FORMAT, backing_format.encode()),)
+        hdr = attrs.evolve(hdr, backing_name=backing_name, extensions=fmt_ext + hdr.extensions)
     reftable = [block_off + i * cs for i in range(blocks)]
     reftable += [0] * (rt_clusters * cs // 8 - len(reftable))
     counts = [1] * total + [0] * (blocks * per_block - total)
@@ -58,7 +69,7 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
         fmt.RefcountBlock.encode(counts[i * per_block:(i + 1) * per_block], refcount_order)
         for i in range(blocks))
     pieces = [
-        (0, hdr.encode().ljust(cs, b"\0")[:cs]),
+        (0, hdr.encode().ljust(cs, b"\0")),  # encode() refuses a header that passes the cluster
         (rt_off, fmt.encode_table(reftable)),
         (block_off, refblocks),
     ]

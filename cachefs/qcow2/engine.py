@@ -14,7 +14,13 @@ keeps apart (block/qcow2*.c):
   round, and the reservation each flush makes.
 
 Reading: :meth:`Engine.plan_read` maps a guest range to extents (zero, data at
-a host offset, compressed, or damaged).
+a host offset, compressed, backing, or damaged).
+
+Backing files (spec "Cluster mapping"): in an image with one, a cluster
+unallocated here reads the backing chain's bytes at the same guest offset
+(zeros past its end), and a zero cluster reads zeros. The core reports the
+name (:attr:`Engine.backing`) and yields plan.BackingReadRequest when a write
+must copy those bytes; it never opens the backing file or resolves its name.
 
 Writing is two-phase, as in qcow2-cluster.c: :meth:`Engine.plan_write`
 decides where each cluster's bytes go, raising refcounts for new clusters, and
@@ -22,8 +28,8 @@ returns the data writes; the caller performs them, then calls
 :meth:`Engine.commit` (publish the L2 entries) or :meth:`Engine.abort`. A
 reader therefore never sees an L2 entry whose data is not yet written.
 
-All generators here yield plan.ReadRequest and are driven by plan.run_sync or
-plan.run_async.
+All generators here yield plan.ReadRequest (and plan.BackingReadRequest) and
+are driven by plan.run_sync or plan.run_async.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from cachefs.qcow2.cluster import ClusterMap
 from cachefs.qcow2.meta import HeaderItem, TableCache
 from cachefs.qcow2.metaqueue import MetaQueue
 from cachefs.qcow2.overlap import Overlap
-from cachefs.qcow2.plan import DataWrite, Extent, ExtentKind, L2Update, ReadRequest, WritePlan, merge_runs
+from cachefs.qcow2.plan import (BackingReadRequest, DataWrite, Extent, ExtentKind, L2Update, ReadRequest,
+                                WritePlan, merge_runs)
 from cachefs.qcow2.refcount import Allocation, Refcounts
 
 DEFAULT_CACHE_BYTES = 32 << 20
@@ -57,6 +64,7 @@ class EngineCounters:
     frees: int = 0
     zero_writes: int = 0
     cow_reads: int = 0
+    backing_cow_reads: int = 0  # partial writes that copied the rest of a cluster from the backing chain
 
 
 def open_engine(file_size: int, *, writable: bool, cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -91,8 +99,6 @@ def _unsupported(hdr: fmt.Header) -> str | None:
         return "images with an external data file are not supported"
     if hdr.incompatible & fmt.INCOMPAT_EXTL2:
         return "images with extended L2 entries (subclusters) are not supported"
-    if hdr.backing_file_offset:
-        return "images with a backing file are not supported yet"
     return None
 
 
@@ -148,6 +154,10 @@ class Engine:
         self.cs = hdr.cluster_size
         self.counters = EngineCounters()
         self.zero_cluster = bytes(self.cs)
+        # An unallocated cluster reads the backing chain, not zeros (spec "Cluster mapping").
+        # Invariant: the header's backing name does not change while the engine is open
+        # (``cachefs rebase -u`` rewrites a closed image: format.with_backing).
+        self.backed = hdr.backing_name is not None
         reason = _read_only_reason(hdr, drop_bitmaps) if writable else OPENED_READ_ONLY
         self.refs = Refcounts(self.header, reftable, TableCache(cache_bytes // self.cs), file_size)
         self.overlap = Overlap(self.header, self.refs, reason)
@@ -187,6 +197,11 @@ class Engine:
     @property
     def size(self) -> int:
         return self.header.hdr.size
+
+    @property
+    def backing(self) -> fmt.BackingName | None:
+        """The backing file as the header names it (None: none); resolving it is the caller's job."""
+        return self.header.hdr.backing
 
     @property
     def writable(self) -> bool:
@@ -242,8 +257,10 @@ class Engine:
             return Extent(pos, n, ExtentKind.COMPRESSED, compressed=fmt.decode_compressed(entry, self.cb),
                           in_cluster=inc)
         off = entry & fmt.OFFSET_MASK
-        if entry & fmt.L2_ZERO or off == 0:
+        if entry & fmt.L2_ZERO:
             return Extent(pos, n, ExtentKind.ZERO)
+        if off == 0:
+            return Extent(pos, n, ExtentKind.BACKING if self.backed else ExtentKind.ZERO)
         return Extent(pos, n, ExtentKind.DATA, host_offset=off + inc)
 
     def decompress(self, desc: fmt.Compressed, buf: bytes) -> bytes:
@@ -313,16 +330,18 @@ class Engine:
             # zeros becomes a zero cluster (v3) and frees its host cluster.
             if self.header.hdr.version >= 3:
                 return None, self._zeroed(slot)
-            if off == 0 and not compressed:
-                return None, None  # v2: an unallocated cluster already reads as zeros
+            if off == 0 and not compressed and not self.backed:
+                # v2: an unallocated cluster already reads as zeros. Not over a backing file:
+                # v2 has no zero flag, so the zeros are written (the COW below, a whole cluster).
+                return None, None
         if not compressed and off and entry & fmt.L2_COPIED:
             return self._in_place(c, slot)
         return (yield from self._cow(c, slot))
 
     def _zeroed(self, slot: _Slot) -> L2Update | None:
         entry = slot.entry
-        if not entry & fmt.L2_COMPRESSED and (entry & fmt.L2_ZERO or not entry & fmt.OFFSET_MASK):
-            return None  # reads as zeros already
+        if not entry & fmt.L2_COMPRESSED and (entry & fmt.L2_ZERO or not (entry & fmt.OFFSET_MASK or self.backed)):
+            return None  # reads as zeros already (unallocated over a backing file reads the backing file)
         self.counters.zero_writes += 1
         return slot.update(fmt.L2_ZERO, data_first=False)
 
@@ -339,8 +358,8 @@ class Engine:
 
     def _cow(self, c: _Chunk, slot: _Slot):
         """Generator: copy-on-write into a fresh cluster. The head and tail
-        come from the old contents (compressed, shared, or zeros)."""
-        source = yield from self._cow_source(slot.entry)
+        come from the old contents (compressed, shared, the backing chain, or zeros)."""
+        source = yield from self._cow_source(slot, len(c.data) == self.cs)
         a = yield from self.map.allocate("data")
         host, cs = a.cluster << self.cb, self.cs
         if len(c.data) == cs:
@@ -360,13 +379,16 @@ class Engine:
         # unallocated cluster held. Old data copied in (compressed or shared
         # source), a recycled cluster's stale bytes, or a cluster past EOF
         # (qemu-img check calls a reference past EOF corruption) all need the
-        # data first.
-        data_first = source is not None or not a.fresh
+        # data first. So does a cluster that read the backing chain, even
+        # written whole: a crash must not turn its old bytes into zeros.
+        data_first = source is not None or not a.fresh or self._reads_backing(slot.entry)
         self.counters.data_first += data_first
         return write, slot.update(host | fmt.L2_COPIED, a.cluster, data_first=data_first)
 
-    def _cow_source(self, entry: int):
-        """Generator: the old contents a COW keeps around the new bytes, or None (zeros)."""
+    def _cow_source(self, slot: _Slot, whole: bool):
+        """Generator: the old contents a COW keeps around the new bytes, or None (zeros, or nothing
+        to keep: a whole cluster over the backing chain)."""
+        entry = slot.entry
         if entry & fmt.L2_COMPRESSED:
             desc = fmt.decode_compressed(entry, self.cb)
             raw = yield ReadRequest(desc.offset, desc.max_length)
@@ -378,7 +400,19 @@ class Engine:
             source = bytes((yield ReadRequest(off, self.cs)))
             self.counters.cow_reads += 1
             return source
+        if not whole and self._reads_backing(entry):
+            # spec "Cluster mapping": unallocated here, so the bytes around the new ones are the
+            # backing chain's; the whole cluster is copied (qcow2 has no subclusters here).
+            source = yield BackingReadRequest(slot.vcluster << self.cb, self.cs)
+            if len(source) != self.cs:
+                raise RuntimeError(f"the backing reader returned {len(source)} bytes for {self.cs}")
+            self.counters.backing_cow_reads += 1
+            return bytes(source)
         return None
+
+    def _reads_backing(self, entry: int) -> bool:
+        """Does this (validated) entry's cluster read the backing chain? Unallocated, no zero flag."""
+        return self.backed and not entry & (fmt.L2_ZERO | fmt.L2_COMPRESSED | fmt.OFFSET_MASK)
 
     def commit(self, plan: WritePlan):
         """Generator: publish a plan's L2 entries after its data writes completed."""
@@ -407,7 +441,9 @@ class Engine:
             old = table.entries[index]
             if old == host | fmt.L2_COPIED and host >> self.cb not in self.refs.lent:
                 continue  # adopted already (an adoption that failed half way is retried)
-            if old not in (0, fmt.L2_ZERO) or host & (self.cs - 1):
+            if old not in (0, fmt.L2_ZERO) or host & (self.cs - 1) or self._reads_backing(old):
+                # Over a backing file a fresh cluster is not what the unallocated one read: C must
+                # not allocate there (its partial write would lose the backing bytes around it).
                 raise CorruptImage(f"the data plane allocated guest cluster {vcluster} at {host:#x}, "
                                    f"but its L2 entry is {old:#x}")
             cluster = host >> self.cb
@@ -428,4 +464,8 @@ class Engine:
         self.overlap.check_writable()
         if new_size < self.size:
             raise UnsupportedOperation("shrinking an image is not supported")
+        if self.backed and new_size > self.size:
+            # The new clusters would be unallocated, so they would show the backing file's bytes
+            # past the old end; QEMU (bdrv_co_truncate) writes zeros there instead. Not done yet.
+            raise UnsupportedOperation("growing an image with a backing file is not supported yet")
         yield from self.map.grow(-(-new_size // 512) * 512)

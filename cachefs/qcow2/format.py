@@ -43,6 +43,7 @@ COMPRESSION_ZSTD = 1
 
 # Header extension types (spec "Header extensions").
 EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA  # spec "Header extensions": the backing file's format name
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 # cachefs's own: the image is compress-on-write (docs/design.md, "Compress-on-write
@@ -59,6 +60,16 @@ L2_COMPRESSED = 1 << 62
 L2_ZERO = 1 << 0  # spec "Standard Cluster Descriptor", bit 0 (v3 only)
 L2_STD_RESERVED = 0x3F00_0000_0000_01FE  # bits 1-8 and 56-61
 REFTABLE_RESERVED = 0x1FF  # bits 0-8 of a refcount table entry
+MAX_BACKING_NAME = 1023  # spec "Header", backing_file_size: "must not be longer than 1023 bytes"
+
+
+@attrs.frozen
+class BackingName:
+    """What an image's header says about its backing file: the name as stored (resolving it to a
+    file is the image layer's business) and its format (None: the extension is absent)."""
+
+    name: str
+    format: str | None
 
 
 @attrs.frozen
@@ -74,8 +85,10 @@ class Header:
     refcount_table_clusters: int
     nb_snapshots: int = 0
     snapshots_offset: int = 0
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
+    # Where a parsed header had its backing file name: layout, not meaning (encode() lays the
+    # name out again, after the extensions), so not compared.
+    backing_file_offset: int = attrs.field(default=0, eq=False)
+    backing_file_size: int = attrs.field(default=0, eq=False)
     crypt_method: int = 0
     incompatible: int = 0
     compatible: int = 0
@@ -84,6 +97,16 @@ class Header:
     header_length: int = V3_HEADER_LENGTH
     compression_type: int = COMPRESSION_DEFLATE
     extensions: tuple[tuple[int, bytes], ...] = ()
+    # The backing file name (None: no backing file). encode() writes it after the header
+    # extensions and sets backing_file_offset/size to match.
+    backing_name: str | None = None
+
+    @property
+    def backing(self) -> BackingName | None:
+        if self.backing_name is None:
+            return None
+        raw = self.extension(EXT_BACKING_FORMAT)  # validated UTF-8 by the parser
+        return BackingName(self.backing_name, raw.decode() or None if raw is not None else None)
 
     @property
     def cluster_size(self) -> int:
@@ -124,10 +147,21 @@ class Header:
         return None
 
     def encode(self) -> bytes:
-        """The header and its extensions, ready to write at offset 0."""
+        """The header, its extensions and the backing file name, ready to write at offset 0.
+
+        The name goes right after the end-of-extensions marker, as QEMU's qcow2_update_header
+        puts it (spec "Header extensions": the name lives in the space after the extension area,
+        where nothing else may be stored, so it moves when the extensions change).
+        Refused (ValueError) when it all does not fit in the first cluster.
+        """
+        tail = b"".join(_encode_extension(kind, data) for kind, data in self.extensions)
+        tail += struct.pack(">II", EXT_END, 0)
+        name = b"" if self.backing_name is None else self.backing_name.encode()
+        fixed = V2_HEADER_LENGTH if self.version == 2 else self.header_length
+        name_off = fixed + len(tail) if name else 0
         fields = struct.pack(
             ">4sIQIIQIIQQIIQ",
-            MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
+            MAGIC, self.version, name_off, len(name),
             self.cluster_bits, self.size, self.crypt_method, self.l1_size,
             self.l1_table_offset, self.refcount_table_offset,
             self.refcount_table_clusters, self.nb_snapshots, self.snapshots_offset,
@@ -142,10 +176,15 @@ class Header:
             if self.header_length > V3_HEADER_LENGTH:
                 extra = bytes([self.compression_type])
                 out += extra.ljust(self.header_length - V3_HEADER_LENGTH, b"\0")
-        for kind, data in self.extensions:
-            out += struct.pack(">II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
-        out += struct.pack(">II", EXT_END, 0)
+        out += tail + name
+        if len(out) > self.cluster_size:
+            raise ValueError(f"the header, its extensions and the backing file name take {len(out)} bytes, "
+                             f"more than the first cluster ({self.cluster_size})")
         return out
+
+
+def _encode_extension(kind: int, data: bytes) -> bytes:
+    return struct.pack(">II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
 
 
 def max_l1_entries(size: int, cluster_bits: int) -> int:
@@ -200,16 +239,88 @@ def parse_header_untrusted(buf: bytes, file_size: int) -> Header:
             raise CorruptImage(f"{nb_snap} snapshots exceed the limit")
         _check_table("snapshot table", snap_off, 1, cs, file_size, None)
     if backing_off:
-        if backing_size > 1023 or backing_off + backing_size > cs:
+        if backing_size > MAX_BACKING_NAME or backing_off + backing_size > cs:
             raise CorruptImage("backing file name is outside the first cluster")
     exts = _parse_extensions_untrusted(buf, hlen, cs, backing_off)
+    backing_name = _backing_name_untrusted(buf, backing_off, backing_size) if backing_off else None
+    fmt_name = dict(exts).get(EXT_BACKING_FORMAT)
+    if fmt_name is not None:
+        _text_untrusted(fmt_name, "backing file format name")
     return Header(
         version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
         l1_table_offset=l1_off, refcount_table_offset=rt_off,
         refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
         snapshots_offset=snap_off, backing_file_offset=backing_off,
-        backing_file_size=backing_size, crypt_method=crypt, extensions=exts, **kw,
+        backing_file_size=backing_size, crypt_method=crypt, extensions=exts,
+        backing_name=backing_name, **kw,
     )
+
+
+def check_backing(name: str | None, fmt_name: str | None) -> None:
+    """Refuse (ValueError, one line) a backing name or format a header cannot hold."""
+    if name is None:
+        if fmt_name is not None:
+            raise ValueError("a backing file format needs a backing file name")
+        return
+    if not name or "\0" in name or len(name.encode()) > MAX_BACKING_NAME:
+        raise ValueError(f"a backing file name must be 1 to {MAX_BACKING_NAME} bytes without NUL")
+    if fmt_name is not None and (not fmt_name or "\0" in fmt_name):
+        raise ValueError("a backing file format name must be non-empty, without NUL")
+
+
+def with_backing(header_cluster: bytes, name: str | None, fmt_name: str | None) -> bytes:
+    """The first cluster of an image rewritten to name another backing file (``cachefs rebase -u``).
+
+    ``name`` None: no backing file (the format extension goes too). Every other
+    extension stays as it is and where it is; the fixed header fields are copied
+    byte for byte (unknown additional v3 fields included, spec "Additional
+    fields": preserve them), only backing_file_offset/size change. Refused
+    (ValueError) when the result does not fit in the cluster; ``CorruptImage``
+    when the cluster is not a valid header.
+    """
+    check_backing(name, fmt_name)
+    buf = bytes(header_cluster)
+    # Only the header cluster is at hand, not the file: the table bounds it names are not ours to
+    # judge here (the image was opened or checked before), so the file is taken as large enough.
+    hdr = parse_header_untrusted(buf, 1 << 63)
+    cs = hdr.cluster_size
+    if len(buf) < cs:
+        raise CorruptImage(f"the header cluster is {len(buf)} bytes, not {cs}")
+    exts = [e for e in hdr.extensions if e[0] != EXT_BACKING_FORMAT or fmt_name is not None]
+    if fmt_name is not None:
+        new = (EXT_BACKING_FORMAT, fmt_name.encode())
+        at = next((i for i, e in enumerate(exts) if e[0] == EXT_BACKING_FORMAT), None)
+        if at is None:
+            exts.insert(0, new)  # where qemu-img puts it
+        else:
+            exts[at] = new
+    tail = b"".join(_encode_extension(k, d) for k, d in exts) + struct.pack(">II", EXT_END, 0)
+    raw = b"" if name is None else name.encode()
+    name_off = hdr.header_length + len(tail) if raw else 0
+    out = buf[:8] + struct.pack(">QI", name_off, len(raw)) + buf[20:hdr.header_length] + tail + raw
+    if len(out) > cs:
+        raise ValueError(f"the header, its extensions and the backing file name need {len(out)} bytes, "
+                         f"more than the first cluster ({cs})")
+    return out.ljust(cs, b"\0")
+
+
+def _backing_name_untrusted(buf: bytes, offset: int, size: int) -> str:
+    """The backing file name stored at [offset, offset+size) of the first cluster (spec "Header":
+    not NUL-terminated, at most 1023 bytes). Bytes in, a string out: what it names is not ours."""
+    if size == 0:
+        raise CorruptImage("backing file name is empty while its offset is set")
+    if offset + size > len(buf):
+        raise CorruptImage("backing file name lies past the end of the file")
+    return _text_untrusted(buf[offset:offset + size], "backing file name")
+
+
+def _text_untrusted(raw: bytes, what: str) -> str:
+    if b"\0" in raw:
+        raise CorruptImage(f"{what} contains a NUL byte")
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptImage(f"{what} is not valid UTF-8") from None
 
 
 def _v3_fields_untrusted(buf: bytes, cs: int) -> dict:

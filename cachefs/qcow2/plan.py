@@ -8,6 +8,11 @@ async backend under trio in the image layer.
 
 - :class:`ReadRequest`: the engine needs metadata (or COW source data) from
   the file; it is sent back the bytes.
+- :class:`BackingReadRequest`: the engine needs guest bytes of the backing
+  chain (the head and tail a partial write into a cluster unallocated here
+  keeps); it is sent back exactly that many bytes, zeros past the backing
+  image's end. The core never opens a backing file: the driver's ``backing``
+  callable does.
 - :class:`WriteRequest`, :class:`SyncRequest`, :class:`TruncateRequest`: the
   metadata queue (metaqueue.py) writes tables, makes them durable, and
   extends or trims the file. They are sent back nothing, except a
@@ -15,8 +20,9 @@ async backend under trio in the image layer.
   its write raised, so the generator can go on with its other writes.
 
 :func:`run_sync` and :func:`run_async` drive any of these generators: reads
-go to ``pread``, everything else to ``io`` (an object with ``pwrite``,
-``sync`` and ``truncate``; async ones for :func:`run_async`).
+go to ``pread``, backing reads to ``backing``, everything else to ``io`` (an
+object with ``pwrite``, ``sync`` and ``truncate``; async ones for
+:func:`run_async`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,15 @@ import attrs
 @attrs.frozen
 class ReadRequest:
     offset: int
+    length: int
+
+
+@attrs.frozen
+class BackingReadRequest:
+    """Guest bytes [guest_offset, guest_offset+length) of the backing chain (spec "Cluster
+    mapping": an unallocated cluster reads from the backing file, zeros past its end)."""
+
+    guest_offset: int
     length: int
 
 
@@ -85,17 +100,24 @@ class DiscardRequest:
         return io.discard(self.offset, self.length)
 
 
-Request = ReadRequest | WriteRequest | SyncRequest | TruncateRequest | DiscardRequest
+Request = ReadRequest | BackingReadRequest | WriteRequest | SyncRequest | TruncateRequest | DiscardRequest
 Gen = Generator[Request, Any, Any]
 
 
-def run_sync(gen: Gen, pread: Callable[[int, int], bytes], io=None):
-    """Drive a core generator with synchronous I/O (tests, the checker)."""
+def run_sync(gen: Gen, pread: Callable[[int, int], bytes], io=None,
+             backing: Callable[[int, int], bytes] | None = None):
+    """Drive a core generator with synchronous I/O (tests, the checker).
+
+    ``backing(guest_offset, length)``: the backing chain's guest bytes, for an image that has one.
+    """
     try:
         req = next(gen)
         while True:
             if type(req) is ReadRequest:
                 req = gen.send(pread(req.offset, req.length))
+                continue
+            if type(req) is BackingReadRequest:
+                req = gen.send(_no_backing(req) if backing is None else backing(req.guest_offset, req.length))
                 continue
             try:
                 data = req.perform(io)
@@ -108,13 +130,16 @@ def run_sync(gen: Gen, pread: Callable[[int, int], bytes], io=None):
         return stop.value
 
 
-async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]], io=None):
-    """Drive a core generator with async I/O (the image layer)."""
+async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]], io=None,
+                    backing: Callable[[int, int], Awaitable[bytes]] | None = None):
+    """Drive a core generator with async I/O (the image layer); ``backing`` as for :func:`run_sync`."""
     try:
         req = next(gen)
         while True:
             if type(req) is ReadRequest:
                 data = await pread(req.offset, req.length)
+            elif type(req) is BackingReadRequest:
+                data = _no_backing(req) if backing is None else await backing(req.guest_offset, req.length)
             else:
                 try:
                     data = await req.perform(io)
@@ -127,6 +152,11 @@ async def run_async(gen: Gen, pread: Callable[[int, int], Awaitable[bytes]], io=
         return stop.value
 
 
+def _no_backing(req: BackingReadRequest):
+    raise RuntimeError(f"the core asked for backing bytes at guest offset {req.guest_offset:#x}, "
+                       f"but its driver was given no backing reader (a bug in the caller)")
+
+
 def _reports(req: Request) -> bool:
     """Is a failure of ``req`` sent back to the generator (rather than raised out of the driver)?"""
     return type(req) is WriteRequest and req.reports_failure
@@ -135,7 +165,10 @@ def _reports(req: Request) -> bool:
 # ---------------------------------------------------------------- plans
 
 class ExtentKind(enum.Enum):
-    ZERO = "zero"            # unallocated or zero cluster: reads as zeros
+    ZERO = "zero"            # zero cluster, or unallocated without a backing file: reads as zeros
+    # Unallocated in an image with a backing file: the backing chain's bytes at the same guest
+    # offset, zeros past its end (spec "Cluster mapping"). The core never reads them itself.
+    BACKING = "backing"
     DATA = "data"            # plain host data at host_offset
     COMPRESSED = "compressed"
     DAMAGED = "damaged"      # the metadata behind this range is invalid: EIO
@@ -153,7 +186,7 @@ class Extent:
     in_cluster: int = 0           # COMPRESSED: offset of guest_offset inside its cluster
 
     def continued_by(self, nxt: Extent) -> bool:
-        """Zeros and damage join their kind; data joins when it is contiguous on the host too."""
+        """Zeros, backing ranges and damage join their kind; data joins when it is contiguous on the host too."""
         if nxt.kind is not self.kind:
             return False
         if self.kind is ExtentKind.DATA:
