@@ -159,7 +159,9 @@ class MappingPublisher:
         if new.kind is MappingKind.DATA:
             return new.host_offset | (self._writable if new.owned else self._readonly)
         if new.kind is MappingKind.UNALLOCATED:
-            return self._unallocated
+            return self._zero | self._alloc
+        if new.kind is MappingKind.BACKING:  # the backing chain's: Python reads it (see __init__)
+            return 0
         if new.kind is MappingKind.ZERO and not new.host_offset:
             return self._zero | self._alloc
         if new.kind is MappingKind.ZERO:

@@ -34,7 +34,8 @@ import os
 
 import trio
 
-from cachefs.qcow2.discard import plan_allocate, plan_clear, plan_seek, reads_as_zeros, whole_clusters
+from cachefs.qcow2.discard import (SeekBacking, plan_allocate, plan_clear, plan_seek, reads_as_zeros,
+                                   refuse_v2_backed, whole_clusters)
 from cachefs.qcow2.metaqueue import cluster_runs
 
 log = logging.getLogger("cachefs.image.sparse")
@@ -159,11 +160,12 @@ async def _qcow2_clear(img, be, offset: int, length: int, *, zero: bool) -> None
     """Zeros on the partial edges, then the whole clusters one L2 table at a time (the write lock
     is let go between tables, and a cache full of dirty tables is written out, as writes do)."""
     eng = img.engine
+    refuse_v2_backed(eng, "write-zeroes" if zero else "discard")  # before the edges get zeros
     first, count, edges = whole_clusters(offset, length, img.cluster_size)
     await img.adopt_fast_allocations(be)  # an edge C allocated is not zeros any more
     for off, n in edges:
         entry = await img.query(eng.map.entry(off // img.cluster_size), be)
-        if not reads_as_zeros(entry):
+        if not reads_as_zeros(entry, backed=eng.backing is not None):
             await img.write_plain(be, off, bytes(n))  # a partial cluster: never compressed
     per, vcl, end = eng.map.l2_entries, first, first + count
     while vcl < end:
@@ -183,6 +185,26 @@ async def seek(img, offset: int, *, data: bool) -> int:
             return min(pos, img.size)
         await img.adopt_fast_allocations()  # a cluster C allocated is data
         pos = await img.query(plan_seek(img.engine, offset, data=data))
+        while isinstance(pos, SeekBacking):  # unallocated here: the backing chain answers there
+            below = await _seek_backing(img.backing.image, pos.start, data=data)
+            if below is not None and below < pos.end:
+                pos = below
+            elif pos.end >= img.size:
+                pos = None if data else img.size
+            else:
+                pos = await img.query(plan_seek(img.engine, pos.end, data=data))
     if pos is None:
         raise OSError(errno.ENXIO, "no data after this offset")
     return pos
+
+
+async def _seek_backing(base, offset: int, *, data: bool) -> int | None:
+    """The backing image's own answer from ``offset``; past its end it reads zeros (a hole)."""
+    if offset >= base.size:
+        return None if data else offset
+    try:
+        return await (base.seek_data(offset) if data else base.seek_hole(offset))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return None

@@ -62,7 +62,7 @@ def reads_as_zeros(entry: int, *, backed: bool = False) -> bool:
     return bool(entry & fmt.L2_ZERO or not (entry & fmt.OFFSET_MASK or backed))
 
 
-def _refuse_v2_backed(engine, what: str) -> None:
+def refuse_v2_backed(engine, what: str) -> None:
     if engine.backed and engine.header.hdr.version < 3:
         raise UnsupportedOperation(f"{what} in a qcow2 v2 image with a backing file would uncover the "
                                    f"backing file's data (v2 has no zero flag)")
@@ -78,7 +78,7 @@ def plan_clear(engine, first: int, count: int, *, zero: bool):
     cluster, a write-zeroes keeps it as for any image); v2 refuses.
     """
     engine.overlap.check_writable()
-    _refuse_v2_backed(engine, "write-zeroes" if zero else "discard")
+    refuse_v2_backed(engine, "write-zeroes" if zero else "discard")
     m, backed = engine.map, engine.backed
     _one_table(m, first, count, "plan_clear")
     if m.l2_offset(first // m.l2_entries) == 0 and not backed:
