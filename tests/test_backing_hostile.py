@@ -46,7 +46,7 @@ def _targets(workdir, d) -> dict[str, tuple[str, str, str]]:
         "socket.qcow2": ("sock.raw", "raw", "regular"),
         "missing.qcow2": ("nothere.raw", "raw", "exist"),
         "self.qcow2": ("self.qcow2", "qcow2", "loop"),
-        "wrongfmt.qcow2": ("plain.raw", "qcow2", "format"),
+        "wrongfmt.qcow2": ("plain.raw", "qcow2", "recorded as qcow2"),
     }
 
 
@@ -86,6 +86,7 @@ def test_hostile_backing_names_are_refused_without_opening_them(workdir, mounted
         assert word in why and "\n" not in why and ov in why, f"{ov}: {why!r}"
     assert "good.raw" in names and (m / "good.raw").read_bytes() == bytes(1 * MiB)
     opened = trace.read_text()
+    assert "shadow.qcow2" in opened, "strace saw no open of the overlays themselves: it traced nothing"
     for path in ("/etc/shadow", "/etc/passwd", "secret.raw", "dev.raw", "fifo.raw", "sock.raw"):
         assert path not in opened, f"the daemon opened {path}:\n" + \
             "\n".join(line for line in opened.splitlines() if path in line)

@@ -219,7 +219,8 @@ class Catalog:
         except fatal:
             raise
         except (CachefsError, OSError) as exc:
-            why = str(exc)
+            why, own = str(exc), os.path.basename(f.path) + ": "
+            why = why[len(own):] if why.startswith(own) else why  # named by its whole path below
             self._skip(f.visible, why if why.startswith(f.path) else f"{f.path}: {why}")
             return
         self.add(img, f)
