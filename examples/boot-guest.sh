@@ -17,6 +17,9 @@
 # of a qcow2; MOUNT_OPTS adds `cachefs mount` options (e.g. --dataplane off).
 # TRIM=1: QEMU's discard=unmap,detect-zeroes=unmap, and a boot between the two that deletes
 # half the data and runs fstrim: the image's actual-size must drop (issue 12).
+# OVERLAY=1: the verifying boot is two guests at once, each on its own qcow2 overlay of the disk
+# the first boot wrote (issue 22): both verify through the shared base, the overlays stay
+# check-clean and the base's bytes do not change.
 # Installs what is missing: qemu-system-x86, busybox-static, cpio, and
 # downloads (does not install) the linux-image-*-cloud-amd64 package.
 set -euo pipefail
@@ -99,12 +102,12 @@ mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT"
 cleanup() { mountpoint -q "$MNT" && "$CACHEFS" umount "$MNT" || true; }
 trap cleanup EXIT
 
-boot() {  # boot CACHE STEP [FILES]: one guest run against MNT/vm.raw; prints the guest's verdict line
-  local cache=$1 step=$2 files=${3:-8} out
+boot() {  # boot CACHE STEP [FILES [DISK]]: one guest run against MNT/DISK (vm.raw); prints its verdict line
+  local cache=$1 step=$2 files=${3:-8} disk=${4:-vm.raw} out
   out=$(timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nographic -no-reboot \
         -kernel "$VMLINUZ" -initrd "$INITRD" \
         -append "console=ttyS0 quiet panic=-1 cachefs_step=$step cachefs_files=$files" \
-        -drive "file=$MNT/vm.raw,format=raw,if=virtio,cache=$cache${TRIM:+,discard=unmap,detect-zeroes=unmap}" 2>&1) || true
+        -drive "file=$MNT/$disk,format=raw,if=virtio,cache=$cache${TRIM:+,discard=unmap,detect-zeroes=unmap}" 2>&1) || true
   echo "$out" | grep -o "cachefs-guest: .*" || { echo "$out" | tail -20; echo "cachefs-guest: no verdict"; }
 }
 
@@ -113,6 +116,25 @@ check_image() {
   else echo "qemu-img check: clean (a raw image has no metadata to check)"; fi
 }
 actual_size() { qemu-img info -f "$FORMAT" --output=json "$IMAGES/vm.$FORMAT" | sed -n 's/.*"actual-size": \([0-9]*\).*/\1/p'; }
+
+overlay_boots() {  # overlay_boots CACHE FILES: two guests at once on overlays of the disk boot 1 wrote
+  local cache=$1 files=$2 sum v1 v2
+  rm -f "$IMAGES"/ov1.qcow2 "$IMAGES"/ov2.qcow2
+  for i in 1 2; do qemu-img create -q -f qcow2 -b "vm.$FORMAT" -F "$FORMAT" "$IMAGES/ov$i.qcow2"; done
+  sum=$(sha256sum < "$IMAGES/vm.$FORMAT")
+  echo "== QEMU cache=$cache: boot 2 is two guests at once, on overlays ov1 and ov2 of vm.$FORMAT"
+  "$CACHEFS" mount --cache auto $MOUNT_OPTS "$IMAGES" "$MNT"
+  boot "$cache" verify "$files" ov1.raw > "$WORK/ov1.out" & v1=$!
+  boot "$cache" verify "$files" ov2.raw > "$WORK/ov2.out" & v2=$!
+  wait $v1 $v2
+  echo "ov1: $(cat "$WORK/ov1.out")"; echo "ov2: $(cat "$WORK/ov2.out")"
+  "$CACHEFS" stats "$MNT" | grep -A3 '^vm.raw' | grep -E 'backing file of' || true
+  "$CACHEFS" umount "$MNT"
+  for i in 1 2; do qemu-img check -q "$IMAGES/ov$i.qcow2" && echo "qemu-img check ov$i: clean"; done
+  [ "$(sha256sum < "$IMAGES/vm.$FORMAT")" = "$sum" ] && echo "base: unchanged" || echo "base: CHANGED"
+  grep -q "verify OK" "$WORK/ov1.out" && grep -q "verify OK" "$WORK/ov2.out" && \
+    [ "$(sha256sum < "$IMAGES/vm.$FORMAT")" = "$sum" ]
+}
 
 status=0
 for cache in ${CACHES:-none writeback}; do
@@ -135,6 +157,10 @@ for cache in ${CACHES:-none writeback}; do
     after=$(actual_size) files=4
     check_image
     echo "fstrim: actual-size before=$before after=$after"
+  fi
+  if [ -n "${OVERLAY:-}" ]; then
+    overlay_boots "$cache" $files || status=1
+    continue
   fi
   echo "== QEMU cache=$cache: boot 2 verifies (a fresh mount)"
   "$CACHEFS" mount --cache auto $MOUNT_OPTS "$IMAGES" "$MNT"  # QEMU's own open flags pick the mode

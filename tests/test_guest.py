@@ -46,3 +46,19 @@ def test_guest_writes_survive_remount_in_both_cache_modes(workdir, fmt, plane):
         fast = [int(w.split("=")[1]) for line in out.splitlines() if "data plane:" in line
                 for w in line.split() if w.startswith("fast_writes=")]
         assert len(fast) == 2 and min(fast) >= 10, out
+
+
+def test_two_guests_boot_from_overlays_of_one_base(workdir):
+    """Issue 22: the disk the first boot wrote becomes the shared base of two qcow2 overlays, and
+    two guests at once verify every file through them; the overlays stay check-clean, the base's
+    bytes unchanged, and `cachefs stats` names both overlays as the base's users."""
+    env = dict(os.environ, CACHEFS=str(Path(sys.executable).parent / "cachefs"), FORMAT="qcow2",
+               MOUNT_OPTS="--dataplane on", OVERLAY="1", CACHES="none")
+    r = subprocess.run(["bash", "examples/boot-guest.sh", str(workdir / "guest")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "ov1: cachefs-guest: verify OK" in out and "ov2: cachefs-guest: verify OK" in out, out
+    assert "qemu-img check ov1: clean" in out and "qemu-img check ov2: clean" in out, out
+    assert "base: unchanged" in out, out
+    assert "backing file of: ov1.qcow2, ov2.qcow2" in out, out
