@@ -29,6 +29,7 @@ from cachefs.qcow2.create import new_image
 from cachefs.qcow2.discard import SeekBacking, plan_allocate, plan_clear, plan_map, plan_seek
 from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import ExtentKind, run_async, run_sync
+from interleaving import seeds
 from recorded import cut_state
 
 
@@ -399,3 +400,63 @@ def test_a_qemu_img_overlay_parses_and_with_backing_renames_its_base(tmp_path):
     assert (info["backing-filename"], info["backing-filename-format"]) == ("other base.raw", "raw")
     assert fmt.parse_header_untrusted(bytes(buf), len(buf)).extension(0x6803F857) == features
     qemu_check(ov)
+
+
+# ---------------------------------------------------------------- power cuts
+
+@attrs.frozen
+class CowWrite:
+    cluster: int
+    old: bytes
+    new: bytes
+    done: int     # events recorded when it returned
+    flushed: int  # events recorded when the flush that covers it returned (0: none)
+
+
+@pytest.mark.parametrize("seed", seeds())
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_a_power_cut_during_a_cow_from_the_backing_file_never_shows_half_a_cluster(tmp_path, compat, seed):
+    """Every cut of the recorded writes and syncs, with random subsets of the unsynced writes
+    applied: each cluster written reads its old bytes (the base's) or its new ones, never zeros
+    or a mix, and what a completed flush covered reads new."""
+    rng, cs, size = random.Random(seed), 512, 64 << 10
+    base = rng.randbytes(size - 4096)
+    ov = Overlay(qemu_overlay(tmp_path, size, cs, compat), base)
+    ov.flush()  # a reservation: the COWs below take fresh clusters, which read as zeros
+    start, ov.events = bytes(ov.buf), []
+    writes = cow_workload(ov, rng, cs, size)
+    for cut in range(len(ov.events) + 1):
+        for _ in range(3):
+            state = cut_state(start, ov.events, cut, rng)
+            after = Overlay(state, base, writable=False)
+            for w in writes:
+                got = after.read(w.cluster * cs, cs)
+                must = (w.new,) if w.flushed and w.flushed <= cut else (w.old, w.new)
+                assert got in must, f"seed {seed}, cut {cut}/{len(ov.events)}: cluster {w.cluster}"
+
+
+def cow_workload(ov: Overlay, rng: random.Random, cs: int, size: int) -> list[CowWrite]:
+    """Partial writes, whole clusters of data and of zeros, each into a cluster unallocated
+    here (so each reads the base before it), a flush after every few."""
+    clusters = rng.sample(range(size // cs), 24)
+    done: list[tuple[int, bytes, bytes, int]] = []
+    out: list[CowWrite] = []
+    for i, c in enumerate(clusters):
+        old = ov.read(c * cs, cs)
+        kind = rng.choice(["partial", "whole", "zeros"])
+        if kind == "partial":
+            at = rng.randrange(cs - 1)
+            data = rng.randbytes(rng.randrange(1, cs - at))
+            new = old[:at] + data + old[at + len(data):]
+            ov.write(c * cs + at, data)
+        else:
+            new = bytes(cs) if kind == "zeros" else rng.randbytes(cs)
+            ov.write(c * cs, new)
+        assert ov.read(c * cs, cs) == new
+        done.append((c, old, new, len(ov.events)))
+        if i % 5 == 4 or i == len(clusters) - 1:
+            ov.flush()
+            out += [CowWrite(*d, flushed=len(ov.events)) for d in done]
+            done = []
+    assert ov.eng.counters.backing_cow_reads > 0
+    return out
