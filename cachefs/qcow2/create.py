@@ -39,14 +39,7 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     # later frees nothing (qcow2_grow_l1_table frees old_l1_size * 8 bytes), so nothing may leak.
     l1_clusters = -(-l1_entries * 8 // cs)
     per_block = cs * 8 >> refcount_order
-    rt_clusters, blocks = 1, 1
-    while True:  # the refcount structures must count themselves
-        total = 1 + rt_clusters + blocks + l1_clusters
-        need_blocks = -(-total // per_block)
-        need_rt = -(-need_blocks * 8 // cs)
-        if (need_blocks, need_rt) == (blocks, rt_clusters):
-            break
-        blocks, rt_clusters = need_blocks, need_rt
+    rt_clusters, blocks, total = _refcount_layout(cs, per_block, l1_clusters)
     rt_off = cs
     block_off = rt_off + rt_clusters * cs
     l1_off = block_off + blocks * cs
@@ -76,3 +69,16 @@ def new_image(size: int, *, cluster_bits: int = 16, refcount_order: int = 4,
     if l1_clusters:
         pieces.append((l1_off, bytes(l1_clusters * cs)))
     return pieces
+
+
+def _refcount_layout(cs: int, per_block: int, l1_clusters: int) -> tuple[int, int, int]:
+    """(refcount table clusters, refcount blocks, clusters in use): the refcount structures
+    must count themselves, so their sizes are found by iterating to a fixed point."""
+    rt_clusters, blocks = 1, 1
+    while True:
+        total = 1 + rt_clusters + blocks + l1_clusters
+        need_blocks = -(-total // per_block)
+        need_rt = -(-need_blocks * 8 // cs)
+        if (need_blocks, need_rt) == (blocks, rt_clusters):
+            return rt_clusters, blocks, total
+        blocks, rt_clusters = need_blocks, need_rt
