@@ -28,6 +28,7 @@ import functools
 import attrs
 
 from cachefs.backend.base import bytes_view
+from cachefs.errors import UnsupportedOperation
 from cachefs.image.compressor import Compressor
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.compress import FillCache, compress_of, header_fields, plan_compressed
@@ -160,6 +161,10 @@ class CompressedWrites:
             img.engine.overlap.check_writable()
             empty = not any(e & fmt.OFFSET_MASK for e in self.engine.map.l1)
             fields = header_fields(self.engine.hdr, algorithm, empty=empty)
+            try:  # the extension must fit in the first cluster with the backing name (spec "Header")
+                attrs.evolve(self.engine.hdr, **fields).encode()
+            except ValueError as exc:
+                raise UnsupportedOperation(f"compress-on-write: {exc}") from None
             self.engine.header.update(**fields)
         await img.write_back()
 
