@@ -278,3 +278,124 @@ def test_the_drivers_refuse_a_backing_read_they_cannot_serve():
     asked = []
     run_sync(ov.eng.plan_write(1024 + 1, b"x"), ov.pread, ov, lambda o, n: asked.append((o, n)) or bytes(n))
     assert asked == [(1024, 512)], "the whole cluster, at its guest offset"
+
+
+# ---------------------------------------------------------------- the header: name and format
+
+def header_with(name: str = "base.qcow2", fmt_name: str | None = "qcow2", **kw) -> bytearray:
+    return image_bytes(new_image(1 << 20, cluster_bits=9, backing_name=name, backing_format=fmt_name, **kw))
+
+
+def name_at(buf: bytearray) -> tuple[int, int]:
+    return struct.unpack_from(">QI", buf, 8)
+
+
+def test_the_backing_name_and_format_are_parsed_from_the_header():
+    buf = header_with()
+    assert fmt.parse_header_untrusted(bytes(buf), len(buf)).backing == fmt.BackingName("base.qcow2", "qcow2")
+    buf = header_with("dir/é.raw", None)  # UTF-8, and no format extension
+    assert fmt.parse_header_untrusted(bytes(buf), len(buf)).backing == fmt.BackingName("dir/é.raw", None)
+    assert fmt.parse_header_untrusted(bytes(buf := image_bytes(new_image(1 << 20))), len(buf)).backing is None
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b, o, n: b.__setitem__(slice(o, o + 2), b"\xff\xfe"), "backing file name is not valid UTF-8"),
+    (lambda b, o, n: b.__setitem__(o + 1, 0), "backing file name contains a NUL byte"),
+    (lambda b, o, n: struct.pack_into(">I", b, 16, 0), "backing file name is empty"),
+    (lambda b, o, n: b.__delitem__(slice(o + 2, None)), "backing file name lies past the end of the file"),
+])
+def test_a_bad_backing_name_is_a_corrupt_image_in_one_line(damage, message):
+    buf = header_with()
+    damage(buf, *name_at(buf))
+    with pytest.raises(CorruptImage, match=message) as exc:
+        fmt.parse_header_untrusted(bytes(buf), 1 << 30)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_bad_backing_format_is_a_corrupt_image():
+    buf = header_with(fmt_name="qc")
+    at = bytes(buf).index(b"qc\0")
+    buf[at] = 0xff
+    with pytest.raises(CorruptImage, match="backing file format name is not valid UTF-8"):
+        fmt.parse_header_untrusted(bytes(buf), len(buf))
+
+
+def test_new_image_refuses_what_a_header_cannot_hold():
+    for name, fmt_name in (("", None), ("a\0b", None), ("x" * 1024, None), (None, "raw"), ("a", "")):
+        with pytest.raises(ValueError):
+            new_image(1 << 20, backing_name=name, backing_format=fmt_name)
+    with pytest.raises(ValueError, match="more than the first cluster"):
+        new_image(1 << 20, cluster_bits=9, backing_name="x" * 500)
+
+
+def test_the_engine_writes_the_header_back_with_the_backing_name():
+    """A header write (here a dirty header after an explicit touch) lays the name out again."""
+    ov = Overlay(header_with("base.raw", "raw", compress="zlib"), bytes(1 << 20))
+    ov.eng.header.touch()
+    ov.write(0, b"x")
+    ov.close()
+    hdr = fmt.parse_header_untrusted(bytes(ov.buf), len(ov.buf))
+    assert hdr.backing == fmt.BackingName("base.raw", "raw") and hdr.extension(fmt.EXT_CACHEFS_COMPRESS) == b"zlib"
+    checked_clean(ov.buf)
+
+
+def test_with_backing_changes_only_the_backing_name_and_format():
+    buf = header_with("old.qcow2", "qcow2", compress="zlib")
+    first = bytes(buf[:512])
+    hdr = fmt.parse_header_untrusted(first, len(buf))
+    for name, fmt_name in (("new/base.raw", "raw"), ("n2", None), ("n3", "qcow2"), (None, None)):
+        out = fmt.with_backing(first, name, fmt_name)
+        assert len(out) == 512 and out[:8] == first[:8] and out[20:112] == first[20:112]
+        again = fmt.parse_header_untrusted(out, len(buf))
+        assert again.backing == (None if name is None else fmt.BackingName(name, fmt_name))
+        others = [e for e in again.extensions if e[0] != fmt.EXT_BACKING_FORMAT]
+        assert others == [e for e in hdr.extensions if e[0] != fmt.EXT_BACKING_FORMAT]
+        buf[:512] = out
+        assert Overlay(buf, b"", writable=False).eng.backing == again.backing
+        first = out
+    with pytest.raises(ValueError, match="more than the first cluster"):
+        fmt.with_backing(first, "y" * 400, "qcow2")
+    with pytest.raises(ValueError):
+        fmt.with_backing(first, None, "raw")
+    with pytest.raises(CorruptImage):
+        fmt.with_backing(b"\0" * 512, "x", None)
+
+
+# ---------------------------------------------------------------- qemu-img reads what we write
+
+def qemu_info(path) -> dict:
+    return json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
+def qemu_check(path) -> None:
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cluster_bits", [9, 16])
+def test_qemu_img_reads_the_backing_name_new_image_writes(tmp_path, cluster_bits):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True)
+    ov = tmp_path / "ov.qcow2"
+    ov.write_bytes(image_bytes(new_image(1 << 20, cluster_bits=cluster_bits, backing_name="base.qcow2",
+                                         backing_format="qcow2")))
+    info = qemu_info(ov)
+    assert (info["backing-filename"], info["backing-filename-format"]) == ("base.qcow2", "qcow2")
+    qemu_check(ov)
+
+
+def test_a_qemu_img_overlay_parses_and_with_backing_renames_its_base(tmp_path):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "other base.raw"), "1M"], check=True)
+    ov = tmp_path / "ov.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(ov)],
+                   check=True)
+    buf = bytearray(ov.read_bytes())
+    assert Overlay(buf, b"", writable=False).eng.backing == fmt.BackingName("base.qcow2", "qcow2")
+    features = fmt.parse_header_untrusted(bytes(buf), len(buf)).extension(0x6803F857)
+    buf[:65536] = fmt.with_backing(bytes(buf[:65536]), "other base.raw", "raw")
+    ov.write_bytes(buf)
+    info = qemu_info(ov)
+    assert (info["backing-filename"], info["backing-filename-format"]) == ("other base.raw", "raw")
+    assert fmt.parse_header_untrusted(bytes(buf), len(buf)).extension(0x6803F857) == features
+    qemu_check(ov)
