@@ -93,6 +93,10 @@ def main():
 
 # ------------------------------------------------------------------ create
 
+BACKING_DIR_OPTION = click.option(
+    "--backing-dir", "backing_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
+    help="A directory backing files may also be in (repeatable), besides the image's own, as for a mount.")
+
 #: qemu-img create -o keys for qcow2 that cachefs honours, and their defaults (qemu-img's).
 CREATE_OPTIONS = {"cluster_size": "64k", "refcount_bits": "16", "lazy_refcounts": "off"}
 ON_OFF = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
@@ -149,7 +153,7 @@ def create_format(image: str, given: str | None) -> str:
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.argument("size")
+@click.argument("size", required=False)
 @click.option("-f", "--format", "fmt_", type=click.Choice(["qcow2", "raw"]), default=None,
               help="Image format (default: what the name says; qcow2 if it says nothing).")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE[,...]",
@@ -159,11 +163,25 @@ def create_format(image: str, given: str | None) -> str:
 @click.option("--refcount-bits", default=None, help="Same as -o refcount_bits=.")
 @click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
               help="Compress-on-write: whole-cluster writes are stored compressed (a backup target).")
-def create(image, size, fmt_, options, cluster_size, refcount_bits, compress):
-    """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img)."""
+@click.option("-b", "--backing", "backing", default=None, metavar="BASE",
+              help="An overlay of BASE (recorded as given: a relative name is relative to IMAGE's directory).")
+@click.option("-F", "--backing-format", "backing_fmt", type=click.Choice(["qcow2", "raw"]), default=None,
+              help="BASE's format (required with -b, as qemu-img 7.2 requires it).")
+@BACKING_DIR_OPTION
+def create(image, size, fmt_, options, cluster_size, refcount_bits, compress, backing, backing_fmt, backing_dir):
+    """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img).
+
+    With -b BASE -F FMT, an overlay of BASE; SIZE defaults to BASE's. BASE must pass the rule a
+    mount follows backing names by (IMAGE's directory or a --backing-dir, a regular file, FMT
+    agreeing with its name), so no mount refuses what create records.
+    """
+    from cachefs.cli.chain import base_for_create
     from cachefs.qcow2.create import new_image
-    nbytes = parse_size(size)
     kind = create_format(image, fmt_)
+    base_size = base_for_create(image, kind, backing, backing_fmt, backing_dir)
+    if size is None and base_size is None:
+        raise click.UsageError("missing argument SIZE (only an overlay, -b, takes its base's size)")
+    nbytes = parse_size(size) if size is not None else base_size
     opts = parse_create_options(options, {"cluster_size": cluster_size, "refcount_bits": refcount_bits})
     if kind == "raw":
         if opts:
@@ -173,11 +191,13 @@ def create(image, size, fmt_, options, cluster_size, refcount_bits, compress):
         pieces = []
     else:
         try:
-            pieces = new_image(nbytes, **qcow2_layout(opts), compress=compress)
+            pieces = new_image(nbytes, **qcow2_layout(opts), compress=compress,
+                               backing_name=backing, backing_format=backing_fmt)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="-o") from None
+            raise click.BadParameter(str(exc), param_hint="-o" if backing is None else "-b") from None
     _write_new(image, pieces, nbytes if kind == "raw" else None)
-    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}" + (f" compress={compress}" if compress else ""))
+    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}" + (f" compress={compress}" if compress else "")
+               + (f" backing_file={backing} backing_fmt={backing_fmt}" if backing is not None else ""))
 
 
 def _write_new(path: str, pieces, truncate_to: int | None) -> None:
