@@ -231,20 +231,34 @@ FORCE_SHARE_OPTION = click.option(
 @FORMAT_OPTION
 @click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
+@click.option("--backing-chain", is_flag=True,
+              help="Every image of the chain, top first (bases opened only by the rule a mount follows).")
+@BACKING_DIR_OPTION
 @FORCE_SHARE_OPTION
-def info(image, given, output, as_json, force_share):
+def info(image, given, output, as_json, backing_chain, backing_dir, force_share):
     """Show an image's format, sizes, snapshots, bitmaps and features (qemu-img info's keys and layout).
 
-    On a file of a cachefs mount, also the image behind it, its format and its cache mode.
+    An overlay's backing file is shown from its header; without --backing-chain nothing it
+    names is opened (its actual path is shown only if the name passes the rule a mount follows,
+    which stats but never opens). On a file of a cachefs mount, also the image behind it, its
+    format and its cache mode.
     """
-    from cachefs.cli.info import human_lines, image_info, inspected, require_format, resolve_format
+    from cachefs.cli.info import (chain_human_lines, chain_info, human_lines, image_info, inspected,
+                                  require_format, resolve_format)
+    from cachefs.cli.chain import allowed_dirs
     require_format(image, given)
-    with inspected(image, writable=False, force_share=force_share) as fd:
-        out = image_info(image, fd, resolve_format(image, fd, given))
+    if backing_chain:
+        out = chain_info(image, given, backing_dirs=backing_dir, force_share=force_share)
+        lines = chain_human_lines(out)
+    else:
+        with inspected(image, writable=False, force_share=force_share) as fd:
+            out = image_info(image, fd, resolve_format(image, fd, given),
+                             backing_dirs=allowed_dirs(image, backing_dir))
+        lines = human_lines(out)
     if as_json or output == "json":
         click.echo(json.dumps(out, indent=4))
         return
-    for line in human_lines(out):
+    for line in lines:
         click.echo(line)
 
 
