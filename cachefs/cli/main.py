@@ -268,15 +268,18 @@ def info(image, given, output, as_json, backing_chain, backing_dir, force_share)
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @FORMAT_OPTION
 @click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
+@BACKING_DIR_OPTION
 @FORCE_SHARE_OPTION
-def map_(image, given, output, force_share):
+def map_(image, given, output, backing_dir, force_share):
     """Show which parts of IMAGE, or of a mounted file, hold data (qemu-img map's output).
 
     On a file of a cachefs mount it asks the mount (SEEK_DATA/SEEK_HOLE), as
-    `qemu-img map -f raw` does; on an image file it reads the mapping itself.
+    `qemu-img map -f raw` does; on an image file it reads the mapping itself, down an
+    overlay's backing chain (each extent's depth, as qemu-img's), opening each base only by
+    the rule a mount follows backing names (IMAGE's directory and each --backing-dir).
     """
     from cachefs.cli.map import human_lines, json_text, map_entries
-    entries = map_entries(image, given, force_share)
+    entries = map_entries(image, given, force_share, backing_dir)
     if output == "json":
         click.echo(json_text(entries))
         return
