@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import attrs
+import click
 
 from cachefs.errors import CachefsError, ImageLocked
 from cachefs.image.backing_names import BackingFile, ChainWalk, open_checked, resolve_backing
@@ -32,6 +33,11 @@ from cachefs.image.formats import image_format
 from cachefs.image.locking import ImageLock
 from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.plan import run_sync
+
+
+BACKING_DIR_OPTION = click.option(
+    "--backing-dir", "backing_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
+    help="A directory backing files may also be in (repeatable), besides the image's own, as for a mount.")
 
 
 @attrs.define
@@ -154,25 +160,35 @@ def open_chain(top: str, kind: str, *, backing_dirs: Sequence[str] = (),
             close_layer(layer)
 
 
-def checked_base(overlay: str, name: str, kind: str, backing_dirs: Sequence[str]) -> tuple[BackingFile, int]:
-    """A base named for a new or rebased overlay: it must pass the rule a mount applies, and open
-    as the format given. Returns it and its virtual size (qcow2: the header's; raw: the file's)."""
-    bf = resolve_backing(overlay, name, kind, allowed_dirs=allowed_dirs(overlay, backing_dirs))
+def check_new_chain(overlay: str, name: str, kind: str, backing_dirs: Sequence[str], *,
+                    overlay_exists: bool) -> int:
+    """A base about to be recorded in ``overlay`` (`create -b`, `rebase -u -b`): it and every base
+    below it must pass the rule a mount applies (loops and depth included, the overlay counted
+    when it exists), and open as the format given. Returns its virtual size (qcow2: the header's;
+    raw: the file's). Everything opened is closed again."""
+    dirs = allowed_dirs(overlay, backing_dirs)
+    bf = resolve_backing(overlay, name, kind, allowed_dirs=dirs)
+    walk = ChainWalk(overlay if overlay_exists else bf.path)
+    if overlay_exists:
+        walk.enter(bf)
     fd = open_checked(bf, os.O_RDONLY)
     try:
-        layer = _layer(name, bf.path, fd, bf.format, force_share=False)
-        size = layer.size
-        if layer.lock is not None:
-            layer.lock.release()
-        return bf, size
-    finally:
+        layers = [_layer(qemu_filename(overlay, name), bf.path, fd, bf.format, force_share=False)]
+    except BaseException:
         os.close(fd)
+        raise
+    try:
+        while layers[-1].backing is not None:
+            layers.append(open_base(layers[-1], dirs, walk)[0])
+        return layers[0].size
+    finally:
+        for layer in reversed(layers):
+            close_layer(layer)
 
 
 def base_for_create(image: str, kind: str, name: str | None, name_fmt: str | None,
                     backing_dirs: Sequence[str]) -> int | None:
     """`create -b NAME -F FMT`: NAME checked as a mount would follow it; its virtual size (None: no -b)."""
-    import click
     if name is None:
         if name_fmt is not None:
             raise click.BadParameter("a backing format needs a backing file (-b)", param_hint="-F")
@@ -182,4 +198,4 @@ def base_for_create(image: str, kind: str, name: str | None, name_fmt: str | Non
     if name_fmt is None:  # qemu-img 7.2: "Backing file specified without backing format"
         raise click.BadParameter("a backing file needs its format: -F qcow2 or -F raw (as qemu-img requires)",
                                  param_hint="-F")
-    return checked_base(image, name, name_fmt, backing_dirs)[1]
+    return check_new_chain(image, name, name_fmt, backing_dirs, overlay_exists=False)

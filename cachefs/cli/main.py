@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from cachefs.cli.chain import BACKING_DIR_OPTION
 from cachefs.errors import CachefsError
 from cachefs.policy import MODES
 
@@ -93,9 +94,6 @@ def main():
 
 # ------------------------------------------------------------------ create
 
-BACKING_DIR_OPTION = click.option(
-    "--backing-dir", "backing_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
-    help="A directory backing files may also be in (repeatable), besides the image's own, as for a mount.")
 
 #: qemu-img create -o keys for qcow2 that cachefs honours, and their defaults (qemu-img's).
 CREATE_OPTIONS = {"cluster_size": "64k", "refcount_bits": "16", "lazy_refcounts": "off"}
@@ -449,3 +447,7 @@ from cachefs.cli.mount import mount, umount  # noqa: E402  (the mount lifecycle 
 
 main.add_command(mount)
 main.add_command(umount)
+
+from cachefs.cli.rebase import rebase  # noqa: E402  (backing chains: cli/chain.py, rebase.py, commit.py)
+
+main.add_command(rebase)
