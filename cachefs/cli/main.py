@@ -448,6 +448,8 @@ from cachefs.cli.mount import mount, umount  # noqa: E402  (the mount lifecycle 
 main.add_command(mount)
 main.add_command(umount)
 
-from cachefs.cli.rebase import rebase  # noqa: E402  (backing chains: cli/chain.py, rebase.py, commit.py)
+from cachefs.cli.commit import commit  # noqa: E402  (backing chains: cli/chain.py, rebase.py, commit.py)
+from cachefs.cli.rebase import rebase  # noqa: E402
 
 main.add_command(rebase)
+main.add_command(commit)
