@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Sequence
 
 from cachefs.errors import CachefsError, ImageLocked, UnsupportedImage
 from cachefs.image.locking import ImageLock
@@ -70,9 +71,15 @@ def _lock(fd: int, path: str, writable: bool) -> ImageLock:
         raise ImageLocked(f"{exc}; -U (--force-share) reads it anyway, without a lock") from None
 
 
-def image_info(path: str, fd: int, kind: str) -> dict:
+def image_info(path: str, fd: int, kind: str, *, backing_dirs: Sequence[str] | None = None) -> dict:
     """qemu-img's ImageInfo for the image open at ``fd``, in its key order; a file served by a
-    cachefs mount also gets a "cachefs" object naming the image behind it (served_info)."""
+    cachefs mount also gets a "cachefs" object naming the image behind it (served_info).
+
+    An overlay's backing keys come from its header: nothing its name points at is opened.
+    ``full-backing-filename`` is there only when the name passes the rule a mount follows
+    (resolve_backing, inside ``backing_dirs``: by default the image's directory), which stats
+    but never opens; otherwise it is left out, as qemu-img leaves it out when it "cannot
+    determine" it (`cachefs info --backing-chain` says why)."""
     st = os.fstat(fd)
     if kind == "raw":
         out = {"virtual-size": st.st_size, "filename": path, "format": "raw",
@@ -84,10 +91,21 @@ def image_info(path: str, fd: int, kind: str) -> dict:
     snaps = run_sync(snapshots.read_table(hdr, st.st_size), read)
     found = run_sync(bitmaps.read_directory(hdr, st.st_size), read)
     out = {"snapshots": [_snapshot_info(sn) for sn in snaps]} if snaps else {}
-    return {**out, "virtual-size": hdr.size, "filename": path, "cluster-size": hdr.cluster_size,
-            "format": "qcow2", "actual-size": st.st_blocks * 512,
-            "format-specific": {"type": "qcow2", "data": _qcow2_specific(hdr, found)},
-            "dirty-flag": hdr.dirty}
+    out = {**out, "virtual-size": hdr.size, "filename": path, "cluster-size": hdr.cluster_size,
+           "format": "qcow2", "actual-size": st.st_blocks * 512,
+           "format-specific": {"type": "qcow2", "data": _qcow2_specific(hdr, found)}}
+    return {**_backing_keys(path, hdr.backing, out, backing_dirs), "dirty-flag": hdr.dirty}
+
+
+def _backing_keys(path: str, backing: fmt.BackingName | None, out: dict, dirs: Sequence[str] | None) -> dict:
+    """qemu-img's backing keys around ``out``, where its JSON puts them (a hash table's order)."""
+    if backing is None:
+        return out
+    from cachefs.cli.chain import allowed_dirs, full_backing_filename
+    full = full_backing_filename(path, backing, allowed_dirs(path, ()) if dirs is None else dirs)
+    head = {} if backing.format is None else {"backing-filename-format": backing.format}
+    tail = {} if full is None else {"full-backing-filename": full}
+    return {**head, **out, **tail, "backing-filename": backing.name}
 
 
 def _snapshot_info(sn: snapshots.Snapshot) -> dict:
@@ -145,6 +163,10 @@ def human_lines(info: dict) -> list[str]:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if info["dirty-flag"]:
         lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        lines.append(_backing_line(info))
+    if "backing-filename-format" in info:
+        lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
         lines += ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
         lines += [_snapshot_line(sn) for sn in info["snapshots"]]
@@ -158,6 +180,31 @@ def human_lines(info: dict) -> list[str]:
         for key, v in info["cachefs"].items():
             lines += _dump(key.replace("-", " "), v, 1)
     return lines
+
+
+def _backing_line(info: dict) -> str:
+    """bdrv_image_info_dump(): the actual path only where it differs from the name."""
+    name, full = info["backing-filename"], info.get("full-backing-filename")
+    if full is None:
+        return f"backing file: {name} (cannot determine actual path)"
+    return f"backing file: {name}" + (f" (actual path: {full})" if full != name else "")
+
+
+def chain_info(image: str, kind: str, *, backing_dirs: Sequence[str], force_share: bool) -> list[dict]:
+    """``info --backing-chain``: one ImageInfo per image, top first, every base opened by the
+    name rule (cli/chain.py), so a hostile name is one line and nothing it names is read."""
+    from cachefs.cli.chain import allowed_dirs, open_chain
+    dirs = allowed_dirs(image, backing_dirs)
+    with open_chain(image, kind, backing_dirs=backing_dirs, force_share=force_share) as layers:
+        return [image_info(layer.filename, layer.fd, layer.format, backing_dirs=dirs) for layer in layers]
+
+
+def chain_human_lines(infos: list[dict]) -> list[str]:
+    """qemu-img info --backing-chain: each image's lines, a blank line between images."""
+    out: list[str] = []
+    for i, info in enumerate(infos):
+        out += ([""] if i else []) + human_lines(info)
+    return out
 
 
 def _snapshot_line(sn: dict) -> str:

@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from cachefs.cli.chain import BACKING_DIR_OPTION
 from cachefs.errors import CachefsError
 from cachefs.policy import MODES
 
@@ -93,6 +94,7 @@ def main():
 
 # ------------------------------------------------------------------ create
 
+
 #: qemu-img create -o keys for qcow2 that cachefs honours, and their defaults (qemu-img's).
 CREATE_OPTIONS = {"cluster_size": "64k", "refcount_bits": "16", "lazy_refcounts": "off"}
 ON_OFF = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
@@ -149,7 +151,7 @@ def create_format(image: str, given: str | None) -> str:
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.argument("size")
+@click.argument("size", required=False)
 @click.option("-f", "--format", "fmt_", type=click.Choice(["qcow2", "raw"]), default=None,
               help="Image format (default: what the name says; qcow2 if it says nothing).")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE[,...]",
@@ -159,11 +161,25 @@ def create_format(image: str, given: str | None) -> str:
 @click.option("--refcount-bits", default=None, help="Same as -o refcount_bits=.")
 @click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
               help="Compress-on-write: whole-cluster writes are stored compressed (a backup target).")
-def create(image, size, fmt_, options, cluster_size, refcount_bits, compress):
-    """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img)."""
+@click.option("-b", "--backing", "backing", default=None, metavar="BASE",
+              help="An overlay of BASE (recorded as given: a relative name is relative to IMAGE's directory).")
+@click.option("-F", "--backing-format", "backing_fmt", type=click.Choice(["qcow2", "raw"]), default=None,
+              help="BASE's format (required with -b, as qemu-img 7.2 requires it).")
+@BACKING_DIR_OPTION
+def create(image, size, fmt_, options, cluster_size, refcount_bits, compress, backing, backing_fmt, backing_dir):
+    """Create IMAGE of SIZE bytes (qcow2 v3, readable by qemu-img).
+
+    With -b BASE -F FMT, an overlay of BASE; SIZE defaults to BASE's. BASE must pass the rule a
+    mount follows backing names by (IMAGE's directory or a --backing-dir, a regular file, FMT
+    agreeing with its name), so no mount refuses what create records.
+    """
+    from cachefs.cli.chain import base_for_create
     from cachefs.qcow2.create import new_image
-    nbytes = parse_size(size)
     kind = create_format(image, fmt_)
+    base_size = base_for_create(image, kind, backing, backing_fmt, backing_dir)
+    if size is None and base_size is None:
+        raise click.UsageError("missing argument SIZE (only an overlay, -b, takes its base's size)")
+    nbytes = parse_size(size) if size is not None else base_size
     opts = parse_create_options(options, {"cluster_size": cluster_size, "refcount_bits": refcount_bits})
     if kind == "raw":
         if opts:
@@ -173,11 +189,13 @@ def create(image, size, fmt_, options, cluster_size, refcount_bits, compress):
         pieces = []
     else:
         try:
-            pieces = new_image(nbytes, **qcow2_layout(opts), compress=compress)
+            pieces = new_image(nbytes, **qcow2_layout(opts), compress=compress,
+                               backing_name=backing, backing_format=backing_fmt)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="-o") from None
+            raise click.BadParameter(str(exc), param_hint="-o" if backing is None else "-b") from None
     _write_new(image, pieces, nbytes if kind == "raw" else None)
-    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}" + (f" compress={compress}" if compress else ""))
+    click.echo(f"Formatting '{image}', fmt={kind} size={nbytes}" + (f" compress={compress}" if compress else "")
+               + (f" backing_file={backing} backing_fmt={backing_fmt}" if backing is not None else ""))
 
 
 def _write_new(path: str, pieces, truncate_to: int | None) -> None:
@@ -211,20 +229,34 @@ FORCE_SHARE_OPTION = click.option(
 @FORMAT_OPTION
 @click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
+@click.option("--backing-chain", is_flag=True,
+              help="Every image of the chain, top first (bases opened only by the rule a mount follows).")
+@BACKING_DIR_OPTION
 @FORCE_SHARE_OPTION
-def info(image, given, output, as_json, force_share):
+def info(image, given, output, as_json, backing_chain, backing_dir, force_share):
     """Show an image's format, sizes, snapshots, bitmaps and features (qemu-img info's keys and layout).
 
-    On a file of a cachefs mount, also the image behind it, its format and its cache mode.
+    An overlay's backing file is shown from its header; without --backing-chain nothing it
+    names is opened (its actual path is shown only if the name passes the rule a mount follows,
+    which stats but never opens). On a file of a cachefs mount, also the image behind it, its
+    format and its cache mode.
     """
-    from cachefs.cli.info import human_lines, image_info, inspected, require_format, resolve_format
+    from cachefs.cli.info import (chain_human_lines, chain_info, human_lines, image_info, inspected,
+                                  require_format, resolve_format)
+    from cachefs.cli.chain import allowed_dirs
     require_format(image, given)
-    with inspected(image, writable=False, force_share=force_share) as fd:
-        out = image_info(image, fd, resolve_format(image, fd, given))
+    if backing_chain:
+        out = chain_info(image, given, backing_dirs=backing_dir, force_share=force_share)
+        lines = chain_human_lines(out)
+    else:
+        with inspected(image, writable=False, force_share=force_share) as fd:
+            out = image_info(image, fd, resolve_format(image, fd, given),
+                             backing_dirs=allowed_dirs(image, backing_dir))
+        lines = human_lines(out)
     if as_json or output == "json":
         click.echo(json.dumps(out, indent=4))
         return
-    for line in human_lines(out):
+    for line in lines:
         click.echo(line)
 
 
@@ -234,15 +266,18 @@ def info(image, given, output, as_json, force_share):
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @FORMAT_OPTION
 @click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
+@BACKING_DIR_OPTION
 @FORCE_SHARE_OPTION
-def map_(image, given, output, force_share):
+def map_(image, given, output, backing_dir, force_share):
     """Show which parts of IMAGE, or of a mounted file, hold data (qemu-img map's output).
 
     On a file of a cachefs mount it asks the mount (SEEK_DATA/SEEK_HOLE), as
-    `qemu-img map -f raw` does; on an image file it reads the mapping itself.
+    `qemu-img map -f raw` does; on an image file it reads the mapping itself, down an
+    overlay's backing chain (each extent's depth, as qemu-img's), opening each base only by
+    the rule a mount follows backing names (IMAGE's directory and each --backing-dir).
     """
     from cachefs.cli.map import human_lines, json_text, map_entries
-    entries = map_entries(image, given, force_share)
+    entries = map_entries(image, given, force_share, backing_dir)
     if output == "json":
         click.echo(json_text(entries))
         return
@@ -412,3 +447,9 @@ from cachefs.cli.mount import mount, umount  # noqa: E402  (the mount lifecycle 
 
 main.add_command(mount)
 main.add_command(umount)
+
+from cachefs.cli.commit import commit  # noqa: E402  (backing chains: cli/chain.py, rebase.py, commit.py)
+from cachefs.cli.rebase import rebase  # noqa: E402
+
+main.add_command(rebase)
+main.add_command(commit)

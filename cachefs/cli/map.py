@@ -6,6 +6,13 @@ Two kinds of argument:
   info`). A qcow2 is mapped from its L1/L2 tables (qcow2/discard.plan_map):
   unallocated, zero and data clusters, with host offsets, as `qemu-img map`
   reports them. A raw image is mapped with SEEK_DATA/SEEK_HOLE on the file.
+  An overlay's chain is opened by the rule a mount follows backing names
+  (cli/chain.py: the top's directory and each ``--backing-dir``), and each
+  extent carries its ``depth``, as qemu-img's: the ranges a layer leaves to
+  its backing file (``MappingKind.BACKING``) are answered by the next layer
+  down; a range past a shorter base's end reads as zeros and is reported at
+  the depth of the layer whose base is short (present: false), and a range
+  no layer allocated at the depth of the last one, as qemu-img reports both.
 - a **served file** (``MNT/NAME.raw``): mapped with SEEK_DATA/SEEK_HOLE
   through the mount, which the data plane answers from the image's mapping
   (fuse/direct_requests.py). That is what every other client sees (`qemu-img map -f raw`,
@@ -20,8 +27,10 @@ line); the human form is its table of data extents.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
+from collections.abc import Sequence
 
 import attrs
 
@@ -30,7 +39,7 @@ from cachefs.errors import CachefsError
 
 @attrs.frozen
 class MapEntry:
-    """One run, with qemu-img's MapEntry fields (depth is always 0: no backing files)."""
+    """One run, with qemu-img's MapEntry fields."""
 
     start: int
     length: int
@@ -38,11 +47,16 @@ class MapEntry:
     zero: bool
     data: bool
     offset: int | None = None
+    #: 0: the top image; N: its Nth backing file.
+    depth: int = 0
+    #: The layer's file as QEMU names it (the human table's File column).
+    filename: str = ""
 
     def json(self) -> str:
         """qemu-img's dump_map_entry() for OFORMAT_JSON."""
         b = lambda v: "true" if v else "false"  # noqa: E731
-        out = (f'{{ "start": {self.start}, "length": {self.length}, "depth": 0, "present": {b(self.present)}, '
+        out = (f'{{ "start": {self.start}, "length": {self.length}, "depth": {self.depth}, '
+               f'"present": {b(self.present)}, '
                f'"zero": {b(self.zero)}, "data": {b(self.data)}')
         return out + (f', "offset": {self.offset}}}' if self.offset is not None else "}")
 
@@ -67,17 +81,83 @@ def seek_entries(fd: int, size: int) -> list[MapEntry]:
     return out
 
 
-def qcow2_entries(fd: int) -> list[MapEntry]:
+#: A layer's run: (start, length, its entry), the entry None where the layer's backing file answers.
+Run = tuple[int, int, "MapEntry | None"]
+
+
+def layer_runs(layer, depth: int) -> list[Run]:
+    """One layer's own map: its runs, BACKING ones left for the layer below."""
+    if layer.engine is None:
+        return [(e.start, e.length, attrs.evolve(e, depth=depth, filename=layer.filename))
+                for e in seek_entries(layer.fd, layer.size)]
     from cachefs.qcow2.cluster import MappingKind
     from cachefs.qcow2.discard import plan_map
-    from cachefs.qcow2.engine import open_engine
     from cachefs.qcow2.plan import run_sync
-    pread = lambda o, n: os.pread(fd, n, o)  # noqa: E731
-    engine = run_sync(open_engine(os.fstat(fd).st_size, writable=False), pread)
-    out = []
-    for start, length, kind, host in run_sync(plan_map(engine), pread):
+    out: list[Run] = []
+    for start, length, kind, host in run_sync(plan_map(layer.engine), lambda o, n: os.pread(layer.fd, n, o)):
+        if kind is MappingKind.BACKING:
+            out.append((start, length, None))
+            continue
         data = kind in (MappingKind.DATA, MappingKind.COMPRESSED)
-        out.append(MapEntry(start, length, kind is not MappingKind.UNALLOCATED, not data, data, host))
+        out.append((start, length, MapEntry(start, length, kind is not MappingKind.UNALLOCATED, not data, data,
+                                            host, depth, layer.filename)))
+    return out
+
+
+def _clipped(runs: list[Run], starts: list[int], lo: int, hi: int):
+    """The runs' pieces inside [lo, hi), each entry cut to its piece (host offsets move along)."""
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    while i < len(runs) and runs[i][0] < hi:
+        start, length, e = runs[i]
+        a, b = max(start, lo), min(start + length, hi)
+        if a < b:
+            if e is not None:
+                off = None if e.offset is None else e.offset + (a - start)
+                e = attrs.evolve(e, start=a, length=b - a, offset=off)
+            yield a, b - a, e
+        i += 1
+
+
+def chain_entries(layers) -> list[MapEntry]:
+    """The chain's map, top first: each layer's BACKING ranges answered by the layer below."""
+    runs = [layer_runs(layer, d) for d, layer in enumerate(layers)]
+    starts = [[r[0] for r in rs] for rs in runs]
+    out: list[MapEntry] = []
+
+    def fill(depth: int, lo: int, hi: int) -> None:
+        for start, length, e in _clipped(runs[depth], starts[depth], lo, hi):
+            if e is not None:
+                out.append(e)
+                continue
+            end = start + length
+            below = layers[depth + 1].size if depth + 1 < len(layers) else 0
+            if start < below:
+                fill(depth + 1, start, min(end, below))
+            if end > below:  # past a shorter base's end: zeros, reported at this layer (as qemu-img)
+                cut = max(start, below)
+                out.append(MapEntry(cut, end - cut, False, True, False, None, depth, layers[depth].filename))
+
+    fill(0, 0, layers[0].size)
+    return merged(out)
+
+
+def _mergeable(a: MapEntry, b: MapEntry) -> bool:
+    """qemu-img's entry_mergeable(): the same flags and depth, and host offsets that continue."""
+    if (a.zero, a.data, a.depth, a.present) != (b.zero, b.data, b.depth, b.present):
+        return False
+    if (a.offset is None) != (b.offset is None):
+        return False
+    return a.offset is None or a.offset + a.length == b.offset
+
+
+def merged(entries: list[MapEntry]) -> list[MapEntry]:
+    """Adjacent mergeable entries joined, as qemu-img map prints them."""
+    out: list[MapEntry] = []
+    for e in entries:
+        if out and _mergeable(out[-1], e):
+            out[-1] = attrs.evolve(out[-1], length=out[-1].length + e.length)
+        else:
+            out.append(e)
     return out
 
 
@@ -106,15 +186,15 @@ def is_served(path: str) -> bool:
     return True
 
 
-def map_entries(path: str, given: str | None, force_share: bool) -> list[MapEntry]:
-    from cachefs.cli.info import inspected, require_format, resolve_format
+def map_entries(path: str, given: str | None, force_share: bool,
+                backing_dirs: Sequence[str] = ()) -> list[MapEntry]:
+    from cachefs.cli.chain import open_chain
+    from cachefs.cli.info import require_format
     if given is None and is_served(path):
         return served_entries(path)
     require_format(path, given)
-    with inspected(path, writable=False, force_share=force_share) as fd:
-        if resolve_format(path, fd, given) == "raw":
-            return seek_entries(fd, os.fstat(fd).st_size)
-        return qcow2_entries(fd)
+    with open_chain(path, given, backing_dirs=backing_dirs, force_share=force_share) as layers:
+        return chain_entries(layers)
 
 
 def json_text(entries: list[MapEntry]) -> str:
@@ -128,5 +208,6 @@ def human_lines(entries: list[MapEntry], filename: str) -> list[str]:
         raise CachefsError("File contains external, encrypted or compressed clusters; use --output=json")
     h = lambda v: f"{v:#x}" if v else "0"  # noqa: E731  (C's %#x prints 0 as "0")
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
-    lines += [f"{h(e.start):<16}{h(e.length):<16}{h(e.offset):<16}{filename}" for e in entries if e.data]
+    lines += [f"{h(e.start):<16}{h(e.length):<16}{h(e.offset):<16}{e.filename or filename}"
+              for e in entries if e.data]
     return lines
