@@ -72,6 +72,16 @@ def cachefs(*args, check: bool = True, timeout: float = TIMEOUT) -> subprocess.C
     return run(sys.executable, "-m", "cachefs.cli", *args, check=check, timeout=timeout, env=_env())
 
 
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The failed command's only stderr line: nothing on stdout, no traceback (the house rule for user mistakes)."""
+    assert r.returncode != 0, f"accepted:\n{r.stdout}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
+    assert r.stdout == "", r.stdout
+    return lines[0]
+
+
 def make_random_raw(path, size: int, seed: int) -> Path:
     """A raw file of `size` bytes: deterministic random data with some zero and repeated runs.
 

@@ -15,7 +15,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,54 +36,8 @@ from cachefs.backend import (
 )
 from cachefs.backend import base as base_mod
 from cachefs.errors import UnsupportedImage
+from directio import O_DIRECT_FLAG, O_DSYNC_FLAG, disk_dir, fdinfo_flags, make_file, pattern  # noqa: F401 (a fixture)
 
-REPO = Path(__file__).resolve().parent.parent
-O_DIRECT_FLAG = 0o40000  # fdinfo "flags:" is octal; x86/arm64 value
-O_DSYNC_FLAG = 0o10000
-
-
-def _supports_direct(directory: Path) -> bool:
-    if filesystem_type(directory) in ("tmpfs", "ramfs"):
-        return False  # tmpfs accepts O_DIRECT since 6.6 but never does direct I/O
-    probe = directory / ".odirect-probe"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-    os.close(fd)
-    return True
-
-
-@pytest.fixture
-def disk_dir(tmp_path):
-    for base in (tmp_path, REPO / "tmp", Path("/var/tmp")):
-        base.mkdir(parents=True, exist_ok=True)
-        if _supports_direct(base):
-            d = Path(tempfile.mkdtemp(prefix="backend-", dir=base))
-            yield d
-            shutil.rmtree(d, ignore_errors=True)
-            return
-    pytest.skip("no directory on a filesystem that supports O_DIRECT")
-
-
-def make_file(directory: Path, data: bytes, name: str = "img") -> Path:
-    path = directory / name
-    path.write_bytes(data)
-    return path
-
-
-def fdinfo_flags(fd: int) -> int:
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    raise AssertionError("no flags line in fdinfo")
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 # ---------------------------------------------------------------- buffered

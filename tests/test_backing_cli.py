@@ -15,19 +15,9 @@ import subprocess
 
 import pytest
 
-from conftest import cachefs, qemu_img, qemu_io
+from conftest import cachefs, one_line_error, qemu_img, qemu_io
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    """The failed command's only stderr line (nothing on stdout, no traceback)."""
-    assert r.returncode != 0, f"accepted:\n{r.stdout}"
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
-    assert r.stdout == "", r.stdout
-    return lines[0]
 
 
 def qinfo(*args) -> dict | list:

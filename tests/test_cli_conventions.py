@@ -22,20 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _env, cachefs, qemu_img, qemu_io, run
+from conftest import _env, cachefs, one_line_error, qemu_img, qemu_io, run
 from mounting import wait_held_by
 
 QCOW2_MAGIC = b"QFI\xfb"
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    """The failed command's only stderr line (and nothing on stdout)."""
-    assert r.returncode != 0, f"accepted:\n{r.stdout}"
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
-    assert r.stdout == "", r.stdout
-    return lines[0]
 
 
 def info_json(*args) -> dict:

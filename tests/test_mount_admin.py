@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cachefs, is_mounted, qemu_img, run
+from conftest import cachefs, is_mounted, one_line_error, qemu_img, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="read-only bind mounts and fusectl need root")
 
@@ -31,14 +31,6 @@ def images(workdir) -> Path:
     d.mkdir()
     qemu_img("create", "-q", "-f", "qcow2", d / "vm.qcow2", "16M")
     return d
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode != 0, f"accepted:\n{r.stdout}{r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def in_mountinfo(path: Path) -> bool:

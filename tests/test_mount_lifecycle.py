@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import _env, cachefs, is_mounted, qemu_img, qemu_io
+from conftest import _env, cachefs, is_mounted, one_line_error, qemu_img, qemu_io
 
 
 @pytest.fixture
@@ -29,14 +29,6 @@ def images(workdir):
     d.mkdir()
     qemu_img("create", "-f", "qcow2", d / "vm.qcow2", "64M")
     return d
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode != 0, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def wait_gone(pid: int, timeout: float = 30) -> None:
