@@ -45,7 +45,10 @@ class FakeEngine:
         self.tables = tables
         self.cached: dict[int, FakeTable] = {}  # l1 index -> table
         self.cache = types.SimpleNamespace(listeners=[], values=lambda: list(self.cached.values()))
-        self.map = types.SimpleNamespace(l2_entries=PER_TABLE, validate=lambda entry, vcluster: None)
+        # Every L1 entry points at a table (none is tableless: dp_map_tables is not modelled).
+        self.map = types.SimpleNamespace(l2_entries=PER_TABLE, validate=lambda entry, vcluster: None,
+                                         l1=[1] * len(tables))
+        self.backing = None  # no backing file (Engine.backing: its name)
         self.subscribers = []
 
     def on_mapping_change(self, callback) -> None:

@@ -13,7 +13,13 @@ decides what it is given (../shared/DATAPLANE.md, "The mapping contract"):
 - the tasks that answer C's wakes for the mount's life: refills and adoption
   (:meth:`FastPaths.serve_allocations`), the syncs parked write-through
   writes wait for (:meth:`FastPaths.serve_syncs`);
-- the counters ``stats`` shows, C's added to Python's.
+- the counters ``stats`` shows, C's added to Python's;
+- backing chains (issue 22): an overlay's backing images are published too,
+  each once (the mount's own inode for a base it serves, one of
+  :data:`BASE_INODES` for a base it does not), with the descriptor C reads
+  them through, and the overlay linked to the image below it
+  (:meth:`FastPaths._publish_chain`). C then serves the overlay's reads of
+  unallocated clusters from the base's own published mapping.
 
 ``NoFastPaths`` is ``--dataplane off``: every request is pyfuse3's.
 """
@@ -37,6 +43,11 @@ from cachefs.image.hooks import PlaneHooks
 from cachefs.policy import MODES
 
 log = logging.getLogger("cachefs.dataplane.plane")
+
+#: C's inode numbers for backing images the mount does not serve (--backing-dir, a subdirectory):
+#: from 2**63 up. The catalog numbers its images from 2 one by one, so no FUSE inode is ever one,
+#: and the kernel never sends a request for them: C only reads them below an overlay.
+BASE_INODES = 1 << 63
 
 
 class Wake:
@@ -72,9 +83,12 @@ class FastPaths:
     from its cached L2 tables (mapping.MappingPublisher).
     """
 
-    def __init__(self, plane: DataPlane, *, read_only: bool) -> None:
+    def __init__(self, plane: DataPlane, *, read_only: bool, served_inode=None) -> None:
         self.plane = plane
         self.read_only = read_only
+        # image -> the mount's inode for it, or None (a base the mount does not serve): fuse/catalog.py.
+        self._served_inode = served_inode or (lambda image: None)
+        self._base_inodes: dict[object, int] = {}  # unserved bases -> their BASE_INODES number
         self.handles: dict[int, _Published] = {}
         self._images: dict[int, object] = {}
         # inode -> concrete mode name -> fast HANDLE_COUNTERS served through that mode's descriptor.
@@ -88,14 +102,41 @@ class FastPaths:
         self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
 
-    def _publish_image(self, inode: int, image) -> None:
+    def _publish_image(self, inode: int, image, depth: int = 0) -> None:
         raw = image.format == "raw"
         self.plane.publish_image(inode, size=image.size, cluster_size=image.cluster_size, identity=raw)
         log.debug("inode %d: %s, %d bytes", inode, image.format, image.size)
-        if inode in self._images:
+        # The descriptor C reads the image through when it is an overlay's backing image: its
+        # default mode's, the one Python's reads of it as a base use (BackingImage.read). A switch
+        # that reopens it pauses the image first (paused), and this runs again after.
+        be = image.backend
+        self.plane.set_reader(inode, be.fd, direct=be.direct)
+        if inode not in self._images:
+            self._images[inode] = image
+            self._connect(inode, image)
+        self._publish_chain(inode, image, depth)
+
+    def _publish_chain(self, inode: int, image, depth: int) -> None:
+        """Backing chains (issue 22): the image below ``image`` is published (the mount's inode if it
+        serves it, else one of BASE_INODES) and linked, so C reads the overlay's unallocated
+        clusters from it. Why C's entries of a base stay true: docs/design.md "Backing chains"."""
+        backing = getattr(image, "backing", None)
+        if backing is None or depth >= self.plane.chain_limit:
+            self.plane.set_backing(inode, 0)  # its clusters from backing, if any, are forwarded
             return
-        self._images[inode] = image
-        self._connect(inode, image)
+        base = backing.image
+        base_inode = self._base_inode(base)
+        self._publish_image(base_inode, base, depth + 1)
+        self.plane.set_backing(inode, base_inode)
+
+    def _base_inode(self, base) -> int:
+        for inode, image in self._images.items():
+            if image is base:
+                return inode
+        served = self._served_inode(base)
+        if served is not None:
+            return served
+        return self._base_inodes.setdefault(base, BASE_INODES + len(self._base_inodes))
 
     def _connect(self, inode: int, image) -> None:
         """Once per image: the hooks it calls (image/hooks.py). C's writes count for the image's

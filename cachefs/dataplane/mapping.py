@@ -21,8 +21,16 @@ data, COPIED (refcount 1)               writable at host offset
 data, shared (not COPIED)               read-only at host offset
 unallocated, or the zero flag           reads as zeros (no backing files); with
                                         no host cluster, C may allocate (dataplane/lending.py)
+unallocated in an overlay               from backing (DP_MAP_BACKING): C reads the
+                                        backing image's own published entries (issue 22)
 compressed, damaged, past the guest     absent: forwarded to Python
 =====================================  ==========================
+
+A table its L1 entry does not point at (none allocated yet, the whole of a
+fresh overlay) is not in the cache: C is given one entry for all of its
+clusters (``dp_map_tables``: from backing, or zeros), taken back before the
+table's own entries are published when one is made. That costs C 8 bytes per
+L1 entry, so it stays bounded too.
 
 The invariant: C never writes to a host cluster Python has freed or given to
 another guest cluster. A change swaps C's entry before it takes effect, but a
@@ -69,10 +77,19 @@ class MappingPublisher:
         self.inode = inode
         self.engine = engine
         self.per_table = engine.map.l2_entries
-        # An overlay's unallocated clusters read from its backing file, which C does not reach
-        # (issue 22): they stay unpublished, so Python serves them and copies on write.
-        self._unallocated = 0 if getattr(engine, "backing", None) is not None else self._zero | self._alloc
+        self._table_bits = self.per_table.bit_length() - 1
+        # An overlay's unallocated clusters read from its backing image (issue 22): C reads them
+        # from the backing image's own published entries (FastPaths links the two), never
+        # allocates there (a partial write must copy on write: Python's), and forwards writes.
+        backed = engine.backing is not None
+        self._unallocated = plane.backing_state() if backed else self._zero | self._alloc
+        # A cluster of a table that does not exist: the same, but never allocatable in C (Python
+        # makes the table first).
+        self._no_table = plane.backing_state() if backed else self._zero
         self.tables: dict[int, object] = {}  # L1 index -> its published L2 table (meta.Table)
+        # L1 indexes whose clusters C holds as one entry each (dp_map_tables): no table there.
+        # Invariant: none of them is in ``tables``; cleared before a table's own entries are published.
+        self.tableless: set[int] = set()
         self.fence_ticket: int | None = None  # a drain owed before the next deferred free
         self.stopped = False
         self.published_tables = 0  # counters, for stats and tests
@@ -98,6 +115,9 @@ class MappingPublisher:
         states = [self._state(e, first + i) for i, e in enumerate(table.entries[:count])]
         if self.write_through and not self._durable(table):
             states = [self._hold(first + i, st) for i, st in enumerate(states)]
+        if table.l1_index in self.tableless:  # a new table: its own entries from now on
+            self.tableless.discard(table.l1_index)
+            self.plane.map_tables(self.inode, self._table_bits, table.l1_index, [0])
         self.plane.map_clusters(self.inode, first, states)
         self.tables[table.l1_index] = table
         self.published_tables += 1
@@ -111,9 +131,19 @@ class MappingPublisher:
             self.plane.unmap_clusters(self.inode, table.l1_index * self.per_table, self.per_table)
 
     def republish(self) -> None:
-        """Publish every cached L2 table again (after a resize: the guest's size changed)."""
+        """Publish every cached L2 table again (after a resize: the guest's size changed), and
+        the tables that do not exist."""
         for table in self.engine.cache.values():
             self.entered(table)
+        if self.stopped:
+            return
+        l1 = self.engine.map.l1
+        n = -(-self._guest_clusters() // self.per_table)
+        missing = [i for i in range(n) if i not in self.tables and i not in self.tableless
+                   and (i >= len(l1) or l1[i] == 0)]
+        for i in missing:  # few: one per 512 MiB of guest with 64 KiB clusters
+            self.plane.map_tables(self.inode, self._table_bits, i, [self._no_table])
+        self.tableless.update(missing)
 
     def _guest_clusters(self) -> int:
         return -(-self.engine.size // self.engine.cs)
@@ -121,7 +151,7 @@ class MappingPublisher:
     def _state(self, entry: int, vcluster: int) -> int:
         """C's entry for an L2 entry: host offset | DP_MAP_* (0, absent, when C must not serve it)."""
         if entry == 0:
-            return self._unallocated  # C may allocate one (dataplane/lending.py), unless a backing file is below
+            return self._unallocated  # C may allocate one (dataplane/lending.py); an overlay's: from backing
         if entry == fmt.L2_ZERO:
             return self._zero | self._alloc  # no host cluster: C may allocate one (dataplane/lending.py)
         if entry & fmt.L2_COMPRESSED:
@@ -160,8 +190,8 @@ class MappingPublisher:
             return new.host_offset | (self._writable if new.owned else self._readonly)
         if new.kind is MappingKind.UNALLOCATED:
             return self._zero | self._alloc
-        if new.kind is MappingKind.BACKING:  # the backing chain's: Python reads it (see __init__)
-            return 0
+        if new.kind is MappingKind.BACKING:  # the backing chain's (see __init__)
+            return self._unallocated
         if new.kind is MappingKind.ZERO and not new.host_offset:
             return self._zero | self._alloc
         if new.kind is MappingKind.ZERO:
@@ -211,6 +241,9 @@ class MappingPublisher:
         self.stopped = True
         for l1_index in sorted(self.tables):
             self.plane.unmap_clusters(self.inode, l1_index * self.per_table, self.per_table)
+        for l1_index in sorted(self.tableless):
+            self.plane.map_tables(self.inode, self._table_bits, l1_index, [0])
         self.tables.clear()
+        self.tableless.clear()
         self.unsettled.clear()
         self.fence_ticket = self.plane.ticket()

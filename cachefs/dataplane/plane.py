@@ -229,6 +229,26 @@ class DataPlane:
         lib = native.lib
         return lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO, lib.DP_MAP_ALLOC
 
+    @staticmethod
+    def backing_state() -> int:
+        """An overlay's unallocated cluster (dp_abi.h DP_MAP_BACKING): C reads the backing chain."""
+        return native.lib.DP_MAP_BACKING
+
+    def map_tables(self, ino: int, table_bits: int, first: int, entries: list[int]) -> None:
+        """The entry of every cluster of L2 tables [first, first + len(entries)) that has no entry of its
+        own (its L1 entry points at no table); 0 takes it back (dp_map_tables)."""
+        if entries:
+            self._check(native.lib.dp_map_tables(self._dp, ino, table_bits, first, len(entries),
+                                                 native.ffi.new("uint64_t[]", entries)))
+
+    def set_backing(self, ino: int, backing_ino: int) -> None:
+        """``ino``'s DP_MAP_BACKING clusters read from image ``backing_ino`` (0: forwarded)."""
+        self._check(native.lib.dp_image_backing(self._dp, ino, backing_ino))
+
+    def set_reader(self, ino: int, fd: int, *, direct: bool) -> None:
+        """The descriptor C reads ``ino`` through as an overlay's backing image (-1: none)."""
+        self._check(native.lib.dp_image_reader(self._dp, ino, fd, ALIGN if direct else 1))
+
     def map_clusters(self, ino: int, first: int, entries: list[int]) -> None:
         """Publish guest clusters [first, first + len(entries)): each ``host_offset | DP_MAP_*`` state."""
         if entries:
@@ -288,6 +308,7 @@ class DataPlane:
         return self._dp is not None
 
     alloc_capacity = property(lambda self: native.lib.DP_SPARE)  # lent clusters one image holds at most
+    chain_limit = property(lambda self: native.lib.DP_MAXCHAIN)  # backing images C follows down at most
 
     def alloc_set(self, ino: int, on: bool, low_water: int) -> None:
         self._check(native.lib.dp_alloc_set(self._dp, ino, int(on), low_water))

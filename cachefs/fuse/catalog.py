@@ -234,6 +234,10 @@ class Catalog:
             e = next((e for e in self.by_inode.values() if e.ident == ident), None)
         return e.image if e is not None else None
 
+    def inode_of(self, img: Image) -> int | None:
+        """The inode the mount serves ``img`` as, or None (a base it does not serve)."""
+        return next((e.inode for e in self.by_inode.values() if e.image is img), None)
+
     def holders(self, img: Image) -> list[str]:
         """The overlays (paths) reading ``img`` as their backing file."""
         return self.bases.holders(img) if self.bases is not None else []

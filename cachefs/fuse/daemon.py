@@ -371,7 +371,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
             catalog, show=Presentation(cfg.uid, cfg.gid, cfg.umask, cfg.read_only),
             create_qcow2=cfg.create_format == "qcow2", growable=cfg.growable,
             root_info={"log": where or "stderr", "image_dir": cfg.image_dir, **_read_only_info(cfg)},
-            fast=plane and FastPaths(plane, read_only=cfg.read_only))
+            fast=plane and FastPaths(plane, read_only=cfg.read_only, served_inode=catalog.inode_of))
         if plane is not None:
             own = _mount_dataplane(cfg, ops, plane)
         else:

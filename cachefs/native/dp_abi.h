@@ -26,10 +26,18 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
 /* A flag on a DP_MAP_WRITABLE entry whose mapping may not be durable yet (C allocated it): a
  * write-through write there is answered only after Python's next sync (dp_park.c). */
 #define DP_MAP_UNSYNCED 8
+/* A flag on a DP_MAP_ABSENT entry of an overlay (issue 22): the cluster is unallocated there and
+ * reads from the backing image at the same guest offset (dp_plan.c follows the chain, through the
+ * backing image's own published entries: dp_image_backing). Its state bits stay ABSENT, so any
+ * code that does not know the flag forwards the request; a WRITE there is forwarded (Python copies
+ * on write). */
+#define DP_MAP_BACKING 16
+/* How deep dp_plan.c follows a chain of backing images (image/backing_names.MAX_CHAIN_DEPTH). */
+#define DP_MAXCHAIN 16
 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
-       DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_NIMAGE };
+       DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_BACKING_READS, DP_C_NIMAGE };
 /* Per-handle counters, counted at dispatch: Python charges them to the handle's cache mode. */
 enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
@@ -89,6 +97,16 @@ int dp_image_remove(struct dp *dp, uint64_t ino);
 int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries);
 int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
 uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino);
+/* The entry of every cluster of L2 tables [first, first+count) (2^table_bits clusters each) whose
+ * own entry is absent: what a qcow2 image's clusters are where its L1 entry points at no table
+ * (DP_MAP_BACKING, or DP_MAP_ZERO). 0 takes it back. A table published since clears it first. */
+int dp_map_tables(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t first, uint64_t count,
+                  const uint64_t *entries);
+/* Backing chains (issue 22): `ino` reads its DP_MAP_BACKING clusters from image `backing_ino`
+ * (0: none, every such read forwarded). An image read as a backing image is read through its own
+ * read descriptor (dp_image_reader; -1: none), with that O_DIRECT alignment. */
+int dp_image_backing(struct dp *dp, uint64_t ino, uint64_t backing_ino);
+int dp_image_reader(struct dp *dp, uint64_t ino, int fd, unsigned align);
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                       int sync, int batch_fd);
 int dp_handle_unpublish(struct dp *dp, uint64_t fh);

@@ -99,6 +99,16 @@ struct dp_image {
     int paused;                /* a live switch or resize is under way: forward everything */
     uint64_t **chunks;         /* non-identity: chunk -> 4096 entries, NULL = absent */
     uint64_t nchunks;
+    /* Per L2 table (2^table_bits clusters): the entry of its clusters whose own entry is absent,
+     * where the L1 entry points at no table (dp_map_tables); NULL: none published. */
+    uint64_t *tables;
+    uint64_t ntables;
+    unsigned table_bits;
+    /* Backing chains (issue 22): where DP_MAP_BACKING clusters read (dp_image_backing), or NULL;
+     * and the descriptor this image is read through as someone's backing image (-1: never). */
+    struct dp_image *backing;
+    int read_fd;
+    unsigned read_align;
     uint64_t c[DP_C_NIMAGE];
     struct dp_alloc alloc;
     struct dp_image *next_dead;
@@ -114,7 +124,7 @@ struct dp_handle {
     uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
 };
 
-struct dp_piece { uint64_t host; uint32_t buf, len; };
+struct dp_piece { uint64_t host; uint32_t buf, len; int fd; };  /* fd -1: the slot's (its handle's) */
 
 struct dp_slot {
     uint64_t hdr[DP_HDR / 8];  /* the request's first 80 bytes (8-byte aligned for the structs) */
@@ -128,6 +138,7 @@ struct dp_slot {
     int write, pieces_left, npieces, err, fd, sync;
     int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */
     int defer;                 /* write-through onto such a mapping: answer after Python's sync (dp_park.c) */
+    int backing;               /* a READ that reads from a backing image (DP_MAP_BACKING) */
     uint64_t park_seq;
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];
@@ -209,12 +220,15 @@ static inline void *dp_map_get(const struct dp_u64map *m, uint64_t key) {
     }
 }
 
-/* The published entry of a guest cluster of a mapped image (DP_MAP_ABSENT outside its chunks). */
+/* The published entry of a guest cluster of a mapped image: its own, else its table's (a cluster
+ * whose L1 entry points at no table: dp_map_tables), else DP_MAP_ABSENT. */
 static inline uint64_t dp_entry(const struct dp_image *im, uint64_t cluster) {
-    uint64_t chunk = cluster >> DP_CHUNK_BITS;
-    if (chunk >= im->nchunks || !im->chunks[chunk])
-        return DP_MAP_ABSENT;
-    return im->chunks[chunk][cluster & ((1u << DP_CHUNK_BITS) - 1)];
+    uint64_t chunk = cluster >> DP_CHUNK_BITS, e = 0;
+    if (chunk < im->nchunks && im->chunks[chunk])
+        e = im->chunks[chunk][cluster & ((1u << DP_CHUNK_BITS) - 1)];
+    if (!e && im->tables && (cluster >> im->table_bits) < im->ntables)
+        e = im->tables[cluster >> im->table_bits];
+    return e;
 }
 
 static inline void dp_free_slot(struct dp *dp, struct dp_slot *s) {

@@ -70,10 +70,11 @@ void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_
 static void dp_submit_piece(struct dp *dp, struct dp_slot *s, int i) {
     struct dp_piece *p = &s->piece[i];
     struct io_uring_sqe *sqe = dp_sqe(dp);
+    int fd = p->fd >= 0 ? p->fd : s->fd;  /* a backing image's piece: its own read descriptor */
     if (s->write)
-        io_uring_prep_write(sqe, s->fd, s->data + p->buf, p->len, p->host);
+        io_uring_prep_write(sqe, fd, s->data + p->buf, p->len, p->host);
     else
-        io_uring_prep_read(sqe, s->fd, s->data + p->buf, p->len, p->host);
+        io_uring_prep_read(sqe, fd, s->data + p->buf, p->len, p->host);
     io_uring_sqe_set_data64(sqe, DP_UD_IO(s - dp->slots, i));
 }
 
@@ -177,6 +178,7 @@ void dp_answer(struct dp *dp, struct dp_slot *s) {
         dp_reply(dp, ih->unique, 0, &out, sizeof out);
     } else {
         dp_count(&c[DP_C_FAST_READS], 1);
+        dp_count(&c[DP_C_BACKING_READS], (uint64_t)s->backing);
         dp_count(&c[DP_C_BYTES_READ], s->reply_len);
         dp_reply(dp, ih->unique, 0, s->data, s->reply_len);
     }

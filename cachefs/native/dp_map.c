@@ -117,7 +117,7 @@ int dp_set_entry(struct dp_image *im, uint64_t cl, uint64_t e) {
 /* 1 when no entry of the chunk is published any more. */
 static int dp_chunk_empty(const uint64_t *c) {
     for (uint32_t i = 0; i < (1u << DP_CHUNK_BITS); i++)
-        if (DP_MAP_STATE(c[i]) != DP_MAP_ABSENT)
+        if (c[i])  /* an absent entry may still say "from backing" (DP_MAP_BACKING) */
             return 0;
     return 1;
 }

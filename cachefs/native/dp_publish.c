@@ -45,6 +45,7 @@ int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned clust
             return rc < 0 ? rc : -ENOMEM;
         }
         im->ino = ino;
+        im->read_fd = -1;
     }
     im->cluster_bits = cluster_bits;
     im->identity = identity;
@@ -78,7 +79,17 @@ int dp_image_remove(struct dp *dp, uint64_t ino) {
             else
                 i++;
         }
+        for (uint32_t i = 0; i < dp->images.cap; i++) {  /* an overlay of it forwards what it read from it */
+            struct dp_image *o = dp->images.vals[i];
+            if (dp->images.keys[i] && o->backing == im)
+                o->backing = NULL;
+        }
+        im->backing = NULL;
+        im->read_fd = -1;
         dp_image_free_chunks(im);
+        free(im->tables);
+        im->tables = NULL;
+        im->ntables = 0;
         dp_alloc_free(im);
         im->next_dead = dp->dead_images;
         dp->dead_images = im;
@@ -102,7 +113,7 @@ int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count,
         rc = -ERANGE;  /* past the guest's last cluster */
     for (; im && !im->identity && rc == 0 && i < count; i++) {
         uint64_t cl = first + i, chunk = cl >> DP_CHUNK_BITS;
-        if (DP_MAP_STATE(entries[i]) != DP_MAP_ABSENT || (chunk < im->nchunks && im->chunks[chunk]))
+        if (entries[i] || (chunk < im->nchunks && im->chunks[chunk]))  /* DP_MAP_BACKING is absent, and published */
             rc = dp_set_entry(im, cl, entries[i]);
     }
     if (im && !im->identity)
@@ -131,6 +142,67 @@ uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) {
         n += im->chunks[i] ? sizeof(uint64_t) << DP_CHUNK_BITS : 0;
     pthread_mutex_unlock(&dp->lock);
     return n;
+}
+
+/* The entries of whole L2 tables whose L1 entry points at no table (dp_abi.h). Python clears a
+ * table's (0) before it publishes the table's own entries, so the two never disagree. */
+int dp_map_tables(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t first, uint64_t count,
+                  const uint64_t *entries) {
+    int rc = 0;
+    pthread_mutex_lock(&dp->lock);
+    struct dp_image *im = dp_map_get(&dp->images, ino);
+    if (!im || im->identity) {
+        rc = !im ? -ENOENT : -EINVAL;
+    } else if (table_bits > 40 || (im->tables && table_bits != im->table_bits)) {
+        rc = -EINVAL;
+    } else if (count && first + count > im->ntables) {
+        uint64_t *t = realloc(im->tables, (first + count) * sizeof *t);
+        if (!t) {
+            rc = -ENOMEM;
+        } else {
+            memset(t + im->ntables, 0, (first + count - im->ntables) * sizeof *t);
+            im->tables = t;
+            im->ntables = first + count;
+        }
+    }
+    if (rc == 0 && count) {
+        im->table_bits = table_bits;
+        memcpy(im->tables + first, entries, count * sizeof *entries);
+    }
+    pthread_mutex_unlock(&dp->lock);
+    return rc;
+}
+
+/* Image `ino` reads its DP_MAP_BACKING clusters from image `backing_ino` (0: from none). A request
+ * dispatched before this call may still read the old one: the caller drains if that matters. */
+int dp_image_backing(struct dp *dp, uint64_t ino, uint64_t backing_ino) {
+    int rc = 0;
+    pthread_mutex_lock(&dp->lock);
+    struct dp_image *im = dp_map_get(&dp->images, ino);
+    struct dp_image *b = backing_ino ? dp_map_get(&dp->images, backing_ino) : NULL;
+    if (!im || (backing_ino && !b))
+        rc = -ENOENT;
+    else if (b == im)
+        rc = -ELOOP;
+    else
+        im->backing = b;
+    pthread_mutex_unlock(&dp->lock);
+    return rc;
+}
+
+/* The descriptor image `ino` is read through when it is someone's backing image, and its O_DIRECT
+ * alignment (1: none); -1 stops those reads (then drain before closing the old one). */
+int dp_image_reader(struct dp *dp, uint64_t ino, int fd, unsigned align) {
+    if (align == 0 || (align & (align - 1)) || align > 4096)
+        return -EINVAL;  /* the slot buffers are page aligned: nothing stricter can be served */
+    pthread_mutex_lock(&dp->lock);
+    struct dp_image *im = dp_map_get(&dp->images, ino);
+    if (im) {
+        im->read_fd = fd < 0 ? -1 : fd;
+        im->read_align = align;
+    }
+    pthread_mutex_unlock(&dp->lock);
+    return im ? 0 : -ENOENT;
 }
 
 /* Publish (or update) a handle: its requests may be served here from now on. */

@@ -21,6 +21,10 @@ int dp_image_remove(struct dp *dp, uint64_t ino) { return -ENOSYS; }
 int dp_map_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, const uint64_t *entries) { return -ENOSYS; }
 int dp_unmap_clusters(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
 uint64_t dp_image_map_bytes(struct dp *dp, uint64_t ino) { return 0; }
+int dp_map_tables(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t first, uint64_t count,
+                  const uint64_t *entries) { return -ENOSYS; }
+int dp_image_backing(struct dp *dp, uint64_t ino, uint64_t backing_ino) { return -ENOSYS; }
+int dp_image_reader(struct dp *dp, uint64_t ino, int fd, unsigned align) { return -ENOSYS; }
 int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned align, int fast_write,
                       int sync, int batch_fd) { return -ENOSYS; }
 int dp_handle_unpublish(struct dp *dp, uint64_t fh) { return -ENOSYS; }

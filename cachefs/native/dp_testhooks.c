@@ -27,6 +27,7 @@ int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t s
     out->unsynced = s.unsynced;
     out->nalloc = s.nalloc;
     out->npieces = s.npieces;
+    out->backing = s.backing;
     out->reply_len = s.reply_len;
     out->seq = s.seq;
     memcpy(out->alloc_cl, s.alloc_cl, sizeof s.alloc_cl);
@@ -34,6 +35,7 @@ int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t s
         out->piece_host[i] = s.piece[i].host;
         out->piece_buf[i] = s.piece[i].buf;
         out->piece_len[i] = s.piece[i].len;
+        out->piece_fd[i] = s.piece[i].fd;
     }
     return 1;
 }

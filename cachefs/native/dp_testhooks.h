@@ -17,6 +17,8 @@ struct dp_test_plan {
     uint64_t alloc_cl[DP_MAXALLOC];  /* guest clusters it allocated, in plan order */
     uint64_t piece_host[DP_MAXPIECE];
     uint32_t piece_buf[DP_MAXPIECE], piece_len[DP_MAXPIECE];
+    int piece_fd[DP_MAXPIECE];       /* -1: the descriptor above; else a backing image's (issue 22) */
+    int backing;                     /* a READ that reads from the backing chain */
 };
 
 /* An image's allocation state (dp_alloc.c), copied under the lock. */
