@@ -62,7 +62,7 @@ qemu-img check -q chain/vm.qcow2 && echo "cachefs overlay: qemu-img check clean"
 qsd() {
   touch exp.raw
   qemu-storage-daemon --blockdev driver=file,filename=chain/vm.qcow2,node-name=f0,cache.direct=on,aio=io_uring \
-    --blockdev driver=qcow2,file=f0,node-name=n0 \
+    --blockdev driver=qcow2,file=f0,node-name=n0,cache.direct=on \
     --export type=fuse,id=e,node-name=n0,mountpoint="$W/exp.raw",writable=on > qsd.log 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do grep -q " $W/exp.raw fuse" /proc/mounts && return 0; sleep 0.1; done
