@@ -72,6 +72,26 @@ def acked_blocks(log_text: str, seed: int) -> dict[int, bytes]:
     return out, maybe
 
 
+def in_flight_blocks(log_text: str, seed: int, nblocks: int) -> set[int]:
+    """The blocks the writer's next two steps after its last logged one touch: the kill lands
+    while one is in its pwrite or fallocate, before its log line (a failed discard logs nothing,
+    hence two). Found by replaying the writer's draws from the same seed."""
+    lines = log_text.splitlines()
+    last = max((int(x.split()[1]) for x in lines if x[:2] in ("w ", "d ")), default=-1)
+    logged_discards = {int(x.split()[1]) for x in lines if x.startswith("d ")}
+    rng, discards, out = random.Random(seed), True, set()
+    for i in range(last + 3):
+        block = rng.randrange(nblocks - 64)
+        span = [block]
+        if discards and i % 8 == 5:
+            span = range(block, block + rng.choice([1, 16, 16, 40]))
+            if i <= last and i not in logged_discards:
+                discards = False  # the writer stops discarding after a refused one
+        if i > last:
+            out.update(span)
+    return out
+
+
 def kill_mid_workload(m, script: Path, seed: int, mode: str, log: Path, acked_at_least: int) -> None:
     """The writer on the mount until it logged ``acked_at_least`` acknowledgements, then SIGKILL
     the daemon."""
