@@ -1,10 +1,9 @@
-"""fio jobs through a mount, verified, and the qemu-img check after (plain helper module).
+"""fio jobs through a mount, verified (plain helper module; the qemu-img check after is interop.check_clean).
 
 - :func:`fio`: one fio job with crc32c verification; fails the test on any
   error or verify failure; prints the throughput lines (pytest -s shows them).
 - :data:`FIO_DIRECT`: the options of a QD32 O_DIRECT job (libaio).
 - :func:`switch_modes_under_fio`: live cache-mode switches while such a job runs.
-- :func:`check_clean`: ``qemu-img check`` exits 0.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import re
 import subprocess
 import time
 
-from conftest import qemu_img, run
+from conftest import run
 
 
 def fio(filename, *args) -> str:
@@ -32,9 +31,6 @@ def fio(filename, *args) -> str:
     return out
 
 
-def check_clean(img):
-    r = qemu_img("check", img, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 FIO_DIRECT = ("--ioengine=libaio", "--direct=1", "--iodepth=32")

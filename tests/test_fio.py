@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import qemu_img
-from fiojobs import check_clean, fio
+from fiojobs import fio
+from interop import check_clean
 
 pytestmark = pytest.mark.both_planes  # issue 11: with the data plane on and off
 

@@ -19,7 +19,8 @@ import pytest
 
 from cachefs import native
 from conftest import _env, cachefs, is_mounted, qemu_img, run
-from fiojobs import check_clean, fio
+from fiojobs import fio
+from interop import check_clean
 
 HERE = Path(__file__).resolve().parent
 
