@@ -203,6 +203,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "both_planes: run the test's mounts with --dataplane on and off")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the tail of every daemon log in its workdir: a failure seen once in CI
+    (an EIO, a lost write) must carry the daemon's side of the story."""
+    outcome = yield
+    report = outcome.get_result()
+    workdir = item.funcargs.get("workdir") if hasattr(item, "funcargs") else None
+    if report.when != "call" or not report.failed or workdir is None:
+        return
+    for log in sorted(Path(workdir).glob("**/cachefs*.log"))[:8]:
+        with contextlib.suppress(OSError):
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            report.sections.append((f"daemon log {log.name} (last 40 lines)", "\n".join(tail)))
+
+
 def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("both_planes") and "mounted" in metafunc.fixturenames:
         metafunc.parametrize("plane", ["on", "off"], indirect=True, ids=lambda p: f"plane-{p}")

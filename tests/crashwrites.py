@@ -47,9 +47,10 @@ with open(log, "w", buffering=1) as out:
 """
 
 
-def acked_blocks(log_text: str, seed: int) -> dict[int, bytes]:
+def acked_blocks(log_text: str, seed: int, nblocks: int) -> tuple[dict[int, bytes], set[int]]:
     """Block -> the content the last acknowledged write or discard (zeros) left there (acked = before
-    a completed fdatasync), and the blocks an unacknowledged one touched."""
+    a completed fdatasync), and the blocks an unacknowledged one touched: logged after the last
+    acknowledgement, or in flight at the kill (never logged, so found by replaying the seed)."""
     ops, acked_upto = [], -1
     for line in log_text.splitlines():
         parts = line.split()
@@ -69,7 +70,7 @@ def acked_blocks(log_text: str, seed: int) -> dict[int, bytes]:
             out.update(content)
         else:
             maybe.update(content)
-    return out, maybe
+    return out, maybe | in_flight_blocks(log_text, seed, nblocks)
 
 
 def in_flight_blocks(log_text: str, seed: int, nblocks: int) -> set[int]:
