@@ -131,13 +131,18 @@ class MappingPublisher:
             self.plane.unmap_clusters(self.inode, table.l1_index * self.per_table, self.per_table)
 
     def republish(self) -> None:
-        """Publish every cached L2 table again (after a resize: the guest's size changed), and
-        the tables that do not exist."""
+        """Publish every cached L2 table again (after a resize: the guest's size changed, or a new
+        metadata generation: a snapshot made every table new), and the tables that do not exist."""
+        l1 = self.engine.map.l1
+        for i in [i for i in self.tableless if i < len(l1) and l1[i]]:
+            # A table exists there now (a snapshot applied): C holds nothing for it until Python
+            # publishes the table's own entries (entered), so C forwards, never allocates there.
+            self.tableless.discard(i)
+            self.plane.map_tables(self.inode, self._table_bits, i, [0])
         for table in self.engine.cache.values():
             self.entered(table)
         if self.stopped:
             return
-        l1 = self.engine.map.l1
         n = -(-self._guest_clusters() // self.per_table)
         missing = [i for i in range(n) if i not in self.tables and i not in self.tableless
                    and (i >= len(l1) or l1[i] == 0)]

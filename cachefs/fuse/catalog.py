@@ -33,6 +33,7 @@ import trio
 from cachefs.errors import CachefsError
 from cachefs.image.base import Image
 from cachefs.image.opening import create_image_file
+from cachefs.fuse.snapshot_files import SnapshotFiles
 
 log = logging.getLogger("cachefs.fuse.catalog")
 
@@ -126,6 +127,7 @@ class Catalog:
         self._seen_mtime: int | None = None  # of the directory, at a trusted scan
         self._found: dict[tuple[int, int], Found] = {}  # the files of the scan in progress, by ident
         self.bases = None  # image/backing.Bases: which overlays read which image (the daemon sets it)
+        self.snapshots = SnapshotFiles(self)  # vm1@NAME.raw: each internal snapshot as a file
 
     # -------------------------------------------------------------- lookups
 
@@ -133,7 +135,11 @@ class Catalog:
         return self.by_inode.get(inode)
 
     def names(self) -> list[str]:
-        return sorted(self.by_name)
+        return sorted([*self.by_name, *self.snapshots.by_name])
+
+    def named(self, name: str) -> Entry | None:
+        """The entry shown as ``name``: an image, or a snapshot's file."""
+        return self.by_name.get(name) or self.snapshots.by_name.get(name)
 
     def images(self) -> list[Image]:
         return [e.image for e in self.by_inode.values()]
@@ -161,6 +167,7 @@ class Catalog:
             for e in moved:
                 if e.visible is None:  # moved onto a name another served image keeps
                     await self._detach(e)
+            await self.snapshots.sync_all()
             self._seen_mtime = mtime if scanned_at - mtime > RACY_NS else None
             return gone
 
@@ -276,6 +283,17 @@ class Catalog:
             log.warning("serving %s read-only: %s", f.path, img.read_only_reason)
         return e
 
+    def add_virtual(self, img: Image, name: str) -> Entry:
+        """Serve a file that is no file of the directory (a snapshot's: fuse/snapshot_files.py)."""
+        e = Entry(self._next_inode, img, (-1, self._next_inode), name)
+        self._next_inode += 1
+        self.by_inode[e.inode] = e
+        return e
+
+    async def forget_unnamed(self, e: Entry) -> None:
+        """``e`` lost its name (a deleted snapshot): closed now, or at its last close."""
+        await self._detach(e)
+
     def _skip(self, name: str, why: str) -> None:
         if self.skipped.get(name) != why:
             log.warning("not serving %s: %s", name, why)
@@ -354,6 +372,9 @@ class Catalog:
 
     def _named(self, name: str) -> Entry:
         e = self.by_name.get(name)
+        if e is None and name in self.snapshots.by_name:
+            raise OSError(errno.EPERM, f"{name} is an internal snapshot's file: 'cachefs snapshot delete' "
+                                       f"deletes the snapshot")
         if e is None:
             raise OSError(errno.ENOENT, f"{name}: no such image")
         return e
@@ -375,6 +396,7 @@ class Catalog:
             log.info("%s stays open until its last close", e.image.path)
             return
         self.by_inode.pop(e.inode, None)
+        await self.snapshots.drop_views_of(e.inode)
         if self.holders(e.image):  # still a base of served overlays: closed with the last of them
             self.bases.take_over(e.image)
             return

@@ -46,11 +46,13 @@ from cachefs.dataplane.handles import NoFastPaths
 from cachefs.image.base import Image
 from cachefs.mountinfo import command_of
 from cachefs.fuse.failures import Failures, describe, errno_of, reason
+from cachefs.fuse.snapshot_requests import OPERATIONS, SnapshotRequests
 from cachefs.policy import CacheMode, mode_named
 
 log = logging.getLogger("cachefs.fuse.operations")
 
 XATTR_PREFIX = "user.cachefs."
+SNAPSHOT_PREFIX = XATTR_PREFIX + "snapshot."
 
 
 @attrs.define
@@ -154,6 +156,7 @@ class CachefsOperations(pyfuse3.Operations):
         self.in_progress = 0  # reads and writes being served now
         self.peak_in_progress = 0
         self.failures = Failures()  # requests answered with an error, for `cachefs stats`
+        self.snapshot_requests = SnapshotRequests(self)  # user.cachefs.snapshot.*
 
     def failed(self, name: str, args: tuple, why: str, *, logged: bool = False) -> None:
         """A request failed: one line naming it, its image and range, and why; kept as the last failure."""
@@ -206,9 +209,9 @@ class CachefsOperations(pyfuse3.Operations):
         self._in_root(parent_inode)
         name = os.fsdecode(name)
         await self.catalog.refresh()
-        if name not in self.catalog.by_name and visible_name(name) == name:
+        if self.catalog.named(name) is None and visible_name(name) == name:
             await self.catalog.refresh(force=True)  # an image QEMU held may be free now
-        e = self.catalog.by_name.get(name)
+        e = self.catalog.named(name)
         if e is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(e.inode)
@@ -268,7 +271,9 @@ class CachefsOperations(pyfuse3.Operations):
             await self.catalog.refresh(force=True)
         names = self.catalog.names()
         for i, name in enumerate(names[start_id:], start=start_id):
-            e = self.catalog.by_name[name]
+            e = self.catalog.named(name)
+            if e is None:
+                continue
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(e.inode), i + 1):
                 break
 
@@ -462,6 +467,8 @@ class CachefsOperations(pyfuse3.Operations):
             out["cache_error"] = img.switch_error
         if img.compress_error:
             out["compress_error"] = img.compress_error
+        if why := self.snapshot_requests.errors.get(inode):
+            out["snapshot_error"] = why
         out.update({f"stats.{k}": str(v) for k, v in self.fast.merge_stats(inode, img.stats()).items()})
         return out
 
@@ -475,6 +482,8 @@ class CachefsOperations(pyfuse3.Operations):
         if not key.startswith(XATTR_PREFIX):
             # The data plane gives this answer itself (dp_loop.c dp_foreign_xattr): keep them alike.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if inode != pyfuse3.ROOT_INODE and key == SNAPSHOT_PREFIX + "list":
+            return await self.snapshot_requests.listing(self._entry(inode))
         if inode != pyfuse3.ROOT_INODE and key.startswith(XATTR_PREFIX + "stats."):
             # What the data plane allocated counts as allocated (dataplane/lending.py): adopted first.
             await self._image(inode).adopt_fast_allocations()
@@ -488,6 +497,9 @@ class CachefsOperations(pyfuse3.Operations):
         key = os.fsdecode(name)
         if inode == pyfuse3.ROOT_INODE and key == XATTR_PREFIX + "flush":
             await self._flush_all()  # cachefs umount: flush errors reach the admin, not just the log
+            return
+        if inode != pyfuse3.ROOT_INODE and key.startswith(SNAPSHOT_PREFIX):
+            await self._snapshot_request(inode, key[len(SNAPSHOT_PREFIX):], value, ctx)
             return
         if inode == pyfuse3.ROOT_INODE or key not in (XATTR_PREFIX + "cache", XATTR_PREFIX + "compress"):
             raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode and compress-on-write can be set
@@ -513,6 +525,16 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         # Whatever the kernel cached under the old mode is dropped.
         await trio.to_thread.run_sync(self._invalidate, inode)
+
+    async def _snapshot_request(self, inode: int, operation: str, value: bytes, ctx) -> None:
+        """user.cachefs.snapshot.create/delete/apply = NAME (fuse/snapshot_requests.py)."""
+        if operation not in OPERATIONS:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        self._writable_mount()
+        e = self._entry(inode)
+        if ctx.uid not in (0, os.fstat(e.image.backends.fd).st_uid):
+            raise pyfuse3.FUSEError(errno.EPERM)  # a snapshot holds the owner's data
+        await self.snapshot_requests.change(e, operation, value)
 
     async def _set_compress(self, inode: int, img: Image, name: str) -> None:
         """user.cachefs.compress: zlib, zstd or off (docs/design.md, "Compress-on-write images").

@@ -8,15 +8,20 @@ clusters from leaks.
 from __future__ import annotations
 
 
-def format_runs(clusters) -> str:
-    """Sorted cluster numbers as "first-last" runs: "7-9,12"."""
+def runs_of(clusters) -> list[tuple[int, int]]:
+    """Cluster numbers as sorted (first, count) runs of consecutive ones."""
     runs: list[list[int]] = []
-    for c in sorted(clusters):
+    for c in sorted(set(clusters)):
         if runs and runs[-1][1] == c - 1:
             runs[-1][1] = c
         else:
             runs.append([c, c])
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
+    return [(a, b - a + 1) for a, b in runs]
+
+
+def format_runs(clusters) -> str:
+    """Sorted cluster numbers as "first-last" runs: "7-9,12"."""
+    return ",".join(f"{a}-{a + n - 1}" if n > 1 else str(a) for a, n in runs_of(clusters))
 
 
 def parse_runs(text: str) -> set[int]:

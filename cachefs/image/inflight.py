@@ -58,3 +58,32 @@ class InFlight:
             if self._busy.get(v) is ev:
                 del self._busy[v]
         ev.set()
+
+
+class Writing:
+    """Data writes between their plan and their end: what a new metadata generation waits for.
+
+    An overwrite in place plans under the write lock and writes without it (Qcow2Image.write_plain).
+    A snapshot makes every cluster shared; a write planned in place before it and landing after it
+    would change the snapshot's bytes. So the snapshot point is taken holding the lock (nothing new
+    plans) once this count is zero (nothing planned is still writing).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: trio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def drained(self) -> None:
+        while self.count:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()

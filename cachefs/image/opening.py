@@ -21,6 +21,7 @@ from cachefs.qcow2.engine import open_engine
 from cachefs.qcow2.plan import run_async
 from cachefs.image.qcow2image import Qcow2Image
 from cachefs.image.repair_file import repair_dirty_sync
+from cachefs.image import internal_snapshots
 
 log = logging.getLogger("cachefs.image.base")
 
@@ -100,6 +101,10 @@ async def open_image(path: str, *, writable: bool, mode: Mode = WRITEBACK,
             img.backing = await _attach_backing(path, engine.backing, bases, walk)
         if img.writable and not engine.header.durable:
             await _header_first(img)
+        if img.writable and engine.needs_unshare:
+            # Made by `qemu-img snapshot -c`: its L2 tables are shared with a snapshot, and the
+            # engine writes only private ones (qcow2/generation.py).
+            await internal_snapshots.unshare(img)
         return img
     except BaseException:
         if lock is not None:

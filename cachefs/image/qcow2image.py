@@ -22,20 +22,23 @@ from typing import Any
 import trio
 
 from cachefs.image import sparse
-from cachefs.image.inflight import InFlight
+from cachefs.image.inflight import InFlight, Writing
 from cachefs.image.compressed_writes import CompressedWrites, FillReader
 from cachefs.errors import CorruptImage
 from cachefs.image.backing import BackingImage
 from cachefs.image.base import Image, zero_padded
-from cachefs.image.cluster_runs import format_runs
+from cachefs.image.cluster_runs import format_runs, runs_of
 from cachefs.policy import WRITEBACK, Mode
 from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
+from cachefs.qcow2.generation import write_generation
 from cachefs.qcow2.plan import ExtentKind, WritePlan, run_async
 
 log = logging.getLogger("cachefs.image.base")
 
 #: A core generator (qcow2/engine.py, qcow2/discard.py) returning the plan :meth:`Qcow2Image.remap` commits.
 Planner = Callable[[], Generator[Any, Any, WritePlan]]
+#: ``planner(header, file_size, alloc_from)``: a qcow2/generation.py generator returning a Generation or None.
+GenerationPlanner = Callable[[Any, int, int], Generator[Any, Any, Any]]
 
 
 class Qcow2Image(Image):
@@ -51,6 +54,7 @@ class Qcow2Image(Image):
         self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
         self.write_lock = UncontendedLock()
         self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
+        self.writing = Writing()  # data writes planned and not finished (new_generation waits for them)
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
         self.compressed = CompressedWrites(self)  # compress-on-write (seed 003), if the header says so
         self.file_at_least = 0  # the image file is at least this long (_QueueIO.truncate)
@@ -235,7 +239,11 @@ class Qcow2Image(Image):
                     # share an fdatasync instead.
                     be = self.backends.batch(be.mode)
                 self.queue.inflight += 1
-            await self._write_data(be, plan, claimed, claim)
+                self.writing.enter()
+            try:
+                await self._write_data(be, plan, claimed, claim)
+            finally:
+                self.writing.leave()
         finally:
             self._release_range(fenced)
 
@@ -338,6 +346,49 @@ class Qcow2Image(Image):
                 self._zcache = None  # whatever the planner changed, even if the commit failed
             await self._committed(be, plan)
         return plan
+
+    async def new_generation(self, planner: GenerationPlanner):
+        """Replace the image's metadata by a new generation (qcow2/generation.py): a snapshot
+        created, deleted or applied, or shared L2 tables made private. Returns the Generation, or
+        None when the planner had nothing to change.
+
+        The snapshot point (issue 23): holding the write lock, nothing new plans; the range is
+        settled (no allocation in flight, ours or C's, and C's log adopted) and every data write
+        already planned has finished (``writing``), so each guest write is wholly before the
+        point or wholly after it. Then everything queued is made durable, the generation is
+        planned from the durable state, written, synced, and switched to with one header write
+        (a crash leaves one generation or the other: leaks at most). The caller keeps C out of
+        this image meanwhile (FastPaths.paused): C writes in place through mappings this changes.
+        """
+        async with self.backends.in_use():
+            be = self.backends.batch(self.backend.mode)
+            async with self.write_lock:
+                claim = await self._settle_range(be, 0, -(-self.size // self.engine.cs))
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.writing.drained()
+                        return await self._switch_generation(be, planner)
+                finally:
+                    self._release_range(claim)
+                    self._zcache = None
+
+    async def _switch_generation(self, be, planner: GenerationPlanner):
+        """Caller holds write_lock, shielded, nothing in flight: durable now, then the new generation."""
+        await self._run_queue(be, self.queue.make_durable())
+        if self.sync_error is not None:
+            raise OSError(self.sync_error, f"{self.path}: an earlier fdatasync failed")
+        engine = self.engine
+        gen = await self._core(planner(engine.current_header(), be.size(), engine.alloc_from), be)
+        if gen is None:
+            return None
+        await self.plane_hooks.fence_frees()  # no fast request still uses what the switch frees
+        await self._core(write_generation(gen), be, _QueueIO(self, be))
+        engine.switch_generation(gen)
+        self.file_at_least = max(self.file_at_least, gen.end)
+        self._remap_ticket = self.commits.ticket()
+        for first, count in runs_of(gen.freed):  # their space back, as a free at refcount 0
+            await _QueueIO(self, be).discard(first * engine.cs, count * engine.cs)
+        return gen
 
     async def query(self, gen, be=None):
         """Run a core generator that only looks at the mapping (an L2 entry, SEEK_DATA) through
