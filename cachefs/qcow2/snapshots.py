@@ -67,12 +67,11 @@ class SnapshotEntry:
                         vm_state_size=self.vm_state_size, icount=self.icount)
 
     def encode(self) -> bytes:
-        """The entry's bytes, padded to a multiple of 8 (spec "Snapshot table")."""
+        """The entry's bytes, unpadded (encode_table aligns the next one)."""
         ident, name = _raw(self.id), _raw(self.name)
         head = ENTRY.pack(self.l1_offset, self.l1_size, len(ident), len(name), self.date_sec, self.date_nsec,
                           self.vm_clock_nsec, self.vm_state_size & 0xFFFF_FFFF, len(self.extra))
-        out = head + self.extra + ident + name
-        return out + b"\0" * (-len(out) % 8)
+        return head + self.extra + ident + name
 
 
 def new_entry(ident: str, name: str, l1_offset: int, l1_size: int, disk_size: int, now_ns: int) -> SnapshotEntry:
@@ -93,7 +92,12 @@ def _shown(text: str) -> str:
 
 
 def encode_table(entries) -> bytes:
-    return b"".join(e.encode() for e in entries)
+    """The table's bytes: each entry starts 8-byte aligned (spec "Snapshot table"), and the
+    last one is not padded, as qcow2_write_snapshots lays it out."""
+    out = b""
+    for e in entries:
+        out += b"\0" * (-len(out) % 8) + e.encode()
+    return out
 
 
 def find(entries, name_or_id: str) -> SnapshotEntry:
