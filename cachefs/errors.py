@@ -62,3 +62,15 @@ class UnsafeBackingName(CachefsError):
     again will not help; the message says which rule refused it."""
 
     errno = _errno.EACCES
+
+
+class SnapshotNotFound(CachefsError):
+    """No internal snapshot has the ID or name asked for (qemu-img snapshot: ENOENT)."""
+
+    errno = _errno.ENOENT
+
+
+class SnapshotExists(CachefsError):
+    """An internal snapshot with that name (or ID) exists already (qemu-img snapshot -c: EEXIST)."""
+
+    errno = _errno.EEXIST

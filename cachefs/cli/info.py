@@ -90,7 +90,7 @@ def image_info(path: str, fd: int, kind: str, *, backing_dirs: Sequence[str] | N
     read = lambda offset, n: os.pread(fd, n, offset)  # noqa: E731
     snaps = run_sync(snapshots.read_table(hdr, st.st_size), read)
     found = run_sync(bitmaps.read_directory(hdr, st.st_size), read)
-    out = {"snapshots": [_snapshot_info(sn) for sn in snaps]} if snaps else {}
+    out = {"snapshots": [snapshot_info(sn) for sn in snaps]} if snaps else {}
     out = {**out, "virtual-size": hdr.size, "filename": path, "cluster-size": hdr.cluster_size,
            "format": "qcow2", "actual-size": st.st_blocks * 512,
            "format-specific": {"type": "qcow2", "data": _qcow2_specific(hdr, found)}}
@@ -108,7 +108,7 @@ def _backing_keys(path: str, backing: fmt.BackingName | None, out: dict, dirs: S
     return {**head, **out, **tail, "backing-filename": backing.name}
 
 
-def _snapshot_info(sn: snapshots.Snapshot) -> dict:
+def snapshot_info(sn: snapshots.Snapshot) -> dict:
     """qemu-img's SnapshotInfo, in its key order (icount only when recorded)."""
     out = {} if sn.icount is None else {"icount": sn.icount}
     return {**out, "vm-clock-nsec": sn.vm_clock_nsec % 10**9, "name": sn.name, "date-sec": sn.date_sec,
@@ -168,8 +168,7 @@ def human_lines(info: dict) -> list[str]:
     if "backing-filename-format" in info:
         lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
-        lines += ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
-        lines += [_snapshot_line(sn) for sn in info["snapshots"]]
+        lines += snapshot_lines(info["snapshots"])
     specific = info.get("format-specific")
     if specific:
         lines.append("Format specific information:")
@@ -207,10 +206,16 @@ def chain_human_lines(infos: list[dict]) -> list[str]:
     return out
 
 
-def _snapshot_line(sn: dict) -> str:
+def snapshot_lines(infos: list[dict]) -> list[str]:
+    """bdrv_snapshot_dump's table, as qemu-img info and qemu-img snapshot -l print it."""
+    head = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+    return ["Snapshot list:", head, *(snapshot_line(sn) for sn in infos)]
+
+
+def snapshot_line(sn: dict) -> str:
     """bdrv_snapshot_dump(): the date in local time, the VM clock as H:MM:SS.mmm."""
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
-    secs = sn["vm-clock-sec"]
+    secs = sn.get("vm-clock-sec", 0)
     clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{sn['vm-clock-nsec'] // 10**6:03d}"
     return (f"{sn['id']:<9} {sn['name']:<16} {size_to_str(sn['vm-state-size']):>8}{date:>20}{clock:>13}"
             f"{sn.get('icount', ''):>11}")

@@ -453,3 +453,7 @@ from cachefs.cli.rebase import rebase  # noqa: E402
 
 main.add_command(rebase)
 main.add_command(commit)
+
+from cachefs.cli.snapshot import snapshot  # noqa: E402  (internal snapshots: qcow2/generation.py)
+
+main.add_command(snapshot)

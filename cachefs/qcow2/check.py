@@ -116,9 +116,31 @@ def read_header(file_size: int):
 def check_image(file_size: int):
     """Generator: check the image, return a :class:`CheckResult`."""
     hdr = yield from read_header(file_size)
+    return (yield from check_header(hdr, file_size))
+
+
+def check_header(hdr: fmt.Header, file_size: int):
+    """Generator: check the image whose (validated) header is ``hdr``: a :class:`CheckResult`."""
     walk = _Walk(hdr, file_size)
     yield from walk.run()
     return walk.result()
+
+
+def layer_references(hdr: fmt.Header, file_size: int, l1_offset: int, l1_size: int,
+                     tables: dict[int, list[int]] | None = None):
+    """Generator: the references one L1 table makes, as qemu-img check counts them (its own
+    clusters, one per L1 entry for the L2 table it names, one per L2 entry for each host
+    cluster it names; check_refcounts_l1). Returns an array indexed by host cluster, of
+    ``file_size`` clusters plus one. ``tables``, if given, gets each L2 table's entries by
+    offset (snapshot operations copy them: qcow2/generation.py).
+
+    The image must have passed :func:`check_header`: a corruption found here raises CorruptImage.
+    """
+    walk = _Walk(hdr, file_size, tables=tables)
+    yield from walk.walk_l1(l1_offset, l1_size, active=False)
+    if walk.corruptions:
+        raise CorruptImage(walk.corruptions[0])
+    return walk.refs
 
 
 @attrs.define
@@ -147,6 +169,7 @@ class _Walk:
     mismatches: list = attrs.Factory(list)
     errors: int = 0
     highest: int = 0
+    tables: dict | None = None  # offset -> entries of every L2 table walked, when asked for
 
     def __attrs_post_init__(self):
         self.cb, self.cs = self.hdr.cluster_bits, self.hdr.cluster_size
@@ -253,7 +276,10 @@ class _Walk:
         cs, cb = self.cs, self.cb
         buf = bytes((yield ReadRequest(l2_off, cs))).ljust(cs, b"\0")
         next_contiguous = 0  # check_refcounts_l2's fragmentation count, per L2 table
-        for entry in fmt.decode_table(buf):
+        entries = fmt.decode_table(buf)
+        if self.tables is not None:
+            self.tables[l2_off] = entries
+        for entry in entries:
             if not entry:
                 continue
             if entry & fmt.L2_COMPRESSED:

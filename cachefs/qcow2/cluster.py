@@ -107,6 +107,16 @@ class ClusterMap:
     def _l1_clusters(self) -> range:
         return range(self.l1_offset >> self.cb, (self.l1_offset + len(self.l1) * 8 + self.cs - 1) >> self.cb)
 
+    def adopt_l1(self, l1: list[int], offset: int) -> None:
+        """A new metadata generation's active L1 table (Engine.switch_generation): written and
+        durable already, so no chunk is dirty; the L2 tables it names are the active ones now."""
+        self.l1 = l1
+        self.l1_offset = offset
+        self.l1_chunks.clear()  # the same dict: the queue tracks it (MetaQueue.track)
+        self.overlap.l1_clusters = self._l1_clusters()
+        self.overlap.l2_clusters.clear()
+        self.overlap.l2_clusters.update((e & fmt.OFFSET_MASK) >> self.cb for e in l1 if e & fmt.OFFSET_MASK)
+
     # ------------------------------------------------------------ lookup
 
     def l2_offset(self, l1_idx: int) -> int:

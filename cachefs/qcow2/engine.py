@@ -109,14 +109,16 @@ def _read_only_reason(hdr: fmt.Header, drop_bitmaps: bool = False) -> str | None
     """Why an image we can read must not be written, or None."""
     if hdr.corrupt:
         return "the image is marked corrupt; run 'cachefs check --repair all'"
-    if hdr.nb_snapshots:
-        return (f"it has {_count(hdr.nb_snapshots, 'internal snapshot')}, which cachefs does not write yet: "
-                f"the active layer is served read-only")
     n = bitmaps.count(hdr)
     if n and not drop_bitmaps:
         return (f"it has {_count(n, 'persistent dirty bitmap')}, which cachefs does not maintain yet; "
                 f"mount with -o drop_bitmaps to write it and delete {'them' if n > 1 else 'it'}")
     return None
+
+
+def _holds_data(entry: int) -> bool:
+    """Does a (validated) L2 entry name host bytes: compressed, or an allocated non-zero cluster?"""
+    return bool(entry & fmt.L2_COMPRESSED or entry & fmt.OFFSET_MASK and not entry & fmt.L2_ZERO)
 
 
 def _count(n: int, what: str) -> str:
@@ -215,6 +217,35 @@ class Engine:
     @property
     def cache(self) -> TableCache:
         return self.refs.cache
+
+    @property
+    def needs_unshare(self) -> bool:
+        """Does an active L1 entry name a shared L2 table (no COPIED: an internal snapshot made
+        by qemu-img holds it too)? Such a table cannot be written in place
+        (ClusterMap.table_for_write), so a writable image runs generation.unshare first."""
+        return any(e & fmt.OFFSET_MASK and not e & fmt.L1_COPIED for e in self.map.l1)
+
+    @property
+    def alloc_from(self) -> int:
+        """The first host cluster a new metadata generation (generation.py) may use: past the
+        end of the allocated space, the reservation and every cluster lent to the data plane."""
+        held = [*self.refs.reservation, *self.refs.lent]
+        return max(self.refs.end_cluster, max(held, default=-1) + 1)
+
+    def switch_generation(self, gen) -> None:
+        """Adopt a metadata generation (generation.Generation) that write_generation made durable.
+
+        The caller made everything durable before computing it (nothing is dirty) and holds the
+        image's write lock. The reservation, lent clusters and pending frees stay: their
+        refcounts were carried into the new refcount blocks (generation.py, "The refcounts").
+        """
+        assert not self.queue.dirty_items() and not self.queue.needs_sync, "switch_generation with dirty metadata"
+        self.cache.clear()
+        self.header.hdr = gen.header
+        self.header.deps.clear()
+        self.map.adopt_l1(list(gen.l1), gen.header.l1_table_offset)
+        self.refs.adopt_table(list(gen.reftable), gen.header.refcount_table_offset,
+                              gen.header.refcount_table_clusters, gen.end)
 
     def current_header(self) -> fmt.Header:
         return self.header.current()
@@ -381,14 +412,20 @@ class Engine:
         # (qemu-img check calls a reference past EOF corruption) all need the
         # data first. So does a cluster that read the backing chain, even
         # written whole: a crash must not turn its old bytes into zeros.
-        data_first = source is not None or not a.fresh or self._reads_backing(slot.entry)
+        data_first = (source is not None or not a.fresh or self._reads_backing(slot.entry)
+                      or _holds_data(slot.entry))
         self.counters.data_first += data_first
         return write, slot.update(host | fmt.L2_COPIED, a.cluster, data_first=data_first)
 
     def _cow_source(self, slot: _Slot, whole: bool):
         """Generator: the old contents a COW keeps around the new bytes, or None (zeros, or nothing
-        to keep: a whole cluster over the backing chain)."""
+        to keep: a whole cluster is written)."""
         entry = slot.entry
+        if whole:
+            # Every byte is overwritten: nothing of the old cluster (compressed, or shared with a
+            # snapshot) is kept, so it is not read. The caller still writes data first
+            # (_holds_data): a crash must not turn the old bytes into a fresh cluster's zeros.
+            return None
         if entry & fmt.L2_COMPRESSED:
             desc = fmt.decode_compressed(entry, self.cb)
             raw = yield ReadRequest(desc.offset, desc.max_length)
@@ -400,7 +437,7 @@ class Engine:
             source = bytes((yield ReadRequest(off, self.cs)))
             self.counters.cow_reads += 1
             return source
-        if not whole and self._reads_backing(entry):
+        if self._reads_backing(entry):
             # spec "Cluster mapping": unallocated here, so the bytes around the new ones are the
             # backing chain's; the whole cluster is copied (qcow2 has no subclusters here).
             source = yield BackingReadRequest(slot.vcluster << self.cb, self.cs)

@@ -234,6 +234,13 @@ class TableCache:
         """Evict what may be evicted now (after an early writeout)."""
         self._trim()
 
+    def clear(self) -> None:
+        """Forget every table (a new metadata generation replaced them all); none may be dirty."""
+        for off in list(self._tables):
+            assert self._tables[off].state is not State.DIRTY, f"dropping dirty table {off:#x}"
+            self.drop(off)
+        self._live.clear()
+
     def drop(self, offset: int) -> None:
         table = self._tables.pop(offset, None)
         self._live.pop(offset, None)

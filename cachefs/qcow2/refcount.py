@@ -89,6 +89,19 @@ class Refcounts:
         # Python then adopts (Engine.adopt) owes no dependency. Unused ones come back (unlend).
         self.lent: set[int] = set()
 
+    def adopt_table(self, table: list[int], offset: int, clusters: int, end: int) -> None:
+        """A new metadata generation's refcount structure (Engine.switch_generation), durable
+        already and covering ``end`` bytes. The reservation and lent clusters keep their counts
+        (the generation carried them over), so they stay as they are."""
+        self.table = table
+        self.table_offset, self.table_clusters = offset, clusters
+        self.block_clusters = {e >> self.cluster_bits for e in table if e and not e & fmt.REFTABLE_RESERVED}
+        self.chunks.clear()  # the same dict: the queue tracks it (MetaQueue.track)
+        self.end_cluster = max(self.end_cluster, -(-end // self.cs))
+        self.note_written(end)
+        self.free_hint = 0
+        self._moved = False
+
     # ------------------------------------------------------------ lookup
 
     def block_offset(self, block_idx: int) -> int:
