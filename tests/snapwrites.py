@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BLOCK = 4096
@@ -48,6 +49,10 @@ def start_writer(target: Path, workdir: Path, seed: int, blocks: int):
     script, log, stop = workdir / "snapwriter.py", workdir / f"snapwriter{seed}.log", workdir / f"stop{seed}"
     script.write_text(WRITER)
     proc = subprocess.Popen([sys.executable, script, target, str(seed), str(blocks), log, stop])
+    deadline = time.monotonic() + 30
+    while not log.exists() or len(logged_writes(log)) < 64:  # going: the first snapshot lands mid-run
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer did not get going"
+        time.sleep(0.01)
     return proc, log, stop
 
 

@@ -374,7 +374,12 @@ class Qcow2Image(Image):
 
     async def _switch_generation(self, be, planner: GenerationPlanner):
         """Caller holds write_lock, shielded, nothing in flight: durable now, then the new generation."""
-        await self._run_queue(be, self.queue.make_durable())
+        for _ in range(4):  # a writeout may apply frees at its end, which dirties refcount blocks again
+            await self._run_queue(be, self.queue.make_durable())
+            if not self.queue.dirty_items() and not self.queue.needs_sync:
+                break
+        else:
+            raise CorruptImage(f"{self.path}: the metadata does not settle for a snapshot point")
         if self.sync_error is not None:
             raise OSError(self.sync_error, f"{self.path}: an earlier fdatasync failed")
         engine = self.engine
