@@ -35,7 +35,7 @@ from cachefs.qcow2 import generation, snapshots
 from cachefs.qcow2.plan import run_sync
 
 XATTR = "user.cachefs.snapshot."
-#: What a mount's errno means for a snapshot request (the daemon says more in ``..._error`` if it can).
+#: What a mount's errno means for a snapshot request (the daemon says more in ``snapshot_error``).
 ERRNO_REASONS = {
     errno.EEXIST: "a snapshot with that name exists already",
     errno.ENOENT: "no snapshot with that ID or name",
@@ -124,7 +124,7 @@ def _set(image: str, op: str, name: str) -> None:
 
 def _reason(image: str, op: str, exc: OSError) -> str:
     try:
-        said = os.getxattr(image, f"{XATTR}{op}_error").decode()
+        said = os.getxattr(image, "user.cachefs.snapshot_error").decode()
     except OSError:
         said = ""
     if said:

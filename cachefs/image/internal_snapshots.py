@@ -3,7 +3,7 @@
 Each operation is one new metadata generation (qcow2/generation.py) switched to at a snapshot
 point that no guest write straddles (Qcow2Image.new_generation). What the core refuses (a v2
 image, a name in use, an unknown name, a damaged snapshot table) is raised as its one-line
-CachefsError; the image's path is put in front here.
+CachefsError.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import time
 
-from cachefs.errors import CachefsError, UnsupportedOperation
+from cachefs.errors import UnsupportedOperation
 from cachefs.image.base import Image
 from cachefs.image.qcow2image import Qcow2Image
 from cachefs.qcow2 import generation
@@ -28,10 +28,7 @@ def _live(img: Image) -> Qcow2Image:
 
 
 async def _run(img: Qcow2Image, planner) -> SnapshotEntry | None:
-    try:
-        gen = await img.new_generation(planner)
-    except CachefsError as exc:
-        raise type(exc)(f"{img.path}: {exc}") from None
+    gen = await img.new_generation(planner)
     return gen.snapshot if gen is not None else None
 
 
