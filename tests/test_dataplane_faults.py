@@ -23,6 +23,10 @@
 - **A failed fdatasync after fast writes.** The flush fdatasyncs for writes
   C served; when that fails from below, the client's fsync gets EIO, and
   every later one (the sticky error) until a remount.
+- **ENOBUFS from the socket to libfuse.** A forwarded 1 MiB WRITE is one
+  unix datagram, a ~1 MiB contiguous kernel allocation that fragmented memory
+  refuses (ENOBUFS); C sends it again after a pause instead of answering EIO
+  (tests/sendfail.py makes the daemon's sendmsg fail).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+import sendfail
 from conftest import cachefs, is_mounted, qemu_img, qemu_io, run
 from lowerfs import faulty  # noqa: F401 (a fixture: the image directory on faultyfs)
 from mounting import needs_dataplane
@@ -393,3 +398,42 @@ def test_write_through_waits_for_the_mapping_before_writing_in_c(faulty, mounted
     m.umount()
     assert "No errors were found on the image." in qemu_img("check", image).stdout
     qemu_io(image, f"read -P 0xaa {x} 4k", f"read -P 0xbb {x + BLOCK} 4k", f"read -P 0xcc {x + 2 * BLOCK} 4k")
+
+
+@needs_dataplane
+def test_a_forwarded_write_survives_enobufs_from_the_socket(mounted, workdir, monkeypatch):
+    """CI flake of test_fio_verify_under_each_submitter[plane-on-native-none]: a 1 MiB O_DIRECT write
+    C forwarded (it had no lent clusters left) failed with EIO, nothing in the daemon's log. C sends a
+    forwarded request to libfuse as one SOCK_SEQPACKET message, which the kernel allocates as one
+    skb whose linear part is the whole message but 17 pages: a ~1 MiB contiguous allocation that a
+    fragmented machine refuses with ENOBUFS. C answered that EIO, as for a dead socket; it must keep
+    the request queued and send it again (dp_forward.c, dp_send_stalled). The shim fails the daemon's
+    first three large sendmsg calls; a write whose first cluster is all zeros is always forwarded
+    (DATAPLANE.md "Zero writes"), so it is the one that meets them."""
+    so = sendfail.build(workdir)
+    (workdir / "images").mkdir()
+    image = workdir / "images" / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", image, "64M")
+    with monkeypatch.context() as env:  # the daemon only: qemu-img and the test's own calls never see it
+        for k, v in sendfail.env(so, fails=3).items():
+            env.setenv(k, v)
+        m = mounted(workdir / "images", "--aio", "native", "--cache", "none", "--dataplane", "on")
+    data = bytes(CLUSTER) + b"forwarded write!" * ((MiB - CLUSTER) // 16)
+    fd = os.open(m / NAME, os.O_RDWR | os.O_DIRECT)
+    try:
+        before = int(os.getxattr(m / NAME, "user.cachefs.stats.forwarded"))
+        os.pwrite(fd, aligned(data), 8 * MiB)  # EIO without the retry
+        conn = json.loads(os.getxattr(m.path, "user.cachefs.dataplane_counters"))
+        assert conn["send_retries"] == 3 and conn["forward_errors"] == 0, conn
+        assert int(os.getxattr(m / NAME, "user.cachefs.stats.forwarded")) > before
+        os.pwrite(fd, aligned(data[::-1]), 16 * MiB)  # the shim is spent: sent at once
+        assert pread(fd, MiB, 8 * MiB) == data and pread(fd, MiB, 16 * MiB) == data[::-1]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.umount()
+    assert "No errors were found on the image." in qemu_img("check", image).stdout
+    flat = workdir / "flat.raw"
+    qemu_img("convert", "-O", "raw", image, flat)
+    with open(flat, "rb") as f:
+        assert os.pread(f.fileno(), MiB, 8 * MiB) == data and os.pread(f.fileno(), MiB, 16 * MiB) == data[::-1]

@@ -9,6 +9,7 @@
 #include "dp_internal.h"
 #include <stddef.h>
 #include <sys/socket.h>
+#include <time.h>
 
 /* ------------------------------------------------------------ forwarding to libfuse */
 
@@ -45,17 +46,62 @@ static void dp_count_forward(struct dp *dp, const struct fuse_in_header *ih) {
     pthread_mutex_unlock(&dp->lock);
 }
 
-/* One request, unchanged, as one message. 0, -EAGAIN (socket full), or -errno. */
+/* One request, unchanged, as one message. 0, -EAGAIN (socket full), -ENOBUFS (no memory for the
+ * message now: dp_send_stalled), or -errno. */
 static int dp_send(struct dp *dp, struct dp_slot *s) {
     struct iovec iov[2] = { { s->hdr, s->len < DP_HDR ? s->len : DP_HDR },
                             { s->data, s->len > DP_HDR ? s->len - DP_HDR : 0 } };
     struct msghdr mh = { .msg_iov = iov, .msg_iovlen = s->len > DP_HDR ? 2 : 1 };
     for (;;) {
-        if (sendmsg(dp->sock_fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+        if (sendmsg(dp->sock_fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0) {
+            dp->send_stalled_since = 0;
             return 0;
+        }
+        if (errno == ENOBUFS || errno == ENOMEM)
+            return -ENOBUFS;
         if (errno != EINTR)
             return errno == EWOULDBLOCK ? -EAGAIN : -errno;
     }
+}
+
+/* sendmsg failed with ENOBUFS: the kernel could not allocate the message, which is transient, not
+ * a refusal. A unix datagram (our SOCK_SEQPACKET) is one skb whose linear part is all of it but
+ * MAX_SKB_FRAGS pages (net/unix/af_unix.c, unix_dgram_sendmsg): a forwarded 1 MiB WRITE needs a
+ * physically contiguous ~1 MiB kmalloc, an order-8 allocation that fails, with no retry, when
+ * memory is fragmented (a long-running CI VM with its page cache full). Answering EIO then, as
+ * for a dead socket, failed a guest's write (an async direct write got EIO: the CI flake of
+ * test_fio_verify_under_each_submitter[plane-on-native-none], the first 1 MiB write forwarded
+ * once C had no lent clusters left). So the request stays queued, in order, and is sent again
+ * after a pause that doubles from 1 ms to 64 ms (the failed allocation woke kswapd and kcompactd);
+ * only one that could not be sent for DP_SEND_STALL_MS gets EIO. 1: keep it queued (the loop
+ * arms the retry: dp_arm_send_retry); 0: give up on it. */
+#define DP_SEND_STALL_MS 10000
+static int dp_send_stalled(struct dp *dp) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    if (!dp->send_stalled_since) {
+        dp->send_stalled_since = now;
+        dp->send_pause_ms = 0;
+    } else if (now - dp->send_stalled_since > DP_SEND_STALL_MS * 1000000ull) {
+        dp->send_stalled_since = 0;
+        return 0;
+    }
+    dp->send_pause_ms = dp->send_pause_ms ? (dp->send_pause_ms < 64 ? dp->send_pause_ms * 2 : 64) : 1;
+    dp->send_retry = 1;
+    dp_count(&dp->g[DP_G_SEND_RETRIES], 1);
+    return 1;
+}
+
+/* The loop: the send queue waits for a pause after ENOBUFS, not for POLLOUT (the socket has room). */
+void dp_arm_send_retry(struct dp *dp) {
+    if (dp->send_retry_armed)
+        return;
+    struct io_uring_sqe *sqe = dp_sqe(dp);
+    dp->send_retry_ts = (struct __kernel_timespec){ .tv_sec = 0, .tv_nsec = (long long)dp->send_pause_ms * 1000000 };
+    io_uring_prep_timeout(sqe, &dp->send_retry_ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, TAG(T_SEND_RETRY));
+    dp->send_retry_armed = 1;
 }
 
 /* The socket refused a request for good: it still needs its one answer, unless it gets none. */
@@ -69,10 +115,12 @@ static void dp_forward_failed(struct dp *dp, struct dp_slot *s) {
 
 /* Send what waited for room, in order; stop at the first that still has none. */
 void dp_flush_sendq(struct dp *dp) {
+    if (dp->send_retry && !dp->sock_eof)
+        return;  /* after ENOBUFS: the retry's timeout has not fired yet */
     while (dp->sendq) {
         struct dp_slot *s = dp->sendq;
         int rc = dp->sock_eof ? -EPIPE : dp_send(dp, s);
-        if (rc == -EAGAIN)
+        if (rc == -EAGAIN || (rc == -ENOBUFS && dp_send_stalled(dp)))
             return;
         dp->sendq = s->next;
         if (rc < 0)
@@ -90,6 +138,8 @@ void dp_forward(struct dp *dp, struct dp_slot *s) {
         dp_track_add(dp, ih->unique, ih->opcode);
     s->next = NULL;
     int rc = dp->sendq || dp->sock_eof ? -EAGAIN : dp_send(dp, s);
+    if (rc == -ENOBUFS && dp_send_stalled(dp))
+        rc = -EAGAIN;  /* queued like a full socket's, sent again after a pause */
     if (rc == 0) {
         dp_free_slot(dp, s);
     } else if (rc == -EAGAIN) {  /* keep the order: behind whatever already waits */

@@ -167,6 +167,13 @@ struct dp {
     int completed;             /* one completed since the last look: wake a drain */
     int reading, dead, sock_eof;
     int fuse_polled, sock_polled, sock_out_polled, ctl_polled;
+    /* The send queue's head met ENOBUFS (dp_forward.c, dp_send_stalled): try it again when the
+     * timeout armed by the loop fires, not at once; since when (CLOCK_MONOTONIC ns, 0: not
+     * stalled) and the current pause. */
+    int send_retry, send_retry_armed;
+    uint64_t send_stalled_since;
+    uint32_t send_pause_ms;
+    struct __kernel_timespec send_retry_ts;  /* read by the kernel at submission */
     int fuse_ready, sock_ready;  /* may have something to read: not seen EAGAIN since the last poll */
     char *rbuf;
     struct dp_track track[DP_TRACK];
@@ -186,7 +193,7 @@ struct dp {
  * The top byte tags what completed. A backend I/O (T_IO) carries its slot's index and its piece's
  * index below; a notification (T_NOTE) its buffer's address, which user space keeps below bit 56
  * (x86-64 and arm64 hand out no higher address unless mmap is asked for one). */
-enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_NTAGS };
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_NTAGS };
 #define DP_UD_TAG_SHIFT 56
 #define DP_UD_PIECE_BITS 8
 #define DP_UD_SLOT_BITS 16
@@ -268,6 +275,7 @@ DP_HIDDEN int dp_take_fast(struct dp *dp, struct dp_slot *s, uint64_t fh, int wr
 /* dp_forward.c */
 DP_HIDDEN void dp_forward(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_flush_sendq(struct dp *dp);
+DP_HIDDEN void dp_arm_send_retry(struct dp *dp);
 DP_HIDDEN void dp_drain_sock(struct dp *dp);
 /* dp_park.c */
 DP_HIDDEN void dp_park(struct dp *dp, struct dp_slot *s);

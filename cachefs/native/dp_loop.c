@@ -284,6 +284,10 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
     case T_SOCK_POLLOUT:
         dp->sock_out_polled = 0;
         break;
+    case T_SEND_RETRY:  /* the pause after ENOBUFS is over: dp_flush_sendq tries again */
+        dp->send_retry_armed = 0;
+        dp->send_retry = 0;
+        break;
     case T_CTL_POLL: {
         uint64_t v;
         dp->ctl_polled = 0;
@@ -341,7 +345,9 @@ static void *dp_main(void *arg) {
             dp_poll(dp, dp->fuse_fd, POLLIN, T_FUSE_POLL, &dp->fuse_polled);
         if (!dp->sock_eof && !dp->sock_ready)
             dp_poll(dp, dp->sock_fd, POLLIN, T_SOCK_POLL, &dp->sock_polled);
-        if (dp->sendq && !dp->sock_eof)
+        if (dp->sendq && !dp->sock_eof && dp->send_retry)
+            dp_arm_send_retry(dp);  /* ENOBUFS: the socket has room, the kernel no memory (dp_forward.c) */
+        else if (dp->sendq && !dp->sock_eof)
             dp_poll(dp, dp->sock_fd, POLLOUT, T_SOCK_POLLOUT, &dp->sock_out_polled);
         dp_poll(dp, dp->ctl_fd, POLLIN, T_CTL_POLL, &dp->ctl_polled);
         io_uring_submit_and_wait(&dp->ring, 1);  /* -EINTR and friends: just go round again */

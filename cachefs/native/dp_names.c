@@ -33,6 +33,7 @@ static const char *const connection_names[] = {
     [DP_G_REPLY_ERRORS] = "reply_errors",
     [DP_G_PEAK_ACTIVE] = "peak_active",
     [DP_G_SEND_QUEUED] = "send_queued",
+    [DP_G_SEND_RETRIES] = "send_retries",
 };
 
 #define DP_COUNT_OF(a) (sizeof(a) / sizeof *(a))
