@@ -14,9 +14,10 @@ import os
 
 import pytest
 
+from conftest import cachefs as cachefs_cli
 from conftest import qemu_img, qemu_io, sha256
 from fiojobs import fio
-from interop import check_clean
+from interop import check_clean, to_raw
 from snapwrites import allowed, check_snapshot, logged_writes, start_writer
 
 pytestmark = pytest.mark.both_planes
@@ -137,3 +138,34 @@ def test_snapshots_while_a_writer_and_fio_run(mounted, workdir):
     for name, digest in served.items():
         qemu_img("convert", "-O", "raw", "-l", f"snapshot.name={name}", images / "vm.qcow2", workdir / "s.raw")
         assert sha256(workdir / "s.raw") == digest, f"seed {seed}: {name}"
+
+
+def test_qemu_img_snapshots_are_served_and_apply_matches_qemu_img(mounted, workdir):
+    """Snapshots `qemu-img snapshot -c` made (L2 tables shared with the active image) are files of
+    the mount; the live disk stays writable (its tables made private at open); `cachefs snapshot
+    apply` through the mount gives the bytes `qemu-img snapshot -a` gives."""
+    images = _image_with_data(workdir)
+    image = images / "vm.qcow2"
+    qemu_img("snapshot", "-c", "old", image)
+    qemu_io(image, "write -P 0x33 1M 2M")
+    qemu_img("convert", "-O", "raw", "-l", "snapshot.name=old", image, workdir / "old.raw")
+    m = mounted(images)
+    assert sha256(m / "vm@old.raw") == sha256(workdir / "old.raw")
+    with open(m / "vm.raw", "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(b"\x44" * 12288)
+    r = cachefs_cli("snapshot", "list", m / "vm.raw")
+    assert "old" in r.stdout and r.stdout.startswith("Snapshot list:"), r.stdout
+    m.umount()
+    check_clean(image)
+    m = mounted(images)
+    cachefs_cli("snapshot", "apply", m / "vm.raw", "old")
+    assert sha256(m / "vm.raw") == sha256(workdir / "old.raw")
+    r = cachefs_cli("snapshot", "create", m / "vm.raw", "old", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "exists" in r.stderr, r.stderr
+    m.umount()
+    check_clean(image)
+    copy = workdir / "copy.qcow2"
+    copy.write_bytes(image.read_bytes())
+    qemu_img("snapshot", "-a", "old", copy)
+    assert to_raw(copy, workdir / "a.raw") == to_raw(image, workdir / "b.raw")

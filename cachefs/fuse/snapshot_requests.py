@@ -69,7 +69,7 @@ class SnapshotRequests:
                               f"({', '.join(busy)}): close them first")
         if operation == "delete" and (view := files.view(entry, name)) is not None and view.handles:
             raise ImageLocked(f"{entry.visible}: snapshot {name!r} is open as {view.visible}: "
-                              f"it is deleted after its last close, not now")
+                              f"close it first")
         async with self.ops.fast.paused(entry.inode):  # C writes in place: out while the mapping changes
             snap = await getattr(internal_snapshots, operation)(entry.image, name)
         log.info("%s: snapshot %s %s (id %s)", entry.visible, snap.name, DONE[operation], snap.id)
