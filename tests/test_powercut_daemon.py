@@ -66,8 +66,10 @@ SEED = os.environ.get("POWERCUT_SEED", "19")
 # "switching": mounted writeback, the image's mode switched live every 50 ms through every mode
 # that honours flushes (so the flushes' promises hold throughout). directsync costs a CI run
 # another 15 s; make soak-daemon adds it.
-MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough,switching").split(",")
+# "snapshots": mounted none, snapshots created and deleted every 50 ms (issue 23).
+MODES = os.environ.get("POWERCUT_DAEMON_MODES", "writeback,none,writethrough,switching,snapshots").split(",")
 WRITE_THROUGH = ("writethrough", "directsync")
+MOUNT_MODE = {"switching": "writeback", "snapshots": "none"}
 QEMU_EVERY = 25  # one state in this many is also judged by qemu-img check
 # faultyfs rules armed on recordfs before the mount: in none (unless POWERCUT_DAEMON_SLOW says
 # otherwise, for every mode; "{}" for none), writes to the image's first MiB (its tables, the first
@@ -180,11 +182,26 @@ class ModeSwitcher(threading.Thread):
         try:
             while not self.stopping.wait(0.05):
                 t = time.monotonic()
-                os.setxattr(self.served, "user.cachefs.cache", self.CYCLE[self.switches % len(self.CYCLE)].encode())
+                self.switch()
                 self.longest = max(self.longest, time.monotonic() - t)
                 self.switches += 1
         except OSError as exc:  # asserted by the test's thread
             self.error = exc
+
+    def switch(self) -> None:
+        os.setxattr(self.served, "user.cachefs.cache", self.CYCLE[self.switches % len(self.CYCLE)].encode())
+
+
+class SnapshotTaker(ModeSwitcher):
+    """Issue 23: every 50 ms a snapshot created, and every other time the one before deleted:
+    each a new metadata generation written while fio and the guest writer run (the crash states
+    then cut inside generations too, and the checker walks every snapshot's tables)."""
+
+    def switch(self) -> None:
+        n = self.switches
+        os.setxattr(self.served, "user.cachefs.snapshot.create", f"s{n}".encode())
+        if n % 2:
+            os.setxattr(self.served, "user.cachefs.snapshot.delete", f"s{n - 1}".encode())
 
 
 def run_workload(m, rec: Recorder, workdir: Path, cache: str):
@@ -192,7 +209,7 @@ def run_workload(m, rec: Recorder, workdir: Path, cache: str):
     image's counters."""
     served = m / "vm.raw"
     fio = start_fio(served, workdir, cache)
-    switcher = ModeSwitcher(served) if cache == "switching" else None
+    switcher = {"switching": ModeSwitcher, "snapshots": SnapshotTaker}.get(cache, lambda _: None)(served)
     try:
         if switcher:
             switcher.start()
@@ -244,7 +261,7 @@ def remount_keeps_promises(log: CrashLog, judge: Judge, cut: int, rng: random.Ra
     images = workdir / f"cut{cut}"
     images.mkdir()
     (images / "vm.qcow2").write_bytes(buf)
-    m = mounted(images, "--cache", "writeback" if cache == "switching" else cache, "--dataplane", "on")
+    m = mounted(images, "--cache", MOUNT_MODE.get(cache, cache), "--dataplane", "on")
     lo, hi = GUEST
     with open(m / "vm.raw", "rb") as f:
         data = os.pread(f.fileno(), hi - lo, lo)
@@ -294,7 +311,7 @@ def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mount
     rec = recorder()
     if SLOW.get(cache):
         os.setxattr(rec.path, "user.faulty.arm", SLOW[cache].encode())
-    m = mounted(rec.path, "--cache", "writeback" if cache == "switching" else cache, "--dataplane", "on")
+    m = mounted(rec.path, "--cache", MOUNT_MODE.get(cache, cache), "--dataplane", "on")
     t0 = time.monotonic()
     ops, counters = run_workload(m, rec, workdir, cache)
     t1 = time.monotonic()
