@@ -382,7 +382,7 @@ async def _serve_async(cfg: MountConfig, tell, where: str | None) -> int:
     _warn_read_only(cfg, tell, where)
     for name, why in catalog.skipped.items():
         tell(f"warning: not serving {why}")
-    for e in catalog.by_inode.values():
+    for e in catalog.by_name.values():  # not the snapshots' files: read-only is what they are
         if e.image.read_only_reason and not cfg.read_only:
             tell(f"warning: serving {e.image.path} read-only: {e.image.read_only_reason}")
     if own is None:
