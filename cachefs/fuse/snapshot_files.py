@@ -51,7 +51,7 @@ class SnapshotFiles:
     def view(self, live, name_or_id: str):
         """The file of ``live``'s snapshot named (or numbered) so, or None."""
         views = self._of.get(live.inode, {})
-        return views.get(name_or_id) or next((e for e in views.values() if e.image.snapshot.name == name_or_id), None)
+        return views.get(name_or_id) or next((e for e in views.values() if e.image.snapshot.is_named(name_or_id)), None)
 
     async def sync_all(self) -> None:
         for e in list(self.catalog.by_name.values()):

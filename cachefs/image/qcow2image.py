@@ -31,7 +31,7 @@ from cachefs.image.cluster_runs import format_runs, runs_of
 from cachefs.policy import WRITEBACK, Mode
 from cachefs.qcow2.engine import OPENED_READ_ONLY, Engine
 from cachefs.qcow2.generation import write_generation
-from cachefs.qcow2.plan import ExtentKind, WritePlan, run_async
+from cachefs.qcow2.plan import CowSource, ExtentKind, WritePlan, run_async
 
 log = logging.getLogger("cachefs.image.base")
 
@@ -225,7 +225,7 @@ class Qcow2Image(Image):
             async with self.write_lock:
                 first = offset // cs
                 fenced = await self._settle_range(be, first, (offset + len(data) - 1) // cs - first + 1)
-                plan = await self._core(self.engine.plan_write(offset, data), self._reader(be))
+                plan = await self._core(self.engine.plan_write(offset, data, defer_cow=True), self._reader(be))
                 claimed = claim = None
                 if plan.needs_commit:
                     # Write-through: the data and the metadata go out without O_DSYNC, and one
@@ -433,12 +433,27 @@ class Qcow2Image(Image):
     async def _data_writes(self, be, plan) -> None:
         try:
             for w in plan.data_writes:
-                await be.pwrite(w.host_offset, w.data)
+                await be.pwrite(w.host_offset, w.data if w.fill is None else await self._cow_body(be, w))
         finally:
             # Through an O_DSYNC descriptor (an overwrite in place in writethrough) the data is
             # durable already: no flush needs to sync it, so the queue is not made dirty.
             if plan.data_writes and not be.dsync:
                 self.queue.data_written()
+
+    async def _cow_body(self, be, w) -> bytearray:
+        """A deferred copy on write's whole new cluster (Engine.plan_write ``defer_cow``), its old
+        bytes read now, without the lock: the guest cluster is claimed (``allocating``), and the old
+        host cluster is not freed while this write is in flight (``queue.inflight``)."""
+        f, cs = w.fill, self.engine.cs
+        if f.source is CowSource.BACKING:
+            if self.backing is None:
+                raise OSError(errno.EIO, "the backing file of this range is not open")
+            old = await self.backing.read(f.offset, f.length)
+        else:
+            old = await self._reader(be).pread(f.offset, f.length)
+            if f.source is CowSource.COMPRESSED:
+                old = self.engine.decompress(f.compressed, bytes(old))
+        return f.body(old, w.data, cs)
 
     async def truncate(self, size: int) -> None:
         if not self.writable:

@@ -45,8 +45,8 @@ from cachefs.qcow2.cluster import ClusterMap
 from cachefs.qcow2.meta import HeaderItem, TableCache
 from cachefs.qcow2.metaqueue import MetaQueue
 from cachefs.qcow2.overlap import Overlap
-from cachefs.qcow2.plan import (BackingReadRequest, DataWrite, Extent, ExtentKind, L2Update, ReadRequest,
-                                WritePlan, merge_runs)
+from cachefs.qcow2.plan import (BackingReadRequest, CowFill, CowSource, DataWrite, Extent, ExtentKind, L2Update,
+                                ReadRequest, WritePlan, merge_runs)
 from cachefs.qcow2.refcount import Allocation, Refcounts
 
 DEFAULT_CACHE_BYTES = 32 << 20
@@ -310,8 +310,13 @@ class Engine:
 
     # ------------------------------------------------------------ writing
 
-    def plan_write(self, offset: int, data):
-        """Generator: a WritePlan for guest bytes at offset. Caller holds the image's write lock."""
+    def plan_write(self, offset: int, data, *, defer_cow: bool = False):
+        """Generator: a WritePlan for guest bytes at offset. Caller holds the image's write lock.
+
+        ``defer_cow``: a partial write into a cluster whose old bytes must be kept (shared with a
+        snapshot, compressed, or the backing chain's) is planned without reading them: its
+        DataWrite carries a plan.CowFill, and the caller reads the old bytes after letting the
+        lock go (Qcow2Image._data_writes), so copies on write run concurrently."""
         self.overlap.check_writable()
         mv = memoryview(data).cast("B")
         if offset + len(mv) > self.size:
@@ -322,7 +327,7 @@ class Engine:
         while pos < len(mv):
             vcl, inc = divmod(offset + pos, self.cs)
             n = min(self.cs - inc, len(mv) - pos)
-            write, update = yield from self._plan_cluster(vcl, inc, pos, mv[pos:pos + n])
+            write, update = yield from self._plan_cluster(vcl, inc, pos, mv[pos:pos + n], defer_cow)
             if write is not None:
                 writes.append(write)
             if update is not None:
@@ -338,7 +343,7 @@ class Engine:
         slower (measured 132 us per 64 KiB cluster)."""
         return len(chunk) == self.cs and self.zero_cluster.startswith(chunk)
 
-    def _plan_cluster(self, vcluster: int, in_cluster: int, at: int, data):
+    def _plan_cluster(self, vcluster: int, in_cluster: int, at: int, data, defer_cow: bool = False):
         """Generator: (DataWrite or None, L2Update or None) for one cluster's part of a write.
 
         ``data`` is the slice of the request's buffer that starts at ``at``
@@ -367,6 +372,8 @@ class Engine:
                 return None, None
         if not compressed and off and entry & fmt.L2_COPIED:
             return self._in_place(c, slot)
+        if defer_cow and (fill := self._cow_fill(c, slot)) is not None:
+            return (yield from self._cow_deferred(c, slot, fill))
         return (yield from self._cow(c, slot))
 
     def _zeroed(self, slot: _Slot) -> L2Update | None:
@@ -416,6 +423,34 @@ class Engine:
                       or _holds_data(slot.entry))
         self.counters.data_first += data_first
         return write, slot.update(host | fmt.L2_COPIED, a.cluster, data_first=data_first)
+
+    def _cow_fill(self, c: _Chunk, slot: _Slot) -> CowFill | None:
+        """Where a partial write's old bytes are (None: a whole cluster, or they read as zeros)."""
+        entry, cs = slot.entry, self.cs
+        if len(c.data) == cs:
+            return None
+        if entry & fmt.L2_COMPRESSED:
+            desc = fmt.decode_compressed(entry, self.cb)
+            return CowFill(CowSource.COMPRESSED, desc.offset, desc.max_length, c.in_cluster, desc)
+        off = entry & fmt.OFFSET_MASK
+        if off and not entry & fmt.L2_ZERO:
+            return CowFill(CowSource.DATA, off, cs, c.in_cluster)
+        if self._reads_backing(entry):
+            return CowFill(CowSource.BACKING, slot.vcluster << self.cb, cs, c.in_cluster)
+        return None
+
+    def _cow_deferred(self, c: _Chunk, slot: _Slot, fill: CowFill):
+        """Generator: _cow with the old bytes left for the caller to read (``fill``); always data
+        first, since the new cluster holds old bytes."""
+        a = yield from self.map.allocate("data")
+        host = a.cluster << self.cb
+        self.refs.note_written(host + self.cs)
+        if fill.source is CowSource.BACKING:
+            self.counters.backing_cow_reads += 1
+        else:
+            self.counters.cow_reads += 1
+        self.counters.data_first += 1
+        return DataWrite(host, c.data, None, fill), slot.update(host | fmt.L2_COPIED, a.cluster)
 
     def _cow_source(self, slot: _Slot, whole: bool):
         """Generator: the old contents a COW keeps around the new bytes, or None (zeros, or nothing

@@ -87,7 +87,7 @@ def create_snapshot(hdr: fmt.Header, file_size: int, alloc_from: int, name: str,
     if not name:
         raise CachefsError("a snapshot needs a name")
     b = yield from _Builder.load(hdr, file_size, alloc_from)
-    if any(e.name == name for e in b.entries):
+    if any(e.is_named(name) for e in b.entries):
         raise SnapshotExists(f"a snapshot named '{name}' exists already")
     if len(b.entries) >= fmt.MAX_SNAPSHOTS:
         raise UnsupportedOperation(f"the image has {fmt.MAX_SNAPSHOTS} snapshots, the most qcow2 allows")

@@ -208,9 +208,12 @@ class DataWrite:
     # Where ``data`` starts in the guest request's buffer when it is a slice of
     # it (None: a buffer of its own, e.g. a COW body with old head and tail).
     at: int | None = None
+    # A copy on write whose old bytes the caller reads (Engine.plan_write with defer_cow): the
+    # whole new cluster is CowFill.body(old cluster's bytes, data), written at host_offset.
+    fill: CowFill | None = None
 
     def continued_by(self, nxt: DataWrite) -> bool:
-        return self.host_offset + len(self.data) == nxt.host_offset
+        return self.fill is None and nxt.fill is None and self.host_offset + len(self.data) == nxt.host_offset
 
     @staticmethod
     def span(run: list[DataWrite], source) -> DataWrite:
@@ -220,6 +223,31 @@ class DataWrite:
         if all(a.at is not None and b.at == a.at + len(a.data) for a, b in zip(run, run[1:])):
             return DataWrite(first.host_offset, source[first.at:last.at + len(last.data)], first.at)
         return DataWrite(first.host_offset, b"".join(w.data for w in run))
+
+
+class CowSource(enum.Enum):
+    DATA = "data"              # a host cluster of this image (shared with a snapshot)
+    COMPRESSED = "compressed"  # a compressed cluster: read ``length`` bytes, then decompress
+    BACKING = "backing"        # the backing chain's bytes at the same guest offset
+
+
+@attrs.frozen
+class CowFill:
+    """Where the old bytes around a partial write come from, read by the caller without the
+    image's lock (QEMU's qcow2 copies outside its lock too: the guest cluster is claimed, and the
+    old host cluster is not freed while I/O is in flight, metaqueue.py)."""
+
+    source: CowSource
+    offset: int       # host offset (DATA, COMPRESSED) or guest offset (BACKING)
+    length: int       # bytes to read there
+    in_cluster: int   # where the new bytes go in the cluster
+    compressed: Any = None  # format.Compressed, for COMPRESSED
+
+    def body(self, old: bytes, data, cluster_size: int) -> bytearray:
+        """The new cluster: the old bytes (zero padded) with ``data`` at in_cluster."""
+        out = bytearray(old[:cluster_size]).ljust(cluster_size, b"\0")
+        out[self.in_cluster:self.in_cluster + len(data)] = data
+        return out
 
 
 def merge_runs(pieces: list, source=None) -> list:

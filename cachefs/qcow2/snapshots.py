@@ -61,6 +61,10 @@ class SnapshotEntry:
     icount: int | None
     extra: bytes = attrs.field(repr=False)
 
+    def is_named(self, name: str) -> bool:
+        """Is ``name`` this snapshot's name (not its ID: find() tries IDs first)?"""
+        return name == self.name
+
     def summary(self) -> Snapshot:
         return Snapshot(id=_shown(self.id), name=_shown(self.name), date_sec=self.date_sec,
                         date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
@@ -106,7 +110,7 @@ def find(entries, name_or_id: str) -> SnapshotEntry:
         if e.id == name_or_id:
             return e
     for e in entries:
-        if e.name == name_or_id:
+        if e.is_named(name_or_id):
             return e
     raise SnapshotNotFound(f"no snapshot with ID or name '{name_or_id}'")
 
