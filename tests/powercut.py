@@ -29,6 +29,7 @@ import threading
 import attrs
 import trio
 
+from cachefs.errors import CorruptImage
 from cachefs.qcow2.check import check_image
 from cachefs.qcow2.plan import run_sync
 from cachefs.image.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -360,7 +361,11 @@ class Judge:
         """Our checker (leaks allowed, corruption never), qemu-img check when given a scratch file,
         and every write promised by the cut, sector by sector."""
         v = Verdict()
-        result = run_sync(check_image(len(buf)), lambda o, n: bytes(buf[o:o + n]))
+        try:
+            result = run_sync(check_image(len(buf)), lambda o, n: bytes(buf[o:o + n]))
+        except CorruptImage as exc:  # a header naming tables past the end: not even checkable
+            v.corruptions = [f"the image does not open: {exc}"]
+            return v
         if result.corruptions:
             v.corruptions = list(result.corruptions)
             return v
