@@ -18,7 +18,6 @@ import pytest
 from conftest import qemu_img, sha256
 from crashwrites import WRITER, acked_blocks, kill_mid_workload, leaks_at_most_and_nothing_acknowledged_lost
 
-pytestmark = pytest.mark.both_planes
 
 BLOCK = 4096
 
@@ -70,6 +69,8 @@ def _listed(image) -> set[str]:
     return {line.split()[1] for line in out[2:] if line.split()}
 
 
+@pytest.mark.parametrize("plane,mode_none_or_writeback", [("on", "none"), ("off", "writeback")], indirect=["plane"],
+                         ids=["plane-on-none", "plane-off-writeback"])
 def test_sigkill_during_snapshot_create_and_delete(mode_none_or_writeback, mounted, workdir):
     images = workdir / "images"
     images.mkdir()
@@ -106,6 +107,3 @@ def test_sigkill_during_snapshot_create_and_delete(mode_none_or_writeback, mount
         # What is listed now is there for the next round (a create the kill cut: its bytes unknown).
         kept = {name: kept.get(name) for name in listed}
 
-@pytest.fixture(params=["writeback", "none"])
-def mode_none_or_writeback(request) -> str:
-    return request.param
