@@ -128,6 +128,11 @@ class SimulatedPlane:
     def alloc_status(self, ino):
         return len(self.spares), len(self.log)
 
+    def cow_inflight(self, ino, first, count):
+        """dp_cow_inflight: the model copies nothing on write (its images have no snapshot), so
+        none is ever in flight (MappingPublisher's may_cow stays off: no DP_MAP_COW published)."""
+        return 0
+
     # ------------------------------------------------------------ C's mapping
 
     def _changed(self, change) -> None:
@@ -276,6 +281,10 @@ class PublishedPlane(SimulatedPlane):
 
     def map_states(self):
         return self.W, self.R, self.Z, self.A
+
+    @staticmethod
+    def cow_state():
+        return native.lib.DP_MAP_COW  # never published here: the model has no copy on write (cow_inflight)
 
     def map_clusters(self, ino, first, states):
         if self.guest_clusters is not None and states and first + len(states) > self.guest_clusters:

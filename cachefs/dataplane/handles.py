@@ -146,7 +146,10 @@ class FastPaths:
         if image.format == "raw":
             image.connect_plane(PlaneHooks(fast_writes=fast_writes))
             return
-        pub = self.mappings[inode] = MappingPublisher(self.plane, inode, image.engine)
+        # C copies on write of shared clusters (dp_cow.c) in a writable image that is not
+        # compress-on-write; never in a snapshot's view (read-only).
+        pub = self.mappings[inode] = MappingPublisher(
+            self.plane, inode, image.engine, may_cow=lambda: image.writable and not image.compress)
         allocs = self.allocations[inode] = FastAllocations(self.plane, inode, image, pub)
 
         def queue_ran() -> None:

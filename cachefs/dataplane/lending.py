@@ -60,6 +60,8 @@ class FastAllocations:
         self.adopted = 0
         self.refills = 0
         self.parked_syncs = 0  # flushes run for write-through writes C parked
+        self.copies_adopted = 0  # C's copies on write of shared clusters (dp_cow.c), adopted
+        self.copy_waits = 0  # claims that waited for C's copies in flight
         self._since_refill = 0  # C's allocations adopted since the last refill: sizes the next
         self.low_water = 4  # C wakes us when it holds this few lent clusters
         self.capacity = plane.alloc_capacity  # lent clusters C holds at most
@@ -106,6 +108,21 @@ class FastAllocations:
         self.plane.alloc_drop_log(self.inode, count)
         self.adopted += count
         self._since_refill += count
+
+    async def copies_done(self, first: int, count: int) -> None:
+        """After a claim of [first, first+count): C starts no copy on write there any more; wait for
+        those in flight, which C logs when their write completes (dp_cow.c), before the caller
+        adopts the log and plans. A drain of everything dispatched so far covers them."""
+        if self.plane.cow_inflight(self.inode, first, count) > 0:
+            self.copy_waits += 1
+            await self.plane.drain(self.plane.ticket())
+
+    def adopted_copies(self, count: int) -> None:
+        """C's copies on write were adopted: each old host cluster loses a reference once its L2
+        table is durable, and the free that may follow waits for every fast request dispatched
+        up to now (a read of the old cluster, planned while the copy was in flight; mapping.fence)."""
+        self.copies_adopted += count
+        self.publisher.fence_ticket = self.plane.ticket()
 
     def adopted_clusters(self, vclusters) -> None:
         """Their L2 entries are Python's now. While a write-through handle is published, C keeps
@@ -184,4 +201,5 @@ class FastAllocations:
         spares, logged = self.status() if self.plane.alive else (0, 0)
         return {"fast_allocations_lent": self.lent, "fast_allocations_adopted": self.adopted,
                 "fast_lent_clusters": spares, "fast_alloc_log": logged, "fast_refills": self.refills,
-                "fast_parked_syncs": self.parked_syncs}
+                "fast_parked_syncs": self.parked_syncs, "fast_cows_adopted": self.copies_adopted,
+                "fast_cow_waits": self.copy_waits}

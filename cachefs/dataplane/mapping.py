@@ -18,7 +18,9 @@ What a cluster becomes in C (dp_abi.h):
 L2 entry                                C state
 =====================================  ==========================
 data, COPIED (refcount 1)               writable at host offset
-data, shared (not COPIED)               read-only at host offset
+data, shared (not COPIED)               read-only at host offset; in a writable image
+                                        (not compress-on-write) with DP_MAP_COW: C copies on
+                                        write into a lent cluster (dp_cow.c, issue 23)
 unallocated, or the zero flag           reads as zeros (no backing files); with
                                         no host cluster, C may allocate (dataplane/lending.py)
 unallocated in an overlay               from backing (DP_MAP_BACKING): C reads the
@@ -71,8 +73,15 @@ STATE_BITS = 3
 class MappingPublisher:
     """Keeps C's copy of one qcow2 image's mapping; see the module docstring."""
 
-    def __init__(self, plane, inode: int, engine) -> None:
+    def __init__(self, plane, inode: int, engine, may_cow=lambda: False) -> None:
         self._writable, self._readonly, self._zero, self._alloc = plane.map_states()
+        # Copy on write in C (issue 23): a shared data cluster is published read-only with
+        # DP_MAP_COW while ``may_cow()`` (FastPaths: the image is writable and not compress-on-
+        # write; never a snapshot's read-only view). Asked at each publication: a live switch to
+        # compress-on-write also stops C's allocation (lending.allow), which forwards such writes.
+        self._cow_flag = plane.cow_state()
+        self._may_cow = may_cow
+        self._shared = self._readonly
         self.plane = plane
         self.inode = inode
         self.engine = engine
@@ -112,6 +121,7 @@ class MappingPublisher:
         count = min(self.per_table, self._guest_clusters() - first)
         if count <= 0:
             return
+        self._shared = self._shared_state()
         states = [self._state(e, first + i) for i, e in enumerate(table.entries[:count])]
         if self.write_through and not self._durable(table):
             states = [self._hold(first + i, st) for i, st in enumerate(states)]
@@ -168,7 +178,11 @@ class MappingPublisher:
         off = entry & fmt.OFFSET_MASK
         if entry & fmt.L2_ZERO or not off:
             return self._zero
-        return off | (self._writable if entry & fmt.L2_COPIED else self._readonly)
+        return off | (self._writable if entry & fmt.L2_COPIED else self._shared)
+
+    def _shared_state(self) -> int:
+        """A shared data cluster's state: read-only, and C may copy on write while allowed."""
+        return self._readonly | (self._cow_flag if self._may_cow() else 0)
 
     # ------------------------------------------------------------ mapping changes
 
@@ -192,7 +206,7 @@ class MappingPublisher:
     def _mapping_state(self, change: MappingChange) -> int:
         new = change.new
         if new.kind is MappingKind.DATA:
-            return new.host_offset | (self._writable if new.owned else self._readonly)
+            return new.host_offset | (self._writable if new.owned else self._shared_state())
         if new.kind is MappingKind.UNALLOCATED:
             return self._zero | self._alloc
         if new.kind is MappingKind.BACKING:  # the backing chain's (see __init__)
@@ -223,6 +237,7 @@ class MappingPublisher:
         q = self.engine.queue
         if not self.unsettled or self.stopped or q.needs_sync or q.dirty_items():
             return
+        self._shared = self._shared_state()
         for cluster in sorted(self.unsettled):
             table = self.tables.get(cluster // self.per_table)
             if table is not None:

@@ -230,6 +230,12 @@ class DataPlane:
         return lib.DP_MAP_WRITABLE, lib.DP_MAP_READONLY, lib.DP_MAP_ZERO, lib.DP_MAP_ALLOC
 
     @staticmethod
+    def cow_state() -> int:
+        """The flag on a shared data cluster's read-only entry that lets C copy on write (dp_abi.h
+        DP_MAP_COW, dp_cow.c)."""
+        return native.lib.DP_MAP_COW
+
+    @staticmethod
     def backing_state() -> int:
         """An overlay's unallocated cluster (dp_abi.h DP_MAP_BACKING): C reads the backing chain."""
         return native.lib.DP_MAP_BACKING
@@ -342,6 +348,12 @@ class DataPlane:
 
     def alloc_claim(self, ino: int, first: int, count: int) -> int:
         rc = native.lib.dp_alloc_claim(self._dp, ino, first, count)
+        self._check(rc)
+        return rc
+
+    def cow_inflight(self, ino: int, first: int, count: int) -> int:
+        """C's copies on write in flight in guest clusters [first, first+count) (dp_cow.c)."""
+        rc = native.lib.dp_cow_inflight(self._dp, ino, first, count)
         self._check(rc)
         return rc
 

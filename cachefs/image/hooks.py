@@ -55,6 +55,14 @@ class Lender(Protocol):
     def adopted_clusters(self, vclusters: Iterable[int]) -> None:
         """These guest clusters' entries are the image's now."""
 
+    def adopted_copies(self, count: int) -> None:
+        """``count`` of them were C's copies on write: the old host clusters' frees must wait for
+        every fast request dispatched so far (one may still read an old cluster)."""
+
+    async def copies_done(self, first: int, count: int) -> None:
+        """After :meth:`claim`: C's copies on write in flight in the range have completed and are
+        logged (dp_cow.c), so the adoption that follows sees them."""
+
     def python_allocated(self) -> None:
         """The image allocated a host cluster itself: C may need a refill."""
 
@@ -84,6 +92,12 @@ class NoLender:
         pass
 
     def adopted_clusters(self, vclusters: Iterable[int]) -> None:
+        pass
+
+    def adopted_copies(self, count: int) -> None:
+        pass
+
+    async def copies_done(self, first: int, count: int) -> None:
         pass
 
     def python_allocated(self) -> None:

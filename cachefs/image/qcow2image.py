@@ -270,8 +270,10 @@ class Qcow2Image(Image):
         clusters [first, first+count): no allocation of ours in flight there (InFlight), and none
         of the data plane's, which is claimed out of the range and whose earlier allocations are
         adopted. Returns the claim, for :meth:`_release_range` once the caller's change is made."""
-        claim = self.plane_hooks.lender.claim(first, count)
+        lender = self.plane_hooks.lender
+        claim = lender.claim(first, count)
         try:
+            await lender.copies_done(first, count)  # C's copies on write there logged (dp_cow.c)
             await self.adopt_logged(be)
             await self.allocating.settle(self.write_lock, first, count)
         except BaseException:
@@ -288,13 +290,16 @@ class Qcow2Image(Image):
 
         Not a :meth:`remap`: adopting is the first step of every remap's _settle_range (C's
         entries are the image's before anything plans against them), and the lent clusters
-        need no commit (their refcounts are durable, their data needs no ordering)."""
+        need no commit (their refcounts are durable; a fresh one's data needs no ordering, a
+        copy's waits in the queue for the data item: Engine.adopt)."""
         lender = self.plane_hooks.lender
         pairs = lender.peek_log()
         if pairs:
-            await self._core(self.engine.adopt(pairs), be)
+            copies = await self._core(self.engine.adopt(pairs), be)
             lender.drop_log(len(pairs))
             lender.adopted_clusters(v for v, _ in pairs)
+            if copies:
+                lender.adopted_copies(copies)  # the old clusters' frees wait for C's reads of them
             self._remap_ticket = self.commits.ticket()  # not durable until the next flush
             self._zcache = None
 

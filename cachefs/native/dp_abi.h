@@ -32,12 +32,20 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
  * code that does not know the flag forwards the request; a WRITE there is forwarded (Python copies
  * on write). */
 #define DP_MAP_BACKING 16
+/* A flag on a DP_MAP_READONLY entry (issue 23): a shared data cluster of a writable image (refcount
+ * > 1, L2 COPIED clear, not compressed: a snapshot holds it too). Reads read it in place; a WRITE
+ * may copy on write into a lent cluster (dp_cow.c): the old cluster read (a partial write), the
+ * guest bytes merged, the whole new cluster written, then (guest cluster, new host) logged as an
+ * allocation that Python adopts with the old cluster losing one reference (Engine.adopt). Code
+ * that does not know the flag sees READONLY and forwards the write. */
+#define DP_MAP_COW 32
 /* How deep dp_plan.c follows a chain of backing images (image/backing_names.MAX_CHAIN_DEPTH). */
 #define DP_MAXCHAIN 16
 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
-       DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_BACKING_READS, DP_C_NIMAGE };
+       DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_BACKING_READS, DP_C_COWS, DP_C_COW_READS,
+       DP_C_NIMAGE };
 /* Per-handle counters, counted at dispatch: Python charges them to the handle's cache mode. */
 enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
@@ -57,7 +65,8 @@ enum { DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16
 #define DP_SPARE 8192          /* lent host clusters an image holds at most */
 #define DP_ALOG 4096           /* allocations logged and not yet adopted by Python */
 #define DP_NCLAIM 128          /* guest ranges Python is changing at once (more: no allocation at all) */
-#define DP_MAXALLOC 32         /* clusters one request may allocate */
+#define DP_MAXALLOC 32         /* clusters one request may allocate (copies on write included) */
+#define DP_NCOW 256            /* copies on write in flight per image (dp_cow.c); more are forwarded */
 
 /* Requests Python serves (FALLOCATE, LSEEK; dp_pyq.c): pyfuse3 has
  * no handler for them and libfuse's ENOSYS would turn them off for the connection's life. C
@@ -134,6 +143,9 @@ int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
 int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id);
 int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out);
 int dp_alloc_woken(struct dp *dp);
+/* dp_cow.c: copies on write in flight in guest clusters [first, first+count) (logged once their
+ * write completed). Python claims a range, then drains while this is > 0, then adopts the log. */
+int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
 
 /* dp_park.c: write-through writes that wait for Python's sync. */
 int dp_sync_woken(struct dp *dp);

@@ -19,6 +19,10 @@
  * descriptor without O_DSYNC: its write is acknowledged as durable, so it waits for Python's sync
  * of the new mapping (dp_park.c). Such entries carry DP_MAP_UNSYNCED until Python republishes them.
  *
+ * A write to a shared data cluster (DP_MAP_READONLY | DP_MAP_COW, issue 23) takes a lent cluster
+ * the same way and copies on write into it (dp_cow.c); it is logged only once its write completed,
+ * and Python's adoption then orders the data's sync before the L2 entry (Engine.adopt).
+ *
  * Everything here runs under dp->lock: planning and committing in the loop thread, the
  * dp_alloc_* calls from Python.
  */
@@ -40,8 +44,8 @@ int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h, uint64_t 
     const struct dp_alloc *a = &im->alloc;
     if (!a->on || (h->sync && h->batch_fd < 0) || s->nalloc == DP_MAXALLOC || dp_alloc_claimed(a, cl))
         return 0;
-    if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + s->nalloc >= DP_ALOG)
-        return 0;  /* forwarded: Python allocates it, then refills (dataplane/lending.py) */
+    if ((uint32_t)s->nalloc >= a->spare_count || a->log_count + a->ncow + s->nalloc >= DP_ALOG)
+        return 0;  /* copies on write in flight (dp_cow.c) log later: their room is kept */  /* forwarded: Python allocates it, then refills (dataplane/lending.py) */
     *host = a->spare[(a->spare_head + s->nalloc) % DP_SPARE];
     s->alloc_cl[s->nalloc++] = cl;
     return 1;
@@ -57,11 +61,22 @@ int dp_alloc_commit(struct dp_image *im, struct dp_slot *s) {
         uint64_t host = a->spare[a->spare_head];
         a->spare_head = (a->spare_head + 1) % DP_SPARE;
         a->spare_count--;
+        s->alloc_host[i] = host;
+        if (s->cow_mask & (1u << i)) {  /* a copy on write: logged once written (dp_cow.c) */
+            dp_cow_begin(im, s->alloc_cl[i], host);
+            continue;
+        }
         /* The chunk exists: the entry was published as allocatable. */
         dp_set_entry(im, s->alloc_cl[i], host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED);
         a->log[a->log_count++] = (struct dp_logrec){ s->alloc_cl[i], host };
     }
-    dp_count(&im->c[DP_C_ALLOCATIONS], (uint64_t)s->nalloc);
+    dp_count(&im->c[DP_C_ALLOCATIONS], (uint64_t)(s->nalloc - __builtin_popcount(s->cow_mask)));
+    return dp_alloc_wake(a);
+}
+
+/* 1 when Python should be woken now (few lent clusters left, or the log half full), once until it
+ * lends or adopts. */
+int dp_alloc_wake(struct dp_alloc *a) {
     if (a->wake_sent || (a->spare_count > a->low_water && a->log_count < DP_ALOG / 2))
         return 0;
     a->wake_sent = 1;
@@ -76,11 +91,13 @@ void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count) {
         if (a->log[i].guest >= first && a->log[i].guest - first < count)
             dp_set_entry(im, a->log[i].guest,
                          a->log[i].host | (a->on ? DP_MAP_WRITABLE | DP_MAP_UNSYNCED : DP_MAP_READONLY));
+    dp_cow_restore(im, first, count);
 }
 
 void dp_alloc_free(struct dp_image *im) {
     free(im->alloc.spare);
     free(im->alloc.log);
+    free(im->alloc.cow);
     memset(&im->alloc, 0, sizeof im->alloc);
 }
 
@@ -118,7 +135,8 @@ int dp_alloc_give(struct dp *dp, uint64_t ino, const uint64_t *hosts, uint32_t n
     if (!im) {
         rc = -ENOENT;
     } else if (!a->spare && (!(a->spare = calloc(DP_SPARE, sizeof *a->spare)) ||
-                             !(a->log = calloc(DP_ALOG, sizeof *a->log)))) {
+                             !(a->log = calloc(DP_ALOG, sizeof *a->log)) ||
+                             !(a->cow = calloc(DP_NCOW, sizeof *a->cow)))) {
         dp_alloc_free(im);
         rc = -ENOMEM;
     } else {

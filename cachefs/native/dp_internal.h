@@ -19,6 +19,7 @@
  *   dp_publish.c   Python publishing and withdrawing images, mappings and handles; the drain
  *   dp_counters.c  Python reading the counters
  *   dp_alloc.c     allocating writes with clusters Python lent
+ *   dp_cow.c       copy on write of shared data clusters into lent clusters (issue 23)
  *   dp_loop.c      the thread: reading /dev/fuse, the fast path, the loop, create/start/destroy
  *   dp_forward.c   forwarding to libfuse and writing its replies back
  *   dp_park.c      write-through writes waiting for Python's sync
@@ -64,6 +65,11 @@
 #define DP_MAP_STATE(e) ((unsigned)((e) & 3))
 #define DP_MAP_HOST(e) ((e) & ~(uint64_t)511)
 #define DP_MAP_CAN_ALLOC(e) (((e) & (DP_MAP_ALLOC | 3)) == (DP_MAP_ALLOC | DP_MAP_ZERO) && !DP_MAP_HOST(e))
+/* C's own flag, never Python's: a copy on write of this cluster is in flight (dp_cow.c). The entry
+ * is the old host cluster, read-only: reads see the old bytes, writes are forwarded (Python waits
+ * for the copy: dp_cow_inflight). */
+#define DP_MAP_BUSY 64
+#define DP_MAP_CAN_COW(e) (((e) & (DP_MAP_COW | DP_MAP_BUSY | 3)) == (DP_MAP_COW | DP_MAP_READONLY) && DP_MAP_HOST(e))
 #define DP_CHUNK_BITS 12       /* clusters per chunk of the mapping table: 4096 (32 KiB) */
 
 struct dp_u64map {             /* open addressing, linear probing, key 0 = empty */
@@ -76,12 +82,18 @@ struct dp_logrec { uint64_t guest, host; };  /* guest cluster, host offset */
 
 struct dp_claim { uint64_t first, end; };     /* end == 0: unused */
 
+struct dp_cowrec { uint64_t guest, old, host; };  /* a copy on write in flight: old entry, new host */
+
 /* An image's allocation state (dp_alloc.c); arrays allocated when Python first lends. */
 struct dp_alloc {
     uint64_t *spare;           /* ring of lent host offsets, taken in the order lent */
     uint32_t spare_head, spare_count;
     struct dp_logrec *log;
     uint32_t log_count;
+    /* Copies on write in flight (dp_cow.c), logged when their write completes. Invariant:
+     * log_count + ncow <= DP_ALOG (room for their records is kept at planning). */
+    struct dp_cowrec *cow;
+    uint32_t ncow;
     struct dp_claim claim[DP_NCLAIM];
     uint32_t overflow;         /* claims that found no room: no allocation at all while > 0 */
     uint32_t low_water;        /* wake Python when the lent clusters fall to this */
@@ -135,6 +147,14 @@ struct dp_slot {
     int active;                /* a fast request whose backend I/O has not completed */
     int nalloc;                /* clusters the plan allocates (dp_alloc_commit), in plan order */
     uint64_t alloc_cl[DP_MAXALLOC];
+    uint64_t alloc_host[DP_MAXALLOC];  /* ... and the lent cluster each took (dp_alloc_commit) */
+    uint32_t cow_mask;         /* which of them copy on write (bit i: alloc_cl[i]; dp_cow.c) */
+    /* A partial copy on write (one per request): piece cow_piece writes the whole new cluster
+     * from the buffer at cow_buf, once the old cluster at cow_old is read there and the guest's
+     * cow_len bytes at buffer offset cow_src merged in at cow_in. -1: none, or read already. */
+    int cow_piece, cow_write;
+    uint64_t cow_old;
+    uint32_t cow_buf, cow_in, cow_src, cow_len;
     int write, pieces_left, npieces, err, fd, sync;
     int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */
     int defer;                 /* write-through onto such a mapping: answer after Python's sync (dp_park.c) */
@@ -204,6 +224,9 @@ enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T
 #define DP_UD_PIECE(ud) ((ud) & ((1u << DP_UD_PIECE_BITS) - 1))
 _Static_assert(DP_NSLOT <= 1 << DP_UD_SLOT_BITS, "a slot index must fit user_data's slot bits");
 _Static_assert(DP_MAXPIECE <= 1 << DP_UD_PIECE_BITS, "a piece index must fit user_data's piece bits");
+#define DP_UD_COW_READ ((1u << DP_UD_PIECE_BITS) - 1)  /* the piece index of a copy on write's read */
+_Static_assert(DP_MAXPIECE < DP_UD_COW_READ, "the read of a copy on write needs a piece index of its own");
+_Static_assert(DP_MAXALLOC <= 32, "cow_mask has a bit per allocation");
 _Static_assert(DP_UD_PIECE_BITS + DP_UD_SLOT_BITS <= DP_UD_TAG_SHIFT, "slot and piece must stay below the tag");
 _Static_assert(T_NTAGS <= 1 << (64 - DP_UD_TAG_SHIFT), "every tag must fit user_data's top bits");
 _Static_assert(sizeof(void *) <= sizeof(uint64_t), "a notification's address must fit user_data");
@@ -264,6 +287,15 @@ DP_HIDDEN int dp_alloc_may(const struct dp_image *im, const struct dp_handle *h,
 DP_HIDDEN int dp_alloc_commit(struct dp_image *im, struct dp_slot *s);
 DP_HIDDEN void dp_alloc_restore(struct dp_image *im, uint64_t first, uint64_t count);
 DP_HIDDEN void dp_alloc_free(struct dp_image *im);
+DP_HIDDEN int dp_alloc_wake(struct dp_alloc *a);
+/* dp_cow.c */
+DP_HIDDEN int dp_cow_may(const struct dp_image *im, const struct dp_handle *h, uint64_t cluster, uint64_t e,
+                         uint32_t in, uint32_t n, uint32_t done, uint32_t len, struct dp_slot *s, uint64_t *host);
+DP_HIDDEN void dp_cow_begin(struct dp_image *im, uint64_t cluster, uint64_t host);
+DP_HIDDEN void dp_cow_restore(struct dp_image *im, uint64_t first, uint64_t count);
+DP_HIDDEN void dp_cow_read(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN int dp_cow_merge(struct dp_slot *s, int res);
+DP_HIDDEN void dp_cow_done(struct dp *dp, struct dp_slot *s);
 /* dp_loop.c */
 DP_HIDDEN struct io_uring_sqe *dp_sqe(struct dp *dp);
 DP_HIDDEN void dp_post(struct dp *dp, unsigned bits);

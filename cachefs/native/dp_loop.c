@@ -68,6 +68,10 @@ void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_
 /* ------------------------------------------------------------ the fast path */
 
 static void dp_submit_piece(struct dp *dp, struct dp_slot *s, int i) {
+    if (i == s->cow_piece) {  /* a partial copy on write: its old cluster is read first (dp_cow.c) */
+        dp_cow_read(dp, s);
+        return;
+    }
     struct dp_piece *p = &s->piece[i];
     struct io_uring_sqe *sqe = dp_sqe(dp);
     int fd = p->fd >= 0 ? p->fd : s->fd;  /* a backing image's piece: its own read descriptor */
@@ -129,6 +133,15 @@ static int dp_try_fast(struct dp *dp, struct dp_slot *s) {
 }
 
 static void dp_piece_done(struct dp *dp, struct dp_slot *s, int i, int res) {
+    if (i == DP_UD_COW_READ && (i = dp_cow_merge(s, res)) >= 0) {  /* old bytes in: write the new cluster */
+        dp_submit_piece(dp, s, i);
+        return;
+    }
+    if (i < 0) {  /* the copy's read failed: its write never runs */
+        if (--s->pieces_left == 0)
+            dp_finish(dp, s);
+        return;
+    }
     struct dp_piece *p = &s->piece[i];
     if (res < 0) {
         if (!s->err)
@@ -154,6 +167,8 @@ static void dp_piece_done(struct dp *dp, struct dp_slot *s, int i, int res) {
 static void dp_finish(struct dp *dp, struct dp_slot *s) {
     if (s->write && !s->sync)
         dp_count(&s->img->c[DP_C_UNSYNCED_WRITES], 1);  /* before the reply: the next flush must see it */
+    if (s->cow_mask)
+        dp_cow_done(dp, s);  /* logged while still active: a drain that returns sees the log */
     __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
     dp->active--;
     dp->completed = 1;

@@ -16,6 +16,8 @@ static const char *const image_names[] = {
     [DP_C_UNSYNCED_WRITES] = "fast_unsynced_writes",
     [DP_C_ALLOCATIONS] = "fast_allocations",
     [DP_C_BACKING_READS] = "fast_backing_reads",
+    [DP_C_COWS] = "fast_cows",
+    [DP_C_COW_READS] = "fast_cow_reads",
 };
 static const char *const handle_names[] = {
     [DP_H_READS] = "reads",

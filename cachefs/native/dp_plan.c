@@ -86,7 +86,8 @@ static int dp_plan_backing(const struct dp_image *b, uint64_t pos, uint32_t n, u
 /* A mapped (non-identity) image: one piece per host run; zero clusters of a READ are zeroed in
  * the buffer now, and its clusters from the backing chain planned there (dp_plan_backing). A WRITE needs every cluster writable in place, or allocatable with a lent
  * cluster (dp_alloc.c: planned here, taken by dp_alloc_commit once the whole request is
- * planned); a full-cluster write of zeros goes to Python, so discard-by-zeroes keeps working
+ * planned), or copied on write into one when it is shared (DP_MAP_COW, dp_cow.c); a
+ * full-cluster write of zeros goes to Python, so discard-by-zeroes keeps working
  * (DATAPLANE.md "Zero writes"). */
 static int dp_plan_mapped(const struct dp_image *im, const struct dp_handle *h, int write, uint64_t off,
                           uint32_t len, const char *data, struct dp_slot *s) {
@@ -103,11 +104,21 @@ static int dp_plan_mapped(const struct dp_image *im, const struct dp_handle *h, 
             done += n;
             continue;
         }
-        if (write && n == csize && st != DP_MAP_READONLY && dp_all_zero(data + done, n))
+        if (write && n == csize && (st != DP_MAP_READONLY || DP_MAP_CAN_COW(e)) && dp_all_zero(data + done, n))
             return 1;
         if (write && st != DP_MAP_WRITABLE) {
-            if (!DP_MAP_CAN_ALLOC(e) || !dp_alloc_may(im, h, pos >> im->cluster_bits, s, &host))
+            uint64_t cl = pos >> im->cluster_bits;
+            if (DP_MAP_CAN_COW(e)) {  /* shared: copy on write into a lent cluster (dp_cow.c) */
+                if (!dp_cow_may(im, h, cl, e, (uint32_t)in, n, done, len, s, &host))
+                    return 1;
+                s->unsynced = 1;
+                if (n < csize) {  /* its piece, the whole new cluster, is dp_cow_may's */
+                    done += n;
+                    continue;
+                }
+            } else if (!DP_MAP_CAN_ALLOC(e) || !dp_alloc_may(im, h, cl, s, &host)) {
                 return 1;
+            }
             e = host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED;
         } else if (st == DP_MAP_ABSENT) {
             return 1;
@@ -128,6 +139,8 @@ int dp_plan(const struct dp_image *im, const struct dp_handle *h, int write, uin
             uint32_t size, const char *data, struct dp_slot *s) {
     s->npieces = 0;
     s->nalloc = 0;
+    s->cow_mask = 0;
+    s->cow_piece = -1;
     s->unsynced = 0;
     s->backing = 0;
     if (size == 0 || size > DP_DATA - 4096 || (write && !h->fast_write))

@@ -46,6 +46,7 @@ int dp_alloc_claim(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) 
 int dp_alloc_unclaim(struct dp *dp, uint64_t ino, int id) { return -ENOSYS; }
 int dp_alloc_status(struct dp *dp, uint64_t ino, uint64_t *out) { return -ENOSYS; }
 int dp_alloc_woken(struct dp *dp) { return 0; }
+int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count) { return -ENOSYS; }
 int dp_sync_woken(struct dp *dp) { return 0; }
 uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino) { return 0; }
 int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err) { return -ENOSYS; }

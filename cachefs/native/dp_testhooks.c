@@ -21,6 +21,10 @@ int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t s
     if (!out->fast)
         return 0;
     __atomic_store_n(&s.active, 0, __ATOMIC_RELEASE);
+    out->cow_mask = s.cow_mask;
+    out->cow_piece = s.cow_piece;
+    if (s.cow_mask)
+        dp_cow_done(dp, &s);  /* its copies on write complete at once: logged, mapped to the new cluster */
     out->fd = s.fd;
     out->sync = s.sync;
     out->defer = s.defer;

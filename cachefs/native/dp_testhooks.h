@@ -19,6 +19,8 @@ struct dp_test_plan {
     uint32_t piece_buf[DP_MAXPIECE], piece_len[DP_MAXPIECE];
     int piece_fd[DP_MAXPIECE];       /* -1: the descriptor above; else a backing image's (issue 22) */
     int backing;                     /* a READ that reads from the backing chain */
+    uint32_t cow_mask;               /* which of alloc_cl copy on write (dp_cow.c); they complete at once */
+    int cow_piece;                   /* the piece that writes a partial copy's whole new cluster, or -1 */
 };
 
 /* An image's allocation state (dp_alloc.c), copied under the lock. */

@@ -499,21 +499,34 @@ class Engine:
             self.map.remap(u.vcluster, table, index, u.new_entry, deps)
 
     def adopt(self, allocations):
-        """Generator: L2 entries for clusters the data plane allocated (issue 14, dp_alloc.c).
+        """Generator: L2 entries for clusters the data plane allocated (issue 14, dp_alloc.c), or
+        copied on write into (issue 23, dp_cow.c). Returns how many were copies.
 
         ``allocations`` are (guest cluster, host offset) pairs, host clusters that were lent
-        (Refcounts.lend): fresh, with a durable refcount. So the new entry waits for nothing: not
-        the refcount (durable already), not the data (the cluster read as zeros before, as the
-        unallocated cluster it replaces did; DESIGN.md section 3, a partial write into a fresh
-        cluster needs no ordering). The guest cluster must still read as zeros with no host
-        cluster: the caller adopts before it plans anything touching those clusters.
+        (Refcounts.lend): fresh, with a durable refcount. Where the old entry was unallocated (or
+        a zero cluster without a host cluster) the new entry waits for nothing: not the refcount
+        (durable already), not the data (the cluster read as zeros before, as the unallocated
+        cluster it replaces did; DESIGN.md section 3, a partial write into a fresh cluster needs
+        no ordering). The caller adopts before it plans anything touching those clusters.
+
+        Where the old entry was a shared data cluster (COPIED clear, not compressed: a snapshot
+        holds it too), C copied the cluster's bytes into the lent one and logged the pair only once
+        that write completed. Its entry replaces the old one, which loses one reference once the
+        table is durable (remap's deferred free, invariant 2; the caller fences C's requests that
+        may still read it: Lender.adopted_copies). Unlike a fresh allocation, the new entry must
+        wait for the data (invariant 3): a crash that exposed it before the copy is durable would
+        turn the old bytes into zeros. So the queue's data item is made dirty now (C's completed
+        write is not synced yet, and a sync already running may have started before it), and the
+        entry depends on it: a sync after C's write lands before the L2 table is written.
         """
+        copies = 0
         for vcluster, host in allocations:
             table, index = yield from self.map.table_for_write(vcluster)
             old = table.entries[index]
             if old == host | fmt.L2_COPIED and host >> self.cb not in self.refs.lent:
                 continue  # adopted already (an adoption that failed half way is retried)
-            if old not in (0, fmt.L2_ZERO) or host & (self.cs - 1) or self._reads_backing(old):
+            copied = self._shared_data(old) and (old & fmt.OFFSET_MASK) != host
+            if not copied and old not in (0, fmt.L2_ZERO) or host & (self.cs - 1) or self._reads_backing(old):
                 # Over a backing file a fresh cluster is not what the unallocated one read: C must
                 # not allocate there (its partial write would lose the backing bytes around it).
                 raise CorruptImage(f"the data plane allocated guest cluster {vcluster} at {host:#x}, "
@@ -522,8 +535,18 @@ class Engine:
             self.refs.adopted(cluster)
             self.overlap.claim(cluster, "data")
             deps = yield from self.refs.counted(cluster)
+            if copied:
+                self.queue.data_written()
+                deps.append(self.queue.data_item)
+                self.counters.data_first += 1
+                copies += 1
             self.map.remap(vcluster, table, index, host | fmt.L2_COPIED, deps, report=False)
             self.queue.allocated(Allocation(cluster, None, True), by_plane=True)
+        return copies
+
+    def _shared_data(self, entry: int) -> bool:
+        """A data cluster a snapshot shares: allocated, not zero, not compressed, COPIED clear."""
+        return bool(entry & fmt.OFFSET_MASK) and not entry & (fmt.L2_ZERO | fmt.L2_COMPRESSED | fmt.L2_COPIED)
 
     def abort(self, plan: WritePlan):
         """Generator: give back what a failed plan allocated (nothing points at it)."""
