@@ -62,31 +62,14 @@ if [ -n "$need" ]; then
   apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need >/dev/null
 fi
 
-# --- kernel: Debian's cloud flavour (ext4 and jbd2 built in, virtio as modules), as boot-guest.sh.
-if ! ls "$KIT"/k/boot/vmlinuz-* >/dev/null 2>&1; then
-  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')
-  (cd "$KIT" && apt-get download "$pkg" 2>/dev/null && dpkg-deb -x "$pkg"_*.deb k)
-fi
-VMLINUZ=$(ls "$KIT"/k/boot/vmlinuz-* | head -1)
-MODS=$(ls -d "$KIT"/k/lib/modules/*)/kernel
-
+# --- kernel and initramfs (examples/guest-kit.sh).
+. examples/guest-kit.sh
+guest_kernel
 # --- initramfs: busybox, the virtio modules, and /init. Built in WORK, not KIT: boot-guest.sh
 # rebuilds KIT/initramfs on every run, and the two may run at once.
 ROOT=$WORK/initramfs
-rm -rf "$ROOT" && mkdir -p "$ROOT"/{bin,dev,proc,sys,mnt,lib/modules}
-cp /bin/busybox "$ROOT/bin/busybox"
-for m in virtio/virtio virtio/virtio_ring virtio/virtio_pci_legacy_dev virtio/virtio_pci_modern_dev \
-         virtio/virtio_pci block/virtio_blk; do
-  cp "$MODS/drivers/$m.ko" "$ROOT/lib/modules/"
-done
-cat > "$ROOT/init" <<'INIT'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do  # dependency order
-  insmod /lib/modules/$m.ko
-done
+guest_initramfs "$ROOT"
+cat >> "$ROOT/init" <<'INIT'
 say() { echo "cachefs-guest: $*"; }
 ctl() { dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | tr -dc a-z; }  # the host's word, uncached
 mount -t ext4 /dev/vda /mnt || { dmesg | tail -15; say "FAILED (mount)"; poweroff -f; }
@@ -121,9 +104,8 @@ touch /tmp/stop; wait
 umount /mnt && sync && say "stopped: $n after files written, $changed overwrites of before files"
 poweroff -f
 INIT
-chmod +x "$ROOT/init"
 INITRD=$WORK/initramfs.cpio.gz
-(cd "$ROOT" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+guest_pack "$ROOT" "$INITRD"
 
 # --- the image, its filesystem, the mount.
 IMAGES=$WORK/images MNT=$WORK/mnt CTL=$WORK/control.img CONSOLE=$WORK/console.log

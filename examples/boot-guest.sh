@@ -39,30 +39,13 @@ if [ -n "$need" ]; then
   apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need >/dev/null
 fi
 
-# --- kernel: the cloud flavour has virtio as small modules and ext4 built in.
-if ! ls "$KIT"/k/boot/vmlinuz-* >/dev/null 2>&1; then
-  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}')
-  (cd "$KIT" && apt-get download "$pkg" 2>/dev/null && dpkg-deb -x "$pkg"_*.deb k)
-fi
-VMLINUZ=$(ls "$KIT"/k/boot/vmlinuz-* | head -1)
-MODS=$(ls -d "$KIT"/k/lib/modules/*)/kernel
-
+# --- kernel and initramfs (examples/guest-kit.sh).
+. examples/guest-kit.sh
+guest_kernel
 # --- initramfs: busybox, six virtio modules, and /init.
 ROOT=$KIT/initramfs
-rm -rf "$ROOT" && mkdir -p "$ROOT"/{bin,dev,proc,sys,mnt,lib/modules}
-cp /bin/busybox "$ROOT/bin/busybox"
-for m in virtio/virtio virtio/virtio_ring virtio/virtio_pci_legacy_dev virtio/virtio_pci_modern_dev \
-         virtio/virtio_pci block/virtio_blk; do
-  cp "$MODS/drivers/$m.ko" "$ROOT/lib/modules/"
-done
-cat > "$ROOT/init" <<'INIT'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do  # dependency order
-  insmod /lib/modules/$m.ko
-done
+guest_initramfs "$ROOT"
+cat >> "$ROOT/init" <<'INIT'
 step=$(sed -n 's/.*cachefs_step=\([a-z]*\).*/\1/p' /proc/cmdline)
 say() { echo "cachefs-guest: $*"; }
 if [ "$step" = write ]; then
@@ -91,9 +74,8 @@ else
 fi
 poweroff -f
 INIT
-chmod +x "$ROOT/init"
 INITRD=$KIT/initramfs.cpio.gz
-(cd "$ROOT" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+guest_pack "$ROOT" "$INITRD"
 
 # --- the image and the mount.
 IMAGES=$WORK/images MNT=$WORK/mnt
