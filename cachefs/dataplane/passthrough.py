@@ -57,7 +57,7 @@ SERVED = "served"
 def why_not(handle, mode=None) -> str | None:
     """Why this open must not pass through, or None. ``mode``: judge it under another mode (a switch)."""
     image = handle.image
-    mode = handle.mode if mode is None else image_mode_for(mode, handle.flags)
+    mode = handle.mode if mode is None else mode.for_open(handle.flags)  # the open's concrete mode
     flags = handle.flags
     if image.format != "raw":
         return f"a {image.format} image: its clusters are mapped by the daemon"
@@ -68,11 +68,6 @@ def why_not(handle, mode=None) -> str | None:
     if mode.write_through and flags & os.O_ACCMODE != os.O_RDONLY and not flags & os.O_DSYNC:
         return f"cache={mode.name} makes each write durable before it returns, and this open is not O_DSYNC"
     return None
-
-
-def image_mode_for(mode, flags: int):
-    """The concrete mode an open with ``flags`` would have under the image mode ``mode``."""
-    return mode.for_open(flags)
 
 
 @attrs.define
