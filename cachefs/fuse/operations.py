@@ -64,6 +64,9 @@ class Handle:
     wrote: bool = False
     # Made by create(2) through the mount: its writes fill the new image and grow it (cp, dd).
     created: bool = False
+    # Kernel passthrough (dataplane/passthrough.py): "through" (the kernel reads and writes the file),
+    # "served" (FOPEN_PASSTHROUGH for the kernel's rule, its I/O still ours), or None.
+    passthrough: str | None = None
 
     @property
     def image(self) -> Image:
@@ -336,7 +339,8 @@ class CachefsOperations(pyfuse3.Operations):
         """Before the reply: C may serve the handle's next request, or the kernel itself may
         (passthrough, dataplane/passthrough.py), which keeps no page cache of the inode either."""
         h = self.handles[fh]
-        if await self.fast.opened(fh, h) is not None:
+        h.passthrough = await self.fast.opened(fh, h)
+        if h.passthrough is not None:
             h.direct_io = True
 
     def _open_entry(self, e: Entry, flags: int, ctx) -> pyfuse3.FileInfo:
@@ -450,6 +454,7 @@ class CachefsOperations(pyfuse3.Operations):
         """One line per open handle: which image, who opened it, how (for the log of a forced stop)."""
         return [f"{h.entry.visible or h.image.path} opened by pid {h.pid} ({command_of(h.pid)}), "
                 f"{'read-write' if h.flags & os.O_ACCMODE else 'read-only'}, mode {h.mode.name}"
+                f"{f', passthrough ({h.passthrough})' if h.passthrough else ''}"
                 for h in self.handles.values()]
 
     # -------------------------------------------------------------- xattrs
