@@ -5,14 +5,17 @@
 #   probe      ../shared/bench/fuse-ceiling (the fastest FUSE server here: the ceiling)
 #   qsd        qemu-storage-daemon exporting the raw file over FUSE (driver=raw, cache.direct=on,
 #              aio=native: the peer)
-#   dp-on      cachefs --cache none --dataplane on (the C data plane serves the raw image)
+#   pt         cachefs --cache none (kernel passthrough, issue 24: the kernel serves the raw image)
+#   dp-on      cachefs --cache none --dataplane on --passthrough off (the C data plane serves it)
 #   dp-off     cachefs --cache none --dataplane off (pyfuse3 serves everything, as before)
 # Usage (root): bench/dataplane.sh [WORKDIR] [SIZE_MB] [RUNTIME_S] [ROUNDS]
-# JOBS="randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1" picks jobs.
+# JOBS="randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1" picks jobs (all O_DIRECT, 4k;
+# a job named like read64k-qd1 uses that block size); TARGETS="host pt dp-on" picks targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=$(realpath -m "${1:-/var/tmp/cachefs-dpbench}"); SZ=${2:-1024}; RT=${3:-6}; ROUNDS=${4:-2}
 JOBS=${JOBS:-randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1}
+TARGETS=${TARGETS:-host probe qsd pt dp-on dp-off}
 CACHEFS=${CACHEFS:-.venv/bin/cachefs}
 PROBE=${PROBE:-$(realpath -m ../shared/bench/fuse-ceiling/mount.sh)}
 mkdir -p "$W/img" "$W/mnt" "$W/probe"
@@ -27,9 +30,10 @@ trap cleanup EXIT
   dd if=/dev/urandom of="$W/img/t.raw" bs=1M count="$SZ" status=none  # written: no sparse reads
 
 run() { # target file job
-  local rw=${3%-qd*} qd=${3##*-qd} engine=libaio
+  local rw=${3%-qd*} qd=${3##*-qd} engine=libaio bs=4k
   [ "$qd" = 1 ] && engine=psync
-  fio --name="$3" --filename="$2" --ioengine=$engine --iodepth="$qd" --rw="$rw" --bs=4k --direct=1 \
+  if [[ $rw =~ ^([a-z]+)([0-9]+k)$ ]]; then rw=${BASH_REMATCH[1]}; bs=${BASH_REMATCH[2]}; fi
+  fio --name="$3" --filename="$2" --ioengine=$engine --iodepth="$qd" --rw="$rw" --bs=$bs --direct=1 \
       --size=${SZ}M --runtime="$RT" --time_based --output-format=json 2>/dev/null |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
 }
@@ -44,22 +48,26 @@ target_up() { # target -> F, the file to test (run in this shell: it keeps qsd's
          qsd_pid=$!
          for _ in $(seq 100); do grep -q " $W/exp.raw fuse" /proc/mounts && break; sleep 0.1; done
          F="$W/exp.raw" ;;
-    dp-on|dp-off) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --dataplane "${1#dp-}" --log "$W/cachefs.log" \
-                    2>/dev/null; F="$W/mnt/t.raw" ;;
+    dp-on|dp-off) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --dataplane "${1#dp-}" --passthrough off \
+                    --log "$W/cachefs.log" 2>/dev/null; F="$W/mnt/t.raw" ;;
+    pt) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --passthrough on --log "$W/cachefs.log" 2>/dev/null
+        [ "$(getfattr --only-values -n user.cachefs.passthrough "$W/mnt")" = on ] ||
+          { echo "pt: passthrough is off here: $(getfattr --only-values -n user.cachefs.passthrough "$W/mnt")" >&2; exit 1; }
+        F="$W/mnt/t.raw" ;;
   esac
 }
 target_down() {
   case $1 in
     probe) umount "$W/probe" ;;
     qsd) kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid="" ;;
-    dp-*) "$CACHEFS" umount "$W/mnt" ;;
+    dp-*|pt) "$CACHEFS" umount "$W/mnt" ;;
   esac
 }
 
 echo "# $(date -u +%FT%TZ) $(nproc) cpus, ${SZ} MiB raw file, ${RT}s per job, $ROUNDS rounds, IOPS"
 printf '%-10s' target; for j in $JOBS; do printf ' %15s' "$j"; done; echo
 for round in $(seq "$ROUNDS"); do
-  for t in host probe qsd dp-on dp-off; do
+  for t in $TARGETS; do
     target_up "$t"
     printf '%-10s' "$t"
     for j in $JOBS; do printf ' %15s' "$(run "$t" "$F" "$j")"; done; echo

@@ -13,7 +13,8 @@
 #
 # Usage (root): examples/boot-guest.sh [WORKDIR]   (tests/test_guest.py runs it)
 # CACHES="none writeback" picks QEMU cache modes; KIT where the kernel is kept;
-# FORMAT=raw gives the guest a raw image (served by the data plane in C) instead
+# FORMAT=raw gives the guest a raw image (its reads and writes done by the kernel itself with
+# passthrough, the default where the kernel has it, else served by the data plane in C) instead
 # of a qcow2; MOUNT_OPTS adds `cachefs mount` options (e.g. --dataplane off).
 # TRIM=1: QEMU's discard=unmap,detect-zeroes=unmap, and a boot between the two that deletes
 # half the data and runs fstrim: the image's actual-size must drop (issue 12).
@@ -125,7 +126,7 @@ for cache in ${CACHES:-none writeback}; do
   echo "== QEMU cache=$cache: boot 1 writes"
   "$CACHEFS" mount --cache auto $MOUNT_OPTS "$IMAGES" "$MNT"  # QEMU's own open flags pick the mode
   boot "$cache" write
-  "$CACHEFS" stats "$MNT" | grep -A9 '^vm.raw' | grep -E '^vm.raw|data plane:' || true
+  "$CACHEFS" stats "$MNT" | grep -A9 '^vm.raw' | grep -E '^vm.raw|data plane:|passthrough:' || true
   "$CACHEFS" umount "$MNT"
   check_image
   files=8

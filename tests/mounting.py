@@ -25,6 +25,11 @@ from conftest import is_mounted
 needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
                                      reason=str(dataplane.why_unavailable()))
 
+#: Mount arguments for a test whose point is the data plane's own service of a raw image, or its
+#: counters (fast_*, forwarded, guest_reads/writes, peak_active): kernel passthrough (issue 24, on by
+#: default) would serve that I/O without the daemon and count none of it.
+C_SERVES = ("--passthrough", "off")
+
 
 def image_stats(m, name="disk.raw") -> dict:
     return {k.removeprefix("stats."): v for k, v in m.stats()["images"][name].items()}

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import cachefs, is_mounted, qemu_img, run
 from guestio import BLOCK, O_DIRECT, pread_block, pwrite_block
-from mounting import stat_of, xattr
+from mounting import C_SERVES, stat_of, xattr
 from stracing import O_DSYNC, SYNC_CALLS, WRITE_CALLS, Strace, fd_flags, io_fds, kind
 
 CONCRETE = ("writeback", "writethrough", "none", "directsync", "unsafe")
@@ -159,7 +159,9 @@ def test_mode_flags_and_syncs_seen_from_outside(mode, plane, mounted, images, wo
     which strace does not see: for it the writes are counted by the data plane instead. Its syncs
     are Python's either way, and strace counts them.
     """
-    m = mounted(images, "--cache", mode, "--dataplane", plane)
+    # The daemon's descriptors, syscalls and counters are the point: kernel passthrough of the raw
+    # image would do its reads and writes where neither strace nor the counters see them.
+    m = mounted(images, "--cache", mode, "--dataplane", plane, *C_SERVES)
     io = one_io_descriptor_per_image(m, images, mode)
 
     # The workload, with every sync and write syscall of the daemon counted.
@@ -558,7 +560,9 @@ def check_coherent(f, cached: int, direct: int, rng: random.Random, rounds: int 
 
 
 def test_coherence_auto_direct_and_cached_handles(mounted, images):
-    m = mounted(images, "--cache", "auto")
+    # The daemon's invalidation of cached pages is the point; under passthrough no handle of the raw
+    # image has a FUSE page cache (test_passthrough_mount.py covers a direct and a buffered open there).
+    m = mounted(images, "--cache", "auto", *C_SERVES)
     for seed, name in enumerate(("vm.raw", "disk.img")):
         f = m / name
         inv0 = invalidations(m)
@@ -623,7 +627,7 @@ AUTO_OPENS = (  # opener's extra flags -> concrete mode
 
 
 def test_auto_picks_mode_per_open(mounted, images):
-    m = mounted(images, "--cache", "auto")
+    m = mounted(images, "--cache", "auto", *C_SERVES)  # the per-mode counters of the daemon's I/O
     for name in ("vm.raw", "disk.img"):
         f = m / name
         img = backing(images, name)

@@ -45,7 +45,7 @@ import pytest
 import sendfail
 from conftest import cachefs, is_mounted, qemu_img, qemu_io, run
 from lowerfs import faulty  # noqa: F401 (a fixture: the image directory on faultyfs)
-from mounting import needs_dataplane
+from mounting import C_SERVES, needs_dataplane
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4096
@@ -102,7 +102,7 @@ def test_eio_from_the_backing_file(faulty, mounted, workdir, fmt, mode):
     host = host_offset(image, fmt, GUEST)
     bad = [[host + 2 * BLOCK, host + 3 * BLOCK]]  # the third 4 KiB block of GUEST's cluster, on the host
     low = faulty()
-    m = mounted(low.path, "--cache", mode)
+    m = mounted(low.path, "--cache", mode, *C_SERVES)  # C's error path and counters are the point
     assert os.getxattr(m.path, "user.cachefs.dataplane") == b"on"
     a_fuse_lower_layer_serves(low, image, fmt, mode)
 

@@ -26,7 +26,7 @@ from cachefs.fuse import queue_limit as fuseconn
 from ackedwrites import acked_blocks_are_there, start_writer, wait_acked
 from conftest import REPO, _env, cachefs, is_mounted, run
 from fiojobs import FIO_DIRECT, fio, switch_modes_under_fio
-from mounting import image_stats, needs_dataplane
+from mounting import C_SERVES, image_stats, needs_dataplane
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -59,7 +59,7 @@ def pattern(i: int, tag: bytes = b"cachefs!") -> bytes:
 @needs_dataplane
 @pytest.mark.parametrize("mode", ["none", "writeback"])
 def test_fio_verify_served_in_c(mounted, raw, mode):
-    m = mounted(raw, "--cache", mode)
+    m = mounted(raw, "--cache", mode, *C_SERVES)  # served in C, counted there: not passed through
     assert os.getxattr(m.path, "user.cachefs.dataplane") == b"on"
     f = m / "disk.raw"
     fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=8000", "--do_verify=1")
@@ -95,7 +95,7 @@ def test_fio_verify_with_the_data_plane_off(mounted, raw, mode):
 
 @needs_dataplane
 def test_unaligned_direct_requests_are_forwarded_and_right(mounted, raw):
-    m = mounted(raw, "--cache", "none")
+    m = mounted(raw, "--cache", "none", *C_SERVES)  # C's counters are the point
     f = m / "disk.raw"
     fd = os.open(f, os.O_RDWR | os.O_DIRECT)
     try:
@@ -132,7 +132,7 @@ def test_reads_at_the_end_and_growth(mounted, workdir):
     d.mkdir()
     tail = os.urandom(MiB + 512)
     (d / "odd.raw").write_bytes(tail)  # not a multiple of 4096
-    m = mounted(d, "--cache", "none", "--create-format", "raw")
+    m = mounted(d, "--cache", "none", "--create-format", "raw", *C_SERVES)  # C's reads and counters
     fd = os.open(m / "odd.raw", os.O_RDONLY | os.O_DIRECT)
     try:
         before = image_stats(m, "odd.raw")["fast_reads"]
@@ -161,7 +161,7 @@ def test_reads_at_the_end_and_growth(mounted, workdir):
 @pytest.mark.parametrize("how", ["fsync", "close"])
 def test_a_flush_after_fast_writes_syncs(mounted, raw, how):
     """The fast writes never pass ModeBackend.pwrite; the flush must still fdatasync for them."""
-    m = mounted(raw, "--cache", "writeback")
+    m = mounted(raw, "--cache", "writeback", *C_SERVES)  # C's writes (test_passthrough_mount.py: the kernel's)
     f = m / "disk.raw"
     syncs = lambda: image_stats(m)["backend_fdatasyncs"]  # noqa: E731
     for round_ in range(3):
@@ -190,7 +190,7 @@ def test_backend_errno_reaches_the_client(mounted, workdir, mode):
         (fs / "images").mkdir()
         with open(fs / "images" / "sparse.raw", "wb") as f:
             f.truncate(64 * MiB)
-        m = mounted(fs / "images", "--cache", mode)
+        m = mounted(fs / "images", "--cache", mode, *C_SERVES)  # C's error path and counters
         fd = os.open(m / "sparse.raw", os.O_RDWR | os.O_DIRECT)
         try:
             buf = aligned(pattern(7) * 16)  # 64 KiB
@@ -212,7 +212,7 @@ def test_backend_errno_reaches_the_client(mounted, workdir, mode):
 def test_a_cached_reader_sees_a_direct_writers_bytes(mounted, raw):
     """auto: plain opens are cached (writeback), O_DIRECT ones direct_io (none). While both are open
     the direct writes are forwarded, so Python drops the reader's cached pages after each."""
-    m = mounted(raw, "--cache", "auto")
+    m = mounted(raw, "--cache", "auto", *C_SERVES)  # C's forwarding of the direct writes
     f = m / "disk.raw"
     direct = os.open(f, os.O_RDWR | os.O_DIRECT)
     try:
@@ -242,7 +242,8 @@ def test_a_cached_reader_sees_a_direct_writers_bytes(mounted, raw):
 
 @needs_dataplane
 def test_live_mode_switch_under_fio(mounted, raw):
-    m = mounted(raw, "--cache", "writeback")
+    # C's descriptors reopened under load (test_passthrough_mount.py: switches with passthrough handles).
+    m = mounted(raw, "--cache", "writeback", *C_SERVES)
     f = m / "disk.raw"
     switch_modes_under_fio(m, f, number_ios=60000)
     s = image_stats(m)
@@ -254,7 +255,9 @@ def test_live_mode_switch_under_fio(mounted, raw):
 @needs_dataplane
 @pytest.mark.parametrize("mode", ["none", "writeback"])
 def test_sigint_with_writers_loses_nothing_acknowledged(mounted, raw, mode):
-    m = mounted(raw, "--cache", mode)
+    # The stop must land mid-run of writes the daemon serves: passthrough writes go on without it
+    # (test_passthrough_mount.py checks those survive a stop).
+    m = mounted(raw, "--cache", mode, *C_SERVES)
     proc, acked, reader = start_writer(m / "disk.raw", 60000)
     wait_acked(acked)
     os.kill(m.pid, signal.SIGINT)  # "stop now" (SIGTERM would wait for the writer: issue 20)
@@ -287,7 +290,7 @@ def test_init_and_open_replies_are_patched(mounted, raw):
     """max_background comes from the INIT reply (no fusectl write), and direct writes to one inode run
     in parallel (FOPEN_PARALLEL_DIRECT_WRITES): without it the kernel holds the inode lock through
     each synchronous direct write, and C would never see two at once."""
-    m = mounted(raw, "--cache", "none")
+    m = mounted(raw, "--cache", "none", *C_SERVES)  # C must see the writes to count them in flight
     assert fuseconn.queue_limit(str(m.path)) == 64
     assert "FUSE connection" not in m.log_text()  # the fusectl write's log line
     run("fio", "--name=par", f"--filename={m / 'disk.raw'}", "--ioengine=psync", "--direct=1", "--numjobs=8",

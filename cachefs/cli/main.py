@@ -418,6 +418,9 @@ def stats(mountpoint, as_json):
         if "stats.fast_reads" in x:
             keys = FAST_STAT_KEYS + tuple(k for k in FAST_ALLOC_KEYS if f"stats.{k}" in x)
             click.echo(f"{'':<20}   data plane: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in keys))
+        if x.get("stats.passthrough_opens", "0") != "0":  # kernel passthrough (issue 24): uncounted I/O
+            click.echo(f"{'':<20}   passthrough: opens={x['stats.passthrough_opens']} "
+                       f"handles={x.get('stats.passthrough_handles', '0')}")
         if any(x.get(f"stats.{k}", "0") != "0" for k in DISCARD_STAT_KEYS):
             click.echo(f"{'':<20}   discard: " + " ".join(f"{k}={x[f'stats.{k}']}" for k in DISCARD_STAT_KEYS))
     for name, why in skipped.items():

@@ -17,7 +17,7 @@ from cachefs.fuse import utab
 from cachefs.errors import CachefsError
 from cachefs.fuse.kernel_mount import unmount_path
 from cachefs.mountinfo import busy_detail, mount_at
-from cachefs.cli.options import (CREATE_FORMATS, DATAPLANE, SUBMITTERS, VALUES, MountOptionError, MountOptions,
+from cachefs.cli.options import (CREATE_FORMATS, DATAPLANE, PASSTHROUGH, SUBMITTERS, VALUES, MountOptionError, MountOptions,
                                check_submitter, merge, parse_options)
 from cachefs.policy import MODES
 
@@ -36,6 +36,11 @@ from cachefs.policy import MODES
                    "serves the reads and writes of raw and qcow2 images, allocating writes included, and takes "
                    "fallocate (discard, write-zeroes), SEEK_DATA/SEEK_HOLE and fsync; off: everything goes "
                    "through pyfuse3, slower, and fallocate and SEEK_DATA/SEEK_HOLE are not served.")
+@click.option("--passthrough", default=None, type=click.Choice(list(PASSTHROUGH)),
+              help="on (the default where the kernel offers it: Linux 6.9+, CONFIG_FUSE_PASSTHROUGH): the kernel "
+                   "reads and writes a raw image's file itself for opens whose flags keep the cache mode's promise "
+                   "(O_DIRECT for none/directsync, O_DSYNC for writing in writethrough/directsync); those reads "
+                   "and writes are not counted in guest_reads/guest_writes; off: the data plane serves them.")
 @click.option("--l2-cache-size", "l2_cache_size", default=None, metavar="SIZE",
               help="Memory for each qcow2 image's L2 tables and refcount blocks, as QEMU's l2-cache-size "
                    "(default 32M); the data plane publishes the mappings of cached tables only.")
@@ -43,7 +48,7 @@ from cachefs.policy import MODES
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other; "
                                                   "implies default_permissions).")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
-              help="Mount options, as in fstab: cache=, aio=, dataplane=, ro, rw, allow_other, default_permissions, "
+              help="Mount options, as in fstab: cache=, aio=, dataplane=, passthrough=, ro, rw, allow_other, default_permissions, "
                    "uid=, gid=, umask=, log=, pid_file=, create_format=, l2_cache_size=, debug, growable (a write past a "
                    "disk's end grows it instead of ENOSPC), drop_bitmaps (serve images with persistent bitmaps "
                    "writable, deleting the bitmaps). A value given both as a flag and with -o must agree.")
@@ -58,7 +63,7 @@ from cachefs.policy import MODES
 @click.option("--backing-dir", "backing_dirs", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="A directory where backing files of overlays may be, besides IMAGE_DIR (repeatable; "
                    "also -o backing_dir=DIR). A backing file named anywhere else is refused.")
-def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, foreground, allow_other, options,
+def mount(image_dir, mountpoint, cache_mode, aio, dataplane, passthrough, l2_cache_size, foreground, allow_other, options,
           log_file, pid_file, create_format, debug, backing_dirs):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
@@ -71,7 +76,7 @@ def mount(image_dir, mountpoint, cache_mode, aio, dataplane, l2_cache_size, fore
         click.echo(f"cachefs: --l2-cache-size {l2_cache_size}: {exc}", err=True)
         sys.exit(2)
     flags = MountOptions(cache=cache_mode, aio=aio, allow_other=allow_other, log=log_file, pid_file=pid_file,
-                         create_format=create_format, dataplane=dataplane, l2_cache_size=size, debug=debug,
+                         create_format=create_format, dataplane=dataplane, passthrough=passthrough, l2_cache_size=size, debug=debug,
                          backing_dirs=tuple(backing_dirs))
     try:
         cfg = mount_config(image_dir, mountpoint, merge(flags, parse_options(options)), foreground=foreground)
@@ -93,7 +98,7 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
         preflight.check_pid_file(os.path.abspath(opts.pid_file))
     why_read_only = None if opts.read_only else preflight.read_only_reason(real_dir)
     given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
-             "dataplane": opts.dataplane, "l2_cache_size": opts.l2_cache_size,
+             "dataplane": opts.dataplane, "passthrough": opts.passthrough, "l2_cache_size": opts.l2_cache_size,
              "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,
              # The daemon's working directory is not the caller's: make paths absolute here.
              "log_file": opts.log and os.path.abspath(opts.log),

@@ -47,6 +47,8 @@ from cachefs.policy import MODES
 CREATE_FORMATS = ("qcow2", "raw")
 #: ``--dataplane``/``-o dataplane=``: the C data plane serves reads and writes (docs/design.md "Two planes").
 DATAPLANE = ("on", "off")
+#: ``--passthrough``/``-o passthrough=``: raw images' reads and writes done by the kernel itself (issue 24).
+PASSTHROUGH = ("on", "off")
 
 
 class MountOptionError(CachefsError):
@@ -69,6 +71,7 @@ class MountOptions:
     pid_file: str | None = None
     create_format: str | None = None
     dataplane: str | None = None
+    passthrough: str | None = None
     l2_cache_size: int | None = None
     debug: bool = False
     # A write past a disk's end grows it (as a file), instead of ENOSPC (a block device's answer).
@@ -188,6 +191,7 @@ VALUES: dict[str, Callable[[str], object]] = {
     "aio": _one_of(SUBMITTERS),
     "create_format": _one_of(CREATE_FORMATS),
     "dataplane": _one_of(DATAPLANE),
+    "passthrough": _one_of(PASSTHROUGH),
     "l2_cache_size": _bytes,
     "uid": _id(lambda name: pwd.getpwnam(name).pw_uid, "user"),
     "gid": _id(lambda name: grp.getgrnam(name).gr_gid, "group"),

@@ -38,6 +38,7 @@ import trio
 from cachefs.dataplane.plane import HANDLE_COUNTERS
 from cachefs.dataplane.lending import FastAllocations
 from cachefs.dataplane.mapping import MappingPublisher
+from cachefs.dataplane.passthrough import THROUGH, Passthrough
 from cachefs.errors import CachefsError
 from cachefs.image.hooks import PlaneHooks
 from cachefs.policy import MODES
@@ -74,6 +75,7 @@ class _Published:
     # Of C's handle counters: what is charged to a mode already, and the writes at the last flush.
     counted: list[int] = attrs.Factory(lambda: [0] * len(HANDLE_COUNTERS))
     flushed_writes: int = 0
+    passthrough: str | None = None  # passthrough.THROUGH or SERVED: no page cache of the FUSE inode
 
 
 class FastPaths:
@@ -101,6 +103,7 @@ class FastPaths:
         plane.on_sync_wake = self._sync_wake.set
         self._dead: set[int] = set()  # images C must not serve again (corrupt: read-only)
         self.invalidate = plane.invalidate_inode
+        self.passthrough = Passthrough(plane)  # kernel passthrough (issue 24; dataplane/passthrough.py)
 
     def _publish_image(self, inode: int, image, depth: int = 0) -> None:
         raw = image.format == "raw"
@@ -142,7 +145,8 @@ class FastPaths:
         """Once per image: the hooks it calls (image/hooks.py). C's writes count for the image's
         next fdatasync; a qcow2 image's clusters are also published as its L2 tables enter the
         cache (stage 2), and C allocates into clusters it lends (dataplane/lending.py)."""
-        fast_writes = functools.partial(self.plane.unsynced_writes, inode)
+        def fast_writes() -> int:  # C's writes, and the flushes owed to passthrough writers' unseen ones
+            return self.plane.unsynced_writes(inode) + self.passthrough.owed(inode)
         if image.format == "raw":
             image.connect_plane(PlaneHooks(fast_writes=fast_writes))
             return
@@ -167,20 +171,41 @@ class FastPaths:
         self.mappings[inode].stop()
         self._dead.add(inode)
 
-    async def opened(self, fh: int, handle) -> None:
-        """A handle exists: publish it before its OPEN reply reaches the kernel."""
-        self._publish_image(handle.inode, handle.image)
-        self.handles[fh] = _Published(handle.inode, handle)
-        await self._publish_inode(handle.inode)
+    async def opened(self, fh: int, handle) -> str | None:
+        """A handle exists: publish it before its OPEN reply reaches the kernel. Returns what kernel
+        passthrough it got (dataplane/passthrough.py: THROUGH, SERVED, or None); either kind keeps no
+        page cache of the FUSE inode, as a direct_io handle."""
+        inode = handle.inode
+        self._publish_image(inode, handle.image)
+        cached = any(p.inode == inode and not p.handle.direct_io and not p.passthrough for p in self.handles.values())
+        kind, backing_id = self.passthrough.decide(fh, handle, cached_open=cached, paused=inode in self._pauses)
+        self.handles[fh] = _Published(inode, handle, passthrough=kind)
+        await self._publish_inode(inode)
+        if kind is not None:
+            self.plane.handle_passthrough(fh, backing_id, served=kind != THROUGH)
+        return kind
+
+    def switch_conflict(self, inode: int, mode) -> str | None:
+        """Why a live switch of ``inode`` to ``mode`` would break an open passthrough handle's promise."""
+        return self.passthrough.switch_conflict(inode, mode, self._pairs())
+
+    def _pairs(self) -> list:
+        return [(fh, p.handle) for fh, p in self.handles.items()]
+
+    def image_info(self, inode: int) -> dict[str, str]:
+        return {"passthrough": self.passthrough.info(inode, self._pairs())}
 
     def take_wrote(self, fh: int) -> bool:
         """A fast write went through ``fh`` since the last call: its close owes a flush (fs.flush)."""
         p = self.handles.get(fh)
-        now = p and self.plane.handle_counters(fh)
-        if not now:
+        if p is None:
             return False
+        unseen = self.passthrough.wrote(fh, p.inode)  # a passthrough writer: the image owes a sync
+        now = self.plane.handle_counters(fh)
+        if not now:
+            return unseen
         wrote, p.flushed_writes = now[1] != p.flushed_writes, now[1]
-        return wrote
+        return wrote or unseen
 
     def _charge(self, fh: int, p: _Published) -> None:
         """Charge the handle's fast requests since the last look to the mode it was published with."""
@@ -199,12 +224,13 @@ class FastPaths:
         self._charge(fh, p)
         del self.handles[fh]
         await self.plane.drain(self.plane.unpublish_handle(fh))
+        self.passthrough.released(fh, p.inode)
         await self._publish_inode(p.inode)  # a cached handle gone: direct writes may be fast again
 
     async def _publish_inode(self, inode: int) -> None:
         """(Re)publish every handle on ``inode``; drain when one lost its fast writes (coherence)."""
         mine = [(fh, p) for fh, p in self.handles.items() if p.inode == inode]
-        kinds = {p.handle.direct_io for _, p in mine}
+        kinds = {p.handle.direct_io or p.passthrough is not None for _, p in mine}
         mixed = len(kinds) == 2  # a cached and a direct handle: Python must see the direct writes
         plan = [(fh, p, self._may_write(p, mixed)) for fh, p in mine]
         self._hold_for_write_through(inode, any(w and p.handle.mode.write_through for _, p, w in plan))
@@ -320,6 +346,7 @@ class FastPaths:
                 out[f"{name}.direct_bytes"] = out.get(f"{name}.direct_bytes", 0) + bytes_read + bytes_written
                 out["direct_bytes"] = out.get("direct_bytes", 0) + bytes_read + bytes_written
         out.update(fast)
+        out.update(self.passthrough.stats(inode, self._pairs()))
         pub = self.mappings.get(inode)
         if pub is not None:  # the mapping C holds: bounded by the L2 cache
             out.update(fast_map_bytes=self.plane.map_bytes(inode), fast_tables=len(pub.tables),
@@ -328,7 +355,8 @@ class FastPaths:
         return out
 
     def root_info(self) -> dict[str, str]:
-        return {"dataplane": "on", "dataplane_counters": json.dumps(self.plane.counters())}
+        return {"dataplane": "on", "dataplane_counters": json.dumps(self.plane.counters()),
+                "passthrough": self.plane.passthrough_state()}
 
 
 class NoFastPaths:
@@ -337,7 +365,13 @@ class NoFastPaths:
     invalidate = None
 
     async def opened(self, fh: int, handle) -> None:
-        pass
+        return None
+
+    def switch_conflict(self, inode: int, mode) -> None:
+        return None
+
+    def image_info(self, inode: int) -> dict[str, str]:
+        return {"passthrough": "off: --dataplane off"}
 
     async def released(self, fh: int) -> None:
         pass
@@ -353,4 +387,4 @@ class NoFastPaths:
         return stats
 
     def root_info(self) -> dict[str, str]:
-        return {"dataplane": "off"}
+        return {"dataplane": "off", "passthrough": "off: --dataplane off"}

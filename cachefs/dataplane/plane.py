@@ -119,7 +119,7 @@ class DataPlane:
     pyfuse3's loop has returned, ``close()`` once every image is closed.
     """
 
-    def __init__(self, *, max_background: int = MAX_BACKGROUND) -> None:
+    def __init__(self, *, max_background: int = MAX_BACKGROUND, passthrough: bool = True) -> None:
         why = why_unavailable()
         if why is not None:
             raise DataPlaneUnavailable(f"--dataplane on is not available: {why}; use --dataplane off")
@@ -136,6 +136,8 @@ class DataPlane:
                 f"--dataplane on is not available: io_uring_setup failed ({os.strerror(-rc)}): io_uring is "
                 "disabled here (sysctl kernel.io_uring_disabled, or a seccomp filter); use --dataplane off")
         self._dp = out[0]
+        lib.dp_passthrough_want(self._dp, int(passthrough))  # taken at INIT if the kernel offers it
+        self._passthrough_wanted = passthrough
         self._sock = ours
         self._evt = evt
         #: libfuse's end; fuse_session_destroy (pyfuse3.close) closes it.
@@ -413,6 +415,46 @@ class DataPlane:
         rc = native.lib.dp_notify_inval_inode(self._dp, ino, 0, 0)
         if rc < 0 and rc not in (-errno.ENOENT, -errno.ENODEV):
             log.debug("invalidate_inode(%d): %s", ino, os.strerror(-rc))
+
+    # -------------------------------------------------------------- kernel passthrough (dp_passthrough.c)
+
+    @property
+    def passthrough(self) -> bool:
+        """INIT took FUSE_PASSTHROUGH: OPEN replies may pass handles through to the kernel."""
+        return self._dp is not None and bool(native.lib.dp_passthrough(self._dp) & native.lib.DP_PT_ON)
+
+    def passthrough_state(self) -> str:
+        """One line for the root's ``passthrough`` xattr: on, or off and why."""
+        lib = native.lib
+        bits = lib.dp_passthrough(self._dp) if self._dp is not None else 0
+        if bits & lib.DP_PT_ON:
+            return "on"
+        if not self._passthrough_wanted:
+            return "off: --passthrough off"
+        if self._dp is None or not lib.dp_state(self._dp) & lib.DP_ST_INIT_DONE:
+            return "off: not negotiated yet"
+        if bits & lib.DP_PT_WBCACHE:
+            return "off: the kernel refuses it beside the writeback cache"
+        return ("off: the kernel did not offer it at INIT (Linux 6.9 or later with "
+                "CONFIG_FUSE_PASSTHROUGH, and CAP_SYS_ADMIN)")
+
+    def backing_open(self, fd: int) -> int:
+        """A backing id for the file ``fd`` holds (FUSE_DEV_IOC_BACKING_OPEN); OSError if refused."""
+        rc = native.lib.dp_backing_open(self._dp, fd)
+        if rc < 0:
+            raise OSError(-rc, f"FUSE_DEV_IOC_BACKING_OPEN: {os.strerror(-rc)}")
+        return rc
+
+    def backing_close(self, backing_id: int) -> None:
+        if self._dp is not None:
+            rc = native.lib.dp_backing_close(self._dp, backing_id)
+            if rc < 0:
+                log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, os.strerror(-rc))
+
+    def handle_passthrough(self, fh: int, backing_id: int, *, served: bool) -> None:
+        """The published handle's OPEN reply carries FOPEN_PASSTHROUGH and ``backing_id``; ``served``:
+        FOPEN_DIRECT_IO too, so its reads and writes still come to the daemon."""
+        self._check(native.lib.dp_handle_passthrough(self._dp, fh, backing_id, int(served)))
 
     # -------------------------------------------------------------- requests C hands to Python
 

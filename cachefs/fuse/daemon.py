@@ -72,6 +72,8 @@ class MountConfig:
     create_format: str = "qcow2"
     # "on", "off", or None: on when the native module has the data plane, else off (said in one line).
     dataplane: str | None = None
+    # "on", "off", or None: on where the kernel offers passthrough (issue 24; dataplane/passthrough.py).
+    passthrough: str | None = None
     l2_cache_size: int | None = None  # bytes; None: the engine's default
     pid_file: str | None = None
     log_file: str | None = None
@@ -315,7 +317,7 @@ def _new_dataplane(cfg: MountConfig, tell):
     if why is not None and cfg.dataplane is None:
         tell(f"warning: data plane off: {why}")
         return None
-    return DataPlane(max_background=MAX_TASKS)
+    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough != "off")
 
 
 @attrs.define

@@ -64,6 +64,9 @@ class Handle:
     wrote: bool = False
     # Made by create(2) through the mount: its writes fill the new image and grow it (cp, dd).
     created: bool = False
+    # Kernel passthrough (dataplane/passthrough.py): "through" (the kernel reads and writes the file),
+    # "served" (FOPEN_PASSTHROUGH for the kernel's rule, its I/O still ours), or None.
+    passthrough: str | None = None
 
     @property
     def image(self) -> Image:
@@ -157,6 +160,7 @@ class CachefsOperations(pyfuse3.Operations):
         self.peak_in_progress = 0
         self.failures = Failures()  # requests answered with an error, for `cachefs stats`
         self.snapshot_requests = SnapshotRequests(self)  # user.cachefs.snapshot.*
+        self._switch_refused: dict[int, str] = {}  # inode -> why its last cache switch was refused (EBUSY)
 
     def failed(self, name: str, args: tuple, why: str, *, logged: bool = False) -> None:
         """A request failed: one line naming it, its image and range, and why; kept as the last failure."""
@@ -285,7 +289,7 @@ class CachefsOperations(pyfuse3.Operations):
         e = await self._new_image(parent_inode, name, mode, ctx)
         fi = self._open_entry(e, flags, ctx)
         self.handles[fi.fh].created = True
-        await self.fast.opened(fi.fh, self.handles[fi.fh])  # before the reply: C may serve its next request
+        await self._opened(fi.fh)
         return fi, self._attr(e.inode)
 
     @translated
@@ -328,8 +332,16 @@ class CachefsOperations(pyfuse3.Operations):
     @translated
     async def open(self, inode, flags, ctx):
         fi = self._open_entry(self._entry(inode), flags, ctx)
-        await self.fast.opened(fi.fh, self.handles[fi.fh])  # before the reply: C may serve its next request
+        await self._opened(fi.fh)
         return fi
+
+    async def _opened(self, fh: int) -> None:
+        """Before the reply: C may serve the handle's next request, or the kernel itself may
+        (passthrough, dataplane/passthrough.py), which keeps no page cache of the inode either."""
+        h = self.handles[fh]
+        h.passthrough = await self.fast.opened(fh, h)
+        if h.passthrough is not None:
+            h.direct_io = True
 
     def _open_entry(self, e: Entry, flags: int, ctx) -> pyfuse3.FileInfo:
         img, writable = e.image, flags & os.O_ACCMODE != os.O_RDONLY
@@ -442,6 +454,7 @@ class CachefsOperations(pyfuse3.Operations):
         """One line per open handle: which image, who opened it, how (for the log of a forced stop)."""
         return [f"{h.entry.visible or h.image.path} opened by pid {h.pid} ({command_of(h.pid)}), "
                 f"{'read-write' if h.flags & os.O_ACCMODE else 'read-only'}, mode {h.mode.name}"
+                f"{f', passthrough ({h.passthrough})' if h.passthrough else ''}"
                 for h in self.handles.values()]
 
     # -------------------------------------------------------------- xattrs
@@ -465,6 +478,9 @@ class CachefsOperations(pyfuse3.Operations):
             out.setdefault("read_only_reason", self.root_info["read_only"])
         if img.switch_error:
             out["cache_error"] = img.switch_error
+        if why := self._switch_refused.get(inode):
+            out["cache_error"] = why
+        out.update(self.fast.image_info(inode))
         if img.compress_error:
             out["compress_error"] = img.compress_error
         if why := self.snapshot_requests.errors.get(inode):
@@ -517,6 +533,12 @@ class CachefsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
             async with self.fast.paused(inode):  # drained first: the descriptors C uses are reopened
+                # Open passthrough handles keep the flags they were opened with (dataplane/passthrough.py).
+                if why := self.fast.switch_conflict(inode, mode):
+                    self._switch_refused[inode] = why
+                    log.error("%s: cache=%s refused: %s", img.path, mode.name, why)
+                    raise pyfuse3.FUSEError(errno.EBUSY)
+                self._switch_refused.pop(inode, None)
                 await img.switch_mode(mode)
         except CachefsError as exc:
             # Whatever refused the new flags (no O_DIRECT here, no io_uring), the old mode stays:

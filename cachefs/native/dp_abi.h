@@ -51,7 +51,7 @@ enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
 enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
        DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_SEND_RETRIES,
-       DP_G_N };
+       DP_G_PASSTHROUGH_OPENS, DP_G_N };
 /* The three counter tables, for dp_counter_name. */
 enum { DP_COUNTERS_IMAGE, DP_COUNTERS_HANDLE, DP_COUNTERS_CONNECTION };
 
@@ -146,6 +146,19 @@ int dp_alloc_woken(struct dp *dp);
 /* dp_cow.c: copies on write in flight in guest clusters [first, first+count) (logged once their
  * write completed). Python claims a range, then drains while this is > 0, then adopts the log. */
 int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+
+/* dp_passthrough.c: kernel passthrough (issue 24, Linux 6.9+). dp_passthrough_want before dp_start:
+ * take FUSE_PASSTHROUGH at INIT if the kernel offers it. dp_passthrough, once DP_ST_INIT_DONE: the
+ * DP_PT_* bits (offered by the kernel; taken; refused because libfuse's reply has the writeback
+ * cache). dp_backing_open: a backing id (> 0) for a descriptor of an image file. dp_handle_passthrough:
+ * the OPEN/CREATE reply of published handle `fh` carries FOPEN_PASSTHROUGH and `backing_id`; `served`
+ * adds FOPEN_DIRECT_IO, so its reads and writes still come here (0 as backing_id: an ordinary reply). */
+enum { DP_PT_OFFERED = 1, DP_PT_ON = 2, DP_PT_WBCACHE = 4 };
+int dp_passthrough_want(struct dp *dp, int on);
+int dp_passthrough(struct dp *dp);
+int dp_backing_open(struct dp *dp, int fd);
+int dp_backing_close(struct dp *dp, int backing_id);
+int dp_handle_passthrough(struct dp *dp, uint64_t fh, int backing_id, int served);
 
 /* dp_park.c: write-through writes that wait for Python's sync. */
 int dp_sync_woken(struct dp *dp);

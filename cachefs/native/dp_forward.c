@@ -134,6 +134,8 @@ void dp_flush_sendq(struct dp *dp) {
 void dp_forward(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     dp_count_forward(dp, ih);
+    if (ih->opcode == FUSE_INIT)
+        dp_passthrough_init_in(dp, s);  /* does the kernel offer passthrough? */
     if (ih->opcode == FUSE_INIT || ih->opcode == FUSE_OPEN || ih->opcode == FUSE_CREATE)
         dp_track_add(dp, ih->unique, ih->opcode);
     s->next = NULL;
@@ -167,6 +169,7 @@ static void dp_patch_init(struct dp *dp, struct fuse_init_out *o, size_t len) {
         o->max_write = (dp->msg_limit - 4096 - DP_HDR) & ~4095u;
         o->max_pages = (uint16_t)(o->max_write / 4096);
     }
+    dp_passthrough_init_out(dp, o, len);  /* before INIT_DONE: Python reads the outcome then */
     dp_post(dp, DP_ST_INIT_DONE);
 }
 
@@ -184,6 +187,7 @@ static void dp_patch_reply(struct dp *dp, struct fuse_out_header *oh, size_t n) 
         struct fuse_open_out *o = (void *)(arg + len - sizeof *o);
         if (o->open_flags & FOPEN_DIRECT_IO)
             o->open_flags |= FOPEN_PARALLEL_DIRECT_WRITES;
+        dp_passthrough_open_out(dp, o);  /* a handle Python marked: FOPEN_PASSTHROUGH and its backing id */
     }
 }
 

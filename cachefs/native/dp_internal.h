@@ -24,6 +24,7 @@
  *   dp_forward.c   forwarding to libfuse and writing its replies back
  *   dp_park.c      write-through writes waiting for Python's sync
  *   dp_pyq.c       FALLOCATE, LSEEK and FSYNC served by Python
+ *   dp_passthrough.c kernel passthrough: INIT's flag, backing ids, OPEN replies (issue 24)
  *   dp_testhooks.c the loop's decisions for tests, without I/O
  * A function used by another file is declared here with DP_HIDDEN (not exported from the
  * module: only dp_abi.h's are). The hot helpers are static inline here, so they still inline
@@ -134,6 +135,8 @@ struct dp_handle {
     int sync;                  /* O_DSYNC: a completed write is durable, no fdatasync owed */
     int batch_fd;              /* write-through: the twin without O_DSYNC for writes a sync follows, or -1 */
     uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
+    int backing_id;            /* > 0: its OPEN reply passes through (dp_passthrough.c); kept too */
+    int pt_served;             /* ... with FOPEN_DIRECT_IO: reads and writes still come here */
 };
 
 struct dp_piece { uint64_t host; uint32_t buf, len; int fd; };  /* fd -1: the slot's (its handle's) */
@@ -205,6 +208,8 @@ struct dp {
     struct dp_slot *parked;    /* write-through writes done, waiting for Python's sync (under lock) */
     struct dp_slot *released;  /* ... whose sync ended: the loop answers them (under lock) */
     int nparked;               /* parked + released (under lock) */
+    int pt_want;               /* take FUSE_PASSTHROUGH at INIT when offered (set before dp_start) */
+    unsigned pt_state;         /* DP_PT_* (atomic): what INIT settled */
 };
 
 #define DP_HIDDEN __attribute__((visibility("hidden")))
@@ -314,6 +319,10 @@ DP_HIDDEN void dp_park(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_answer_released(struct dp *dp);
 DP_HIDDEN void dp_fail_parked(struct dp *dp);
 DP_HIDDEN int dp_parked(struct dp *dp);
+/* dp_passthrough.c */
+DP_HIDDEN void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s);
+DP_HIDDEN void dp_passthrough_init_out(struct dp *dp, struct fuse_init_out *o, size_t len);
+DP_HIDDEN void dp_passthrough_open_out(struct dp *dp, struct fuse_open_out *o);
 /* dp_pyq.c */
 DP_HIDDEN int dp_pyq_init(struct dp *dp);
 DP_HIDDEN void dp_pyq_free(struct dp *dp);

@@ -36,6 +36,7 @@ static const char *const connection_names[] = {
     [DP_G_PEAK_ACTIVE] = "peak_active",
     [DP_G_SEND_QUEUED] = "send_queued",
     [DP_G_SEND_RETRIES] = "send_retries",
+    [DP_G_PASSTHROUGH_OPENS] = "passthrough_opens",
 };
 
 #define DP_COUNT_OF(a) (sizeof(a) / sizeof *(a))

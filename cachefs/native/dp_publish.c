@@ -224,6 +224,8 @@ int dp_handle_publish(struct dp *dp, uint64_t fh, uint64_t ino, int fd, unsigned
         *h = (struct dp_handle){ .img = im, .fd = fd, .align = align, .fast_write = fast_write, .sync = sync,
                                  .batch_fd = batch_fd };
         memcpy(h->c, was.c, sizeof h->c);
+        h->backing_id = was.backing_id;
+        h->pt_served = was.pt_served;
     }
     pthread_mutex_unlock(&dp->lock);
     return rc;

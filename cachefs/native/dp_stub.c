@@ -50,3 +50,8 @@ int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count)
 int dp_sync_woken(struct dp *dp) { return 0; }
 uint64_t dp_sync_ticket(struct dp *dp, uint64_t ino) { return 0; }
 int dp_sync_release(struct dp *dp, uint64_t ino, uint64_t ticket, int err) { return -ENOSYS; }
+int dp_passthrough_want(struct dp *dp, int on) { return -ENOSYS; }
+int dp_passthrough(struct dp *dp) { return 0; }
+int dp_backing_open(struct dp *dp, int fd) { return -ENOSYS; }
+int dp_backing_close(struct dp *dp, int backing_id) { return -ENOSYS; }
+int dp_handle_passthrough(struct dp *dp, uint64_t fh, int backing_id, int served) { return -ENOSYS; }
