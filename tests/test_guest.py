@@ -30,7 +30,8 @@ def test_guest_writes_survive_remount_in_both_cache_modes(workdir, fmt, plane):
     under auto all qualify), or ("c": --passthrough off) the data plane serves in C. qcow2 with the
     data plane on also trims."""
     trim = (fmt, plane) == ("qcow2", "on")  # issue 12: discard=unmap and fstrim, one more boot per mode
-    opts = "--dataplane on --passthrough off" if plane == "c" else f"--dataplane {plane}"
+    opts = {"c": "--dataplane on --passthrough off", "on": f"--dataplane on --passthrough {'on' if fmt == 'raw' else 'off'}"
+            }.get(plane, f"--dataplane {plane}")
     env = dict(os.environ, CACHEFS=str(Path(sys.executable).parent / "cachefs"), FORMAT=fmt,
                MOUNT_OPTS=opts, **({"TRIM": "1"} if trim else {}))
     r = subprocess.run(["bash", "examples/boot-guest.sh", str(workdir / "guest")], cwd=REPO, env=env,

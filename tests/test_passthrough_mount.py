@@ -57,7 +57,7 @@ def raw(workdir):
 
 def mount_passthrough(mounted, images, *extra):
     """A mount whose INIT took passthrough; skipped, with the kernel's reason, where it could not."""
-    m = mounted(images, *extra)
+    m = mounted(images, "--passthrough", "on", *extra)
     state = xattr(m.path, "passthrough")
     if state != "on":
         m.umount()

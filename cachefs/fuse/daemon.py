@@ -72,7 +72,9 @@ class MountConfig:
     create_format: str = "qcow2"
     # "on", "off", or None: on when the native module has the data plane, else off (said in one line).
     dataplane: str | None = None
-    # "on", "off", or None: on where the kernel offers passthrough (issue 24; dataplane/passthrough.py).
+    # "on", "off", or None (off): "on" passes raw images through where the kernel offers it (issue 24;
+    # dataplane/passthrough.py). Not the default yet: the kernel writes past a raw disk's end itself,
+    # growing the file, where a disk must answer ENOSPC (docs/design.md, "Kernel passthrough").
     passthrough: str | None = None
     l2_cache_size: int | None = None  # bytes; None: the engine's default
     pid_file: str | None = None
@@ -317,7 +319,7 @@ def _new_dataplane(cfg: MountConfig, tell):
     if why is not None and cfg.dataplane is None:
         tell(f"warning: data plane off: {why}")
         return None
-    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough != "off")
+    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough == "on")
 
 
 @attrs.define
