@@ -279,3 +279,13 @@ def image(workdir):
     d.mkdir()
     qemu_img("create", "-q", "-f", "qcow2", d / "vm.qcow2", "256M")
     return d
+
+
+@pytest.fixture
+def raw(workdir):
+    """workdir/images holding disk.raw, a sparse 256 MiB raw image."""
+    d = workdir / "images"
+    d.mkdir()
+    with open(d / "disk.raw", "wb") as f:
+        f.truncate(256 << 20)
+    return d

@@ -36,10 +36,11 @@ def fio(filename, *args) -> str:
 FIO_DIRECT = ("--ioengine=libaio", "--direct=1", "--iodepth=32")
 
 
-def switch_modes_under_fio(m, f, *, number_ios: int) -> None:
-    """Switch the cache mode of ``f`` every 50 ms while fio writes and verifies at QD32."""
+def switch_modes_under_fio(m, f, *, number_ios: int, extra: tuple[str, ...] = ()) -> None:
+    """Switch the cache mode of ``f`` every 50 ms while fio writes and verifies at QD32 (``extra``:
+    more fio options, e.g. --sync=1)."""
     job = subprocess.Popen(
-        ["fio", "--name=job", f"--filename={f}", *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M",
+        ["fio", "--name=job", f"--filename={f}", *FIO_DIRECT, *extra, "--rw=randwrite", "--bs=4k", "--size=64M",
          f"--number_ios={number_ios}", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=m.path.parent)
     switches = 0

@@ -33,15 +33,6 @@ MiB = 1 << 20
 BLOCK = 4096
 
 
-@pytest.fixture
-def raw(workdir):
-    d = workdir / "images"
-    d.mkdir()
-    with open(d / "disk.raw", "wb") as f:
-        f.truncate(256 * MiB)
-    return d
-
-
 def connection(m) -> dict:
     return json.loads(os.getxattr(m.path, "user.cachefs.dataplane_counters"))
 

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import qemu_img, sha256
 from crashwrites import WRITER, acked_blocks
-from fiojobs import fio
+from fiojobs import fio, switch_modes_under_fio
 from mounting import image_stats, kill_daemon, needs_dataplane, xattr
 
 pytestmark = needs_dataplane
@@ -44,15 +44,6 @@ FLAGS = {
     "directsync": ("--direct=1", "--sync=1"),
     "auto": ("--direct=1",),
 }
-
-
-@pytest.fixture
-def raw(workdir):
-    d = workdir / "images"
-    d.mkdir()
-    with open(d / "disk.raw", "wb") as f:
-        f.truncate(256 * MiB)
-    return d
 
 
 def mount_passthrough(mounted, images, *extra):
@@ -133,21 +124,7 @@ def test_mode_switch_under_load(mounted, raw):
     while fio writes and verifies in passthrough at QD32; nothing reaches the daemon."""
     m = mount_passthrough(mounted, raw, "--cache", "writeback")
     f = m / "disk.raw"
-    job = subprocess.Popen(
-        ["fio", "--name=job", f"--filename={f}", "--ioengine=libaio", "--iodepth=32", "--direct=1", "--sync=1",
-         "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=20000", "--verify=crc32c", "--do_verify=1",
-         "--verify_state_save=0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=m.path.parent)
-    modes = ["none", "writethrough", "directsync", "unsafe", "writeback"]
-    switches = 0
-    try:
-        while job.poll() is None:
-            os.setxattr(f, "user.cachefs.cache", modes[switches % len(modes)].encode())
-            switches += 1
-            time.sleep(0.05)
-    finally:
-        out = job.communicate(timeout=120)[0]
-    assert job.returncode == 0 and "err= 0" in out and "verify" not in out.lower().replace("verify=", ""), out
-    assert switches >= 3, f"fio ended before the switches ({switches}):\n{out}"
+    switch_modes_under_fio(m, f, number_ios=20000, extra=("--sync=1",))
     assert served(m) == dict.fromkeys(SERVED, 0), image_stats(m)
     assert int(image_stats(m)["passthrough_opens"]) >= 1
 
