@@ -25,6 +25,18 @@ from conftest import is_mounted
 needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
                                      reason=str(dataplane.why_unavailable()))
 
+
+@pytest.fixture
+def plane():
+    """A bare DataPlane, no mount (its C driven through the test hooks); closed after. A module
+    that imports it serves its tests this, not conftest's ``plane`` (a both_planes parameter)."""
+    try:
+        p = dataplane.DataPlane()
+    except dataplane.DataPlaneUnavailable as exc:
+        pytest.skip(str(exc))
+    yield p
+    p.close()
+
 #: Mount arguments for a test whose point is the data plane's own service of a raw image, or its
 #: counters (fast_*, forwarded, guest_reads/writes, peak_active): kernel passthrough (issue 24, on by
 #: default) would serve that I/O without the daemon and count none of it.

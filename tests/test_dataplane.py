@@ -16,6 +16,7 @@ import pytest
 from cachefs import native
 from cachefs.dataplane import plane as dataplane
 from cachefs.cli.options import MountOptionError, MountOptions, merge, parse_options
+from mounting import plane  # noqa: F401 (a fixture)
 
 needs_dataplane = pytest.mark.skipif(dataplane.why_unavailable() is not None,
                                      reason=str(dataplane.why_unavailable()))
@@ -31,16 +32,6 @@ def test_the_option():
         parse_options(["dataplane=maybe"])
     with pytest.raises(MountOptionError, match="--dataplane on and -o dataplane=off disagree"):
         merge(MountOptions(dataplane="on"), parse_options(["dataplane=off"]))
-
-
-@pytest.fixture
-def plane():
-    try:
-        p = dataplane.DataPlane()
-    except dataplane.DataPlaneUnavailable as exc:
-        pytest.skip(str(exc))
-    yield p
-    p.close()
 
 
 def plan(p, fh, off, size, *, write=False, data=None):

@@ -28,20 +28,10 @@ from cachefs.dataplane import plane as dataplane
 from conftest import make_random_raw, qemu_img, qemu_io, sha256
 from fiojobs import FIO_DIRECT, fio
 from interop import check_clean, to_raw
-from mounting import image_stats, needs_dataplane
+from mounting import image_stats, needs_dataplane, plane  # noqa: F401 (plane: a fixture)
 
 KiB, MiB = 1 << 10, 1 << 20
 FORWARD = None
-
-
-@pytest.fixture
-def plane():
-    try:
-        p = dataplane.DataPlane()
-    except dataplane.DataPlaneUnavailable as exc:
-        pytest.skip(str(exc))
-    yield p
-    p.close()
 
 
 def plan(p, fh, off, size, *, write=False, data=None):
