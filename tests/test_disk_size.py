@@ -16,6 +16,7 @@ import os
 import pytest
 
 from conftest import qemu_img, run
+from mounting import C_SERVES
 
 pytestmark = pytest.mark.both_planes
 
@@ -81,7 +82,7 @@ def test_cache_none_writes_up_to_the_end(images, mounted, plane):
     what lies before the end is written (dd to a block device)."""
     if plane == "off":
         pytest.skip("the data plane forwards these writes to Python: one plane is enough")
-    m = mounted(images, "--cache", "none")
+    m = mounted(images, "--cache", "none", *C_SERVES)  # passthrough: test_passthrough_mount.py
     data = os.urandom(8 * KiB)
     fd = os.open(m / "small.raw", os.O_WRONLY | os.O_DIRECT)
     try:

@@ -261,3 +261,47 @@ def test_qcow2_and_passthrough_off_are_served_by_the_daemon(mounted, workdir):
         "--size=16M", "--number_ios=200", "--do_verify=1")
     s = image_stats(m)
     assert int(s["fast_writes"]) >= 200 and int(s["passthrough_opens"]) == 0, s
+
+
+def past_the_end(m, name: str, size: int) -> tuple[int, OSError | None]:
+    """An O_DIRECT writer 8 KiB across the end of a ``size``-byte disk, then fsync: what pwrite
+    returned, and the fsync's error."""
+    fd = os.open(m / name, os.O_WRONLY | os.O_DIRECT)
+    try:
+        n = os.pwritev(fd, [aligned(b"E" * 8192)], size - 4096)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            return n, exc
+        return n, None
+    finally:
+        os.close(fd)
+
+
+def test_passthrough_is_the_default_and_a_disk_keeps_its_size(mounted, workdir):
+    """With no option a raw image passes through where the kernel offers it. The kernel grows the
+    file for a write past the disk's end without asking us; the writer's next fsync cuts the file
+    back to the disk's size and fails with ENOSPC (a block device refuses the write: only a resize
+    changes a disk's size, tests/test_disk_size.py), keeping what lay inside the disk. On a
+    ``-o growable`` mount the disk takes the new size instead."""
+    d = workdir / "images"
+    d.mkdir()
+    size = 64 * 1024
+    (d / "disk.raw").write_bytes(bytes(size))
+    m = mounted(d)
+    if xattr(m.path, "passthrough") != "on":
+        pytest.skip(f"kernel passthrough unavailable here: {xattr(m.path, 'passthrough')}")
+    n, err = past_the_end(m, "disk.raw", size)
+    assert n == 8192 and err is not None and err.errno == errno.ENOSPC, (n, err)
+    assert int(image_stats(m)["passthrough_opens"]) >= 1 and served(m)["guest_writes"] == 0
+    assert os.stat(m / "disk.raw").st_size == size == os.stat(d / "disk.raw").st_size
+    with open(m / "disk.raw", "rb") as r:
+        assert r.read() == bytes(size - 4096) + b"E" * 4096
+    m.umount()
+    assert (d / "disk.raw").read_bytes()[-4096:] == b"E" * 4096
+    m = mounted(d, "-o", "growable")
+    n, err = past_the_end(m, "disk.raw", size)
+    assert n == 8192 and err is None, (n, err)
+    assert os.stat(m / "disk.raw").st_size == size + 4096
+    m.umount()
+    assert (d / "disk.raw").stat().st_size == size + 4096

@@ -37,11 +37,11 @@ from cachefs.policy import MODES
                    "fallocate (discard, write-zeroes), SEEK_DATA/SEEK_HOLE and fsync; off: everything goes "
                    "through pyfuse3, slower, and fallocate and SEEK_DATA/SEEK_HOLE are not served.")
 @click.option("--passthrough", default=None, type=click.Choice(list(PASSTHROUGH)),
-              help="on (where the kernel offers it: Linux 6.9+, CONFIG_FUSE_PASSTHROUGH): the kernel "
+              help="on (the default, where the kernel offers it: Linux 6.9+, CONFIG_FUSE_PASSTHROUGH): the kernel "
                    "reads and writes a raw image's file itself for opens whose flags keep the cache mode's promise "
                    "(O_DIRECT for none/directsync, O_DSYNC for writing in writethrough/directsync); those reads "
-                   "and writes are not counted in guest_reads/guest_writes, and a write past the disk's end grows "
-                   "it; off (the default): the data plane serves them.")
+                   "and writes are not counted in guest_reads/guest_writes, and a write past the disk's end fails "
+                   "at the writer's next fsync or close (ENOSPC) instead of at once; off: the data plane serves them.")
 @click.option("--l2-cache-size", "l2_cache_size", default=None, metavar="SIZE",
               help="Memory for each qcow2 image's L2 tables and refcount blocks, as QEMU's l2-cache-size "
                    "(default 32M); the data plane publishes the mappings of cached tables only.")

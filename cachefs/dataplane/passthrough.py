@@ -34,8 +34,9 @@ What the kernel's rules (fs/fuse/iomode.c, passthrough.c, 6.18) leave us to deci
   not pass through (they would be judged by the mode being replaced).
 
 What is lost for those handles: per-request counters (guest_reads/guest_writes, bytes, C's fast_*
-counters, per-mode direct_bytes) do not count passthrough I/O; a write past a raw disk's end grows
-the file instead of failing with ENOSPC (the daemon never sees it); an O_DIRECT request the host
+counters, per-mode direct_bytes) do not count passthrough I/O; a write past a raw disk's end is not
+refused when made: the kernel grows the file, and the writer's next FLUSH or FSYNC cuts it back and
+fails with ENOSPC (fuse/operations.py, ``_settle_passthrough_growth``); an O_DIRECT request the host
 file's alignment refuses fails with EINVAL instead of being served by a bounce buffer.
 """
 

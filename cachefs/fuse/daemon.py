@@ -319,7 +319,7 @@ def _new_dataplane(cfg: MountConfig, tell):
     if why is not None and cfg.dataplane is None:
         tell(f"warning: data plane off: {why}")
         return None
-    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough == "on")
+    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough != "off")
 
 
 @attrs.define

@@ -43,6 +43,7 @@ from cachefs.backend import buffer_pool_stats
 from cachefs.errors import CachefsError, ImageLocked, UnsupportedOperation
 from cachefs.fuse.catalog import Catalog, Entry, visible_name
 from cachefs.dataplane.handles import NoFastPaths
+from cachefs.dataplane.passthrough import THROUGH
 from cachefs.image.base import Image
 from cachefs.mountinfo import command_of
 from cachefs.fuse.failures import Failures, describe, errno_of, reason
@@ -432,6 +433,7 @@ class CachefsOperations(pyfuse3.Operations):
         h = self._handle(fh)
         if self.fast.take_wrote(fh) | h.wrote:  # its writes may have been served in C
             h.wrote = False
+            await self._settle_passthrough_growth(h)
             await h.image.flush(h.mode)
 
     @translated
@@ -442,7 +444,25 @@ class CachefsOperations(pyfuse3.Operations):
         """fsync of a handle (also direct_requests.DirectRequests's FSYNC, which the data plane hands Python)."""
         self.fast.take_wrote(fh)  # this sync covers the handle's fast writes too
         h.wrote = False
+        await self._settle_passthrough_growth(h)
         await h.image.flush(h.mode)
+
+    async def _settle_passthrough_growth(self, h: Handle) -> None:
+        """A passthrough writer's writes past the disk's end reach the image file without us
+        (dataplane/passthrough.py): the kernel grows the file. Its next flush or fsync sees that
+        and, as a block device would have refused those writes, cuts the file back to the disk's
+        size and fails with ENOSPC (or, on a growable mount, the disk takes the new size). What
+        lay inside the disk was written, as by a write cut at the end."""
+        if h.passthrough != THROUGH or h.image.backend.size() <= h.image.size:
+            return
+        async with self.fast.paused(h.inode):
+            cut = await h.image.settle_unseen_growth(growable=self.growable)
+        self.fast.invalidate(h.inode)  # the kernel grew its size of the inode: ask again
+        if cut:
+            log.warning("%s: %d bytes written past the end of the disk through kernel passthrough were cut off",
+                        h.entry.visible or h.image.path, cut)
+            raise OSError(errno.ENOSPC, f"writes went past the end of the disk ({h.image.size} bytes; "
+                                        f"resize it with truncate, or mount -o growable)")
 
     async def release(self, fh):
         await self.fast.released(fh)  # unpublished and drained: C no longer uses its descriptor

@@ -203,6 +203,10 @@ class Image:
             if end > self.size:
                 await self.truncate(-(-end // 512) * 512)
 
+    async def settle_unseen_growth(self, *, growable: bool) -> int:
+        """Only a raw image's file can grow unseen (image/raw.py): the kernel writes it itself."""
+        return 0
+
     def _check_range(self, offset: int, length: int) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "image is read-only")

@@ -35,3 +35,18 @@ class RawImage(Image):
         async with self.backends.in_use():
             await self.backend.truncate(size)
         self._size = size
+
+    async def settle_unseen_growth(self, *, growable: bool) -> int:
+        """The image file grew past the disk through writes the daemon never saw (kernel passthrough,
+        dataplane/passthrough.py). On a growable mount the disk takes the file's size; otherwise the
+        file is cut back to the disk's size, since only a resize changes a disk's (tests/test_disk_size.py).
+        Returns the bytes cut off."""
+        grown = self.backend.size()
+        if grown <= self._size or not self.writable:
+            return 0
+        if growable:
+            self._size = grown
+            return 0
+        async with self.backends.in_use():
+            await self.backend.truncate(self._size)
+        return grown - self._size
