@@ -44,6 +44,14 @@ GOALS14 = (
     Goal("4k random write, QD32 (32 writers), fresh image, directsync", "ds-randwrite4k-qd32", "qsd", 1.0),
     Goal("1M sequential write, QD4, O_DIRECT, fresh image", "seq1m-write", "qsd", 0.9),
 )
+# Issue 24: past the /dev/fuse ceiling (passthrough for raw images, the io_uring transport, flushes in C).
+GOALS24 = (
+    Goal("qcow2: 4k random read, QD32, O_DIRECT", "randread4k-qd32", "probe", 1.15),
+    Goal("qcow2: 4k random read, QD1, O_DIRECT", "randread4k-qd1", "probe", 1.15),
+    Goal("qcow2: 64k sequential read, QD1, O_DIRECT", "seq64k-read", "host", 0.9),
+    *(g for g in GOALS14 if g.job in ("alloc-flush16", "alloc-flush1", "wt-randwrite4k-qd1", "ds-randwrite4k-qd1")),
+)
+RAW_VS_HOST = 0.9  # issue 24: a raw image's every O_DIRECT job, against the host file
 SYNCS_PER_FLUSH = 1.0  # issue 14: at most one fdatasync per guest flush, cachefs's own counters
 CPU_LABEL = "daemon CPU per I/O (median over the O_DIRECT jobs both ran)"
 PROBE_JOBS = ("randread4k-qd32", "overwrite4k-qd32", "randwrite4k-qd32", "randread4k-qd1", "overwrite4k-qd1",
@@ -174,6 +182,48 @@ def issue14_section(res: dict, c: Cells) -> list[str]:
             f"Targets met: {tally or 'none judged'}.", ""]
 
 
+def issue24_section(res: dict, c: Cells) -> list[str]:
+    """Issue 24's targets: qcow2 past the probe, raw images at the host's speed (kernel passthrough),
+    the flush and write-through jobs against qsd; qsd 11 beside qsd 7.2 where it ran."""
+    info = target_info(res)
+    cols = [t for t in c.targets if info[t]["kind"] == "cachefs" and info[t]["dataplane"] == "on"]
+    if not cols:
+        return []
+    rows, met, judged = [], {t: 0 for t in cols}, {t: 0 for t in cols}
+
+    def add(label: str, want: str, cells: list[str]) -> None:
+        for t, cell in zip(cols, cells):
+            judged[t] += "✓" in cell or "✗" in cell
+            met[t] += "✓" in cell
+        rows.append([label, want, *cells])
+
+    for g in GOALS24:
+        add(g.label, f"≥ {g.want:.2f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
+        if g.job.startswith("alloc-flush"):
+            add(f"… its fdatasyncs per guest flush (`{g.job}`)", f"≤ {SYNCS_PER_FLUSH:.1f}",
+                [syncs_cell(c, g.job, t, info[t]["image"]) for t in cols])
+    for j, job in c.jobs.items():
+        if job["direct"] and c.status(j, "host") == "ok":
+            g = Goal(f"raw image: `{j}`", j, "host", RAW_VS_HOST, "raw")
+            add(g.label, f"≥ {RAW_VS_HOST:.1f}× host", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
+    tally = "; ".join(f"{t} {met[t]} of {judged[t]}" for t in cols if judged[t])
+    return ["## Targets (issue 24: past the /dev/fuse ceiling)", "",
+            "Ratios of medians from this run. qcow2 rows judge the cachefs targets serving a qcow2 image; "
+            "the raw rows judge those serving a raw image (kernel passthrough, on by default) against the "
+            "host file, one row per O_DIRECT job that ran on the host.", "",
+            *table(["job", "target", *cols], rows), "",
+            f"Targets met: {tally or 'none judged'}.", "", *qsd11_rows(c)]
+
+
+def qsd11_rows(c: Cells) -> list[str]:
+    """qsd 11.x (multi-threaded export) beside qsd 7.2, per job both ran: the second peer."""
+    if "qsd11" not in c.targets:
+        return []
+    rows = [[f"`{j}`", fratio(c.ratio(j, "qsd11", "qsd"))] for j in c.jobs
+            if c.status(j, "qsd11") == "ok" and c.status(j, "qsd") == "ok"]
+    return ["### qsd 11 beside qsd 7.2", "", *table(["job", "qsd11 / qsd"], rows), ""] if rows else []
+
+
 def probe_fraction(c: Cells, info: dict[str, dict]) -> list[str]:
     """Each FUSE server as a fraction of the ceiling probe (the same fio job, O_DIRECT)."""
     if "probe" not in c.targets:
@@ -244,5 +294,5 @@ def engine_cpu_rows(c: Cells, engines: list[str]) -> list[list[str]]:
 
 def targets_section(res: dict, c: Cells) -> list[str]:
     if is_dataplane_run(res):
-        return dataplane_section(res, c) + issue14_section(res, c)
+        return dataplane_section(res, c) + issue14_section(res, c) + issue24_section(res, c)
     return issue5_section(c) + issue14_section(res, c)

@@ -4,6 +4,8 @@
   probe                ../shared/bench/fuse-ceiling's C FUSE server over that same raw file
                        (the FUSE ceiling; O_DIRECT jobs only)
   qsd                  qemu-storage-daemon exporting a fresh qcow2 over FUSE (the peer)
+  qsd11                qemu-storage-daemon 11.x (multi-threaded FUSE export, QSD11_IOTHREADS iothreads,
+                       2 by default) from ../shared/bench/qsd11.sh's chroot; skipped until its setup ran
   cachefs-dp-ENGINE    `cachefs mount --aio ENGINE` of a fresh qcow2, data plane on (the default)
   cachefs-dpoff-ENGINE the same with `--dataplane off` (pure pyfuse3)
   cachefs-dp-raw       cachefs, data plane on, serving a fresh sparse raw image (O_DIRECT jobs
@@ -154,6 +156,52 @@ class QsdTarget(Target):
 
     def check(self) -> str:
         return image_check(self.backing_file)
+
+
+QSD11 = Path(env("QSD11", str(REPO.parent / "shared" / "bench" / "qsd11.sh")))
+QSD11_IOTHREADS = env("QSD11_IOTHREADS", "2")
+
+
+class Qsd11Target(QsdTarget):
+    """qsd 11.x in its chroot (QSD11 export): the same fresh qcow2, cache.direct as the job's mode."""
+    name = "qsd11"
+
+    def __init__(self) -> None:
+        Target.__init__(self)
+        d = WORK / "qsd11"
+        d.mkdir(parents=True, exist_ok=True)
+        self.backing_file, self.path = d / "t.qcow2", d / "exp.raw"
+        self.proc = None
+
+    def setup(self, job: Job) -> None:
+        root = Path(os.environ.get("QSD11_ROOT", "/var/tmp/qsd11-root"))
+        if not (root / "usr/bin/qemu-storage-daemon").exists():
+            raise Skip(f"qsd 11 is not set up: run {QSD11} setup")
+        if mounted(self.path):
+            raise RuntimeError(f"{self.path} is still mounted")
+        self.backing_file.unlink(missing_ok=True)
+        self._run("qemu-img", "create", "-q", "-f", "qcow2", self.backing_file, IMG_SIZE)
+        self.path.touch()
+        direct = MODE_OPTS[job.mode][0]
+        r = self._run("bash", QSD11, "export", self.backing_file, self.path, QSD11_IOTHREADS, direct,
+                      check=False, timeout=60)
+        if r.returncode != 0 or not r.stdout.strip().isdigit():
+            raise Skip(f"qsd 11 did not start: {last_line(r.stderr) or r.returncode}")
+        self.pid = int(r.stdout.strip())
+
+    def teardown(self) -> str:
+        note = ""
+        if alive(self.pid):  # an unmount alone leaves qsd 11 running (qsd11.sh)
+            os.kill(self.pid, signal.SIGTERM)
+            end = time.monotonic() + 60
+            while alive(self.pid) and time.monotonic() < end:
+                time.sleep(0.05)
+            if alive(self.pid):
+                note = "qsd 11 did not exit on SIGTERM; killed"
+                os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+        unmount_lazy(self.path)
+        return note
 
 
 class ProbeTarget(Target):
@@ -369,10 +417,10 @@ def target_names(names: list[str]) -> list[str]:
             out += target_names(["cachefs-dp", "cachefs-dpoff", "cachefs-dp-raw"])
         elif n in ("cachefs-dp", "cachefs-dpoff"):
             out += [f"{n}-{e}" for e in (ENGINES if n == "cachefs-dp" else DPOFF_ENGINES)]
-        elif n in ("host", "probe", "qsd") or CACHEFS_NAME.fullmatch(n):
+        elif n in ("host", "probe", "qsd", "qsd11") or CACHEFS_NAME.fullmatch(n):
             out.append(n)
         else:
-            sys.exit(f"sidebyside.py: unknown target {n!r} (host, probe, qsd, cachefs, cachefs-dp, cachefs-dpoff,"
+            sys.exit(f"sidebyside.py: unknown target {n!r} (host, probe, qsd, qsd11, cachefs, cachefs-dp, cachefs-dpoff,"
                      " cachefs-{dp,dpoff}[-raw][-ENGINE])")
     return list(dict.fromkeys(out))
 
@@ -380,8 +428,8 @@ def target_names(names: list[str]) -> list[str]:
 def make_targets(names: list[str], cli: list[str]) -> list[Target]:
     out: list[Target] = []
     for n in target_names(names):
-        if n in ("host", "probe", "qsd"):
-            out.append({"host": HostTarget, "probe": ProbeTarget, "qsd": QsdTarget}[n]())
+        if n in ("host", "probe", "qsd", "qsd11"):
+            out.append({"host": HostTarget, "probe": ProbeTarget, "qsd": QsdTarget, "qsd11": Qsd11Target}[n]())
             continue
         dp, raw, engine = CACHEFS_NAME.fullmatch(n).groups()
         out.append(CachefsTarget(n, engine or ENGINES[0], "on" if dp == "dp" else "off",
