@@ -95,6 +95,7 @@ $(VENV)/.bench: $(STAMP)
 # bench-modes and bench-metaqueue are the older, separate benchmarks, and bench/dataplane.sh
 # the data plane's quick raw-image comparison (their results are in docs/benchmark-history.md).
 bench: deps venv $(VENV)/.bench
+	-bash ../shared/bench/qsd11.sh setup >/dev/null 2>&1  # the second peer (target qsd11); skipped if it fails
 	$(VPY) bench/sidebyside.py
 
 RESULTS ?= docs/bench-results.json

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The side-by-side benchmark (`make bench`, issues 5 and 11): the same fio jobs on every target.
 
-Targets (TARGETS, default "host probe qsd cachefs-dp cachefs-dpoff cachefs-dp-raw"):
+Targets (TARGETS, default "host probe qsd qsd11 cachefs-dp cachefs-dpoff cachefs-dp-raw"):
   host                  a fresh sparse raw file on the work dir's filesystem (the limit)
   probe                 the FUSE ceiling probe (../shared/bench/fuse-ceiling/probe.c, built into
                         WORK/probe, never into the repo) serving that same raw file; O_DIRECT jobs only
   qsd                   qemu-storage-daemon exporting a fresh qcow2 over FUSE (the peer)
+  qsd11                 qemu-storage-daemon 11.x (multi-threaded FUSE export, 2 iothreads) from
+                        ../shared/bench/qsd11.sh's chroot (`make bench` runs its setup); skipped without it
   cachefs-dp-ENGINE     `cachefs mount --aio ENGINE --dataplane on` of a fresh qcow2 (the default
                         mount); `cachefs-dp` is one per ENGINES (native: O_DIRECT modes only)
   cachefs-dpoff-ENGINE  the same with `--dataplane off`; `cachefs-dpoff` is one per DPOFF_ENGINES

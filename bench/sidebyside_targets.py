@@ -32,7 +32,7 @@ from sidebyside_jobs import (IMG_SIZE, MODE_OPTS, REPO, WORK, Job, Skip, alive, 
 ENGINES = words("ENGINES", "io_uring native")     # cachefs-dp: one target per engine
 DPOFF_ENGINES = words("DPOFF_ENGINES", "io_uring")  # cachefs-dpoff: one target per engine
 PROBE_DIR = Path(env("PROBE_DIR", str(REPO.parent / "shared" / "bench" / "fuse-ceiling")))
-DEFAULT_TARGETS = "host probe qsd cachefs-dp cachefs-dpoff cachefs-dp-raw"
+DEFAULT_TARGETS = "host probe qsd qsd11 cachefs-dp cachefs-dpoff cachefs-dp-raw"
 RAW_ONLY_DIRECT = "O_DIRECT jobs only on this target"
 
 
