@@ -14,8 +14,10 @@ without CONFIG_FUSE_PASSTHROUGH); it does on the CI kernel.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -305,3 +307,22 @@ def test_passthrough_is_the_default_and_a_disk_keeps_its_size(mounted, workdir):
     assert os.stat(m / "disk.raw").st_size == size + 4096
     m.umount()
     assert (d / "disk.raw").stat().st_size == size + 4096
+
+
+def test_passthrough_writes_cost_the_daemon_no_request(mounted, raw):
+    """Before each write the kernel's file_remove_privs asks for security.capability unless the inode
+    is S_NOSEC, which FUSE only latches when the server takes FUSE_HANDLE_KILLPRIV_V2 (dp_passthrough.c):
+    without it every passthrough write was a GETXATTR round trip. 4000 writes now cost a handful of
+    requests (open, the first write's probe, fsync, flush, release). And a setuid bit, which that
+    promise would have to clear, cannot be set on an image through the mount."""
+    m = mount_passthrough(mounted, raw, "--cache", "none")
+    before = json.loads(xattr(m.path, "dataplane_counters"))["requests"]
+    fio(m / "disk.raw", "--ioengine=libaio", "--iodepth=32", "--direct=1", "--rw=randwrite", "--bs=4k",
+        "--size=16M", "--number_ios=4000", "--verify=crc32c", "--do_verify=0")
+    asked = json.loads(xattr(m.path, "dataplane_counters"))["requests"] - before
+    assert int(image_stats(m)["passthrough_opens"]) >= 1 and served(m)["guest_writes"] == 0
+    assert asked < 100, f"{asked} requests reached the daemon for 4000 passthrough writes"
+    with pytest.raises(PermissionError):
+        os.chmod(m / "disk.raw", 0o4644)
+    os.chmod(m / "disk.raw", 0o640)
+    assert stat.S_IMODE(os.stat(raw / "disk.raw").st_mode) == 0o640

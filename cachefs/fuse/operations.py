@@ -243,6 +243,10 @@ class CachefsOperations(pyfuse3.Operations):
         # that runs as another user needs its disk to be really its own.
         fd = img.backends.fd
         if fields.update_mode:
+            if attr.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                # A disk image is no program; and the data plane takes FUSE_HANDLE_KILLPRIV_V2
+                # (native/dp_passthrough.c), promising to clear these bits on writes it never sees.
+                raise pyfuse3.FUSEError(errno.EPERM)
             os.fchmod(fd, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)

@@ -153,7 +153,9 @@ int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count)
  * cache). dp_backing_open: a backing id (> 0) for a descriptor of an image file. dp_handle_passthrough:
  * the OPEN/CREATE reply of published handle `fh` carries FOPEN_PASSTHROUGH and `backing_id`; `served`
  * adds FOPEN_DIRECT_IO, so its reads and writes still come here (0 as backing_id: an ordinary reply). */
-enum { DP_PT_OFFERED = 1, DP_PT_ON = 2, DP_PT_WBCACHE = 4 };
+enum { DP_PT_OFFERED = 1, DP_PT_ON = 2, DP_PT_WBCACHE = 4,
+       /* FUSE_HANDLE_KILLPRIV_V2 offered by the kernel; taken (dp_passthrough.c, the write's capability probe) */
+       DP_PT_NOSEC_OFFERED = 8, DP_PT_NOSEC = 16 };
 int dp_passthrough_want(struct dp *dp, int on);
 int dp_passthrough(struct dp *dp);
 int dp_backing_open(struct dp *dp, int fd);

@@ -29,6 +29,9 @@
 #ifndef FUSE_INIT_EXT
 #define FUSE_INIT_EXT (1u << 30)
 #endif
+#ifndef FUSE_HANDLE_KILLPRIV_V2
+#define FUSE_HANDLE_KILLPRIV_V2 (1u << 28)
+#endif
 #ifndef FUSE_WRITEBACK_CACHE
 #define FUSE_WRITEBACK_CACHE (1u << 16)
 #endif
@@ -60,10 +63,28 @@ void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s) {
     size_t need = sizeof(struct fuse_in_header) + offsetof(struct fuse_init_in, flags2) + 4;
     if (s->len >= need && (in->flags & FUSE_INIT_EXT) && (in->flags2 & DP_FUSE_PASSTHROUGH_FLAGS2))
         __atomic_fetch_or(&dp->pt_state, DP_PT_OFFERED, __ATOMIC_RELEASE);
+    if (s->len >= need && (in->flags & FUSE_HANDLE_KILLPRIV_V2))
+        __atomic_fetch_or(&dp->pt_state, DP_PT_NOSEC_OFFERED, __ATOMIC_RELEASE);
+}
+
+/* Every write to a FUSE file first runs file_remove_privs, whose capability check asks the daemon
+ * for security.capability (a GETXATTR round trip, the inode lock held: passthrough writes serialize
+ * on it) unless the inode is S_NOSEC. FUSE clears SB_NOSEC at mount, so S_NOSEC never latches, unless
+ * the server takes FUSE_HANDLE_KILLPRIV_V2 (fs/fuse/inode.c process_init_reply sets SB_NOSEC; then
+ * file_remove_privs latches S_NOSEC after the first write of a file without setuid/setgid). In
+ * exchange the server clears setuid/setgid where a write, truncate or O_TRUNC open asks it to: an
+ * image file never has them (fuse/operations.py refuses chmod +s on the mount), and the kernel still
+ * removes them itself before a passthrough write, since S_NOSEC never latches on such a file. */
+static void dp_take_killpriv_v2(struct dp *dp, struct fuse_init_out *o) {
+    if (!(__atomic_load_n(&dp->pt_state, __ATOMIC_ACQUIRE) & DP_PT_NOSEC_OFFERED))
+        return;
+    o->flags |= FUSE_HANDLE_KILLPRIV_V2;
+    __atomic_fetch_or(&dp->pt_state, DP_PT_NOSEC, __ATOMIC_RELEASE);
 }
 
 /* The loop, relaying libfuse's INIT reply: take passthrough if offered and wanted. */
 void dp_passthrough_init_out(struct dp *dp, struct fuse_init_out *o, size_t len) {
+    dp_take_killpriv_v2(dp, o);
     unsigned st = __atomic_load_n(&dp->pt_state, __ATOMIC_ACQUIRE);
     if (!(st & DP_PT_OFFERED) || !dp->pt_want || len < DP_INIT_TAIL_AT + sizeof(struct dp_init_tail))
         return;
