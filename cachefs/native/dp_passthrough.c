@@ -73,8 +73,9 @@ void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s) {
  * the server takes FUSE_HANDLE_KILLPRIV_V2 (fs/fuse/inode.c process_init_reply sets SB_NOSEC; then
  * file_remove_privs latches S_NOSEC after the first write of a file without setuid/setgid). In
  * exchange the server clears setuid/setgid where a write, truncate or O_TRUNC open asks it to: an
- * image file never has them (fuse/operations.py refuses chmod +s on the mount), and the kernel still
- * removes them itself before a passthrough write, since S_NOSEC never latches on such a file. */
+ * image file never has them (fuse/operations.py refuses chmod +s on the mount); one made setuid on
+ * the host keeps the bit through passthrough writes (fuse_setattr leaves ATTR_KILL_SUID to a
+ * KILLPRIV_V2 server, which never sees them): docs/design.md says so. */
 static void dp_take_killpriv_v2(struct dp *dp, struct fuse_init_out *o) {
     if (!(__atomic_load_n(&dp->pt_state, __ATOMIC_ACQUIRE) & DP_PT_NOSEC_OFFERED))
         return;
