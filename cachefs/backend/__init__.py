@@ -25,18 +25,34 @@ This package only re-exports; nothing in it imports the package itself.
 
 from __future__ import annotations
 
-from .aio import AioBackend, AioUnavailable
-from .base import ALIGN, Backend, IOCounters, buffer_pool_stats
-from .eventfd import SubmitterUnavailable
-from .faulty import FaultyBackend, Fault, RecordingBackend, Sync, Truncate, Write, replay
-from .file import FileBackend
-from .memory import MemoryBackend
-from .uring import UringBackend, UringUnavailable
-from ..mountinfo import filesystem_type
+import importlib
 
 #: The submitters that carry a backend's requests to the kernel: threads (FileBackend),
 #: native Linux AIO (AioBackend) and io_uring (UringBackend); ``--aio``/``-o aio=`` names one.
 SUBMITTERS = ("threads", "native", "io_uring")
+
+#: Where each name lives, imported on first use (PEP 562): the CLI's option parsing needs
+#: SUBMITTERS only, and every `cachefs` command would otherwise pay for trio and the submitters.
+_HOMES = {
+    "AioBackend": ".aio", "AioUnavailable": ".aio",
+    "ALIGN": ".base", "Backend": ".base", "IOCounters": ".base", "buffer_pool_stats": ".base",
+    "SubmitterUnavailable": ".eventfd",
+    "FaultyBackend": ".faulty", "Fault": ".faulty", "RecordingBackend": ".faulty", "Sync": ".faulty",
+    "Truncate": ".faulty", "Write": ".faulty", "replay": ".faulty",
+    "FileBackend": ".file", "MemoryBackend": ".memory",
+    "UringBackend": ".uring", "UringUnavailable": ".uring",
+    "filesystem_type": "..mountinfo",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SUBMITTERS",

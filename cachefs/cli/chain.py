@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 import attrs
 import click
 
+from cachefs.cli.backing_option import BACKING_DIR_OPTION  # noqa: F401  (commit.py, rebase.py take it from here)
 from cachefs.errors import CachefsError, ImageLocked
 from cachefs.image.backing_names import BackingFile, ChainWalk, open_checked, resolve_backing
 from cachefs.image.formats import image_format
@@ -35,9 +36,6 @@ from cachefs.qcow2 import format as fmt
 from cachefs.qcow2.plan import run_sync
 
 
-BACKING_DIR_OPTION = click.option(
-    "--backing-dir", "backing_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
-    help="A directory backing files may also be in (repeatable), besides the image's own, as for a mount.")
 
 
 @attrs.define
