@@ -76,7 +76,10 @@ def acked_blocks(log_text: str, seed: int, nblocks: int) -> tuple[dict[int, byte
 def in_flight_blocks(log_text: str, seed: int, nblocks: int) -> set[int]:
     """The blocks the writer's next two steps after its last logged one touch: the kill lands
     while one is in its pwrite or fallocate, before its log line (a failed discard logs nothing,
-    hence two). Found by replaying the writer's draws from the same seed."""
+    hence two). And the span of the discard that failed: a discard refused because the daemon died
+    under it may still have been carried out (C had handed it to the kernel), and in passthrough
+    the writer goes on writing, and logging, after it (the kernel needs no daemon for its writes).
+    Found by replaying the writer's draws from the same seed."""
     lines = log_text.splitlines()
     last = max((int(x.split()[1]) for x in lines if x[:2] in ("w ", "d ")), default=-1)
     logged_discards = {int(x.split()[1]) for x in lines if x.startswith("d ")}
@@ -88,6 +91,7 @@ def in_flight_blocks(log_text: str, seed: int, nblocks: int) -> set[int]:
             span = range(block, block + rng.choice([1, 16, 16, 40]))
             if i <= last and i not in logged_discards:
                 discards = False  # the writer stops discarding after a refused one
+                out.update(span)
         if i > last:
             out.update(span)
     return out

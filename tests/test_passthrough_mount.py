@@ -326,3 +326,32 @@ def test_passthrough_writes_cost_the_daemon_no_request(mounted, raw):
         os.chmod(m / "disk.raw", 0o4644)
     os.chmod(m / "disk.raw", 0o640)
     assert stat.S_IMODE(os.stat(raw / "disk.raw").st_mode) == 0o640
+
+
+def test_an_image_turned_off_is_served_and_counted(mounted, raw):
+    """``setfattr -n user.cachefs.passthrough -v off``: the image's next opens are served by the daemon,
+    so every request counts again (what an admin who wants the counters does); a handle opened before
+    keeps passing through until closed; ``on`` gives the next opens back to the kernel."""
+    m = mount_passthrough(mounted, raw, "--cache", "none")
+    f = m / "disk.raw"
+    early = os.open(f, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.setxattr(f, "user.cachefs.passthrough", b"off")
+        assert xattr(f, "passthrough") == "off: turned off for this image (1 handle(s) still in passthrough until closed)"
+        os.pwritev(early, [aligned(b"e" * BLOCK)], 0)
+        assert served(m)["guest_writes"] == 0  # the early handle still passes through
+    finally:
+        os.close(early)
+    fio(f, "--ioengine=libaio", "--iodepth=8", "--direct=1", "--rw=randwrite", "--bs=4k", "--size=16M",
+        "--number_ios=300", "--verify=crc32c", "--do_verify=1")
+    s = served(m)
+    assert s["guest_writes"] >= 300 and s["guest_reads"] >= 300, s
+    assert int(image_stats(m)["passthrough_handles"]) == 0
+    with pytest.raises(OSError) as exc:
+        os.setxattr(f, "user.cachefs.passthrough", b"sometimes")
+    assert exc.value.errno == errno.EINVAL
+    os.setxattr(f, "user.cachefs.passthrough", b"on")
+    before = served(m)
+    fio(f, "--ioengine=libaio", "--iodepth=8", "--direct=1", "--rw=randwrite", "--bs=4k", "--size=16M",
+        "--number_ios=300", "--verify=crc32c", "--do_verify=1")
+    assert served(m) == before and xattr(f, "passthrough").startswith("on")

@@ -27,6 +27,7 @@ decides what it is given (../shared/DATAPLANE.md, "The mapping contract"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -194,6 +195,12 @@ class FastPaths:
 
     def image_info(self, inode: int) -> dict[str, str]:
         return {"passthrough": self.passthrough.info(inode, self._pairs())}
+
+    def turn_passthrough(self, inode: int, on: bool) -> None:
+        """The image's next opens may pass through (on), or are served and counted here (off)."""
+        if on and not self.plane.passthrough:
+            raise OSError(errno.EOPNOTSUPP, f"passthrough is {self.plane.passthrough_state()}")
+        self.passthrough.turn(inode, on)
 
     def take_wrote(self, fh: int) -> bool:
         """A fast write went through ``fh`` since the last call: its close owes a flush (fs.flush)."""
@@ -372,6 +379,10 @@ class NoFastPaths:
 
     def image_info(self, inode: int) -> dict[str, str]:
         return {"passthrough": "off: --dataplane off"}
+
+    def turn_passthrough(self, inode: int, on: bool) -> None:
+        if on:
+            raise OSError(errno.EOPNOTSUPP, "passthrough is off: --dataplane off")
 
     async def released(self, fh: int) -> None:
         pass

@@ -89,6 +89,14 @@ class Passthrough:
     opens: dict[int, int] = attrs.Factory(dict)      # inode -> THROUGH opens so far (stats)
     _owed: dict[int, int] = attrs.Factory(dict)      # inode -> flushes owed to unseen writes
     refused: dict[int, str] = attrs.Factory(dict)    # inode -> why its last open did not pass through
+    turned_off: set[int] = attrs.Factory(set)        # inodes whose admin asked for served I/O (counted)
+
+    def turn(self, inode: int, on: bool) -> None:
+        """``setfattr -n user.cachefs.passthrough -v on|off`` on an image: whether its *next* opens may
+        pass through. Off serves them in the daemon, where every request is counted; a handle already
+        passing through keeps doing so until closed (the kernel cannot take it back)."""
+        (self.turned_off.discard if on else self.turned_off.add)(inode)
+        self.refused.pop(inode, None)
 
     def decide(self, fh: int, handle, *, cached_open: bool, paused: bool) -> tuple[str | None, int]:
         """What this open gets, and the backing id its reply names (dataplane/handles.py marks the
@@ -98,6 +106,8 @@ class Passthrough:
             return None, 0
         inode = handle.inode
         why = "a cache-mode switch or resize is under way" if paused else why_not(handle)
+        if inode in self.turned_off:
+            why = "turned off for this image (user.cachefs.passthrough): the daemon serves and counts its I/O"
         backing = self.backings.get(inode)
         if backing is None:
             if why is None and cached_open:
@@ -115,6 +125,7 @@ class Passthrough:
         backing.fhs.add(fh)
         self.kinds[fh] = kind
         if kind == THROUGH:
+            self.refused.pop(inode, None)  # the image's last open passed through
             self.opens[inode] = self.opens.get(inode, 0) + 1
             if handle.flags & os.O_ACCMODE != os.O_RDONLY:
                 self.writable.add(fh)
@@ -164,6 +175,8 @@ class Passthrough:
         if not self.plane.passthrough:
             return self.plane.passthrough_state()
         n = len(self.through(inode, handles))
+        if inode in self.turned_off:
+            return "off: turned off for this image" + (f" ({n} handle(s) still in passthrough until closed)" if n else "")
         why = self.refused.get(inode)
         if n or not why:
             return f"on ({n} handle(s) open in passthrough)"

@@ -54,6 +54,8 @@ log = logging.getLogger("cachefs.fuse.operations")
 
 XATTR_PREFIX = "user.cachefs."
 SNAPSHOT_PREFIX = XATTR_PREFIX + "snapshot."
+#: The image xattrs an owner may set: its cache mode, compress-on-write, kernel passthrough.
+SETTABLE = tuple(XATTR_PREFIX + k for k in ("cache", "compress", "passthrough"))
 
 
 @attrs.define
@@ -541,14 +543,17 @@ class CachefsOperations(pyfuse3.Operations):
         if inode != pyfuse3.ROOT_INODE and key.startswith(SNAPSHOT_PREFIX):
             await self._snapshot_request(inode, key[len(SNAPSHOT_PREFIX):], value, ctx)
             return
-        if inode == pyfuse3.ROOT_INODE or key not in (XATTR_PREFIX + "cache", XATTR_PREFIX + "compress"):
-            raise pyfuse3.FUSEError(errno.ENOTSUP)  # only the cache mode and compress-on-write can be set
+        if inode == pyfuse3.ROOT_INODE or key not in SETTABLE:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)  # the cache mode, compress-on-write and passthrough only
         self._writable_mount()
         img = self._image(inode)
         if ctx.uid not in (0, os.fstat(img.backends.fd).st_uid):
             raise pyfuse3.FUSEError(errno.EPERM)  # a mode is a promise about the owner's data
         if key == XATTR_PREFIX + "compress":
             await self._set_compress(inode, img, value.decode(errors="replace").strip())
+            return
+        if key == XATTR_PREFIX + "passthrough":
+            self._set_passthrough(inode, img, value.decode(errors="replace").strip())
             return
         try:
             mode = mode_named(value.decode(errors="replace"))
@@ -581,6 +586,18 @@ class CachefsOperations(pyfuse3.Operations):
         if ctx.uid not in (0, os.fstat(e.image.backends.fd).st_uid):
             raise pyfuse3.FUSEError(errno.EPERM)  # a snapshot holds the owner's data
         await self.snapshot_requests.change(e, operation, value)
+
+    def _set_passthrough(self, inode: int, img: Image, value: str) -> None:
+        """user.cachefs.passthrough = on|off: whether the image's next opens may pass through to the
+        kernel (dataplane/passthrough.py). Off: the daemon serves them, and counts every request."""
+        try:
+            if value not in ("on", "off"):
+                raise OSError(errno.EINVAL, f"passthrough {value!r}: on or off")
+            self.fast.turn_passthrough(inode, value == "on")
+        except OSError as exc:
+            log.error("%s: %s", img.path, exc.strerror)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        log.info("%s: passthrough %s for its next opens", img.path, value)
 
     async def _set_compress(self, inode: int, img: Image, name: str) -> None:
         """user.cachefs.compress: zlib, zstd or off (docs/design.md, "Compress-on-write images").
