@@ -55,3 +55,6 @@ int dp_passthrough(struct dp *dp) { return 0; }
 int dp_backing_open(struct dp *dp, int fd) { return -ENOSYS; }
 int dp_backing_close(struct dp *dp, int backing_id) { return -ENOSYS; }
 int dp_handle_passthrough(struct dp *dp, uint64_t fh, int backing_id, int served) { return -ENOSYS; }
+int dp_uring_want(struct dp *dp, int on) { return on ? -ENOSYS : 0; }
+int dp_uring(struct dp *dp) { return 0; }
+int dp_init_info(struct dp *dp, uint64_t *out, int n) { return 0; }
