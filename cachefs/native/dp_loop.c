@@ -246,6 +246,7 @@ void dp_dispatch(struct dp *dp, struct dp_slot *s) {
     if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK || ih->opcode == FUSE_FSYNC) &&
         dp_pyq_serve(dp, s))
         return;
+    dp_count(&dp->g[DP_G_INTERRUPTS], ih->opcode == FUSE_INTERRUPT);
     if (ih->opcode == FUSE_INTERRUPT && s->len >= sizeof *ih + 8 && dp_interrupts_fast(dp, s)) {
         dp_free_slot(dp, s);
         return;
