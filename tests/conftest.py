@@ -234,6 +234,13 @@ def pytest_report_header(config):
     return _uring_session.get("header")
 
 
+def pytest_sessionstart(session):
+    """Said even under -q (which drops the report header): which transport the mounts will use."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0 and "header" in _uring_session:
+        reporter.write_line(_uring_session["header"])
+
+
 def pytest_unconfigure(config):
     if "old" in _uring_session:
         _set_enable_uring(_uring_session.pop("old"))
