@@ -62,9 +62,9 @@ target_up() { # target -> F, the file to test (run in this shell: it keeps qsd's
         fi
         "$CACHEFS" mount "$d" "$W/mnt" --cache none --passthrough off --transport "${1#q}" \
           --log "$W/cachefs.log" 2>/dev/null
-        case "$(getfattr --only-values -n user.cachefs.transport "$W/mnt")" in
+        case "$(getfattr --absolute-names --only-values -n user.cachefs.transport "$W/mnt")" in
           "${1#q}"*) ;;
-          *) echo "$1: transport is $(getfattr --only-values -n user.cachefs.transport "$W/mnt")" >&2; exit 1 ;;
+          *) echo "$1: transport is $(getfattr --absolute-names --only-values -n user.cachefs.transport "$W/mnt")" >&2; exit 1 ;;
         esac ;;
     pt) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --passthrough on --log "$W/cachefs.log" 2>/dev/null
         [ "$(getfattr --only-values -n user.cachefs.passthrough "$W/mnt")" = on ] ||

@@ -274,6 +274,19 @@ def test_end_with_requests_on_the_ring(uring, mounted, workdir, how):
         qemu_img("check", "-q", images / "vm.qcow2")
 
 
+def test_refused_registration_falls_back_to_dev(uring, mounted, raw, monkeypatch):
+    """A REGISTER the kernel refuses (here a payload buffer below max_write: EINVAL) is said in one line
+    of the log and in the transport xattr, and the mount serves over /dev/fuse."""
+    monkeypatch.setenv("CACHEFS_TEST_URING_PAYLOAD", str(64 << 10))
+    m = mounted(raw, *C_SERVES, "--transport", "uring")
+    state = xattr(m.path, "transport")
+    assert state == "dev: the kernel refused the ring's registration (Invalid argument)", state
+    assert "transport: dev: the kernel refused" in m.log_text()
+    fio(m / "disk.raw", *FIO_QD32, "--rw=randwrite", "--bs=4k", "--size=16M", "--number_ios=500", "--do_verify=1")
+    d = counters(m)
+    assert d["uring_requests"] == 0 and d["fast"] >= 1000, d
+
+
 def test_transport_dev_still_works(uring, mounted, raw):
     m = mounted(raw, *C_SERVES, "--transport", "dev")
     assert xattr(m.path, "transport") == "dev: --transport dev"

@@ -142,6 +142,9 @@ class DataPlane:
         self._uring_why_not = uring_why_not
         if uring:  # the ring made again with 128-byte SQEs; taken at INIT if the kernel offers it (dp_uring.c)
             rc = lib.dp_uring_want(self._dp, 1)
+            test_payload = os.environ.get("CACHEFS_TEST_URING_PAYLOAD")  # tests: a refused registration
+            if rc == 0 and test_payload and hasattr(lib, "dp_test_uring_payload"):
+                lib.dp_test_uring_payload(self._dp, int(test_payload))
             if rc < 0:
                 self._uring_why_not = f"the io_uring of 128-byte SQEs it needs was refused ({os.strerror(-rc)})"
                 log.info("FUSE over io_uring: %s; serving over /dev/fuse", self._uring_why_not)

@@ -34,6 +34,7 @@
  * for the ring at the end: the entries are simply gone (UE_GONE).
  */
 #include "dp_internal.h"
+#include "dp_testhooks.h"
 #include <fcntl.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -83,6 +84,7 @@ struct dp_uring {
     unsigned nq, depth, n;           /* queues (possible CPUs), entries per queue, entries */
     int nuser;                       /* entries in UE_USER (loop thread) */
     unsigned reregistered;
+    uint32_t payload;                /* the payload buffer lent: DP_URING_PAYLOAD (dp_test_uring_payload) */
     struct dp_uent *ents;            /* n; entry i is slot DP_NPOOL + i */
     struct dp_slot *deferred;        /* Python's answers, for the loop (under dp->lock) */
 };
@@ -141,6 +143,7 @@ int dp_uring_want(struct dp *dp, int on) {
     }
     u->want = 1;
     u->bits = DP_UR_WANTED;
+    u->payload = DP_URING_PAYLOAD;
     dp->ur = u;
     return 0;
 }
@@ -164,6 +167,15 @@ void dp_uring_free(struct dp *dp) {
         free(dp->ur->ents);
     free(dp->ur);
     dp->ur = NULL;
+}
+
+/* Tests: lend payload buffers of `bytes` (one the kernel refuses, below max_write: a registration
+ * that fails, and the fallback to /dev/fuse). Before dp_start. */
+int dp_test_uring_payload(struct dp *dp, uint32_t bytes) {
+    if (dp->started || !dp->ur || bytes > DP_URING_PAYLOAD)
+        return -EINVAL;
+    dp->ur->payload = bytes;
+    return 0;
 }
 
 /* ------------------------------------------------------------ INIT (the loop, relaying it: dp_forward.c) */
@@ -237,7 +249,7 @@ static void dp_uring_register(struct dp *dp) {
         s->uent = e;
         e->qid = (uint16_t)(i / u->depth);
         e->iov[0] = (struct iovec){ &e->hdr, sizeof e->hdr };
-        e->iov[1] = (struct iovec){ s->data, DP_URING_PAYLOAD };
+        e->iov[1] = (struct iovec){ s->data, u->payload };
         dp_uring_cmd(dp, s, DP_URING_CMD_REGISTER, 0);
     }
     io_uring_submit(&dp->ring);
