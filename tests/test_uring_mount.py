@@ -99,6 +99,9 @@ def test_fio_verifies_over_the_ring(uring, mounted, workdir, kind):
     f = m / name
     info = json.loads(xattr(m.path, "init"))
     assert info["max_write"] == MiB and info["max_pages"] == 256 and info["async_dio"] == 1, info
+    assert info["max_background"] == 64 and info["depth"] == 32 and info["queues"] == os.cpu_count(), info
+    st = m.stats()
+    assert st["transport"].startswith("uring: ") and st["init"]["max_pages"] == 256, st
     before = counters(m)
     fio(f, *FIO_QD32, "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=4000", "--do_verify=1")
     fio(f, *FIO_QD32, "--rw=write", "--bs=1M", "--size=32M", "--offset=128M", "--do_verify=1")
