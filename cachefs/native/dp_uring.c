@@ -53,6 +53,7 @@ struct dp_uring_req_header {   /* struct fuse_uring_req_header */
     char op_in[128];           /* the request's first argument (its op header), when it has one */
     struct dp_uring_ent_in_out ent;
 };
+_Static_assert(sizeof(struct dp_uring_req_header) == 288, "struct fuse_uring_req_header (7.42)");
 struct dp_uring_cmd_req { uint64_t flags, commit_id; uint16_t qid; uint8_t padding[6]; };  /* in sqe->cmd */
 _Static_assert(offsetof(struct io_uring_sqe, cmd) + sizeof(struct dp_uring_cmd_req) <= 128, "SQE128's command area");
 
