@@ -145,8 +145,11 @@ class DataPlane:
             test_payload = os.environ.get("CACHEFS_TEST_URING_PAYLOAD")  # tests: a refused registration
             if rc == 0 and test_payload and hasattr(lib, "dp_test_uring_payload"):
                 lib.dp_test_uring_payload(self._dp, int(test_payload))
-            if rc < 0:
+            if rc == -errno.E2BIG:
+                self._uring_why_not = "more possible CPUs than the ring has entries for (4 each at least)"
+            elif rc < 0:
                 self._uring_why_not = f"the io_uring of 128-byte SQEs it needs was refused ({os.strerror(-rc)})"
+            if rc < 0:
                 log.info("FUSE over io_uring: %s; serving over /dev/fuse", self._uring_why_not)
         self._uring_logged = False
         self._sock = ours
