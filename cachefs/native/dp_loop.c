@@ -312,13 +312,13 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
         (void)!read(dp->ctl_fd, &v, sizeof v);
         break;
     }
-    case T_URING:
-        dp_uring_cqe(dp, ud, res);
-        break;
     case T_NOTE:
         free((void *)(uintptr_t)UNTAG(ud));
         if (res < 0 && res != -ENOENT && res != -ENODEV)
             dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
+        break;
+    case T_URING:  /* a ring entry's request, or its end (dp_uring.c) */
+        dp_uring_cqe(dp, ud, res);
         break;
     }
 }
