@@ -219,6 +219,14 @@ def connection_dir(path) -> str:
     return f"/sys/fs/fuse/connections/{os.minor(os.stat(path).st_dev)}"
 
 
+def daemon_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def write_synced(f, size: int) -> str:
     data = hashlib.sha256(b"cachefs").digest() * (size // 32)
     with open(f, "r+b") as fh:
@@ -267,9 +275,9 @@ def test_end_with_requests_on_the_ring(uring, mounted, workdir, how):
             job.kill()
             job.wait()
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{m.pid}") and time.monotonic() < deadline:
+    while not daemon_gone(m.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{m.pid}") or open(f"/proc/{m.pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    assert daemon_gone(m.pid), f"the daemon {m.pid} did not exit\n{m.log_text()}"
     m2 = mount_ring(mounted, images)
     assert head_sha(m2 / name, 16 * MiB) == want
     m2.umount()
