@@ -48,6 +48,7 @@ import trio
 
 from cachefs import native
 from cachefs.backend import ALIGN
+from cachefs.dataplane.transport import Transport
 from cachefs.errors import CachefsError
 
 log = logging.getLogger("cachefs.dataplane.plane")
@@ -120,7 +121,7 @@ class DataPlane:
     """
 
     def __init__(self, *, max_background: int = MAX_BACKGROUND, passthrough: bool = True,
-                 uring: bool = False, uring_why_not: str | None = "not asked for") -> None:
+                 transport: Transport = Transport(False, "not asked for")) -> None:
         why = why_unavailable()
         if why is not None:
             raise DataPlaneUnavailable(f"--dataplane on is not available: {why}; use --dataplane off")
@@ -139,18 +140,9 @@ class DataPlane:
         self._dp = out[0]
         lib.dp_passthrough_want(self._dp, int(passthrough))  # taken at INIT if the kernel offers it
         self._passthrough_wanted = passthrough
-        self._uring_why_not = uring_why_not
-        if uring:  # the ring made again with 128-byte SQEs; taken at INIT if the kernel offers it (dp_uring.c)
-            rc = lib.dp_uring_want(self._dp, 1)
-            test_payload = os.environ.get("CACHEFS_TEST_URING_PAYLOAD")  # tests: a refused registration
-            if rc == 0 and test_payload and hasattr(lib, "dp_test_uring_payload"):
-                lib.dp_test_uring_payload(self._dp, int(test_payload))
-            if rc == -errno.E2BIG:
-                self._uring_why_not = "more possible CPUs than the ring has entries for (4 each at least)"
-            elif rc < 0:
-                self._uring_why_not = f"the io_uring of 128-byte SQEs it needs was refused ({os.strerror(-rc)})"
-            if rc < 0:
-                log.info("FUSE over io_uring: %s; serving over /dev/fuse", self._uring_why_not)
+        self._uring_why_not = transport.why_not
+        if transport.uring:
+            self._want_uring()
         self._uring_logged = False
         self._sock = ours
         self._evt = evt
@@ -456,6 +448,20 @@ class DataPlane:
                 "CONFIG_FUSE_PASSTHROUGH, and CAP_SYS_ADMIN)")
 
     # -------------------------------------------------------------- transport and INIT (dp_uring.c)
+
+    def _want_uring(self) -> None:
+        """The ring made again with 128-byte SQEs, taken at INIT if the kernel offers it; else why not."""
+        lib = native.lib
+        rc = lib.dp_uring_want(self._dp, 1)
+        test_payload = os.environ.get("CACHEFS_TEST_URING_PAYLOAD")  # tests: a refused registration
+        if rc == 0 and test_payload and hasattr(lib, "dp_test_uring_payload"):
+            lib.dp_test_uring_payload(self._dp, int(test_payload))
+        if rc == -errno.E2BIG:
+            self._uring_why_not = "more possible CPUs than the ring has entries for (4 each at least)"
+        elif rc < 0:
+            self._uring_why_not = f"the io_uring of 128-byte SQEs it needs was refused ({os.strerror(-rc)})"
+        if rc < 0:
+            log.info("FUSE over io_uring: %s; serving over /dev/fuse", self._uring_why_not)
 
     def transport_state(self) -> str:
         """One line for the root's ``transport`` xattr: uring or dev, and why."""

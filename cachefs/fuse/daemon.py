@@ -324,9 +324,8 @@ def _new_dataplane(cfg: MountConfig, tell):
     if why is not None and cfg.dataplane is None and cfg.transport != "uring":
         tell(f"warning: data plane off: {why}")
         return None
-    how = transport.decide(cfg.transport)
     return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough == "on",
-                     uring=how.uring, uring_why_not=how.why_not)
+                     transport=transport.decide(cfg.transport))
 
 
 @attrs.define
