@@ -8,6 +8,10 @@
 #   pt         cachefs --cache none (kernel passthrough, issue 24: the kernel serves the raw image)
 #   dp-on      cachefs --cache none --dataplane on --passthrough off (the C data plane serves it)
 #   dp-off     cachefs --cache none --dataplane off (pyfuse3 serves everything, as before)
+#   dev        dp-on over /dev/fuse (--transport dev)
+#   uring      dp-on over FUSE-over-io_uring (--transport uring: as root it sets enable_uring to Y)
+#   qdev       dev on a qcow2 copy of the raw file (every cluster allocated), served as q.raw
+#   quring     uring on that qcow2
 # Usage (root): bench/dataplane.sh [WORKDIR] [SIZE_MB] [RUNTIME_S] [ROUNDS]
 # JOBS="randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1" picks jobs (all O_DIRECT, 4k;
 # a job named like read64k-qd1 uses that block size); TARGETS="host pt dp-on" picks targets.
@@ -18,7 +22,7 @@ JOBS=${JOBS:-randread-qd32 randwrite-qd32 randread-qd1 randwrite-qd1}
 TARGETS=${TARGETS:-host probe qsd pt dp-on dp-off}
 CACHEFS=${CACHEFS:-.venv/bin/cachefs}
 PROBE=${PROBE:-$(realpath -m ../shared/bench/fuse-ceiling/mount.sh)}
-mkdir -p "$W/img" "$W/mnt" "$W/probe"
+mkdir -p "$W/img" "$W/qimg" "$W/mnt" "$W/probe"
 qsd_pid=""
 cleanup() {
   mountpoint -q "$W/mnt" && "$CACHEFS" umount "$W/mnt" || true
@@ -50,6 +54,18 @@ target_up() { # target -> F, the file to test (run in this shell: it keeps qsd's
          F="$W/exp.raw" ;;
     dp-on|dp-off) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --dataplane "${1#dp-}" --passthrough off \
                     --log "$W/cachefs.log" 2>/dev/null; F="$W/mnt/t.raw" ;;
+    dev|uring|qdev|quring)
+        d="$W/img" F="$W/mnt/t.raw"
+        if [ "${1#q}" != "$1" ]; then
+          [ -f "$W/qimg/q.qcow2" ] || qemu-img convert -O qcow2 "$W/img/t.raw" "$W/qimg/q.qcow2"
+          d="$W/qimg" F="$W/mnt/q.raw"
+        fi
+        "$CACHEFS" mount "$d" "$W/mnt" --cache none --passthrough off --transport "${1#q}" \
+          --log "$W/cachefs.log" 2>/dev/null
+        case "$(getfattr --absolute-names --only-values -n user.cachefs.transport "$W/mnt")" in
+          "${1#q}"*) ;;
+          *) echo "$1: transport is $(getfattr --absolute-names --only-values -n user.cachefs.transport "$W/mnt")" >&2; exit 1 ;;
+        esac ;;
     pt) "$CACHEFS" mount "$W/img" "$W/mnt" --cache none --passthrough on --log "$W/cachefs.log" 2>/dev/null
         [ "$(getfattr --only-values -n user.cachefs.passthrough "$W/mnt")" = on ] ||
           { echo "pt: passthrough is off here: $(getfattr --only-values -n user.cachefs.passthrough "$W/mnt")" >&2; exit 1; }
@@ -60,7 +76,7 @@ target_down() {
   case $1 in
     probe) umount "$W/probe" ;;
     qsd) kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid="" ;;
-    dp-*|pt) "$CACHEFS" umount "$W/mnt" ;;
+    dp-*|pt|dev|uring|qdev|quring) "$CACHEFS" umount "$W/mnt" ;;
   esac
 }
 

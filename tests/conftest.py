@@ -199,8 +199,51 @@ class Mount:
             pytest.fail(f"the cachefs daemon logged a traceback:\n{text}")
 
 
+#: The fuse module's FUSE-over-io_uring switch (cachefs/dataplane/transport.py). The session turns
+#: it on where it may, so that every mount (--transport auto, the default) serves over the ring;
+#: CACHEFS_TEST_TRANSPORT=dev leaves it alone (the suite then runs over /dev/fuse). Restored at the end.
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
+_uring_session: dict[str, str] = {}
+
+
+def _set_enable_uring(value: str) -> bool:
+    try:
+        with open(ENABLE_URING, "w") as f:
+            f.write(value + "\n")
+        return True
+    except OSError:
+        return False
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_planes: run the test's mounts with --dataplane on and off")
+    try:
+        with open(ENABLE_URING) as f:
+            old = f.read().strip()
+    except OSError:
+        _uring_session["header"] = "FUSE over io_uring: not in this kernel (mounts serve over /dev/fuse)"
+        return
+    if old == "N" and os.environ.get("CACHEFS_TEST_TRANSPORT") != "dev" and _set_enable_uring("Y"):
+        _uring_session.update(old=old, header=f"FUSE over io_uring: set {ENABLE_URING} to Y for this session "
+                                              "(mounts serve over the ring; restored to N after)")
+    else:
+        _uring_session["header"] = f"FUSE over io_uring: {ENABLE_URING} is {old}, left as it is"
+
+
+def pytest_report_header(config):
+    return _uring_session.get("header")
+
+
+def pytest_sessionstart(session):
+    """Said even under -q (which drops the report header): which transport the mounts will use."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0 and "header" in _uring_session:
+        reporter.write_line(_uring_session["header"])
+
+
+def pytest_unconfigure(config):
+    if "old" in _uring_session:
+        _set_enable_uring(_uring_session.pop("old"))
 
 
 @pytest.hookimpl(hookwrapper=True)

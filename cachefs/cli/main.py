@@ -407,16 +407,25 @@ def stats(mountpoint, as_json):
                         for a in os.listxattr(path) if a.startswith(prefix)}
     skipped = json.loads(skipped or "{}")
     read_only = _xattr_or_none(mountpoint, prefix + "read_only")  # the whole mount, and why
+    transport = _xattr_or_none(mountpoint, prefix + "transport")  # uring or dev, and why (dataplane/transport.py)
+    init = _xattr_or_none(mountpoint, prefix + "init")  # what INIT negotiated (dp_uring.c)
     # Requests the daemon answered with an error, and the last one's reason (cachefs/fuse/failures.py).
     failed = int(_xattr_or_none(mountpoint, prefix + "failed_requests") or 0)
     last_failure = _xattr_or_none(mountpoint, prefix + "last_failure")
     if as_json:
         typed = {name: {k: xattr_value(v) for k, v in x.items()} for name, x in images.items()}
         click.echo(json.dumps({"images": typed, "skipped": skipped, "read_only": read_only,
-                               "failed_requests": failed, "last_failure": last_failure}, indent=2))
+                               "failed_requests": failed, "last_failure": last_failure, "transport": transport,
+                               "init": json.loads(init) if init else None}, indent=2))
         return
     if read_only:
         click.echo(f"read-only mount: {read_only}")
+    if transport:
+        click.echo(f"transport: {transport}")
+    if init:
+        i = json.loads(init)
+        click.echo(f"init: max_write={i['max_write']} max_pages={i['max_pages']} "
+                   f"max_background={i['max_background']} async_dio={i['async_dio']}")
     click.echo(f"{'image':<20} " + " ".join(f"{k.split('.')[-1]:>18}" for k in STAT_KEYS))
     for name, x in images.items():
         click.echo(f"{name:<20} " + " ".join(f"{x.get(k, '-'):>18}" for k in STAT_KEYS))

@@ -17,7 +17,7 @@ from cachefs.fuse import utab
 from cachefs.errors import CachefsError
 from cachefs.fuse.kernel_mount import unmount_path
 from cachefs.mountinfo import busy_detail, mount_at
-from cachefs.cli.options import (CREATE_FORMATS, DATAPLANE, PASSTHROUGH, SUBMITTERS, VALUES, MountOptionError, MountOptions,
+from cachefs.cli.options import (CREATE_FORMATS, DATAPLANE, PASSTHROUGH, SUBMITTERS, TRANSPORT, VALUES, MountOptionError, MountOptions,
                                check_submitter, merge, parse_options)
 from cachefs.policy import MODES
 
@@ -42,6 +42,10 @@ from cachefs.policy import MODES
                    "(O_DIRECT for none/directsync, O_DSYNC for writing in writethrough/directsync); those reads "
                    "and writes are not counted in guest_reads/guest_writes, and a write past the disk's end fails "
                    "at the writer's next fsync or close (ENOSPC) instead of at once; off: the data plane serves them.")
+@click.option("--transport", default=None, type=click.Choice(list(TRANSPORT)),
+              help="How the data plane takes requests: uring (FUSE over io_uring, Linux 6.14+; as root it sets "
+                   "/sys/module/fuse/parameters/enable_uring to Y), dev (/dev/fuse), or auto (the default: the ring "
+                   "when the kernel offers it, else /dev/fuse, saying in the log how to turn it on).")
 @click.option("--l2-cache-size", "l2_cache_size", default=None, metavar="SIZE",
               help="Memory for each qcow2 image's L2 tables and refcount blocks, as QEMU's l2-cache-size "
                    "(default 32M); the data plane publishes the mappings of cached tables only.")
@@ -49,7 +53,7 @@ from cachefs.policy import MODES
 @click.option("--allow-other", is_flag=True, help="Let other users open the files (FUSE allow_other; "
                                                   "implies default_permissions).")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
-              help="Mount options, as in fstab: cache=, aio=, dataplane=, passthrough=, ro, rw, allow_other, default_permissions, "
+              help="Mount options, as in fstab: cache=, aio=, dataplane=, passthrough=, transport=, ro, rw, allow_other, default_permissions, "
                    "uid=, gid=, umask=, log=, pid_file=, create_format=, l2_cache_size=, debug, growable (a write past a "
                    "disk's end grows it instead of ENOSPC), drop_bitmaps (serve images with persistent bitmaps "
                    "writable, deleting the bitmaps). A value given both as a flag and with -o must agree.")
@@ -64,7 +68,7 @@ from cachefs.policy import MODES
 @click.option("--backing-dir", "backing_dirs", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="A directory where backing files of overlays may be, besides IMAGE_DIR (repeatable; "
                    "also -o backing_dir=DIR). A backing file named anywhere else is refused.")
-def mount(image_dir, mountpoint, cache_mode, aio, dataplane, passthrough, l2_cache_size, foreground, allow_other, options,
+def mount(image_dir, mountpoint, cache_mode, aio, dataplane, passthrough, transport, l2_cache_size, foreground, allow_other, options,
           log_file, pid_file, create_format, debug, backing_dirs):
     """Serve every image in IMAGE_DIR at MOUNTPOINT (NAME.qcow2 appears as NAME.raw).
 
@@ -77,7 +81,7 @@ def mount(image_dir, mountpoint, cache_mode, aio, dataplane, passthrough, l2_cac
         click.echo(f"cachefs: --l2-cache-size {l2_cache_size}: {exc}", err=True)
         sys.exit(2)
     flags = MountOptions(cache=cache_mode, aio=aio, allow_other=allow_other, log=log_file, pid_file=pid_file,
-                         create_format=create_format, dataplane=dataplane, passthrough=passthrough, l2_cache_size=size, debug=debug,
+                         create_format=create_format, dataplane=dataplane, passthrough=passthrough, transport=transport, l2_cache_size=size, debug=debug,
                          backing_dirs=tuple(backing_dirs))
     try:
         cfg = mount_config(image_dir, mountpoint, merge(flags, parse_options(options)), foreground=foreground)
@@ -99,7 +103,8 @@ def mount_config(image_dir: str, mountpoint: str, opts: MountOptions, *, foregro
         preflight.check_pid_file(os.path.abspath(opts.pid_file))
     why_read_only = None if opts.read_only else preflight.read_only_reason(real_dir)
     given = {"cache_mode": opts.cache, "aio": opts.aio, "create_format": opts.create_format,
-             "dataplane": opts.dataplane, "passthrough": opts.passthrough, "l2_cache_size": opts.l2_cache_size,
+             "dataplane": opts.dataplane, "passthrough": opts.passthrough, "transport": opts.transport,
+             "l2_cache_size": opts.l2_cache_size,
              "uid": opts.uid, "gid": opts.gid, "umask": opts.umask,
              # The daemon's working directory is not the caller's: make paths absolute here.
              "log_file": opts.log and os.path.abspath(opts.log),

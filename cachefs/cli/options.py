@@ -49,6 +49,9 @@ CREATE_FORMATS = ("qcow2", "raw")
 DATAPLANE = ("on", "off")
 #: ``--passthrough``/``-o passthrough=``: raw images' reads and writes done by the kernel itself (issue 24).
 PASSTHROUGH = ("on", "off")
+#: ``--transport``/``-o transport=``: FUSE over io_uring, /dev/fuse, or the ring where the kernel offers it
+#: (dataplane/transport.py).
+TRANSPORT = ("auto", "uring", "dev")
 
 
 class MountOptionError(CachefsError):
@@ -72,6 +75,7 @@ class MountOptions:
     create_format: str | None = None
     dataplane: str | None = None
     passthrough: str | None = None
+    transport: str | None = None
     l2_cache_size: int | None = None
     debug: bool = False
     # A write past a disk's end grows it (as a file), instead of ENOSPC (a block device's answer).
@@ -192,6 +196,7 @@ VALUES: dict[str, Callable[[str], object]] = {
     "create_format": _one_of(CREATE_FORMATS),
     "dataplane": _one_of(DATAPLANE),
     "passthrough": _one_of(PASSTHROUGH),
+    "transport": _one_of(TRANSPORT),
     "l2_cache_size": _bytes,
     "uid": _id(lambda name: pwd.getpwnam(name).pw_uid, "user"),
     "gid": _id(lambda name: grp.getgrnam(name).gr_gid, "group"),

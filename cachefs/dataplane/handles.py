@@ -363,7 +363,8 @@ class FastPaths:
 
     def root_info(self) -> dict[str, str]:
         return {"dataplane": "on", "dataplane_counters": json.dumps(self.plane.counters()),
-                "passthrough": self.plane.passthrough_state()}
+                "passthrough": self.plane.passthrough_state(), "transport": self.plane.transport_state(),
+                "init": json.dumps(self.plane.init_info())}
 
 
 class NoFastPaths:
@@ -398,4 +399,5 @@ class NoFastPaths:
         return stats
 
     def root_info(self) -> dict[str, str]:
-        return {"dataplane": "off", "passthrough": "off: --dataplane off"}
+        return {"dataplane": "off", "passthrough": "off: --dataplane off",
+                "transport": "dev: --dataplane off (pyfuse3 reads /dev/fuse itself)"}

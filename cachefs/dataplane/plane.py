@@ -48,6 +48,7 @@ import trio
 
 from cachefs import native
 from cachefs.backend import ALIGN
+from cachefs.dataplane.transport import Transport
 from cachefs.errors import CachefsError
 
 log = logging.getLogger("cachefs.dataplane.plane")
@@ -119,7 +120,8 @@ class DataPlane:
     pyfuse3's loop has returned, ``close()`` once every image is closed.
     """
 
-    def __init__(self, *, max_background: int = MAX_BACKGROUND, passthrough: bool = True) -> None:
+    def __init__(self, *, max_background: int = MAX_BACKGROUND, passthrough: bool = True,
+                 transport: Transport = Transport(False, "not asked for")) -> None:
         why = why_unavailable()
         if why is not None:
             raise DataPlaneUnavailable(f"--dataplane on is not available: {why}; use --dataplane off")
@@ -138,6 +140,10 @@ class DataPlane:
         self._dp = out[0]
         lib.dp_passthrough_want(self._dp, int(passthrough))  # taken at INIT if the kernel offers it
         self._passthrough_wanted = passthrough
+        self._uring_why_not = transport.why_not
+        if transport.uring:
+            self._want_uring()
+        self._uring_logged = False
         self._sock = ours
         self._evt = evt
         #: libfuse's end; fuse_session_destroy (pyfuse3.close) closes it.
@@ -174,6 +180,9 @@ class DataPlane:
             if lib.dp_sync_woken(self._dp) and self.on_sync_wake is not None:
                 self.on_sync_wake()
             state = self.state()
+            if state & lib.DP_ST_URING and not self._uring_logged:
+                self._uring_logged = True
+                log.info("transport: %s", self.transport_state())
             if state & lib.DP_ST_DEAD and not self.lost:
                 self.lost = True
                 log.info("the kernel ended the FUSE connection")
@@ -437,6 +446,52 @@ class DataPlane:
             return "off: the kernel refuses it beside the writeback cache"
         return ("off: the kernel did not offer it at INIT (Linux 6.9 or later with "
                 "CONFIG_FUSE_PASSTHROUGH, and CAP_SYS_ADMIN)")
+
+    # -------------------------------------------------------------- transport and INIT (dp_uring.c)
+
+    def _want_uring(self) -> None:
+        """The ring made again with 128-byte SQEs, taken at INIT if the kernel offers it; else why not."""
+        lib = native.lib
+        rc = lib.dp_uring_want(self._dp, 1)
+        test_payload = os.environ.get("CACHEFS_TEST_URING_PAYLOAD")  # tests: a refused registration
+        if rc == 0 and test_payload and hasattr(lib, "dp_test_uring_payload"):
+            lib.dp_test_uring_payload(self._dp, int(test_payload))
+        if rc == -errno.E2BIG:
+            self._uring_why_not = "more possible CPUs than the ring has entries for (4 each at least)"
+        elif rc < 0:
+            self._uring_why_not = f"the io_uring of 128-byte SQEs it needs was refused ({os.strerror(-rc)})"
+        if rc < 0:
+            log.info("FUSE over io_uring: %s; serving over /dev/fuse", self._uring_why_not)
+
+    def transport_state(self) -> str:
+        """One line for the root's ``transport`` xattr: uring or dev, and why."""
+        lib = native.lib
+        bits = lib.dp_uring(self._dp) if self._dp is not None else 0
+        info = self.init_info()
+        if bits & lib.DP_UR_REGISTERED:
+            return f"uring: {info['queues']} queues of {info['depth']} entries"
+        if bits & lib.DP_UR_FAILED:
+            return (f"dev: the kernel refused the ring's registration "
+                    f"({os.strerror(info['uring_error']) if info['uring_error'] else 'unknown error'})")
+        if not bits & lib.DP_UR_WANTED:
+            return f"dev: {self._uring_why_not}"
+        if self._dp is None or not lib.dp_state(self._dp) & lib.DP_ST_INIT_DONE:
+            return "dev: not negotiated yet"
+        if not bits & lib.DP_UR_OFFERED:
+            return "dev: the kernel did not offer FUSE_OVER_IO_URING at INIT"
+        return "dev: registering the ring"
+
+    def init_info(self) -> dict[str, int]:
+        """What INIT negotiated (flags as the kernel offered them and as the reply took them: flags2 in
+        the high 32 bits), and the ring's shape (queues, entries per queue, a registration's errno)."""
+        names = ("kernel_flags", "flags", "max_write", "max_pages", "max_background", "congestion_threshold",
+                 "queues", "depth", "uring_error")
+        out = native.ffi.new("uint64_t[]", len(names))
+        if self._dp is not None:
+            native.lib.dp_init_info(self._dp, out, len(names))
+        info = dict(zip(names, out))
+        info["async_dio"] = int(bool(info["flags"] & (1 << 15)))  # FUSE_ASYNC_DIO
+        return info
 
     def backing_open(self, fd: int) -> int:
         """A backing id for the file ``fd`` holds (FUSE_DEV_IOC_BACKING_OPEN); OSError if refused."""

@@ -76,6 +76,8 @@ class MountConfig:
     # dataplane/passthrough.py). Not the default yet: the kernel writes past a raw disk's end itself,
     # growing the file, where a disk must answer ENOSPC (docs/design.md, "Kernel passthrough").
     passthrough: str | None = None
+    # "auto" (None), "uring" or "dev": how the data plane takes requests (dataplane/transport.py).
+    transport: str | None = None
     l2_cache_size: int | None = None  # bytes; None: the engine's default
     pid_file: str | None = None
     log_file: str | None = None
@@ -312,14 +314,18 @@ def _new_dataplane(cfg: MountConfig, tell):
     The C side is created before anything is mounted: when io_uring is refused
     (or `on` was asked for without the module), the mount is refused in one line.
     """
+    from cachefs.dataplane import transport
     from cachefs.dataplane.plane import DataPlane, why_unavailable
     if cfg.dataplane == "off":
+        if cfg.transport == "uring":
+            raise CachefsError("--transport uring needs the data plane (--dataplane on)")
         return None
     why = why_unavailable()
-    if why is not None and cfg.dataplane is None:
+    if why is not None and cfg.dataplane is None and cfg.transport != "uring":
         tell(f"warning: data plane off: {why}")
         return None
-    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough != "off")
+    return DataPlane(max_background=MAX_TASKS, passthrough=cfg.passthrough != "off",
+                     transport=transport.decide(cfg.transport))
 
 
 @attrs.define

@@ -51,7 +51,7 @@ enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
 enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
        DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_SEND_RETRIES,
-       DP_G_PASSTHROUGH_OPENS, DP_G_N };
+       DP_G_PASSTHROUGH_OPENS, DP_G_URING_REQUESTS, DP_G_URING_FORWARDED, DP_G_URING_LOST, DP_G_INTERRUPTS, DP_G_N };
 /* The three counter tables, for dp_counter_name. */
 enum { DP_COUNTERS_IMAGE, DP_COUNTERS_HANDLE, DP_COUNTERS_CONNECTION };
 
@@ -59,7 +59,8 @@ enum { DP_COUNTERS_IMAGE, DP_COUNTERS_HANDLE, DP_COUNTERS_CONNECTION };
 enum { DP_STOP_READING = 1, DP_QUIT = 2 };
 enum { DP_ST_INIT_DONE = 2, DP_ST_DEAD = 4, DP_ST_STOPPED = 8, DP_ST_EXITED = 16,
        DP_ST_ALLOC = 32, /* an image's lent clusters run low or its allocation log fills: dp_alloc_woken */
-       DP_ST_SYNC = 64 /* write-through writes wait for a sync: dp_sync_woken, dp_sync_ticket */ };
+       DP_ST_SYNC = 64, /* write-through writes wait for a sync: dp_sync_woken, dp_sync_ticket */
+       DP_ST_URING = 128 /* the ring's registration is settled: dp_uring */ };
 
 /* Allocation in C (dp_alloc.c): lent clusters per image, log records, claims. */
 #define DP_SPARE 8192          /* lent host clusters an image holds at most */
@@ -161,6 +162,20 @@ int dp_passthrough(struct dp *dp);
 int dp_backing_open(struct dp *dp, int fd);
 int dp_backing_close(struct dp *dp, int backing_id);
 int dp_handle_passthrough(struct dp *dp, uint64_t fh, int backing_id, int served);
+
+/* dp_uring.c: FUSE over io_uring (issue 24; Linux 6.14+, module parameter enable_uring). dp_uring_want
+ * before dp_start: the ring is made again with SQE128 (the kernel takes FUSE_IO_URING_CMD_* from 128-byte
+ * SQEs only), INIT takes FUSE_OVER_IO_URING when the kernel offers it, and the loop then registers
+ * DP_URING_DEPTH entries for each possible CPU (fewer if that makes more than DP_NRING). dp_uring: the
+ * DP_UR_* bits (DP_ST_URING once settled). dp_init_info: what INIT negotiated and the ring's shape, in
+ * DP_INIT_* order (n of them at most; returns how many). */
+#define DP_URING_DEPTH 32
+enum { DP_UR_WANTED = 1, DP_UR_OFFERED = 2, DP_UR_TAKEN = 4, DP_UR_REGISTERED = 8, DP_UR_FAILED = 16 };
+enum { DP_INIT_KERNEL_FLAGS, DP_INIT_FLAGS, DP_INIT_MAX_WRITE, DP_INIT_MAX_PAGES, DP_INIT_MAX_BACKGROUND,
+       DP_INIT_CONGESTION, DP_INIT_QUEUES, DP_INIT_DEPTH, DP_INIT_URING_ERR, DP_INIT_N };
+int dp_uring_want(struct dp *dp, int on);
+int dp_uring(struct dp *dp);
+int dp_init_info(struct dp *dp, uint64_t *out, int n);
 
 /* dp_park.c: write-through writes that wait for Python's sync. */
 int dp_sync_woken(struct dp *dp);

@@ -134,8 +134,12 @@ void dp_flush_sendq(struct dp *dp) {
 void dp_forward(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     dp_count_forward(dp, ih);
-    if (ih->opcode == FUSE_INIT)
+    if (ih->opcode == FUSE_INIT) {
         dp_passthrough_init_in(dp, s);  /* does the kernel offer passthrough? */
+        dp_uring_init_in(dp, s);        /* ... and FUSE over io_uring? */
+    }
+    if (s->uent)
+        dp_count(&dp->g[DP_G_URING_FORWARDED], 1);  /* came over the ring: its answer is committed there */
     if (ih->opcode == FUSE_INIT || ih->opcode == FUSE_OPEN || ih->opcode == FUSE_CREATE)
         dp_track_add(dp, ih->unique, ih->opcode);
     s->next = NULL;
@@ -170,6 +174,7 @@ static void dp_patch_init(struct dp *dp, struct fuse_init_out *o, size_t len) {
         o->max_pages = (uint16_t)(o->max_write / 4096);
     }
     dp_passthrough_init_out(dp, o, len);  /* before INIT_DONE: Python reads the outcome then */
+    dp_uring_init_out(dp, o, len);        /* FUSE_OVER_IO_URING; and the record of what was negotiated */
     dp_post(dp, DP_ST_INIT_DONE);
 }
 

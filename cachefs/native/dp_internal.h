@@ -25,6 +25,7 @@
  *   dp_park.c      write-through writes waiting for Python's sync
  *   dp_pyq.c       FALLOCATE, LSEEK and FSYNC served by Python
  *   dp_passthrough.c kernel passthrough: INIT's flag, backing ids, OPEN replies (issue 24)
+ *   dp_uring.c     FUSE over io_uring: INIT's flag, ring entries, commits; what INIT negotiated (issue 24)
  *   dp_testhooks.c the loop's decisions for tests, without I/O
  * A function used by another file is declared here with DP_HIDDEN (not exported from the
  * module: only dp_abi.h's are). The hot helpers are static inline here, so they still inline
@@ -55,7 +56,9 @@
 #define FOPEN_PARALLEL_DIRECT_WRITES (1 << 6)  /* fuse.h 7.36; Debian 12's header has it */
 #endif
 
-#define DP_NSLOT 64            /* requests held at once: max_background (64) and then some */
+#define DP_NPOOL 64            /* slots read from /dev/fuse: max_background (64) and then some */
+#define DP_NRING 256           /* FUSE-over-io_uring entries at most, each with a slot of its own (dp_uring.c) */
+#define DP_NSLOT (DP_NPOOL + DP_NRING)  /* every slot: the pool's first, then the ring's */
 #define DP_HDR 80              /* fuse_in_header + fuse_read_in / fuse_write_in: the data's offset */
 #define DP_DATA ((1u << 20) + 4096)  /* max_write (1 MiB, libfuse's) plus room for any other request */
 #define DP_RBUF ((1u << 20) + 65536) /* one libfuse reply: a 1 MiB READ reply and its header */
@@ -166,6 +169,9 @@ struct dp_slot {
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];
     struct dp_slot *next;      /* free list or send queue */
+    /* A ring entry's slot (dp_uring.c): its data is the entry's payload buffer; it is never on the free
+     * list, and its answer is committed into the entry, not written to /dev/fuse. NULL: a pool slot. */
+    struct dp_uent *uent;
 };
 
 struct dp_track { uint64_t unique; uint32_t opcode; };
@@ -210,6 +216,8 @@ struct dp {
     int nparked;               /* parked + released (under lock) */
     int pt_want;               /* take FUSE_PASSTHROUGH at INIT when offered (set before dp_start) */
     unsigned pt_state;         /* DP_PT_* (atomic): what INIT settled */
+    struct dp_uring *ur;       /* FUSE over io_uring (dp_uring.c); set before dp_start, or NULL */
+    uint64_t init[DP_INIT_N];  /* what INIT negotiated (dp_uring.c), written by the loop before DP_ST_INIT_DONE */
 };
 
 #define DP_HIDDEN __attribute__((visibility("hidden")))
@@ -218,7 +226,7 @@ struct dp {
  * The top byte tags what completed. A backend I/O (T_IO) carries its slot's index and its piece's
  * index below; a notification (T_NOTE) its buffer's address, which user space keeps below bit 56
  * (x86-64 and arm64 hand out no higher address unless mmap is asked for one). */
-enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_NTAGS };
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_URING, T_NTAGS };
 #define DP_UD_TAG_SHIFT 56
 #define DP_UD_PIECE_BITS 8
 #define DP_UD_SLOT_BITS 16
@@ -267,6 +275,8 @@ static inline uint64_t dp_entry(const struct dp_image *im, uint64_t cluster) {
 }
 
 static inline void dp_free_slot(struct dp *dp, struct dp_slot *s) {
+    if (s->uent)
+        return;  /* a ring entry's slot stays the entry's: its commit gives it back to the kernel */
     s->next = dp->free;
     dp->free = s;
 }
@@ -303,6 +313,8 @@ DP_HIDDEN int dp_cow_merge(struct dp_slot *s, int res);
 DP_HIDDEN void dp_cow_done(struct dp *dp, struct dp_slot *s);
 /* dp_loop.c */
 DP_HIDDEN struct io_uring_sqe *dp_sqe(struct dp *dp);
+DP_HIDDEN int dp_ring_setup(struct dp *dp, unsigned flags);
+DP_HIDDEN void dp_dispatch(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_post(struct dp *dp, unsigned bits);
 DP_HIDDEN void dp_write_fuse(struct dp *dp, struct iovec *iov, int n);
 DP_HIDDEN void dp_reply(struct dp *dp, uint64_t unique, int err, const void *data, uint32_t len);
@@ -323,6 +335,14 @@ DP_HIDDEN int dp_parked(struct dp *dp);
 DP_HIDDEN void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s);
 DP_HIDDEN void dp_passthrough_init_out(struct dp *dp, struct fuse_init_out *o, size_t len);
 DP_HIDDEN void dp_passthrough_open_out(struct dp *dp, struct fuse_open_out *o);
+/* dp_uring.c */
+DP_HIDDEN void dp_uring_init_in(struct dp *dp, const struct dp_slot *s);
+DP_HIDDEN void dp_uring_init_out(struct dp *dp, struct fuse_init_out *o, size_t len);
+DP_HIDDEN void dp_uring_poll(struct dp *dp);
+DP_HIDDEN void dp_uring_cqe(struct dp *dp, uint64_t ud, int res);
+DP_HIDDEN int dp_uring_commit(struct dp *dp, const struct iovec *iov, int n);
+DP_HIDDEN int dp_uring_defer(struct dp *dp, uint64_t unique, int err, const void *arg, uint32_t len);
+DP_HIDDEN void dp_uring_free(struct dp *dp);
 /* dp_pyq.c */
 DP_HIDDEN int dp_pyq_init(struct dp *dp);
 DP_HIDDEN void dp_pyq_free(struct dp *dp);

@@ -48,6 +48,8 @@ void dp_post(struct dp *dp, unsigned bits) {
 }
 
 void dp_write_fuse(struct dp *dp, struct iovec *iov, int n) {
+    if (dp->ur && dp_uring_commit(dp, iov, n))
+        return;  /* the answer to a request that came over the ring goes back into its entry */
     while (writev(dp->fuse_fd, iov, n) < 0) {
         if (errno == EINTR)
             continue;
@@ -234,7 +236,7 @@ static int dp_foreign_xattr(struct dp *dp, struct dp_slot *s) {
     return 1;
 }
 
-static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
+void dp_dispatch(struct dp *dp, struct dp_slot *s) {
     struct fuse_in_header *ih = (void *)s->hdr;
     dp_count(&dp->g[DP_G_REQUESTS], 1);
     if ((ih->opcode == FUSE_READ || ih->opcode == FUSE_WRITE) && dp_try_fast(dp, s))
@@ -244,6 +246,7 @@ static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
     if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK || ih->opcode == FUSE_FSYNC) &&
         dp_pyq_serve(dp, s))
         return;
+    dp_count(&dp->g[DP_G_INTERRUPTS], ih->opcode == FUSE_INTERRUPT);
     if (ih->opcode == FUSE_INTERRUPT && s->len >= sizeof *ih + 8 && dp_interrupts_fast(dp, s)) {
         dp_free_slot(dp, s);
         return;
@@ -314,6 +317,9 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
         if (res < 0 && res != -ENOENT && res != -ENODEV)
             dp_count(&dp->g[DP_G_REPLY_ERRORS], 1);
         break;
+    case T_URING:  /* a ring entry's request, or its end (dp_uring.c) */
+        dp_uring_cqe(dp, ud, res);
+        break;
     }
 }
 
@@ -353,6 +359,7 @@ static void *dp_main(void *arg) {
         dp_pyq_admit(dp);
         dp_drain_fuse(dp);
         dp_drain_sock(dp);
+        dp_uring_poll(dp);  /* after INIT's reply: the ring's registration; Python's answers to ring requests */
         dp_flush_sendq(dp);
         if (dp_control(dp))
             break;
@@ -381,7 +388,8 @@ static int dp_alloc_buffers(struct dp *dp) {
         return -ENOMEM;
     for (int i = DP_NSLOT - 1; i >= 0; i--) {
         dp->slots[i].data = data + (size_t)i * DP_DATA;
-        dp_free_slot(dp, &dp->slots[i]);
+        if (i < DP_NPOOL)
+            dp_free_slot(dp, &dp->slots[i]);  /* the rest are ring entries' (dp_uring.c) */
     }
     dp->rbuf = mmap(NULL, DP_RBUF, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return dp->rbuf == MAP_FAILED ? -ENOMEM : 0;
@@ -389,19 +397,30 @@ static int dp_alloc_buffers(struct dp *dp) {
 
 int dp_built(void) { return 1; }
 
+/* The ring, created (again, by dp_uring_want, with IORING_SETUP_SQE128) before the thread starts.
+ * A CQ of 4096 entries (CQSIZE) against a 512-entry SQ: more can be in flight than the SQ
+ * holds (DP_NSLOT requests of up to DP_MAXPIECE pieces, the polls, the notifications).
+ * One thread submits and reaps (SINGLE_ISSUER, 6.0), and the ring starts disabled
+ * (R_DISABLED) so that the loop thread, not this one, enables it and becomes that issuer
+ * (dp_main). DEFER_TASKRUN is not set: completion work runs as ordinary task work. A kernel
+ * that refuses these flags (-EINVAL) gets a plain ring with the same CQ size. */
+int dp_ring_setup(struct dp *dp, unsigned flags) {
+    struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
+                                          IORING_SETUP_R_DISABLED | flags,
+                                 .cq_entries = 4096 };
+    int rc = io_uring_queue_init_params(512, &dp->ring, &p);
+    dp->ring_disabled = rc == 0;
+    if (rc == -EINVAL) {
+        p = (struct io_uring_params){ .flags = IORING_SETUP_CQSIZE | flags, .cq_entries = 4096 };
+        rc = io_uring_queue_init_params(512, &dp->ring, &p);
+    }
+    return rc;
+}
+
 /* -errno when io_uring is refused (seccomp, kernel.io_uring_disabled): the mount says so. */
 /* Before the mount exists (dp_start gets its descriptor), so a refusal leaves nothing mounted. */
 int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_limit, struct dp **out) {
     struct dp *dp = calloc(1, sizeof *dp);
-    /* A CQ of 4096 entries (CQSIZE) against a 512-entry SQ: more can be in flight than the SQ
-     * holds (DP_NSLOT requests of up to DP_MAXPIECE pieces, the polls, the notifications).
-     * One thread submits and reaps (SINGLE_ISSUER, 6.0), and the ring starts disabled
-     * (R_DISABLED) so that the loop thread, not this one, enables it and becomes that issuer
-     * (dp_main). DEFER_TASKRUN is not set: completion work runs as ordinary task work. A kernel
-     * that refuses these flags (-EINVAL) gets a plain ring with the same CQ size. */
-    struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
-                                          IORING_SETUP_R_DISABLED,
-                                 .cq_entries = 4096 };
     int rc;
     if (!dp)
         return -ENOMEM;
@@ -410,12 +429,7 @@ int dp_create(int sock_fd, int evt_fd, unsigned max_background, uint32_t msg_lim
                        .max_background = max_background, .msg_limit = msg_limit, .rbuf = MAP_FAILED };
     pthread_mutex_init(&dp->lock, NULL);
     dp->ctl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    rc = dp->ctl_fd < 0 ? -errno : io_uring_queue_init_params(512, &dp->ring, &p);
-    dp->ring_disabled = rc == 0;
-    if (rc == -EINVAL) {
-        p = (struct io_uring_params){ .flags = IORING_SETUP_CQSIZE, .cq_entries = 4096 };
-        rc = io_uring_queue_init_params(512, &dp->ring, &p);
-    }
+    rc = dp->ctl_fd < 0 ? -errno : dp_ring_setup(dp, 0);
     if (rc < 0) {
         if (dp->ctl_fd >= 0)
             close(dp->ctl_fd);
@@ -481,6 +495,7 @@ void dp_destroy(struct dp *dp) {
     dp_map_free(&dp->images);
     dp_map_free(&dp->handles);
     dp_pyq_free(dp);
+    dp_uring_free(dp);
     close(dp->ctl_fd);
     pthread_mutex_destroy(&dp->lock);
     free(dp);

@@ -37,6 +37,10 @@ static const char *const connection_names[] = {
     [DP_G_SEND_QUEUED] = "send_queued",
     [DP_G_SEND_RETRIES] = "send_retries",
     [DP_G_PASSTHROUGH_OPENS] = "passthrough_opens",
+    [DP_G_URING_REQUESTS] = "uring_requests",
+    [DP_G_URING_FORWARDED] = "uring_forwarded",
+    [DP_G_URING_LOST] = "uring_lost",
+    [DP_G_INTERRUPTS] = "interrupts",
 };
 
 #define DP_COUNT_OF(a) (sizeof(a) / sizeof *(a))

@@ -168,8 +168,9 @@ int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset) {
     int with_arg = !err && opcode == FUSE_LSEEK;
     struct fuse_out_header oh = { (uint32_t)(sizeof oh + (with_arg ? sizeof out : 0)), err, unique };
     struct iovec iov[2] = { { &oh, sizeof oh }, { &out, sizeof out } };
-    int rc = 0;
-    while (writev(dp->fuse_fd, iov, with_arg ? 2 : 1) < 0)
+    /* A request that came over the ring is answered in its entry, by the loop (dp_uring.c). */
+    int rc = 0, ring = dp_uring_defer(dp, unique, err, &out, with_arg ? sizeof out : 0);
+    while (!ring && writev(dp->fuse_fd, iov, with_arg ? 2 : 1) < 0)
         if (errno != EINTR) {
             rc = -errno;
             break;

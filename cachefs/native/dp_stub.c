@@ -34,6 +34,9 @@ int dp_plan_probe(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t 
 int dp_image_counters(struct dp *dp, uint64_t ino, uint64_t *out, int n) { return -ENOSYS; }
 void dp_counters(struct dp *dp, uint64_t *out, int n) {}
 int dp_notify_inval_inode(struct dp *dp, uint64_t ino, int64_t off, int64_t len) { return -ENOSYS; }
+int dp_uring_want(struct dp *dp, int on) { return on ? -ENOSYS : 0; }
+int dp_uring(struct dp *dp) { return 0; }
+int dp_init_info(struct dp *dp, uint64_t *out, int n) { return 0; }
 int dp_pyq_fd(struct dp *dp) { return -ENOSYS; }
 int dp_pyq_take(struct dp *dp, struct dp_pyreq *out, int max) { return -ENOSYS; }
 int dp_pyq_reply(struct dp *dp, uint64_t unique, int err, uint64_t offset) { return -ENOSYS; }

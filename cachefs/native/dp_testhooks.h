@@ -34,5 +34,7 @@ int dp_test_plan(struct dp *dp, uint64_t fh, int write, uint64_t off, uint32_t s
                  struct dp_test_plan *out);
 int dp_test_entries(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count, uint64_t *out);
 int dp_test_alloc_state(struct dp *dp, uint64_t ino, struct dp_test_alloc *out, uint64_t *spares);
+/* dp_uring.c: the ring's entries lend payload buffers of `bytes` (a refused registration). */
+int dp_test_uring_payload(struct dp *dp, uint32_t bytes);
 
 #endif
