@@ -10,6 +10,8 @@
   cachefs-dpoff-ENGINE the same with `--dataplane off` (pure pyfuse3)
   cachefs-dp-raw       cachefs, data plane on, serving a fresh sparse raw image (O_DIRECT jobs
                        only; engine: the first of ENGINES; cachefs-dp-raw-ENGINE names one)
+  ...-dev              any cachefs-dp target with `--transport dev` (/dev/fuse); the others run with
+                       `--transport uring` where the kernel has FUSE over io_uring (turning it on)
 Every target's setup(job) serves a fresh file at .path; teardown() stops serving it.
 """
 
@@ -34,6 +36,7 @@ DPOFF_ENGINES = words("DPOFF_ENGINES", "io_uring")  # cachefs-dpoff: one target 
 PROBE_DIR = Path(env("PROBE_DIR", str(REPO.parent / "shared" / "bench" / "fuse-ceiling")))
 DEFAULT_TARGETS = "host probe qsd qsd11 cachefs-dp cachefs-dpoff cachefs-dp-raw"
 RAW_ONLY_DIRECT = "O_DIRECT jobs only on this target"
+URING_SWITCH = Path("/sys/module/fuse/parameters/enable_uring")
 
 
 class Target:
@@ -309,6 +312,7 @@ class CachefsTarget(Target):
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.backing_file, self.path = self.imgs / f"t.{image}", self.mnt / "t.raw"
         self.refused: dict[str, str] = {}  # cache mode -> the daemon's reason
+        self.mount_extra: list[str] = []
 
     def serves(self, job: Job) -> str:
         return RAW_ONLY_DIRECT if self.image == "raw" and not job.direct else ""
@@ -327,7 +331,8 @@ class CachefsTarget(Target):
             self._run("truncate", "-s", IMG_SIZE, self.backing_file)
         else:
             self._run("qemu-img", "create", "-q", "-f", "qcow2", self.backing_file, IMG_SIZE)
-        cmd = [*self.cli, "mount", str(self.imgs), str(self.mnt), "--cache", job.mode, "--aio", self.engine,
+        cmd = [*self.cli, "mount", str(self.imgs), str(self.mnt), *self.mount_extra, "--cache", job.mode,
+               "--aio", self.engine,
                "--dataplane", self.dataplane, "--log", str(WORK / "out" / f"{self.name}.log")]
         self.commands.append(shlex.join(cmd))
         rc, reason = self._mount(cmd)
@@ -405,7 +410,7 @@ def _first_child(pid: int) -> int | None:
     return int(kids[0]) if kids else None
 
 
-CACHEFS_NAME = re.compile(r"cachefs-(dp|dpoff)(-raw)?(?:-(threads|native|io_uring))?")
+CACHEFS_NAME = re.compile(r"cachefs-(dp|dpoff)(-raw)?(?:-(threads|native|io_uring))?(-dev)?")
 
 
 def target_names(names: list[str]) -> list[str]:
@@ -431,7 +436,10 @@ def make_targets(names: list[str], cli: list[str]) -> list[Target]:
         if n in ("host", "probe", "qsd", "qsd11"):
             out.append({"host": HostTarget, "probe": ProbeTarget, "qsd": QsdTarget, "qsd11": Qsd11Target}[n]())
             continue
-        dp, raw, engine = CACHEFS_NAME.fullmatch(n).groups()
-        out.append(CachefsTarget(n, engine or ENGINES[0], "on" if dp == "dp" else "off",
-                                 "raw" if raw else "qcow2", cli))
+        dp, raw, engine, dev = CACHEFS_NAME.fullmatch(n).groups()
+        t = CachefsTarget(n, engine or ENGINES[0], "on" if dp == "dp" else "off", "raw" if raw else "qcow2", cli)
+        # -dev: /dev/fuse; the others take FUSE over io_uring where the kernel has it (as root,
+        # `--transport uring` turns the module's enable_uring on: the mount logs it).
+        t.mount_extra = ["--transport", "dev" if dev else "uring"] if dp == "dp" and URING_SWITCH.exists() else []
+        out.append(t)
     return out
