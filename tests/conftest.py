@@ -255,10 +255,20 @@ def pytest_runtest_makereport(item, call):
     workdir = item.funcargs.get("workdir") if hasattr(item, "funcargs") else None
     if report.when != "call" or not report.failed or workdir is None:
         return
-    for log in sorted(Path(workdir).glob("**/cachefs*.log"))[:8]:
+    for log in daemon_logs(Path(workdir))[:8]:
         with contextlib.suppress(OSError):
             tail = log.read_text(errors="replace").splitlines()[-40:]
             report.sections.append((f"daemon log {log.name} (last 40 lines)", "\n".join(tail)))
+
+
+def daemon_logs(workdir: Path) -> list[Path]:
+    """The cachefs*.log files under ``workdir``, not looking into mountpoints (a dead mount answers
+    ENOTCONN, a live one is the daemon's, and walking it would ask the daemon)."""
+    found = []
+    for root, dirs, files in os.walk(workdir, onerror=lambda exc: None):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(root, d))]
+        found += [Path(root) / f for f in files if f.startswith("cachefs") and f.endswith(".log")]
+    return sorted(found)
 
 
 def pytest_generate_tests(metafunc):

@@ -22,6 +22,10 @@ from cachefs.errors import CachefsError
 from cachefs.mountinfo import mount_at
 
 
+#: What a mount whose daemon is gone answers (directory() says which when).
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
+
+
 def directory(path: str, what: str) -> str:
     """``path`` resolved (symlinks too), once it is known to be a directory that answers."""
     absolute = os.path.abspath(path)
@@ -29,7 +33,10 @@ def directory(path: str, what: str) -> str:
         st = os.stat(absolute)
         os.statvfs(absolute)  # always asks a FUSE daemon (stat may answer from cached attributes)
     except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # the second while the kernel ends it
+        # ECONNABORTED while the kernel ends the connection; ECANCELED just after the daemon died
+        # over FUSE over io_uring, before the kernel's teardown of its ring aborts the connection
+        # (fs/fuse/dev_uring.c: a request queued on a stopped queue ends -ECANCELED).
+        if exc.errno in DEAD:
             raise CachefsError(dead_mount_message(absolute)) from None
         raise CachefsError(f"{absolute}: the {what} {_missing(exc)}") from None
     if not stat.S_ISDIR(st.st_mode):
