@@ -24,6 +24,7 @@
  *   dp_forward.c   forwarding to libfuse and writing its replies back
  *   dp_park.c      write-through writes waiting for Python's sync
  *   dp_pyq.c       FALLOCATE, LSEEK and FSYNC served by Python
+ *   dp_cflush.c    guest flushes (FSYNC) served in C: C's own L2 entries, one fdatasync
  *   dp_passthrough.c kernel passthrough: INIT's flag, backing ids, OPEN replies (issue 24)
  *   dp_testhooks.c the loop's decisions for tests, without I/O
  * A function used by another file is declared here with DP_HIDDEN (not exported from the
@@ -79,7 +80,9 @@ struct dp_u64map {             /* open addressing, linear probing, key 0 = empty
     uint32_t cap, count;
 };
 
-struct dp_logrec { uint64_t guest, host; };  /* guest cluster, host offset */
+/* guest cluster, host offset; cow: a copy on write (dp_cow.c), whose entry must wait for its data's
+ * sync, so a flush in C leaves it to Python (dp_cflush.c) */
+struct dp_logrec { uint64_t guest, host; int cow; };
 
 struct dp_claim { uint64_t first, end; };     /* end == 0: unused */
 
@@ -104,6 +107,24 @@ struct dp_alloc {
     uint64_t released;         /* ... and answered up to this number */
 };
 
+/* Guest flushes served in C (dp_cflush.c). Record numbers are absolute: log[0] is record
+ * `log_base` (every drop_log adds to it), so Python's drops need not renumber them.
+ * Invariant: log_base <= durable <= written, minus what drops cut off (clamped at use). */
+struct dp_cflush {
+    int fd;                    /* C's own buffered descriptor of the image file (a dup), -1: none */
+    int open;                  /* Python's gate: its metadata queue is clean and it holds no lock */
+    int err;                   /* sticky: the first failed fdatasync's -errno, whoever ran it */
+    int running;               /* C's fdatasync in flight */
+    int skip_sync;             /* test hook (sabotage): answer without the fdatasync */
+    uint32_t min_spare;        /* forward when the lent clusters are this few: Python reserves ahead */
+    unsigned table_bits;       /* guest clusters per L2 table, log2 */
+    uint64_t *l2off;           /* per L2 table: its host offset while C may write it in place; 0: not */
+    uint64_t nl2;
+    uint64_t log_base, written, durable, syncing;
+    uint64_t mark, covered;    /* DP_C_UNSYNCED_WRITES at the running sync's start; at the last good one */
+    struct dp_slot *cur, *next;  /* FSYNCs the running sync answers; those the next one will */
+};
+
 struct dp_image {
     uint64_t ino;
     uint64_t vsize;            /* the guest's size: READs past it are short, WRITEs past it forwarded */
@@ -124,6 +145,7 @@ struct dp_image {
     unsigned read_align;
     uint64_t c[DP_C_NIMAGE];
     struct dp_alloc alloc;
+    struct dp_cflush cflush;
     struct dp_image *next_dead;
 };
 
@@ -135,6 +157,7 @@ struct dp_handle {
     int sync;                  /* O_DSYNC: a completed write is durable, no fdatasync owed */
     int batch_fd;              /* write-through: the twin without O_DSYNC for writes a sync follows, or -1 */
     uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
+    int cflush;                /* its FSYNCs may be served in C (writeback, none: dp_cflush.c) */
     int backing_id;            /* > 0: its OPEN reply passes through (dp_passthrough.c); kept too */
     int pt_served;             /* ... with FOPEN_DIRECT_IO: reads and writes still come here */
 };
@@ -218,7 +241,7 @@ struct dp {
  * The top byte tags what completed. A backend I/O (T_IO) carries its slot's index and its piece's
  * index below; a notification (T_NOTE) its buffer's address, which user space keeps below bit 56
  * (x86-64 and arm64 hand out no higher address unless mmap is asked for one). */
-enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_NTAGS };
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_CFLUSH, T_NTAGS };
 #define DP_UD_TAG_SHIFT 56
 #define DP_UD_PIECE_BITS 8
 #define DP_UD_SLOT_BITS 16
@@ -319,6 +342,11 @@ DP_HIDDEN void dp_park(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_answer_released(struct dp *dp);
 DP_HIDDEN void dp_fail_parked(struct dp *dp);
 DP_HIDDEN int dp_parked(struct dp *dp);
+/* dp_cflush.c */
+DP_HIDDEN int dp_cflush_try(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN void dp_cflush_done(struct dp *dp, struct dp_image *im, int res);
+DP_HIDDEN void dp_cflush_dropped(struct dp_image *im, uint32_t n);
+DP_HIDDEN void dp_cflush_free(struct dp_image *im);
 /* dp_passthrough.c */
 DP_HIDDEN void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s);
 DP_HIDDEN void dp_passthrough_init_out(struct dp *dp, struct fuse_init_out *o, size_t len);

@@ -241,6 +241,8 @@ static void dp_dispatch(struct dp *dp, struct dp_slot *s) {
         return;
     if (ih->opcode == FUSE_GETXATTR && dp_foreign_xattr(dp, s))
         return;
+    if (ih->opcode == FUSE_FSYNC && dp_cflush_try(dp, s))  /* a guest flush C can serve (dp_cflush.c) */
+        return;
     if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK || ih->opcode == FUSE_FSYNC) &&
         dp_pyq_serve(dp, s))
         return;
@@ -309,6 +311,9 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
         (void)!read(dp->ctl_fd, &v, sizeof v);
         break;
     }
+    case T_CFLUSH:  /* C's fdatasync of a guest flush (dp_cflush.c): dead images are kept till destroy */
+        dp_cflush_done(dp, (struct dp_image *)(uintptr_t)UNTAG(ud), res);
+        break;
     case T_NOTE:
         free((void *)(uintptr_t)UNTAG(ud));
         if (res < 0 && res != -ENOENT && res != -ENODEV)

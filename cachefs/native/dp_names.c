@@ -18,6 +18,10 @@ static const char *const image_names[] = {
     [DP_C_BACKING_READS] = "fast_backing_reads",
     [DP_C_COWS] = "fast_cows",
     [DP_C_COW_READS] = "fast_cow_reads",
+    [DP_C_CFLUSHES] = "fast_flushes",
+    [DP_C_CFSYNCS] = "fast_fdatasyncs",
+    [DP_C_CFLUSH_ENTRIES] = "fast_flush_entries",
+    [DP_C_CFLUSH_FORWARDED] = "fast_flushes_forwarded",
 };
 static const char *const handle_names[] = {
     [DP_H_READS] = "reads",
