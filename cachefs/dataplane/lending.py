@@ -152,6 +152,11 @@ class FastAllocations:
         self.lent += given
         self._set()  # the low-water mark follows what C holds
 
+    def durable_logged(self) -> int:
+        """How many of the oldest log records C wrote into their L2 tables and synced itself (a
+        flush served in C, dp_cflush.c): Engine.adopt stores them without dirtying the tables."""
+        return self.plane.cflush_status(self.inode)[0] if self.plane.alive else 0
+
     def python_allocated(self) -> None:
         """Python allocated a cluster (a write C forwarded, maybe for want of lent clusters): if C
         runs low, refill now that this write has taken what it needed."""
