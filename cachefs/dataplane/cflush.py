@@ -43,6 +43,9 @@ log = logging.getLogger("cachefs.dataplane.plane")
 
 #: Off switch (tests compare, and a safe point to fall back to): ``CACHEFS_CFLUSH=off``.
 ENABLED = os.environ.get("CACHEFS_CFLUSH", "on") != "off"
+#: Tests only (tests/test_powercut_daemon.py, sabotage): ``skip-sync`` makes C answer its flushes
+#: without the fdatasync, which the power-cut judge must catch.
+TESTHOOK = os.environ.get("CACHEFS_CFLUSH_TESTHOOK", "")
 
 
 class FlushInC:
@@ -62,6 +65,9 @@ class FlushInC:
         self.opened = 0  # counters, for stats and tests
         if self.enabled:
             self.engine.cache.listeners.append(self)
+        if self.enabled and TESTHOOK == "skip-sync":
+            log.warning("%s: CACHEFS_CFLUSH_TESTHOOK=skip-sync: flushes in C skip their fdatasync", image.path)
+            plane.cflush_testhook(inode, True)
 
     # ------------------------------------------------------------ the gate
 
