@@ -43,6 +43,12 @@ log = logging.getLogger("cachefs.dataplane.plane")
 
 #: Off switch (tests compare, and a safe point to fall back to): ``CACHEFS_CFLUSH=off``.
 ENABLED = os.environ.get("CACHEFS_CFLUSH", "on") != "off"
+#: What a flush reserves at the least while flushes are served in C (MetaQueue.reserve_at_least):
+#: C forwards a flush once its lent clusters run low, and a reservation of one interval's worth
+#: would make every other flush Python's. Unused reserved clusters are leaks only after a crash
+#: (the dirty bit repairs them at the next open); a clean close gives them back.
+RESERVE_BYTES = 32 << 20
+
 #: Tests only (tests/test_powercut_daemon.py, sabotage): ``skip-sync`` makes C answer its flushes
 #: without the fdatasync, which the power-cut judge must catch.
 TESTHOOK = os.environ.get("CACHEFS_CFLUSH_TESTHOOK", "")
@@ -65,6 +71,7 @@ class FlushInC:
         self.opened = 0  # counters, for stats and tests
         if self.enabled:
             self.engine.cache.listeners.append(self)
+            self.engine.queue.reserve_at_least(RESERVE_BYTES)
         if self.enabled and TESTHOOK == "skip-sync":
             log.warning("%s: CACHEFS_CFLUSH_TESTHOOK=skip-sync: flushes in C skip their fdatasync", image.path)
             plane.cflush_testhook(inode, True)

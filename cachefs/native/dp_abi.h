@@ -45,7 +45,8 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
        DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_BACKING_READS, DP_C_COWS, DP_C_COW_READS,
-       DP_C_CFLUSHES, DP_C_CFSYNCS, DP_C_CFLUSH_ENTRIES, DP_C_CFLUSH_FORWARDED, DP_C_NIMAGE };
+       DP_C_CFLUSHES, DP_C_CFSYNCS, DP_C_CFLUSH_ENTRIES, DP_C_CFLUSH_FORWARDED,
+       DP_C_CFLUSH_WRITES, DP_C_NIMAGE };
 /* Per-handle counters, counted at dispatch: Python charges them to the handle's cache mode. */
 enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */

@@ -13,6 +13,11 @@
  *   the FSYNC is answered with its result. FSYNCs arriving meanwhile wait for the next one
  *   (group commit), which writes what was logged since and syncs once for all of them.
  *
+ * Write-through (writethrough, directsync) allocating writes take the same way instead of
+ * parking for Python's sync (dp_park.c): the data through the twin without O_DSYNC, then C's
+ * entry write and fdatasync, then the WRITE's reply (dp_cflush_write). Once that sync is done
+ * the cluster is plainly writable, so later overwrites are single O_DSYNC writes.
+ *
  * Why 8-byte entry writes through a buffered descriptor, not whole 4 KiB pages: C does not
  * hold an L2 table's bytes (compressed, zero-flag and backing entries are not in its mapping),
  * and a page built from anything but the current table would write stale entries. An entry is
@@ -40,7 +45,15 @@
 
 #define L2_COPIED (1ull << 63)  /* qcow2 spec: refcount 1, writable in place */
 
+static void dp_cflush_settle(struct dp_image *im, uint64_t from, uint64_t to);
+
+/* An FSYNC gets its result; a write-through WRITE (dp_cflush_write) its reply, or the error. */
 static void dp_cflush_answer(struct dp *dp, struct dp_slot *s, int err) {
+    if (s->write) {
+        s->err = err;
+        dp_answer(dp, s);
+        return;
+    }
     dp_reply(dp, ((struct fuse_in_header *)s->hdr)->unique, err, NULL, 0);
     dp_free_slot(dp, s);
 }
@@ -108,6 +121,7 @@ int dp_cflush_try(struct dp *dp, struct dp_slot *s) {
         return 0;
     uint64_t fh = ((const struct fuse_fsync_in *)(ih + 1))->fh;
     int err = 0, taken = 0;
+    s->write = 0;  /* an FSYNC (dp_cflush_answer): the slot may have served a WRITE before */
     pthread_mutex_lock(&dp->lock);
     struct dp_handle *h = dp_map_get(&dp->handles, fh);
     struct dp_image *im = h && h->cflush ? h->img : NULL;
@@ -146,6 +160,7 @@ void dp_cflush_done(struct dp *dp, struct dp_image *im, int res) {
     if (res < 0 && !cf->err)
         cf->err = res;  /* sticky (DESIGN.md section 2): every later flush fails */
     if (res >= 0) {
+        dp_cflush_settle(im, cf->durable, cf->syncing);
         cf->durable = cf->syncing;  /* the entries written before it are durable now */
         cf->covered = cf->mark;     /* ... and the fast writes completed before it */
     }
@@ -165,8 +180,50 @@ void dp_cflush_done(struct dp *dp, struct dp_image *im, int res) {
     dp_cflush_answer_all(dp, failed, rfailed);
     for (struct dp_slot *s = forward, *next; s; s = next) {
         next = s->next;
-        dp_pyq_serve(dp, s);
+        if (s->write)
+            dp_park(dp, s);  /* Python's sync makes it durable, as before */
+        else
+            dp_pyq_serve(dp, s);
     }
+}
+
+/* Under dp->lock, after a good sync: the clusters whose entries it made durable are plainly
+ * writable now, so a write-through overwrite there is one O_DSYNC write (dp_take_fast), as on
+ * any durable mapping. A table published since may have restored the flag (dp_alloc_restore). */
+static void dp_cflush_settle(struct dp_image *im, uint64_t from, uint64_t to) {
+    const struct dp_alloc *a = &im->alloc;
+    const struct dp_cflush *cf = &im->cflush;
+    from = from > cf->log_base ? from - cf->log_base : 0;
+    to = to > cf->log_base ? to - cf->log_base : 0;
+    for (uint64_t i = from; i < to && i < a->log_count; i++) {
+        uint64_t want = a->log[i].host | DP_MAP_WRITABLE | DP_MAP_UNSYNCED;
+        if (dp_entry(im, a->log[i].guest) == want)
+            dp_set_entry(im, a->log[i].guest, want & ~(uint64_t)DP_MAP_UNSYNCED);
+    }
+}
+
+/* The loop thread: a write-through WRITE onto a mapping that is not durable (C allocated it)
+ * completed its data write through the twin without O_DSYNC. 1: C makes it durable itself, its
+ * L2 entry and its data in C's next fdatasync (the same conditions as a guest flush: the gate
+ * open, nothing of Python's queued), and answers it then; 0: it parks for Python's sync. */
+int dp_cflush_write(struct dp *dp, struct dp_slot *s) {
+    struct dp_image *im = s->img;
+    struct dp_cflush *cf = &im->cflush;
+    int taken = 0;
+    pthread_mutex_lock(&dp->lock);
+    if (!cf->err && cf->running) {
+        s->next = cf->next;
+        cf->next = s;
+        taken = 1;
+    } else if (!cf->err && dp_cflush_may(im) && dp_cflush_start(dp, im) == 0) {
+        s->next = cf->cur;
+        cf->cur = s;
+        taken = 1;
+    }
+    if (taken)
+        dp_count(&im->c[DP_C_CFLUSH_WRITES], 1);
+    pthread_mutex_unlock(&dp->lock);
+    return taken;
 }
 
 /* Python dropped the oldest `n` log records (adopted): absolute numbers move on. */

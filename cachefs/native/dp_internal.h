@@ -344,6 +344,7 @@ DP_HIDDEN void dp_fail_parked(struct dp *dp);
 DP_HIDDEN int dp_parked(struct dp *dp);
 /* dp_cflush.c */
 DP_HIDDEN int dp_cflush_try(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN int dp_cflush_write(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_cflush_done(struct dp *dp, struct dp_image *im, int res);
 DP_HIDDEN void dp_cflush_dropped(struct dp_image *im, uint32_t n);
 DP_HIDDEN void dp_cflush_free(struct dp_image *im);

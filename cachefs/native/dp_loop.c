@@ -172,10 +172,10 @@ static void dp_finish(struct dp *dp, struct dp_slot *s) {
     __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
     dp->active--;
     dp->completed = 1;
-    if (s->defer && !s->err)
-        dp_park(dp, s);
-    else
+    if (!s->defer || s->err)
         dp_answer(dp, s);
+    else if (!dp_cflush_write(dp, s))  /* made durable by C's own flush (dp_cflush.c), or by Python's */
+        dp_park(dp, s);
 }
 
 /* Count, answer, free. */

@@ -22,6 +22,7 @@ static const char *const image_names[] = {
     [DP_C_CFSYNCS] = "fast_fdatasyncs",
     [DP_C_CFLUSH_ENTRIES] = "fast_flush_entries",
     [DP_C_CFLUSH_FORWARDED] = "fast_flushes_forwarded",
+    [DP_C_CFLUSH_WRITES] = "fast_flush_writes",
 };
 static const char *const handle_names[] = {
     [DP_H_READS] = "reads",
