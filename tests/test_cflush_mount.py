@@ -112,10 +112,11 @@ def test_one_fsync_reaches_the_image_per_guest_flush_and_c_serves_them(cache, re
     assert not lost, f"{where}: {len(lost)} blocks differ after unmount"
 
 
-@pytest.mark.parametrize("cache", ["writeback", "none"])
+@pytest.mark.parametrize("cache", ["writeback", "none", "directsync"])
 def test_sigkill_rounds_with_flushes_in_c_keep_acknowledged_writes(cache, mounted, workdir):
     """The daemon SIGKILLed mid-workload, round after round: leaks at most, every block acknowledged
-    by a completed fdatasync reads back; C served flushes in every round before the kill."""
+    by a completed fdatasync reads back (in directsync: every completed write, no fdatasync asked);
+    C served flushes (its write-through writes' syncs) in every round before the kill."""
     images = workdir / "images"
     images.mkdir()
     image = images / "vm.qcow2"
@@ -126,7 +127,12 @@ def test_sigkill_rounds_with_flushes_in_c_keep_acknowledged_writes(cache, mounte
     # The writer's first discard is refused instead (crashwrites replays it as refused).
     refused = "libc.fallocate64(fd, 3, block * 4096, count * 4096) == 0"
     assert refused in WRITER
-    script.write_text((WRITER % {"blocks": blocks}).replace(refused, "False"))
+    text = (WRITER % {"blocks": blocks}).replace(refused, "False")
+    if cache == "directsync":  # each write is acknowledged when it returns: logged as such
+        assert "if i % 16 == 15:" in text and "os.fdatasync(fd)" in text
+        text = text.replace("if i % 16 == 15:", "if True:").replace("os.fdatasync(fd)", "pass")
+    script.write_text(text)
+    served_in_c = "fast_flush_writes" if cache == "directsync" else "fast_flushes"
     expect: dict[int, bytes] = {}
     for rnd in range(4):
         m = mounted(images, "--cache", cache, "--dataplane", "on")
@@ -135,10 +141,10 @@ def test_sigkill_rounds_with_flushes_in_c_keep_acknowledged_writes(cache, mounte
         writer = subprocess.Popen([os.sys.executable, script, m / "vm.raw", str(seed), "1" if cache == "none" else "0", log])
         try:
             deadline = time.monotonic() + 30
-            while not log.exists() or log.read_text().count("acked") < 20 + 8 * rnd:
+            while not log.exists() or log.read_text().count("acked") < (20 + 8 * rnd) * (16 if cache == "directsync" else 1):
                 assert writer.poll() is None and time.monotonic() < deadline, f"seed {seed}: writer did not get going"
                 time.sleep(0.02)
-            in_c = stat(m / "vm.raw", "fast_flushes")
+            in_c = stat(m / "vm.raw", served_in_c)
             kill_daemon(m)
         finally:
             writer.kill()
@@ -152,6 +158,44 @@ def test_sigkill_rounds_with_flushes_in_c_keep_acknowledged_writes(cache, mounte
     m = mounted(images, "--cache", cache, "--dataplane", "on")
     m.umount()
     assert qemu_img("check", image, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("cache", ["writethrough", "directsync"])
+def test_write_through_allocating_writes_are_made_durable_in_c_without_a_park(cache, recorder, mounted, workdir):
+    """An allocating write-through write: data, then C's entry write and fdatasync, then its reply,
+    without waiting for Python (dp_park.c). One fsync reaches the image per write at most."""
+    qemu_img("create", "-q", "-f", "qcow2", workdir / "src" / "vm.qcow2", str(SIZE))
+    rec = recorder()
+    m = mounted(rec.path, "--cache", cache, "--dataplane", "on")
+    f = m / "vm.raw"
+    rng = random.Random(SEED)
+    blocks = rng.sample(range(SIZE // BLOCK), 400)
+    fd = os.open(f, os.O_RDWR | (os.O_DIRECT if cache == "directsync" else 0))
+    buf = mmap.mmap(-1, BLOCK)
+    written = {}
+    try:
+        for i, block in enumerate(blocks):
+            if i == 50:
+                syncs0, in_c0, parked0 = (recorded_syncs(rec.path), stat(f, "fast_flush_writes"),
+                                          stat(f, "fast_parked_syncs"))
+            buf[:] = written[block] = rng.randbytes(BLOCK)
+            os.pwrite(fd, buf, block * BLOCK)
+    finally:
+        os.close(fd)
+    n = len(blocks) - 50
+    syncs = recorded_syncs(rec.path) - syncs0
+    in_c, parked = stat(f, "fast_flush_writes") - in_c0, stat(f, "fast_parked_syncs") - parked0
+    where = f"CFLUSH_SEED={SEED} cache={cache}"
+    print(f"{where}: {n} allocating writes, {in_c} made durable in C, {parked} parked syncs, {syncs} fsyncs")
+    assert in_c >= 0.9 * n, f"{where}: C made {in_c} of {n} writes durable itself"
+    assert syncs <= n + 5, f"{where}: {syncs} fsyncs for {n} write-through writes"
+    m.umount()
+    image = rec.source / "vm.qcow2"
+    assert qemu_img("check", image, check=False).returncode == 0
+    view = workdir / "view.raw"
+    qemu_img("convert", "-O", "raw", image, view)
+    with open(view, "rb") as v:
+        assert all(os.pread(v.fileno(), BLOCK, b * BLOCK) == d for b, d in written.items()), where
 
 
 def test_a_failed_fdatasync_in_c_fails_every_later_flush(faulty, mounted, workdir):  # noqa: F811

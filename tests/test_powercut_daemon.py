@@ -230,7 +230,7 @@ def run_workload(m, rec: Recorder, workdir: Path, cache: str):
         assert switcher.error is None and switcher.switches >= 3, (switcher.error, switcher.switches)
     counters = {k: stat(served, k) for k in ("fast_allocations", "fast_allocations_adopted", "fast_writes",
                                              "guest_flushes", "backend_fdatasyncs", "discards", "fast_cows",
-                                             "fast_flushes")}
+                                             "fast_flushes", "fast_flush_writes")}
     print(f"{cache}: fio {out.count('err= 0')} jobs verified clean; {counters}; recordfs {rec.state()}")
     return ops, counters
 
@@ -324,6 +324,8 @@ def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mount
         assert counters["fast_cows"] > 0, counters
     if cache in ("writeback", "none"):  # C served guest flushes (dp_cflush.c): their crash states are judged too
         assert counters["fast_flushes"] > 0, counters
+    if cache == "writethrough":  # C made its allocating writes durable itself (dp_cflush_write)
+        assert counters["fast_flush_writes"] > 0, counters
     m.umount()
     rec.stop()
     records = read_log(rec.log)
