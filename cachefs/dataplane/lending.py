@@ -24,9 +24,14 @@ back:
 C allocates only while :attr:`allowed`: the image has fast writes, is
 writable and not compress-on-write. A write-through handle (writethrough,
 directsync) allocates through its twin descriptor without O_DSYNC, and C
-answers such a write only after Python's next flush made its data and its
-new L2 entry durable (dp_park.c, :meth:`sync_parked`): one fdatasync per
-write at most, shared by every write parked meanwhile.
+answers such a write only after a sync made its data and its new L2 entry
+durable: C's own, when it may serve flushes (dp_cflush.c, dataplane/cflush.py),
+else Python's next flush (dp_park.c, :meth:`sync_parked`): one fdatasync per
+write at most, shared by every write waiting meanwhile.
+
+A guest flush C serves itself writes C's entries into their L2 tables and
+syncs them; the records it made durable are adopted here without dirtying
+their tables (:meth:`durable_logged`, Engine.adopt).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ class Qcow2Image(Image):
         self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
         # Taking it closes the data plane's flush gate, letting go may open it (dataplane/cflush.py):
         # every change and every write of metadata happens under this lock.
-        self.write_lock = UncontendedLock(self._metadata_held, self._metadata_released)
+        self.write_lock = UncontendedLock(lambda: self.plane_hooks.flushes.held(),
+                                          lambda: self.plane_hooks.flushes.released())
         self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
         self.writing = Writing()  # data writes planned and not finished (new_generation waits for them)
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
@@ -68,12 +69,6 @@ class Qcow2Image(Image):
         # backing file. Attached by opening.open_image before the image serves anything.
         self.backing: BackingImage | None = None
         engine.on_mapping_change(self._remapped)
-
-    def _metadata_held(self) -> None:
-        self.plane_hooks.flushes.held()
-
-    def _metadata_released(self) -> None:
-        self.plane_hooks.flushes.released()
 
     @property
     def size(self) -> int:
