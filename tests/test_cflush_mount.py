@@ -224,8 +224,11 @@ def test_a_failed_fdatasync_in_c_fails_every_later_flush(faulty, mounted, workdi
         for _ in range(3):  # sticky until remounted
             with pytest.raises(OSError):
                 write_and_flush()
+        os.close(fd)  # the failed flushes covered its writes: its close owes none (fs.flush)
+        fd = os.open(f, os.O_RDWR)
+        os.pwrite(fd, b"x" * BLOCK, 0)
         with pytest.raises(OSError):
-            os.close(fd)  # its flush-on-close is Python's: it fails too (the descriptor is closed all the same)
+            os.close(fd)  # a close that owes a flush: Python's, which fails too
         fd = -1
     finally:
         if fd >= 0:

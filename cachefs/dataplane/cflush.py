@@ -106,7 +106,7 @@ class FlushInC:
         """C may write entries into every cached, synced, owned L2 table."""
         need = -(-self.engine.size // self.engine.cs // self.per_table)
         if need > self._ntables:  # first opening, or the disk grew: C's table of tables too
-            self.plane.cflush_setup(self.inode, self.image.backend.fd, self.per_table.bit_length() - 1, need)
+            self.plane.cflush_setup(self.inode, self.per_table.bit_length() - 1, need)
             self._ntables, self._tables = need, {}
         l1 = self.engine.map.l1
         now = {}

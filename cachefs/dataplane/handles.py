@@ -208,7 +208,9 @@ class FastPaths:
         now = self.plane.handle_counters(fh)
         if not now:
             return unseen
-        wrote, p.flushed_writes = now[1] != p.flushed_writes, now[1]
+        # A guest flush C served (dp_cflush.c) covered the writes counted when it was taken.
+        flushed = max(p.flushed_writes, now[HANDLE_COUNTERS.index("writes_flushed")])
+        wrote, p.flushed_writes = now[1] != flushed, now[1]
         return wrote or unseen
 
     def _charge(self, fh: int, p: _Published) -> None:
@@ -349,8 +351,11 @@ class FastPaths:
         for key, part in self.FOLDED.items():
             if key in out:
                 out[key] += fast[part]
-        for name, (_, writes, bytes_read, bytes_written) in self._by_mode.get(inode, {}).items():
+        for name, (_, writes, bytes_read, bytes_written, flushes, syncs, _) in self._by_mode.get(inode, {}).items():
             out[f"{name}.guest_writes"] = out.get(f"{name}.guest_writes", 0) + writes
+            if flushes or syncs:  # guest flushes served in C (dataplane/cflush.py), and their fdatasyncs
+                out[f"{name}.guest_flushes"] = out.get(f"{name}.guest_flushes", 0) + flushes
+                out[f"{name}.fdatasyncs"] = out.get(f"{name}.fdatasyncs", 0) + syncs
             if MODES[name].direct:  # the kernel moved them on the O_DIRECT descriptor
                 out[f"{name}.direct_bytes"] = out.get(f"{name}.direct_bytes", 0) + bytes_read + bytes_written
                 out["direct_bytes"] = out.get("direct_bytes", 0) + bytes_read + bytes_written

@@ -379,13 +379,9 @@ class DataPlane:
     # Guest flushes served in C (dp_cflush.c; dataplane/cflush.py). Called with the image's write
     # lock taken or let go: they never raise (an image withdrawn from C just keeps Python's path).
 
-    def cflush_setup(self, ino: int, fd: int, table_bits: int, ntables: int) -> None:
-        """C's own buffered descriptor of the image (a reopen of ``fd`` without O_DIRECT; C dups it)."""
-        mine = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            self._check(native.lib.dp_cflush_setup(self._dp, ino, mine, table_bits, ntables))
-        finally:
-            os.close(mine)
+    def cflush_setup(self, ino: int, table_bits: int, ntables: int) -> None:
+        """C may serve the image's flushes: its L2 tables' size (dp_cflush.c)."""
+        self._check(native.lib.dp_cflush_setup(self._dp, ino, table_bits, ntables))
 
     def cflush_gate(self, ino: int, open_: bool, min_spare: int) -> None:
         if self._dp is not None:

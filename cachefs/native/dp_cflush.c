@@ -9,7 +9,7 @@
  *   record fresh (not a copy on write) and in a table Python published as on disk? enough lent
  *   clusters left? no sticky error?  --no--> Python's FSYNC path, as before (dp_pyq.c)
  *                                    --yes-> pwrite each new L2 entry (8 bytes, big-endian,
- *   host | COPIED) through C's own buffered descriptor, then IORING_OP_FSYNC (DATASYNC) on it;
+ *   host | COPIED) through the handle's buffered descriptor, then IORING_OP_FSYNC (DATASYNC) on it;
  *   the FSYNC is answered with its result. FSYNCs arriving meanwhile wait for the next one
  *   (group commit), which writes what was logged since and syncs once for all of them.
  *
@@ -17,6 +17,14 @@
  * parking for Python's sync (dp_park.c): the data through the twin without O_DSYNC, then C's
  * entry write and fdatasync, then the WRITE's reply (dp_cflush_write). Once that sync is done
  * the cluster is plainly writable, so later overwrites are single O_DSYNC writes.
+ *
+ * C writes through the requester's own descriptor (the FSYNC's handle's mode descriptor, a write's
+ * twin without O_DSYNC): no descriptor of its own, so each mode's flags hold for every descriptor
+ * of the image. Its slot stays active until answered, so a drain (handle withdrawn, image paused
+ * for a mode switch or resize) waits for C's flush before Python closes that descriptor. Through
+ * an O_DIRECT descriptor (none, directsync: the mode keeps the image out of the page cache), each
+ * 4 KiB page holding new entries is read, patched and written whole (dp_cflush_pages); the page
+ * on disk is current (no write of Python's is under way while the gate is open).
  *
  * Why 8-byte entry writes through a buffered descriptor, not whole 4 KiB pages: C does not
  * hold an L2 table's bytes (compressed, zero-flag and backing entries are not in its mapping),
@@ -41,7 +49,6 @@
  */
 #include "dp_internal.h"
 #include <endian.h>
-#include <fcntl.h>
 
 #define L2_COPIED (1ull << 63)  /* qcow2 spec: refcount 1, writable in place */
 
@@ -49,6 +56,8 @@ static void dp_cflush_settle(struct dp_image *im, uint64_t from, uint64_t to);
 
 /* An FSYNC gets its result; a write-through WRITE (dp_cflush_write) its reply, or the error. */
 static void dp_cflush_answer(struct dp *dp, struct dp_slot *s, int err) {
+    __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);  /* a drain waiting for it may end */
+    dp->completed = 1;
     if (s->write) {
         s->err = err;
         dp_answer(dp, s);
@@ -70,7 +79,7 @@ static void dp_cflush_answer_all(struct dp *dp, struct dp_slot *s, int err) {
 static int dp_cflush_may(const struct dp_image *im) {
     const struct dp_cflush *cf = &im->cflush;
     const struct dp_alloc *a = &im->alloc;
-    if (!cf->open || cf->fd < 0 || im->paused || !a->on || a->spare_count <= cf->min_spare)
+    if (!cf->open || !cf->page || im->paused || !a->on || a->spare_count <= cf->min_spare)
         return 0;
     uint64_t from = cf->written > cf->log_base ? cf->written - cf->log_base : 0;
     for (uint64_t i = from; i < a->log_count; i++) {
@@ -81,12 +90,11 @@ static int dp_cflush_may(const struct dp_image *im) {
     return 1;
 }
 
-/* Under dp->lock, with dp_cflush_may: write the new entries, submit the fdatasync. 0: started;
- * -1: an entry write failed (Python's path writes them again: nothing is lost, they stay logged). */
-static int dp_cflush_start(struct dp *dp, struct dp_image *im) {
+/* Under dp->lock: the new entries of log records [from, end) through a buffered descriptor, one
+ * 8-byte write each. 0, or -1 when a write failed. */
+static int dp_cflush_entries(struct dp_image *im, uint64_t from) {
     struct dp_cflush *cf = &im->cflush;
     const struct dp_alloc *a = &im->alloc;
-    uint64_t from = cf->written > cf->log_base ? cf->written - cf->log_base : 0;
     uint64_t mask = (1ull << cf->table_bits) - 1;
     for (uint64_t i = from; i < a->log_count; i++) {
         uint64_t be = htobe64(a->log[i].host | L2_COPIED);
@@ -96,6 +104,50 @@ static int dp_cflush_start(struct dp *dp, struct dp_image *im) {
         cf->written = cf->log_base + i + 1;
         dp_count(&im->c[DP_C_CFLUSH_ENTRIES], 1);
     }
+    return 0;
+}
+
+/* The same through an O_DIRECT descriptor (none, directsync: no page cache of the image, metadata
+ * included): each 4 KiB page holding new entries read, patched, written whole. The page on disk is
+ * current: the gate is open, so no write of Python's is under way or pending, and C's own are done. */
+static int dp_cflush_pages(struct dp_image *im, uint64_t from) {
+    struct dp_cflush *cf = &im->cflush;
+    const struct dp_alloc *a = &im->alloc;
+    uint64_t mask = (1ull << cf->table_bits) - 1;
+    char done[DP_ALOG] = { 0 };
+    for (uint64_t i = from; i < a->log_count; i++) {
+        if (done[i])
+            continue;
+        uint64_t at = cf->l2off[a->log[i].guest >> cf->table_bits] + (a->log[i].guest & mask) * 8;
+        uint64_t page = at & ~(uint64_t)4095;
+        if (pread(cf->fd, cf->page, 4096, (off_t)page) != 4096)
+            return -1;
+        for (uint64_t j = i; j < a->log_count; j++) {
+            uint64_t atj = cf->l2off[a->log[j].guest >> cf->table_bits] + (a->log[j].guest & mask) * 8;
+            if (!done[j] && (atj & ~(uint64_t)4095) == page) {
+                uint64_t be = htobe64(a->log[j].host | L2_COPIED);
+                memcpy(cf->page + (atj - page), &be, sizeof be);
+                done[j] = 1;
+                dp_count(&im->c[DP_C_CFLUSH_ENTRIES], 1);
+            }
+        }
+        if (pwrite(cf->fd, cf->page, 4096, (off_t)page) != 4096)
+            return -1;
+    }
+    cf->written = cf->log_base + a->log_count;
+    return 0;
+}
+
+/* Under dp->lock, with dp_cflush_may: write the new entries through the descriptor of `s` (the
+ * FSYNC's handle's, or the write's), submit the fdatasync. 0: started;
+ * -1: an entry write failed (Python's path writes them again: nothing is lost, they stay logged). */
+static int dp_cflush_start(struct dp *dp, struct dp_image *im, const struct dp_slot *s) {
+    struct dp_cflush *cf = &im->cflush;
+    const struct dp_alloc *a = &im->alloc;
+    uint64_t from = cf->written > cf->log_base ? cf->written - cf->log_base : 0;
+    cf->fd = s->fd;  /* the requester's descriptor: drains wait for C's flush (its slot is active) */
+    if ((s->cflush_direct ? dp_cflush_pages(im, from) : dp_cflush_entries(im, from)) < 0)
+        return -1;
     cf->syncing = cf->log_base + a->log_count;
     cf->mark = __atomic_load_n(&im->c[DP_C_UNSYNCED_WRITES], __ATOMIC_RELAXED);
     cf->running = 1;
@@ -110,6 +162,10 @@ static int dp_cflush_start(struct dp *dp, struct dp_image *im) {
     io_uring_prep_fsync(sqe, cf->fd, IORING_FSYNC_DATASYNC);
     io_uring_sqe_set_data64(sqe, TAG(T_CFLUSH) | (uint64_t)(uintptr_t)im);
     dp_count(&im->c[DP_C_CFSYNCS], 1);
+    /* Charged to the mode of the handle whose descriptor it runs on (a FSYNC's and a WRITE's fh lead) */
+    struct dp_handle *h = dp_map_get(&dp->handles, *(const uint64_t *)((const struct fuse_in_header *)s->hdr + 1));
+    if (h)
+        h->c[DP_H_FDATASYNCS]++;
     return 0;
 }
 
@@ -126,6 +182,10 @@ int dp_cflush_try(struct dp *dp, struct dp_slot *s) {
     struct dp_handle *h = dp_map_get(&dp->handles, fh);
     struct dp_image *im = h && h->cflush ? h->img : NULL;
     struct dp_cflush *cf = im ? &im->cflush : NULL;
+    if (h) {
+        s->fd = h->fd;  /* the handle's mode descriptor; O_DIRECT: whole pages (dp_cflush_pages) */
+        s->cflush_direct = h->align > 1;
+    }
     if (cf && cf->err) {  /* sticky: this flush fails too, whoever would have served it */
         err = cf->err;
         taken = 1;
@@ -133,13 +193,20 @@ int dp_cflush_try(struct dp *dp, struct dp_slot *s) {
         s->next = cf->next;
         cf->next = s;
         taken = 1;
-    } else if (cf && dp_cflush_may(im) && dp_cflush_start(dp, im) == 0) {
+    } else if (cf && dp_cflush_may(im) && dp_cflush_start(dp, im, s) == 0) {
         s->next = cf->cur;
         cf->cur = s;
         taken = 1;
     }
-    if (taken)
+    if (taken && !err) {  /* active until answered: a drain (unpublish, pause) waits for it */
+        s->seq = ++dp->seq;
+        __atomic_store_n(&s->active, 1, __ATOMIC_RELEASE);
+    }
+    if (taken) {
         dp_count(&im->c[DP_C_CFLUSHES], 1);
+        h->c[DP_H_FLUSHES]++;  /* a guest flush of this handle's mode (FastPaths charges it) */
+        h->c[DP_H_WRITES_FLUSHED] = h->c[DP_H_WRITES];  /* its close owes no flush for these */
+    }
     else if (cf)
         dp_count(&im->c[DP_C_CFLUSH_FORWARDED], 1);
     pthread_mutex_unlock(&dp->lock);
@@ -169,17 +236,17 @@ void dp_cflush_done(struct dp *dp, struct dp_image *im, int res) {
     cf->cur = cf->next = NULL;
     if (wait && cf->err)
         failed = wait;  /* sticky: those waiting fail too */
-    else if (wait && dp_cflush_may(im) && dp_cflush_start(dp, im) == 0)
+    else if (wait && dp_cflush_may(im) && dp_cflush_start(dp, im, wait) == 0)
         cf->cur = wait;
     else
         forward = wait;  /* the gate closed meanwhile: Python's path, as any FSYNC it gets */
-    if (cf->fd >= 0 && !cf->running && !dp_map_get(&dp->images, im->ino))
-        close(cf->fd), cf->fd = -1;  /* withdrawn while the sync ran (dp_cflush_free) */
     pthread_mutex_unlock(&dp->lock);
     dp_cflush_answer_all(dp, done, rdone);
     dp_cflush_answer_all(dp, failed, rfailed);
     for (struct dp_slot *s = forward, *next; s; s = next) {
         next = s->next;
+        __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
+        dp->completed = 1;
         if (s->write)
             dp_park(dp, s);  /* Python's sync makes it durable, as before */
         else
@@ -211,17 +278,23 @@ int dp_cflush_write(struct dp *dp, struct dp_slot *s) {
     struct dp_cflush *cf = &im->cflush;
     int taken = 0;
     pthread_mutex_lock(&dp->lock);
-    if (!cf->err && cf->running) {
+    struct dp_handle *h = dp_map_get(&dp->handles, ((const struct fuse_write_in *)((struct fuse_in_header *)s->hdr + 1))->fh);
+    s->cflush_direct = h && h->align > 1;  /* s->fd: the twin without O_DSYNC it was written through */
+    if (!h || cf->err) {
+        taken = 0;
+    } else if (cf->running) {
         s->next = cf->next;
         cf->next = s;
         taken = 1;
-    } else if (!cf->err && dp_cflush_may(im) && dp_cflush_start(dp, im) == 0) {
+    } else if (dp_cflush_may(im) && dp_cflush_start(dp, im, s) == 0) {
         s->next = cf->cur;
         cf->cur = s;
         taken = 1;
     }
-    if (taken)
+    if (taken) {  /* active again (its dispatch number kept): drains wait until it is answered */
+        __atomic_store_n(&s->active, 1, __ATOMIC_RELEASE);
         dp_count(&im->c[DP_C_CFLUSH_WRITES], 1);
+    }
     pthread_mutex_unlock(&dp->lock);
     return taken;
 }
@@ -231,15 +304,15 @@ void dp_cflush_dropped(struct dp_image *im, uint32_t n) {
     im->cflush.log_base += n;
 }
 
-/* The image is withdrawn (under dp->lock): its tables go; its descriptor once no sync runs. */
+/* The image is withdrawn (under dp->lock): C serves none of its flushes any more. */
 void dp_cflush_free(struct dp_image *im) {
     struct dp_cflush *cf = &im->cflush;
     free(cf->l2off);
     cf->l2off = NULL;
+    free(cf->page);  /* a sync still running restarts nothing without it (dp_cflush_may) */
+    cf->page = NULL;
     cf->nl2 = 0;
     cf->open = 0;
-    if (cf->fd >= 0 && !cf->running)
-        close(cf->fd), cf->fd = -1;
 }
 
 /* ------------------------------------------------------------ Python's side */
@@ -249,28 +322,29 @@ static struct dp_image *dp_cflush_image(struct dp *dp, uint64_t ino) {
     return im && !im->identity ? im : NULL;
 }
 
-int dp_cflush_setup(struct dp *dp, uint64_t ino, int fd, unsigned table_bits, uint64_t ntables) {
-    int rc = 0, mine = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1;
+int dp_cflush_setup(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t ntables) {
+    int rc = 0;
     uint64_t *l2off = calloc(ntables ? ntables : 1, sizeof *l2off);
+    char *page = NULL;
+    if (posix_memalign((void **)&page, 4096, 4096))
+        page = NULL;
     pthread_mutex_lock(&dp->lock);
     struct dp_image *im = dp_cflush_image(dp, ino);
     struct dp_cflush *cf = im ? &im->cflush : NULL;
-    if (!im || mine < 0 || !l2off || table_bits > 40) {
-        rc = !im ? -ENOENT : mine < 0 ? -EBADF : !l2off ? -ENOMEM : -EINVAL;
+    if (!im || !l2off || !page || table_bits > 40) {
+        rc = !im ? -ENOENT : !l2off || !page ? -ENOMEM : -EINVAL;
     } else {
-        if (cf->fd >= 0 && !cf->running)
-            close(cf->fd);
         free(cf->l2off);
-        cf->fd = mine, mine = -1;
         cf->l2off = l2off, l2off = NULL;
+        if (!cf->page)
+            cf->page = page, page = NULL;
         cf->nl2 = ntables;
         cf->table_bits = table_bits;
         cf->open = 0;
     }
     pthread_mutex_unlock(&dp->lock);
-    if (mine >= 0)
-        close(mine);
     free(l2off);
+    free(page);
     return rc;
 }
 

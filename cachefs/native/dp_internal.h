@@ -111,7 +111,7 @@ struct dp_alloc {
  * `log_base` (every drop_log adds to it), so Python's drops need not renumber them.
  * Invariant: log_base <= durable <= written, minus what drops cut off (clamped at use). */
 struct dp_cflush {
-    int fd;                    /* C's own buffered descriptor of the image file (a dup), -1: none */
+    int fd;                    /* the descriptor the running sync was submitted on (the requester's) */
     int open;                  /* Python's gate: its metadata queue is clean and it holds no lock */
     int err;                   /* sticky: the first failed fdatasync's -errno, whoever ran it */
     int running;               /* C's fdatasync in flight */
@@ -119,6 +119,8 @@ struct dp_cflush {
     uint32_t min_spare;        /* forward when the lent clusters are this few: Python reserves ahead */
     unsigned table_bits;       /* guest clusters per L2 table, log2 */
     uint64_t *l2off;           /* per L2 table: its host offset while C may write it in place; 0: not */
+    char *page;                /* a page-aligned 4 KiB buffer: pages read and patched through an
+                                * O_DIRECT descriptor (dp_cflush_pages); NULL: not set up */
     uint64_t nl2;
     uint64_t log_base, written, durable, syncing;
     uint64_t mark, covered;    /* DP_C_UNSYNCED_WRITES at the running sync's start; at the last good one */
@@ -185,6 +187,7 @@ struct dp_slot {
     int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */
     int defer;                 /* write-through onto such a mapping: answer after Python's sync (dp_park.c) */
     int backing;               /* a READ that reads from a backing image (DP_MAP_BACKING) */
+    int cflush_direct;         /* a flush in C through s->fd writes whole pages (O_DIRECT; dp_cflush.c) */
     uint64_t park_seq;
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];

@@ -29,6 +29,9 @@ static const char *const handle_names[] = {
     [DP_H_WRITES] = "writes",
     [DP_H_BYTES_READ] = "bytes_read",
     [DP_H_BYTES_WRITTEN] = "bytes_written",
+    [DP_H_FLUSHES] = "flushes",
+    [DP_H_FDATASYNCS] = "fdatasyncs",
+    [DP_H_WRITES_FLUSHED] = "writes_flushed",
 };
 static const char *const connection_names[] = {
     [DP_G_REQUESTS] = "requests",
