@@ -125,6 +125,9 @@ class SimulatedPlane:
         else:
             del self.claims[cid]
 
+    def cflush_status(self, ino):
+        return 0, 0, 0  # no flush is served in C here (dp_cflush.c): none made durable, no error
+
     def alloc_status(self, ino):
         return len(self.spares), len(self.log)
 

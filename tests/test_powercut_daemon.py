@@ -229,7 +229,8 @@ def run_workload(m, rec: Recorder, workdir: Path, cache: str):
         print(f"{cache}: {switcher.switches} switches, the slowest {switcher.longest:.2f} s")
         assert switcher.error is None and switcher.switches >= 3, (switcher.error, switcher.switches)
     counters = {k: stat(served, k) for k in ("fast_allocations", "fast_allocations_adopted", "fast_writes",
-                                             "guest_flushes", "backend_fdatasyncs", "discards", "fast_cows")}
+                                             "guest_flushes", "backend_fdatasyncs", "discards", "fast_cows",
+                                             "fast_flushes", "fast_flush_writes")}
     print(f"{cache}: fio {out.count('err= 0')} jobs verified clean; {counters}; recordfs {rec.state()}")
     return ops, counters
 
@@ -321,6 +322,10 @@ def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mount
     assert counters["fast_allocations_adopted"] > 0, counters  # C allocated: the test is not vacuous
     if cache == "snapshots":  # C copied shared clusters on write (dp_cow.c): their crash states are judged too
         assert counters["fast_cows"] > 0, counters
+    if cache in ("writeback", "none"):  # C served guest flushes (dp_cflush.c): their crash states are judged too
+        assert counters["fast_flushes"] > 0, counters
+    if cache == "writethrough":  # C made its allocating writes durable itself (dp_cflush_write)
+        assert counters["fast_flush_writes"] > 0, counters
     m.umount()
     rec.stop()
     records = read_log(rec.log)
@@ -341,3 +346,24 @@ def test_power_cuts_of_the_daemon_keep_each_modes_promise(cache, recorder, mount
     for cut in (log.end // 2, log.end - 1):  # the daemon itself repairs and serves two crash states
         remount_keeps_promises(log, judge, cut, rng, cache, mounted, workdir)
     sabotage_is_caught(log, judge, rng)
+
+
+def test_a_flush_in_c_without_its_fdatasync_is_caught(recorder, mounted, workdir, monkeypatch):
+    """Sabotage (issue 24): C answers its guest flushes without the fdatasync
+    (CACHEFS_CFLUSH_TESTHOOK=skip-sync); some crash state must lose a promised write."""
+    monkeypatch.setenv("CACHEFS_CFLUSH_TESTHOOK", "skip-sync")
+    cache = "writeback"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", workdir / "src" / "vm.qcow2", str(SIZE))
+    rec = recorder()
+    m = mounted(rec.path, "--cache", cache, "--dataplane", "on")
+    ops, counters = run_workload(m, rec, workdir, cache)
+    assert counters["fast_flushes"] > 0, counters
+    m.umount()
+    rec.stop()
+    log = CrashLog(read_log(rec.log), (base_dir(rec.log) / "vm.qcow2").read_bytes(), "vm.qcow2")
+    judge = Judge(ops, False, GUEST)
+    rng = random.Random(f"{SEED}-sabotage-states")
+    cuts = choose_cuts(log, rng, STATES, judge.promise_starts())
+    caught = [c for n, c in enumerate(cuts) if judge(log.state(c, rng, tear=4096 if n % 2 else 0)[0], c).failures()]
+    print(f"skip-sync: {len(caught)} of {len(cuts)} crash states caught it")
+    assert caught, f"POWERCUT_SEED={SEED}: flushes in C without their fdatasync passed {len(cuts)} crash states"

@@ -5,9 +5,10 @@ The data plane serves these writes in C (io_uring), so strace sees none of them.
 from the kernel instead: the ``ext4:ext4_sync_file_enter`` tracepoint, filtered on the image
 file's inode, fires for every fsync/fdatasync of it and for every O_DSYNC write the kernel syncs
 through ext4_sync_file (a direct O_DSYNC write the device can do with FUA skips it, so for
-overwrites the count is an upper bound only). An allocating write is parked in C until Python's
-one flush (data, the 4 KiB L2 page, one fdatasync) covers it (cachefs/native/dp_park.c); an
-overwrite in place is one O_DSYNC write.
+overwrites the count is an upper bound only). An allocating write waits in C for one sync of its
+data and its L2 entry: C's own (cachefs/native/dp_cflush.c, counted as ``fast_fdatasyncs``) or,
+when C cannot serve it, Python's flush it is parked for (cachefs/native/dp_park.c); an overwrite
+in place is one O_DSYNC write.
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def test_one_device_sync_per_write_with_c_allocating(mode, mounted, workdir, tra
         pwrite_block(fd, b"w" * BLOCK, 0)
         written[0] = b"w" * BLOCK
         offsets = [(i + 1) * CLUSTER + rng.randrange(CLUSTER // BLOCK) * BLOCK for i in range(N)]
-        a0, p0 = stat_of(f, "fast_allocations"), stat_of(f, "fast_parked_syncs")
+        a0, p0 = stat_of(f, "fast_allocations"), synced_for_writes(f)
         with trace:
             for off in offsets:
                 written[off] = rng.randbytes(BLOCK)
                 pwrite_block(fd, written[off], off)
         alloc_syncs = trace.count()
-        a1, p1 = stat_of(f, "fast_allocations"), stat_of(f, "fast_parked_syncs")
+        a1, p1 = stat_of(f, "fast_allocations"), synced_for_writes(f)
         w0 = stat_of(f, "fast_writes")
         with trace:
             for off in offsets:
@@ -132,6 +133,11 @@ def test_one_device_sync_per_write_with_c_allocating(mode, mounted, workdir, tra
     assert not lost, f"acknowledged writes lost: {lost[:8]}"
 
 
+def synced_for_writes(f) -> int:
+    """The syncs write-through writes waited for: Python's (parked, dp_park.c) and C's own (dp_cflush.c)."""
+    return stat_of(f, "fast_parked_syncs") + stat_of(f, "fast_fdatasyncs")
+
+
 def test_concurrent_directsync_writers_share_syncs(mounted, workdir, trace_inode):
     """Direct writes reach C in parallel (FOPEN_PARALLEL_DIRECT_WRITES): writes parked while a sync
     runs share the next one (group commit), never more than one sync per write."""
@@ -150,7 +156,7 @@ def test_concurrent_directsync_writers_share_syncs(mounted, workdir, trace_inode
         except OSError as exc:
             errors.append(exc)
 
-    p0 = stat_of(f, "fast_parked_syncs")
+    p0 = synced_for_writes(f)
     with trace:
         threads = [threading.Thread(target=writer, args=(k,)) for k in range(writers)]
         for t in threads:
@@ -158,7 +164,7 @@ def test_concurrent_directsync_writers_share_syncs(mounted, workdir, trace_inode
         for t in threads:
             t.join()
     os.close(fd)
-    syncs, parked = trace.count(), stat_of(f, "fast_parked_syncs") - p0
+    syncs, parked = trace.count(), synced_for_writes(f) - p0
     print(f"\n{writers * per} concurrent directsync allocating writes: {syncs} syncs, {parked} parked syncs")
     assert not errors
     assert 1 <= parked <= writers * per and syncs <= writers * per

@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from cachefs.dataplane.plane import HANDLE_COUNTERS
+from cachefs.dataplane.cflush import FlushInC
 from cachefs.dataplane.lending import FastAllocations
 from cachefs.dataplane.mapping import MappingPublisher
 from cachefs.dataplane.passthrough import THROUGH, Passthrough
@@ -99,6 +100,7 @@ class FastPaths:
         self._pauses: dict[int, int] = {}  # inode -> callers inside paused()
         self.mappings: dict[int, MappingPublisher] = {}  # qcow2 images' published mappings
         self.allocations: dict[int, FastAllocations] = {}  # and their allocation in C (dataplane/lending.py)
+        self.flushes: dict[int, FlushInC] = {}  # and their guest flushes served in C (dataplane/cflush.py)
         self._alloc_wake, self._sync_wake = Wake(), Wake()
         plane.on_alloc_wake = self._alloc_wake.set
         plane.on_sync_wake = self._sync_wake.set
@@ -156,12 +158,14 @@ class FastPaths:
         pub = self.mappings[inode] = MappingPublisher(
             self.plane, inode, image.engine, may_cow=lambda: image.writable and not image.compress)
         allocs = self.allocations[inode] = FastAllocations(self.plane, inode, image, pub)
+        flushes = self.flushes[inode] = FlushInC(self.plane, inode, image, allocs)
 
         def queue_ran() -> None:
             pub.settle()  # mappings that became durable may be written in place in C
             allocs.top_up()  # and C is lent what the reservation holds
         image.connect_plane(PlaneHooks(fast_writes=fast_writes, fence_frees=pub.fence, queue_ran=queue_ran,
-                                       read_only=functools.partial(self._read_only, inode), lender=allocs))
+                                       read_only=functools.partial(self._read_only, inode), lender=allocs,
+                                       flushes=flushes))
         pub.republish()
 
     def _read_only(self, inode: int) -> None:
@@ -211,7 +215,9 @@ class FastPaths:
         now = self.plane.handle_counters(fh)
         if not now:
             return unseen
-        wrote, p.flushed_writes = now[1] != p.flushed_writes, now[1]
+        # A guest flush C served (dp_cflush.c) covered the writes counted when it was taken.
+        flushed = max(p.flushed_writes, now[HANDLE_COUNTERS.index("writes_flushed")])
+        wrote, p.flushed_writes = now[1] != flushed, now[1]
         return wrote or unseen
 
     def _charge(self, fh: int, p: _Published) -> None:
@@ -254,6 +260,11 @@ class FastPaths:
             batch = image.backends.batch(mode) if fast_write and mode.write_through and inode in self.allocations else None
             self.plane.publish_handle(fh, inode, be.fd, direct=be.direct, fast_write=fast_write,
                                       sync=mode.write_through, batch_fd=batch.fd if batch is not None else -1)
+            # Its FSYNCs may be served in C (dataplane/cflush.py) where a flush is the queue's
+            # drain and one fdatasync: writeback and none (unsafe ignores it, write-through has
+            # nothing left to do). C still forwards it whenever the gate is closed.
+            self.plane.handle_cflush(fh, inode in self.flushes and self.flushes[inode].enabled
+                                     and mode.honour_flush and mode.queue_metadata)
             log.debug("fh %d of inode %d: fd %d (%s)%s", fh, inode, be.fd, mode.name, "" if fast_write else ", reads")
         if withdrawn:
             await self.plane.drain(self.plane.ticket())
@@ -347,18 +358,27 @@ class FastPaths:
         for key, part in self.FOLDED.items():
             if key in out:
                 out[key] += fast[part]
-        for name, (_, writes, bytes_read, bytes_written) in self._by_mode.get(inode, {}).items():
+        for name, (_, writes, bytes_read, bytes_written, flushes, syncs, _) in self._by_mode.get(inode, {}).items():
             out[f"{name}.guest_writes"] = out.get(f"{name}.guest_writes", 0) + writes
+            if flushes or syncs:  # guest flushes served in C (dataplane/cflush.py), and their fdatasyncs
+                out[f"{name}.guest_flushes"] = out.get(f"{name}.guest_flushes", 0) + flushes
+                out[f"{name}.fdatasyncs"] = out.get(f"{name}.fdatasyncs", 0) + syncs
             if MODES[name].direct:  # the kernel moved them on the O_DIRECT descriptor
                 out[f"{name}.direct_bytes"] = out.get(f"{name}.direct_bytes", 0) + bytes_read + bytes_written
                 out["direct_bytes"] = out.get("direct_bytes", 0) + bytes_read + bytes_written
         out.update(fast)
+        # Guest flushes served in C (dataplane/cflush.py) are guest flushes, their fdatasyncs backend ones.
+        if "guest_flushes" in out:
+            out["guest_flushes"] += fast["fast_flushes"]
+            out["backend_fdatasyncs"] += fast["fast_fdatasyncs"]
+            honoured = out["guest_flushes"] - sum(v for k, v in out.items() if k.endswith(".flushes_ignored"))
+            out["fdatasyncs_per_flush"] = f"{out['backend_fdatasyncs'] / honoured:.3f}" if honoured else "0"
         out.update(self.passthrough.stats(inode, self._pairs()))
         pub = self.mappings.get(inode)
         if pub is not None:  # the mapping C holds: bounded by the L2 cache
             out.update(fast_map_bytes=self.plane.map_bytes(inode), fast_tables=len(pub.tables),
                        fast_fences=pub.fences, fast_held=len(pub.unsettled), fast_settled=pub.settled,
-                       **self.allocations[inode].stats())
+                       **self.allocations[inode].stats(), **self.flushes[inode].stats())
         return out
 
     def root_info(self) -> dict[str, str]:

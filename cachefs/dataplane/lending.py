@@ -24,9 +24,14 @@ back:
 C allocates only while :attr:`allowed`: the image has fast writes, is
 writable and not compress-on-write. A write-through handle (writethrough,
 directsync) allocates through its twin descriptor without O_DSYNC, and C
-answers such a write only after Python's next flush made its data and its
-new L2 entry durable (dp_park.c, :meth:`sync_parked`): one fdatasync per
-write at most, shared by every write parked meanwhile.
+answers such a write only after a sync made its data and its new L2 entry
+durable: C's own, when it may serve flushes (dp_cflush.c, dataplane/cflush.py),
+else Python's next flush (dp_park.c, :meth:`sync_parked`): one fdatasync per
+write at most, shared by every write waiting meanwhile.
+
+A guest flush C serves itself writes C's entries into their L2 tables and
+syncs them; the records it made durable are adopted here without dirtying
+their tables (:meth:`durable_logged`, Engine.adopt).
 """
 
 from __future__ import annotations
@@ -151,6 +156,11 @@ class FastAllocations:
             self.refs.unlend(clusters[given:])
         self.lent += given
         self._set()  # the low-water mark follows what C holds
+
+    def durable_logged(self) -> int:
+        """How many of the oldest log records C wrote into their L2 tables and synced itself (a
+        flush served in C, dp_cflush.c): Engine.adopt stores them without dirtying the tables."""
+        return self.plane.cflush_status(self.inode)[0] if self.plane.alive else 0
 
     def python_allocated(self) -> None:
         """Python allocated a cluster (a write C forwarded, maybe for want of lent clusters): if C

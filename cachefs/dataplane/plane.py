@@ -151,6 +151,7 @@ class DataPlane:
         self._changed = trio.Event()
         self._last_counters: dict[int, list[int]] = {}
         self.lost = False  # the kernel ended the connection (unmount)
+        self._cflush_buf = native.ffi.new("uint64_t[3]")
         self._status_buf = ffi.new("uint64_t[2]")
         self.on_alloc_wake = None  # FastPaths: C's lent clusters run low or its log fills
         self.on_sync_wake = None  # FastPaths: write-through writes wait for a sync (dp_park.c)
@@ -383,6 +384,39 @@ class DataPlane:
         out = self._status_buf
         self._check(native.lib.dp_alloc_status(self._dp, ino, out))
         return out[0], out[1]
+
+    # Guest flushes served in C (dp_cflush.c; dataplane/cflush.py). Called with the image's write
+    # lock taken or let go: they never raise (an image withdrawn from C just keeps Python's path).
+
+    def cflush_setup(self, ino: int, table_bits: int, ntables: int) -> None:
+        """C may serve the image's flushes: its L2 tables' size (dp_cflush.c)."""
+        self._check(native.lib.dp_cflush_setup(self._dp, ino, table_bits, ntables))
+
+    def cflush_gate(self, ino: int, open_: bool, min_spare: int) -> None:
+        if self._dp is not None:
+            native.lib.dp_cflush_gate(self._dp, ino, int(open_), min_spare)
+
+    def cflush_table(self, ino: int, index: int, offset: int) -> None:
+        if self._dp is not None:
+            native.lib.dp_cflush_table(self._dp, ino, index, offset)
+
+    def cflush_status(self, ino: int) -> tuple[int, int, int]:
+        """(log records C made durable, its sticky -errno or 0, fast writes its last sync covers)."""
+        out = self._cflush_buf
+        if self._dp is None or native.lib.dp_cflush_status(self._dp, ino, out) < 0:
+            return 0, 0, 0
+        err = out[1] - (1 << 64) if out[1] >= 1 << 63 else out[1]
+        return out[0], err, out[2]
+
+    def cflush_fail(self, ino: int, err: int) -> None:
+        if self._dp is not None:
+            native.lib.dp_cflush_fail(self._dp, ino, err)
+
+    def cflush_testhook(self, ino: int, skip_sync: bool) -> None:
+        self._check(native.lib.dp_cflush_testhook(self._dp, ino, int(skip_sync)))
+
+    def handle_cflush(self, fh: int, on: bool) -> None:
+        native.lib.dp_handle_cflush(self._dp, fh, int(on))
 
     @staticmethod
     def _check(rc: int) -> None:

@@ -155,6 +155,9 @@ class BackendSet:
         # O_DSYNC (cachefs/dataplane/plane.py), which never pass ModeBackend.pwrite.
         self._fast_writes: Callable[[], int] = no_fast_writes
         self._fast_synced = 0  # that count when the last fdatasync started
+        # That count when the data plane's own last good fdatasync started (a guest flush served
+        # in C, dataplane/cflush.py), or None: writes up to it are durable too.
+        self._fast_synced_in_c: Callable[[], int | None] = lambda: None
         # Invariant: ``_users`` counts calls that may touch a backend right
         # now; ``close_all`` runs only when it is zero and ``_closed`` keeps
         # new calls out meanwhile, so no worker thread ever uses a closed fd.
@@ -166,7 +169,10 @@ class BackendSet:
     @property
     def unsynced(self) -> bool:
         """Some completed write may not be durable yet: a pwrite here, or a fast write in C."""
-        return self._unsynced or self._fast_writes() != self._fast_synced
+        if self._unsynced:
+            return True
+        now = self._fast_writes()
+        return now != self._fast_synced and now != self._fast_synced_in_c()
 
     @unsynced.setter
     def unsynced(self, value: bool) -> None:
@@ -175,9 +181,12 @@ class BackendSet:
         if not value:
             self._fast_synced = self._fast_writes()
 
-    def count_fast_writes(self, counter: Callable[[], int]) -> None:
-        """Writes that bypass this set count too (Image.connect_plane: PlaneHooks.fast_writes)."""
+    def count_fast_writes(self, counter: Callable[[], int], synced: Callable[[], int | None] | None = None) -> None:
+        """Writes that bypass this set count too (Image.connect_plane: PlaneHooks.fast_writes);
+        ``synced``: that count as far as the data plane's own fdatasyncs cover it."""
         self._fast_writes = counter
+        if synced is not None:
+            self._fast_synced_in_c = synced
 
     def get(self, mode: CacheMode) -> ModeBackend:
         be = self._open.get(mode.name)

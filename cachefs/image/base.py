@@ -116,7 +116,7 @@ class Image:
         if self._plane is not NO_HOOKS:
             raise RuntimeError(f"{self.path}: a data plane serves this image already")
         self._plane = hooks
-        self.backends.count_fast_writes(hooks.fast_writes)
+        self.backends.count_fast_writes(hooks.fast_writes, hooks.flushes.synced_writes)
 
     def _concrete(self, mode: CacheMode | None) -> CacheMode:
         return self.mode.default if mode is None else mode
@@ -139,6 +139,8 @@ class Image:
         return os.fstat(self.backends.fd).st_blocks * 512
 
     def _check_sync_error(self) -> None:
+        if self.sync_error is None:
+            self.sync_error = self._plane.flushes.sync_error()  # C's own fdatasync failed: as sticky
         if self.sync_error is not None:
             raise OSError(self.sync_error, "an earlier fdatasync of this image failed; remount it")
 
@@ -151,6 +153,7 @@ class Image:
             await be.fdatasync()
         except OSError as exc:
             self.sync_error = exc.errno or errno.EIO
+            self._plane.flushes.sync_failed(self.sync_error)  # and every flush C would serve
             self.guest.flush_failures += 1
             log.error("%s: fdatasync failed (%s); every later flush will fail until remount",
                       self.path, exc)

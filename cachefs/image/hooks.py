@@ -14,7 +14,10 @@ dataplane/), yet at a few named points it must let the data plane act
   written in place in C, and C may be lent what the reservation now holds;
 - ``read_only``: corruption made the image read-only, C must serve none of it;
 - ``lender``: allocation in C (dataplane/lending.py, FastAllocations): the
-  image claims ranges out of C's reach and adopts C's log of allocations.
+  image claims ranges out of C's reach and adopts C's log of allocations;
+- ``flushes``: guest flushes served in C (dataplane/cflush.py, FlushInC): the
+  image tells it when it takes and lets go of its write lock (C's flush gate),
+  and shares the sticky fdatasync error and C's sync of fast writes with it.
 
 Every hook has a do-nothing default, :data:`NO_HOOKS`: an image nobody serves
 in C (``--dataplane off``, the tools, most tests) behaves exactly as one whose
@@ -72,6 +75,47 @@ class Lender(Protocol):
     def take_back(self) -> None:
         """C's unused lent clusters return to the reservation (a clean close)."""
 
+    def durable_logged(self) -> int:
+        """How many of the oldest logged records C wrote into their L2 tables and synced itself."""
+
+
+class Flushes(Protocol):
+    """What the image asks of guest flushes served in C (dataplane/cflush.py, FlushInC)."""
+
+    def held(self) -> None:
+        """The image took its write lock: C writes no L2 entry until :meth:`released`."""
+
+    def released(self) -> None:
+        """The image lets go of its write lock: C may serve flushes again if nothing is queued."""
+
+    def sync_error(self) -> int | None:
+        """errno of a failed fdatasync of C's (sticky), or None."""
+
+    def sync_failed(self, err: int) -> None:
+        """Python's fdatasync failed: C's flushes fail from now on too."""
+
+    def synced_writes(self) -> int | None:
+        """C's fast-write count that its last good fdatasync covers (BackendSet.unsynced)."""
+
+
+class NoFlushes:
+    """No flush is served in C."""
+
+    def held(self) -> None:
+        pass
+
+    def released(self) -> None:
+        pass
+
+    def sync_error(self) -> None:
+        return None
+
+    def sync_failed(self, err: int) -> None:
+        pass
+
+    def synced_writes(self) -> None:
+        return None
+
 
 class NoLender:
     """Nothing allocates in C: no claims, an empty log."""
@@ -109,6 +153,9 @@ class NoLender:
     def take_back(self) -> None:
         pass
 
+    def durable_logged(self) -> int:
+        return 0
+
 
 def no_fast_writes() -> int:
     return 0  # constant: never differs from the count at the last sync
@@ -131,6 +178,7 @@ class PlaneHooks:
     queue_ran: Callable[[], None] = nothing
     read_only: Callable[[], None] = nothing
     lender: Lender = attrs.field(factory=NoLender)
+    flushes: Flushes = attrs.field(factory=NoFlushes)
 
 
 #: An image no data plane serves.

@@ -52,7 +52,10 @@ class Qcow2Image(Image):
         super().__init__(path, backends, lock, writable and engine.writable, mode)
         self.commits = self.queue.commits
         self.queue.punch_freed = True  # _QueueIO.discard: freed host clusters give their space back
-        self.write_lock = UncontendedLock()
+        # Taking it closes the data plane's flush gate, letting go may open it (dataplane/cflush.py):
+        # every change and every write of metadata happens under this lock.
+        self.write_lock = UncontendedLock(lambda: self.plane_hooks.flushes.held(),
+                                          lambda: self.plane_hooks.flushes.released())
         self.allocating = InFlight()  # guest clusters whose allocating write has not committed yet
         self.writing = Writing()  # data writes planned and not finished (new_generation waits for them)
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
@@ -293,9 +296,10 @@ class Qcow2Image(Image):
         need no commit (their refcounts are durable; a fresh one's data needs no ordering, a
         copy's waits in the queue for the data item: Engine.adopt)."""
         lender = self.plane_hooks.lender
+        durable = lender.durable_logged()  # read first: C's sync may complete meanwhile, never undo
         pairs = lender.peek_log()
         if pairs:
-            copies = await self._core(self.engine.adopt(pairs), be)
+            copies = await self._core(self.engine.adopt(pairs, durable), be)
             lender.drop_log(len(pairs))
             lender.adopted_clusters(v for v, _ in pairs)
             if copies:
@@ -421,7 +425,8 @@ class Qcow2Image(Image):
         if any(u.new_cluster is not None for u in plan.updates):
             self.plane_hooks.lender.python_allocated()  # C may run low: refill now
         if self.engine.cache.over_budget:
-            # A cache full of dirty tables is written out now, not at the next flush.
+            # A cache full of dirty tables is written out now, not at the next flush (_run_queue
+            # adopts C's log first: a flush in C may have written entries into these tables).
             await self._run_queue(be, self.queue.writeout_early())
 
     async def _settle_plan(self, be, plan, written: bool) -> None:
@@ -552,8 +557,15 @@ class _QueueIO:
         self.image.file_at_least = max(now, size) if grow else 0
 
 
+def _nothing() -> None:
+    pass
+
+
 class UncontendedLock:
     """A trio.Lock whose acquire does not yield to the scheduler when the lock is free.
+
+    ``on_acquire`` runs once the lock is held, ``on_release`` just before it is let go (the
+    image's: the data plane's flush gate, dataplane/cflush.py).
 
     trio.Lock.acquire always passes a checkpoint, a full scheduler round even
     when nobody holds the lock, and every in-place write takes this lock once
@@ -562,8 +574,9 @@ class UncontendedLock:
     acquire queues as before.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_acquire=_nothing, on_release=_nothing) -> None:
         self._lock = trio.Lock()
+        self._on_acquire, self._on_release = on_acquire, on_release
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -572,13 +585,17 @@ class UncontendedLock:
         await self.__aenter__()
 
     def release(self) -> None:
-        self._lock.release()
+        try:
+            self._on_release()
+        finally:
+            self._lock.release()
 
     async def __aenter__(self) -> None:
         try:
             self._lock.acquire_nowait()
         except trio.WouldBlock:
             await self._lock.acquire()
+        self._on_acquire()
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        self.release()

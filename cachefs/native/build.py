@@ -395,7 +395,7 @@ def use_liburing() -> bool:
 #: and declares what they share).
 DP_SOURCES = ("dp_map.c", "dp_plan.c", "dp_publish.c", "dp_counters.c", "dp_alloc.c", "dp_loop.c",
               "dp_forward.c", "dp_park.c", "dp_pyq.c", "dp_passthrough.c", "dp_testhooks.c", "dp_cow.c",
-              "dp_uring.c")
+              "dp_uring.c", "dp_cflush.c")
 #: What the stub build compiles instead (no loop, no test hooks); dp_names.c is in both.
 DP_STUB_SOURCES = ("dp_stub.c",)
 DP_COMMON_SOURCES = ("dp_names.c",)

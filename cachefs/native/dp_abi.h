@@ -45,9 +45,13 @@ enum { DP_MAP_ABSENT = 0, DP_MAP_WRITABLE = 1, DP_MAP_READONLY = 2, DP_MAP_ZERO 
 /* Per-image counters: the order of dp_image_counters()'s output. */
 enum { DP_C_FAST_READS, DP_C_FAST_WRITES, DP_C_BYTES_READ, DP_C_BYTES_WRITTEN, DP_C_FORWARDED,
        DP_C_ERRORS, DP_C_UNSYNCED_WRITES, DP_C_ALLOCATIONS, DP_C_BACKING_READS, DP_C_COWS, DP_C_COW_READS,
-       DP_C_NIMAGE };
+       DP_C_CFLUSHES, DP_C_CFSYNCS, DP_C_CFLUSH_ENTRIES, DP_C_CFLUSH_FORWARDED,
+       DP_C_CFLUSH_WRITES, DP_C_NIMAGE };
 /* Per-handle counters, counted at dispatch: Python charges them to the handle's cache mode. */
-enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_N };
+/* DP_H_WRITES_FLUSHED: DP_H_WRITES when C last took a guest flush of the handle (fs.flush: a close
+ * owes no flush for writes a flush covered). */
+enum { DP_H_READS, DP_H_WRITES, DP_H_BYTES_READ, DP_H_BYTES_WRITTEN, DP_H_FLUSHES, DP_H_FDATASYNCS,
+       DP_H_WRITES_FLUSHED, DP_H_N };
 /* Whole-connection counters: dp_counters()'s output. */
 enum { DP_G_REQUESTS, DP_G_FAST, DP_G_FORWARDED, DP_G_REPLIES, DP_G_NOTIFICATIONS,
        DP_G_FORWARD_ERRORS, DP_G_REPLY_ERRORS, DP_G_PEAK_ACTIVE, DP_G_SEND_QUEUED, DP_G_SEND_RETRIES,
@@ -147,6 +151,24 @@ int dp_alloc_woken(struct dp *dp);
 /* dp_cow.c: copies on write in flight in guest clusters [first, first+count) (logged once their
  * write completed). Python claims a range, then drains while this is > 0, then adopts the log. */
 int dp_cow_inflight(struct dp *dp, uint64_t ino, uint64_t first, uint64_t count);
+
+/* dp_cflush.c: guest flushes served in C (docs/design.md "Guest flushes served in C").
+ * dp_cflush_setup: the image's L2 tables' size (C writes through the requester's descriptor:
+ * the FSYNC's handle's, a write-through write's twin). dp_cflush_gate: Python's gate (1: its queue is clean, it holds no lock; 0: it
+ * may write metadata now). Closing it returns once no L2 write of C's is under way: they run
+ * under dp->lock. `min_spare`: with this few lent clusters left C forwards, so Python reserves.
+ * dp_cflush_table: L2 table `index` is on disk at `offset`, owned (L1 COPIED) and synced: C may
+ * write entries into it (0: not). dp_cflush_status: out[0] log records whose entries C made
+ * durable (a prefix of the log), out[1] the sticky error (-errno or 0), out[2] the count of
+ * DP_C_UNSYNCED_WRITES that C's last good fdatasync covers. dp_cflush_fail: Python's fdatasync
+ * failed: every later flush fails, in C too. dp_handle_cflush: this handle's FSYNCs may be C's. */
+int dp_cflush_setup(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t ntables);
+int dp_cflush_gate(struct dp *dp, uint64_t ino, int open, uint32_t min_spare);
+int dp_cflush_table(struct dp *dp, uint64_t ino, uint64_t index, uint64_t offset);
+int dp_cflush_status(struct dp *dp, uint64_t ino, uint64_t *out);
+int dp_cflush_fail(struct dp *dp, uint64_t ino, int err);
+int dp_cflush_testhook(struct dp *dp, uint64_t ino, int skip_sync);
+int dp_handle_cflush(struct dp *dp, uint64_t fh, int on);
 
 /* dp_passthrough.c: kernel passthrough (issue 24, Linux 6.9+). dp_passthrough_want before dp_start:
  * take FUSE_PASSTHROUGH at INIT if the kernel offers it. dp_passthrough, once DP_ST_INIT_DONE: the

@@ -191,6 +191,7 @@ int dp_alloc_drop_log(struct dp *dp, uint64_t ino, uint32_t n) {
         n = n < a->log_count ? n : a->log_count;
         memmove(a->log, a->log + n, (a->log_count - n) * sizeof *a->log);
         a->log_count -= n;
+        dp_cflush_dropped(im, n);
         if (a->log_count < DP_ALOG / 2 && a->spare_count > a->low_water)
             a->wake_sent = 0;
     }

@@ -128,7 +128,7 @@ void dp_cow_done(struct dp *dp, struct dp_slot *s) {
             continue;
         }
         if (a->log_count < DP_ALOG)  /* always: planning kept room (dp_alloc_may) */
-            a->log[a->log_count++] = (struct dp_logrec){ cl, host };
+            a->log[a->log_count++] = (struct dp_logrec){ cl, host, 1 };
         if (busy)  /* as dp_alloc_restore maps a logged cluster */
             dp_set_entry(im, cl, host | (a->on ? DP_MAP_WRITABLE | DP_MAP_UNSYNCED : DP_MAP_READONLY));
         dp_count(&im->c[DP_C_COWS], 1);

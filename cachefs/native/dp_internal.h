@@ -24,6 +24,7 @@
  *   dp_forward.c   forwarding to libfuse and writing its replies back
  *   dp_park.c      write-through writes waiting for Python's sync
  *   dp_pyq.c       FALLOCATE, LSEEK and FSYNC served by Python
+ *   dp_cflush.c    guest flushes (FSYNC) served in C: C's own L2 entries, one fdatasync
  *   dp_passthrough.c kernel passthrough: INIT's flag, backing ids, OPEN replies (issue 24)
  *   dp_uring.c     FUSE over io_uring: INIT's flag, ring entries, commits; what INIT negotiated (issue 24)
  *   dp_testhooks.c the loop's decisions for tests, without I/O
@@ -82,7 +83,9 @@ struct dp_u64map {             /* open addressing, linear probing, key 0 = empty
     uint32_t cap, count;
 };
 
-struct dp_logrec { uint64_t guest, host; };  /* guest cluster, host offset */
+/* guest cluster, host offset; cow: a copy on write (dp_cow.c), whose entry must wait for its data's
+ * sync, so a flush in C leaves it to Python (dp_cflush.c) */
+struct dp_logrec { uint64_t guest, host; int cow; };
 
 struct dp_claim { uint64_t first, end; };     /* end == 0: unused */
 
@@ -107,6 +110,26 @@ struct dp_alloc {
     uint64_t released;         /* ... and answered up to this number */
 };
 
+/* Guest flushes served in C (dp_cflush.c). Record numbers are absolute: log[0] is record
+ * `log_base` (every drop_log adds to it), so Python's drops need not renumber them.
+ * Invariant: log_base <= durable <= written, minus what drops cut off (clamped at use). */
+struct dp_cflush {
+    int fd;                    /* the descriptor the running sync was submitted on (the requester's) */
+    int open;                  /* Python's gate: its metadata queue is clean and it holds no lock */
+    int err;                   /* sticky: the first failed fdatasync's -errno, whoever ran it */
+    int running;               /* C's fdatasync in flight */
+    int skip_sync;             /* test hook (sabotage): answer without the fdatasync */
+    uint32_t min_spare;        /* forward when the lent clusters are this few: Python reserves ahead */
+    unsigned table_bits;       /* guest clusters per L2 table, log2 */
+    uint64_t *l2off;           /* per L2 table: its host offset while C may write it in place; 0: not */
+    char *page;                /* a page-aligned 4 KiB buffer: pages read and patched through an
+                                * O_DIRECT descriptor (dp_cflush_pages); NULL: not set up */
+    uint64_t nl2;
+    uint64_t log_base, written, durable, syncing;
+    uint64_t mark, covered;    /* DP_C_UNSYNCED_WRITES at the running sync's start; at the last good one */
+    struct dp_slot *cur, *next;  /* FSYNCs the running sync answers; those the next one will */
+};
+
 struct dp_image {
     uint64_t ino;
     uint64_t vsize;            /* the guest's size: READs past it are short, WRITEs past it forwarded */
@@ -127,6 +150,7 @@ struct dp_image {
     unsigned read_align;
     uint64_t c[DP_C_NIMAGE];
     struct dp_alloc alloc;
+    struct dp_cflush cflush;
     struct dp_image *next_dead;
 };
 
@@ -138,6 +162,7 @@ struct dp_handle {
     int sync;                  /* O_DSYNC: a completed write is durable, no fdatasync owed */
     int batch_fd;              /* write-through: the twin without O_DSYNC for writes a sync follows, or -1 */
     uint64_t c[DP_H_N];        /* under lock; kept when the handle is published again */
+    int cflush;                /* its FSYNCs may be served in C (writeback, none: dp_cflush.c) */
     int backing_id;            /* > 0: its OPEN reply passes through (dp_passthrough.c); kept too */
     int pt_served;             /* ... with FOPEN_DIRECT_IO: reads and writes still come here */
 };
@@ -165,6 +190,7 @@ struct dp_slot {
     int unsynced;              /* the plan touched a mapping that is not durable (DP_MAP_UNSYNCED, or allocated) */
     int defer;                 /* write-through onto such a mapping: answer after Python's sync (dp_park.c) */
     int backing;               /* a READ that reads from a backing image (DP_MAP_BACKING) */
+    int cflush_direct;         /* a flush in C through s->fd writes whole pages (O_DIRECT; dp_cflush.c) */
     uint64_t park_seq;
     struct dp_image *img;
     struct dp_piece piece[DP_MAXPIECE];
@@ -226,7 +252,8 @@ struct dp {
  * The top byte tags what completed. A backend I/O (T_IO) carries its slot's index and its piece's
  * index below; a notification (T_NOTE) its buffer's address, which user space keeps below bit 56
  * (x86-64 and arm64 hand out no higher address unless mmap is asked for one). */
-enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_URING, T_NTAGS };
+enum { T_IO = 1, T_FUSE_POLL, T_SOCK_POLL, T_SOCK_POLLOUT, T_CTL_POLL, T_NOTE, T_SEND_RETRY, T_URING, T_CFLUSH,
+       T_NTAGS };
 #define DP_UD_TAG_SHIFT 56
 #define DP_UD_PIECE_BITS 8
 #define DP_UD_SLOT_BITS 16
@@ -331,6 +358,12 @@ DP_HIDDEN void dp_park(struct dp *dp, struct dp_slot *s);
 DP_HIDDEN void dp_answer_released(struct dp *dp);
 DP_HIDDEN void dp_fail_parked(struct dp *dp);
 DP_HIDDEN int dp_parked(struct dp *dp);
+/* dp_cflush.c */
+DP_HIDDEN int dp_cflush_try(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN int dp_cflush_write(struct dp *dp, struct dp_slot *s);
+DP_HIDDEN void dp_cflush_done(struct dp *dp, struct dp_image *im, int res);
+DP_HIDDEN void dp_cflush_dropped(struct dp_image *im, uint32_t n);
+DP_HIDDEN void dp_cflush_free(struct dp_image *im);
 /* dp_passthrough.c */
 DP_HIDDEN void dp_passthrough_init_in(struct dp *dp, const struct dp_slot *s);
 DP_HIDDEN void dp_passthrough_init_out(struct dp *dp, struct fuse_init_out *o, size_t len);

@@ -174,10 +174,10 @@ static void dp_finish(struct dp *dp, struct dp_slot *s) {
     __atomic_store_n(&s->active, 0, __ATOMIC_RELEASE);
     dp->active--;
     dp->completed = 1;
-    if (s->defer && !s->err)
-        dp_park(dp, s);
-    else
+    if (!s->defer || s->err)
         dp_answer(dp, s);
+    else if (!dp_cflush_write(dp, s))  /* made durable by C's own flush (dp_cflush.c), or by Python's */
+        dp_park(dp, s);
 }
 
 /* Count, answer, free. */
@@ -242,6 +242,8 @@ void dp_dispatch(struct dp *dp, struct dp_slot *s) {
     if ((ih->opcode == FUSE_READ || ih->opcode == FUSE_WRITE) && dp_try_fast(dp, s))
         return;
     if (ih->opcode == FUSE_GETXATTR && dp_foreign_xattr(dp, s))
+        return;
+    if (ih->opcode == FUSE_FSYNC && dp_cflush_try(dp, s))  /* a guest flush C can serve (dp_cflush.c) */
         return;
     if ((ih->opcode == FUSE_FALLOCATE || ih->opcode == FUSE_LSEEK || ih->opcode == FUSE_FSYNC) &&
         dp_pyq_serve(dp, s))
@@ -312,6 +314,9 @@ static void dp_cqe(struct dp *dp, uint64_t ud, int res) {
         (void)!read(dp->ctl_fd, &v, sizeof v);
         break;
     }
+    case T_CFLUSH:  /* C's fdatasync of a guest flush (dp_cflush.c): dead images are kept till destroy */
+        dp_cflush_done(dp, (struct dp_image *)(uintptr_t)UNTAG(ud), res);
+        break;
     case T_NOTE:
         free((void *)(uintptr_t)UNTAG(ud));
         if (res < 0 && res != -ENOENT && res != -ENODEV)

@@ -18,12 +18,20 @@ static const char *const image_names[] = {
     [DP_C_BACKING_READS] = "fast_backing_reads",
     [DP_C_COWS] = "fast_cows",
     [DP_C_COW_READS] = "fast_cow_reads",
+    [DP_C_CFLUSHES] = "fast_flushes",
+    [DP_C_CFSYNCS] = "fast_fdatasyncs",
+    [DP_C_CFLUSH_ENTRIES] = "fast_flush_entries",
+    [DP_C_CFLUSH_FORWARDED] = "fast_flushes_forwarded",
+    [DP_C_CFLUSH_WRITES] = "fast_flush_writes",
 };
 static const char *const handle_names[] = {
     [DP_H_READS] = "reads",
     [DP_H_WRITES] = "writes",
     [DP_H_BYTES_READ] = "bytes_read",
     [DP_H_BYTES_WRITTEN] = "bytes_written",
+    [DP_H_FLUSHES] = "flushes",
+    [DP_H_FDATASYNCS] = "fdatasyncs",
+    [DP_H_WRITES_FLUSHED] = "writes_flushed",
 };
 static const char *const connection_names[] = {
     [DP_G_REQUESTS] = "requests",

@@ -46,6 +46,7 @@ int dp_image_publish(struct dp *dp, uint64_t ino, uint64_t vsize, unsigned clust
         }
         im->ino = ino;
         im->read_fd = -1;
+        im->cflush.fd = -1;
     }
     im->cluster_bits = cluster_bits;
     im->identity = identity;
@@ -91,6 +92,7 @@ int dp_image_remove(struct dp *dp, uint64_t ino) {
         im->tables = NULL;
         im->ntables = 0;
         dp_alloc_free(im);
+        dp_cflush_free(im);
         im->next_dead = dp->dead_images;
         dp->dead_images = im;
     }

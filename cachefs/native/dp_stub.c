@@ -58,3 +58,10 @@ int dp_passthrough(struct dp *dp) { return 0; }
 int dp_backing_open(struct dp *dp, int fd) { return -ENOSYS; }
 int dp_backing_close(struct dp *dp, int backing_id) { return -ENOSYS; }
 int dp_handle_passthrough(struct dp *dp, uint64_t fh, int backing_id, int served) { return -ENOSYS; }
+int dp_cflush_setup(struct dp *dp, uint64_t ino, unsigned table_bits, uint64_t ntables) { return -ENOSYS; }
+int dp_cflush_gate(struct dp *dp, uint64_t ino, int open, uint32_t min_spare) { return -ENOSYS; }
+int dp_cflush_table(struct dp *dp, uint64_t ino, uint64_t index, uint64_t offset) { return -ENOSYS; }
+int dp_cflush_status(struct dp *dp, uint64_t ino, uint64_t *out) { return -ENOSYS; }
+int dp_cflush_fail(struct dp *dp, uint64_t ino, int err) { return -ENOSYS; }
+int dp_cflush_testhook(struct dp *dp, uint64_t ino, int skip_sync) { return -ENOSYS; }
+int dp_handle_cflush(struct dp *dp, uint64_t fh, int on) { return -ENOSYS; }

@@ -252,6 +252,13 @@ class ClusterMap:
             self.queue.defer_free(c, table)
             self.queue.counters.frees += 1
 
+    def on_disk(self, table: Table, index: int, new_entry: int) -> None:
+        """An entry that is durable on disk already (the data plane wrote and synced it: dp_cflush.c)
+        and replaces an entry with no host cluster: stored, the table not made dirty (its bytes on
+        disk hold it), nothing to report (C made the change) and no reference dropped."""
+        table.entries[index] = new_entry
+        self.cache.put(table)
+
     def grow(self, new_size: int):
         """Generator: the virtual disk grows to ``new_size`` (a multiple of 512).
 

@@ -498,7 +498,7 @@ class Engine:
             table, index = yield from self.map.table_for_write(u.vcluster)
             self.map.remap(u.vcluster, table, index, u.new_entry, deps)
 
-    def adopt(self, allocations):
+    def adopt(self, allocations, durable: int = 0):
         """Generator: L2 entries for clusters the data plane allocated (issue 14, dp_alloc.c), or
         copied on write into (issue 23, dp_cow.c). Returns how many were copies.
 
@@ -518,14 +518,29 @@ class Engine:
         turn the old bytes into zeros. So the queue's data item is made dirty now (C's completed
         write is not synced yet, and a sync already running may have started before it), and the
         entry depends on it: a sync after C's write lands before the L2 table is written.
+
+        The first ``durable`` pairs C wrote into their L2 tables itself and made durable (a guest
+        flush served in C, dp_cflush.c): their entries are stored without making the table dirty.
+        A pair C wrote whose sync had not completed is adopted as any other (the table is written
+        again by the next flush); its table, loaded again since, may show C's entry already.
         """
         copies = 0
-        for vcluster, host in allocations:
+        for n, (vcluster, host) in enumerate(allocations):
             table, index = yield from self.map.table_for_write(vcluster)
             old = table.entries[index]
             if old == host | fmt.L2_COPIED and host >> self.cb not in self.refs.lent:
                 continue  # adopted already (an adoption that failed half way is retried)
-            copied = self._shared_data(old) and (old & fmt.OFFSET_MASK) != host
+            written = old == host | fmt.L2_COPIED  # C wrote it (dp_cflush.c) and the table was read again
+            copied = not written and self._shared_data(old) and (old & fmt.OFFSET_MASK) != host
+            if n < durable and not copied and old in (0, fmt.L2_ZERO, host | fmt.L2_COPIED):
+                cluster = host >> self.cb
+                self.refs.adopted(cluster)
+                self.overlap.claim(cluster, "data")
+                self.map.on_disk(table, index, host | fmt.L2_COPIED)
+                self.queue.allocated(Allocation(cluster, None, True), by_plane=True)
+                continue
+            if written:
+                old = fmt.L2_ZERO if self.backed else 0  # what C's entry replaced had no host cluster
             if not copied and old not in (0, fmt.L2_ZERO) or host & (self.cs - 1) or self._reads_backing(old):
                 # Over a backing file a fresh cluster is not what the unallocated one read: C must
                 # not allocate there (its partial write would lose the backing bytes around it).

@@ -113,6 +113,8 @@ class MetaQueue:
         # Reserved clusters Python keeps for its own allocations when it lends the rest to the
         # data plane (dataplane/lending.py): twice its own allocations of the last interval.
         self.keep = MIN_KEEP
+        # The least a flush reserves once the interval allocated anything (reserve_at_least).
+        self.min_reserve_bytes = MIN_RESERVE_BYTES
         self.marked_dirty = False  # we set the dirty bit (reservations); a clean close clears it
         # The driver punches holes for freed host clusters (plan.DiscardRequest): the image layer's does.
         self.punch_freed = False
@@ -354,9 +356,15 @@ class MetaQueue:
         self.keep = max(MIN_KEEP, 2 * own)
         if not recent or not self.overlap.writable:
             return
-        lo, hi = max(1, MIN_RESERVE_BYTES >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
+        lo, hi = max(1, self.min_reserve_bytes >> self.cb), max(2, MAX_RESERVE_BYTES >> self.cb)
         want = min(max(2 * recent, lo), hi)
         yield from self.reserve(want)
+
+    def reserve_at_least(self, nbytes: int) -> None:
+        """Reserve at least ``nbytes`` at a flush that reserves at all (the data plane serves most
+        flushes itself and leaves Python one only when its lent clusters run low: a reservation
+        sized from one interval would send every other flush to Python; dataplane/cflush.py)."""
+        self.min_reserve_bytes = min(max(nbytes, MIN_RESERVE_BYTES), MAX_RESERVE_BYTES)
 
     def reserve(self, want: int):
         """Generator: top the reservation (lent clusters included) up to ``want`` clusters,
