@@ -147,6 +147,23 @@ def dataplane_section(res: dict, c: Cells) -> list[str]:
             *probe_fraction(c, info)]
 
 
+class Judged:
+    """A target table's rows, and per target how many of its cells were judged and met."""
+
+    def __init__(self, cols: list[str]) -> None:
+        self.cols, self.rows = cols, []
+        self.met, self.judged = {t: 0 for t in cols}, {t: 0 for t in cols}
+
+    def add(self, label: str, want: str, cells: list[str]) -> None:
+        for t, cell in zip(self.cols, cells):
+            self.judged[t] += "✓" in cell or "✗" in cell
+            self.met[t] += "✓" in cell
+        self.rows.append([label, want, *cells])
+
+    def tally(self) -> str:
+        return "; ".join(f"{t} {self.met[t]} of {self.judged[t]}" for t in self.cols if self.judged[t])
+
+
 def issue14_section(res: dict, c: Cells) -> list[str]:
     """Issue 14's target table: allocating and write-through writes vs qsd, per cachefs qcow2 target,
     with cachefs's fdatasyncs per flush beside the flush jobs."""
@@ -154,20 +171,15 @@ def issue14_section(res: dict, c: Cells) -> list[str]:
     cols = [t for t in c.targets if info[t]["kind"] == "cachefs" and info[t]["image"] == "qcow2"]
     if not cols:
         return []
-    rows, met, judged = [], {t: 0 for t in cols}, {t: 0 for t in cols}
-
-    def add(label: str, want: str, cells: list[str]) -> None:
-        for t, cell in zip(cols, cells):
-            judged[t] += "✓" in cell or "✗" in cell
-            met[t] += "✓" in cell
-        rows.append([label, want, *cells])
+    judged = Judged(cols)
+    add = judged.add
 
     for g in GOALS14:
         add(g.label, f"≥ {g.want:.1f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
         if g.job.startswith("alloc-flush"):
             add(f"… its fdatasyncs per guest flush (cachefs's own counters, `{g.job}`)",
                 f"≤ {SYNCS_PER_FLUSH:.1f}", [syncs_cell(c, g.job, t, info[t]["image"]) for t in cols])
-    tally = "; ".join(f"{t} {met[t]} of {judged[t]}" for t in cols if judged[t])
+    rows, tally = judged.rows, judged.tally()
     return ["## Targets (issue 14: allocating writes, write-through modes)", "",
             "Ratios of medians (MB/s, the same ratio as IOPS) from this run, fresh images, each cachefs qcow2 "
             "target against qsd. The writethrough and directsync rows compare with qsd's writethrough: its "
@@ -189,13 +201,8 @@ def issue24_section(res: dict, c: Cells) -> list[str]:
     cols = [t for t in c.targets if info[t]["kind"] == "cachefs" and info[t]["dataplane"] == "on"]
     if not cols:
         return []
-    rows, met, judged = [], {t: 0 for t in cols}, {t: 0 for t in cols}
-
-    def add(label: str, want: str, cells: list[str]) -> None:
-        for t, cell in zip(cols, cells):
-            judged[t] += "✓" in cell or "✗" in cell
-            met[t] += "✓" in cell
-        rows.append([label, want, *cells])
+    judged = Judged(cols)
+    add = judged.add
 
     for g in GOALS24:
         add(g.label, f"≥ {g.want:.2f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
@@ -206,7 +213,7 @@ def issue24_section(res: dict, c: Cells) -> list[str]:
         if job["direct"] and c.status(j, "host") == "ok":
             g = Goal(f"raw image: `{j}`", j, "host", RAW_VS_HOST, "raw")
             add(g.label, f"≥ {RAW_VS_HOST:.1f}× host", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
-    tally = "; ".join(f"{t} {met[t]} of {judged[t]}" for t in cols if judged[t])
+    rows, tally = judged.rows, judged.tally()
     return ["## Targets (issue 24: past the /dev/fuse ceiling)", "",
             "Ratios of medians from this run. qcow2 rows judge the cachefs targets serving a qcow2 image; "
             "the raw rows judge those serving a raw image (kernel passthrough, on by default) against the "
