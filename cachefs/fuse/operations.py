@@ -46,16 +46,15 @@ from cachefs.dataplane.handles import NoFastPaths
 from cachefs.dataplane.passthrough import THROUGH
 from cachefs.image.base import Image
 from cachefs.mountinfo import command_of
+from cachefs.fuse.image_settings import SETTABLE, ImageSettings
 from cachefs.fuse.failures import Failures, describe, errno_of, reason
 from cachefs.fuse.snapshot_requests import OPERATIONS, SnapshotRequests
-from cachefs.policy import CacheMode, mode_named
+from cachefs.policy import CacheMode
 
 log = logging.getLogger("cachefs.fuse.operations")
 
 XATTR_PREFIX = "user.cachefs."
 SNAPSHOT_PREFIX = XATTR_PREFIX + "snapshot."
-#: The image xattrs an owner may set: its cache mode, compress-on-write, kernel passthrough.
-SETTABLE = tuple(XATTR_PREFIX + k for k in ("cache", "compress", "passthrough"))
 
 
 @attrs.define
@@ -163,7 +162,7 @@ class CachefsOperations(pyfuse3.Operations):
         self.peak_in_progress = 0
         self.failures = Failures()  # requests answered with an error, for `cachefs stats`
         self.snapshot_requests = SnapshotRequests(self)  # user.cachefs.snapshot.*
-        self._switch_refused: dict[int, str] = {}  # inode -> why its last cache switch was refused (EBUSY)
+        self.settings = ImageSettings(self.fast, _invalidate)  # user.cachefs.cache|compress|passthrough
 
     def failed(self, name: str, args: tuple, why: str, *, logged: bool = False) -> None:
         """A request failed: one line naming it, its image and range, and why; kept as the last failure."""
@@ -504,7 +503,7 @@ class CachefsOperations(pyfuse3.Operations):
             out.setdefault("read_only_reason", self.root_info["read_only"])
         if img.switch_error:
             out["cache_error"] = img.switch_error
-        if why := self._switch_refused.get(inode):
+        if why := self.settings.switch_refused.get(inode):
             out["cache_error"] = why
         out.update(self.fast.image_info(inode))
         if img.compress_error:
@@ -549,33 +548,7 @@ class CachefsOperations(pyfuse3.Operations):
         img = self._image(inode)
         if ctx.uid not in (0, os.fstat(img.backends.fd).st_uid):
             raise pyfuse3.FUSEError(errno.EPERM)  # a mode is a promise about the owner's data
-        if key == XATTR_PREFIX + "compress":
-            await self._set_compress(inode, img, value.decode(errors="replace").strip())
-            return
-        if key == XATTR_PREFIX + "passthrough":
-            self._set_passthrough(inode, img, value.decode(errors="replace").strip())
-            return
-        try:
-            mode = mode_named(value.decode(errors="replace"))
-        except ValueError as exc:
-            log.warning("setxattr cache: %s", exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        try:
-            async with self.fast.paused(inode):  # drained first: the descriptors C uses are reopened
-                # Open passthrough handles keep the flags they were opened with (dataplane/passthrough.py).
-                if why := self.fast.switch_conflict(inode, mode):
-                    self._switch_refused[inode] = why
-                    log.error("%s: cache=%s refused: %s", img.path, mode.name, why)
-                    raise pyfuse3.FUSEError(errno.EBUSY)
-                self._switch_refused.pop(inode, None)
-                await img.switch_mode(mode)
-        except CachefsError as exc:
-            # Whatever refused the new flags (no O_DIRECT here, no io_uring), the old mode stays:
-            # to setxattr that is a value this file cannot take. The reason is in cache_error.
-            log.error("%s: %s", img.path, exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        # Whatever the kernel cached under the old mode is dropped.
-        await trio.to_thread.run_sync(self._invalidate, inode)
+        await self.settings.set(inode, img, key, value)
 
     async def _snapshot_request(self, inode: int, operation: str, value: bytes, ctx) -> None:
         """user.cachefs.snapshot.create/delete/apply = NAME (fuse/snapshot_requests.py)."""
@@ -586,36 +559,6 @@ class CachefsOperations(pyfuse3.Operations):
         if ctx.uid not in (0, os.fstat(e.image.backends.fd).st_uid):
             raise pyfuse3.FUSEError(errno.EPERM)  # a snapshot holds the owner's data
         await self.snapshot_requests.change(e, operation, value)
-
-    def _set_passthrough(self, inode: int, img: Image, value: str) -> None:
-        """user.cachefs.passthrough = on|off: whether the image's next opens may pass through to the
-        kernel (dataplane/passthrough.py). Off: the daemon serves them, and counts every request."""
-        try:
-            if value not in ("on", "off"):
-                raise OSError(errno.EINVAL, f"passthrough {value!r}: on or off")
-            self.fast.turn_passthrough(inode, value == "on")
-        except OSError as exc:
-            log.error("%s: %s", img.path, exc.strerror)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        log.info("%s: passthrough %s for its next opens", img.path, value)
-
-    async def _set_compress(self, inode: int, img: Image, name: str) -> None:
-        """user.cachefs.compress: zlib, zstd or off (docs/design.md, "Compress-on-write images").
-
-        A refusal is EINVAL, its reason in compress_error (as for the cache mode).
-        """
-        try:
-            if name not in ("zlib", "zstd", "off"):
-                raise UnsupportedOperation(f"unknown compression {name!r} (zlib, zstd or off)")
-            # Paused: the data plane forwards every write of a compress-on-write
-            # image and republishes once the setting changed.
-            async with self.fast.paused(inode):
-                await img.set_compress(None if name == "off" else name)
-        except (CachefsError, OSError) as exc:
-            img.compress_error = str(exc)
-            log.error("%s: %s", img.path, exc)
-            raise pyfuse3.FUSEError(exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL) from None
-        img.compress_error = None
 
     # -------------------------------------------------------------- lifecycle
 
