@@ -217,6 +217,7 @@ def _set_enable_uring(value: str) -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_planes: run the test's mounts with --dataplane on and off")
+    config.addinivalue_line("markers", "both_transports: run the test's mounts over the ring and over /dev/fuse")
     try:
         with open(ENABLE_URING) as f:
             old = f.read().strip()
@@ -274,6 +275,15 @@ def daemon_logs(workdir: Path) -> list[Path]:
 def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("both_planes") and "mounted" in metafunc.fixturenames:
         metafunc.parametrize("plane", ["on", "off"], indirect=True, ids=lambda p: f"plane-{p}")
+    if metafunc.definition.get_closest_marker("both_transports") and "mounted" in metafunc.fixturenames:
+        metafunc.parametrize("transport", ["auto", "dev"], indirect=True, ids=lambda t: f"transport-{t}")
+
+
+@pytest.fixture
+def transport(request) -> str | None:
+    """The --transport of a ``both_transports`` test: auto (the ring, which the session turns on) and
+    dev (/dev/fuse); None elsewhere (auto)."""
+    return getattr(request, "param", None)
 
 
 @pytest.fixture
@@ -283,7 +293,7 @@ def plane(request) -> str | None:
 
 
 @pytest.fixture
-def mounted(workdir, plane):
+def mounted(workdir, plane, transport):
     """Factory: ``mounted(image_dir, *extra_cli_args) -> Mount`` (mountpoint under workdir).
 
     The mount is live when the call returns. Teardown always unmounts
@@ -296,6 +306,8 @@ def mounted(workdir, plane):
     def mount(image_dir, *extra) -> Mount:
         if plane is not None and "--dataplane" not in map(str, extra):
             extra = (*extra, "--dataplane", plane)
+        if transport is not None and "--transport" not in map(str, extra) and plane != "off":
+            extra = (*extra, "--transport", transport)
         n = len(mounts)
         mnt = workdir / f"mnt{n}"
         mnt.mkdir()

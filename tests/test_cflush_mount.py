@@ -32,6 +32,10 @@ from lowerfs import LowerMount, faulty  # noqa: F401 (a fixture)
 from mounting import kill_daemon
 from recordfs import STATE
 
+#: Tests marked so run over the ring (FUSE over io_uring, the session's default) and over /dev/fuse
+#: (issue 24); the rest over the ring only (the suite's 15 minutes).
+over_both_transports = pytest.mark.both_transports
+
 BLOCK = 4096
 FLUSHES, PER_FLUSH = 200, 16
 SIZE = 1 << 30
@@ -84,6 +88,7 @@ def allocating_flushes(path, direct: bool, seed: int, flushes: int) -> dict[int,
     return written
 
 
+@over_both_transports
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_one_fsync_reaches_the_image_per_guest_flush_and_c_serves_them(cache, recorder, mounted, workdir):
     qemu_img("create", "-q", "-f", "qcow2", workdir / "src" / "vm.qcow2", str(SIZE))
@@ -160,6 +165,7 @@ def test_sigkill_rounds_with_flushes_in_c_keep_acknowledged_writes(cache, mounte
     assert qemu_img("check", image, check=False).returncode == 0
 
 
+@over_both_transports
 @pytest.mark.parametrize("cache", ["writethrough", "directsync"])
 def test_write_through_allocating_writes_are_made_durable_in_c_without_a_park(cache, recorder, mounted, workdir):
     """An allocating write-through write: data, then C's entry write and fdatasync, then its reply,

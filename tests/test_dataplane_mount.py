@@ -28,6 +28,10 @@ from conftest import REPO, _env, cachefs, is_mounted, run
 from fiojobs import FIO_DIRECT, fio, switch_modes_under_fio
 from mounting import C_SERVES, image_stats, needs_dataplane
 
+#: Tests marked so run over the ring (FUSE over io_uring, the session's default) and over /dev/fuse
+#: (issue 24); the rest over the ring only (the suite's 15 minutes).
+over_both_transports = pytest.mark.both_transports
+
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 BLOCK = 4096
@@ -47,6 +51,7 @@ def pattern(i: int, tag: bytes = b"cachefs!") -> bytes:
     return (i.to_bytes(8, "little") + tag) * (BLOCK // 16)
 
 
+@over_both_transports
 @needs_dataplane
 @pytest.mark.parametrize("mode", ["none", "writeback"])
 def test_fio_verify_served_in_c(mounted, raw, mode):
@@ -148,6 +153,7 @@ def test_reads_at_the_end_and_growth(mounted, workdir):
     assert s["fast_reads"] >= 8 and s["fast_errors"] == 0, s
 
 
+@over_both_transports
 @needs_dataplane
 @pytest.mark.parametrize("how", ["fsync", "close"])
 def test_a_flush_after_fast_writes_syncs(mounted, raw, how):
@@ -243,6 +249,7 @@ def test_live_mode_switch_under_fio(mounted, raw):
     fio(f, *FIO_DIRECT, "--rw=randwrite", "--bs=4k", "--size=64M", "--number_ios=60000", "--verify_only")
 
 
+@over_both_transports
 @needs_dataplane
 @pytest.mark.parametrize("mode", ["none", "writeback"])
 def test_sigint_with_writers_loses_nothing_acknowledged(mounted, raw, mode):

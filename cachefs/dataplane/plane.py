@@ -134,9 +134,11 @@ class DataPlane:
             ours.close()
             theirs.close()
             os.close(evt)
+            why = ("the kernel could not allocate the ring's memory for 2 s (memory is short)" if rc == -errno.ENOMEM
+                   else "io_uring is disabled here (sysctl kernel.io_uring_disabled, or a seccomp filter)")
             raise DataPlaneUnavailable(
-                f"--dataplane on is not available: io_uring_setup failed ({os.strerror(-rc)}): io_uring is "
-                "disabled here (sysctl kernel.io_uring_disabled, or a seccomp filter); use --dataplane off")
+                f"--dataplane on is not available: io_uring_setup failed ({os.strerror(-rc)}): {why}; "
+                "use --dataplane off")
         self._dp = out[0]
         lib.dp_passthrough_want(self._dp, int(passthrough))  # taken at INIT if the kernel offers it
         self._passthrough_wanted = passthrough

@@ -16,6 +16,7 @@
  * notify_inval_inode waits for page locks that a READ in our own queue may hold.
  */
 #include "dp_internal.h"
+#include <time.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -409,7 +410,7 @@ int dp_built(void) { return 1; }
  * (R_DISABLED) so that the loop thread, not this one, enables it and becomes that issuer
  * (dp_main). DEFER_TASKRUN is not set: completion work runs as ordinary task work. A kernel
  * that refuses these flags (-EINVAL) gets a plain ring with the same CQ size. */
-int dp_ring_setup(struct dp *dp, unsigned flags) {
+static int dp_ring_setup_once(struct dp *dp, unsigned flags) {
     struct io_uring_params p = { .flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER |
                                           IORING_SETUP_R_DISABLED | flags,
                                  .cq_entries = 4096 };
@@ -418,6 +419,21 @@ int dp_ring_setup(struct dp *dp, unsigned flags) {
     if (rc == -EINVAL) {
         p = (struct io_uring_params){ .flags = IORING_SETUP_CQSIZE | flags, .cq_entries = 4096 };
         rc = io_uring_queue_init_params(512, &dp->ring, &p);
+    }
+    return rc;
+}
+
+/* The ring's memory is allocated without reclaim (io_uring/memmap.c io_region_allocate_pages:
+ * __GFP_NOWARN compound pages, then a bulk allocation that gives up short): under memory
+ * pressure, a page cache filling the cgroup, or the rings of exited daemons not yet freed (their
+ * teardown is a kernel work item), io_uring_setup fails with -ENOMEM where a moment later it
+ * succeeds (seen once in a suite of 1200 mounts). So -ENOMEM is tried again for about 2 s. */
+int dp_ring_setup(struct dp *dp, unsigned flags) {
+    int rc = dp_ring_setup_once(dp, flags);
+    for (unsigned ms = 10; rc == -ENOMEM && ms <= 640; ms *= 2) {
+        struct timespec ts = { 0, (long)ms * 1000000L };
+        nanosleep(&ts, NULL);
+        rc = dp_ring_setup_once(dp, flags);
     }
     return rc;
 }
