@@ -160,6 +160,16 @@ class Judged:
             self.met[t] += "✓" in cell
         self.rows.append([label, want, *cells])
 
+    def add_goals(self, c: Cells, info: dict, goals, digits: int, syncs_label: str) -> None:
+        """A row per goal, and after each flush job its fdatasyncs per flush (``syncs_label`` names
+        the job as {job})."""
+        for g in goals:
+            self.add(g.label, f"≥ {g.want:.{digits}f}× {g.ref}",
+                     [goal_cell(c, g, t, info[t]["image"]) for t in self.cols])
+            if g.job.startswith("alloc-flush"):
+                self.add(syncs_label.format(job=g.job), f"≤ {SYNCS_PER_FLUSH:.1f}",
+                         [syncs_cell(c, g.job, t, info[t]["image"]) for t in self.cols])
+
     def tally(self) -> str:
         return "; ".join(f"{t} {self.met[t]} of {self.judged[t]}" for t in self.cols if self.judged[t])
 
@@ -172,13 +182,7 @@ def issue14_section(res: dict, c: Cells) -> list[str]:
     if not cols:
         return []
     judged = Judged(cols)
-    add = judged.add
-
-    for g in GOALS14:
-        add(g.label, f"≥ {g.want:.1f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
-        if g.job.startswith("alloc-flush"):
-            add(f"… its fdatasyncs per guest flush (cachefs's own counters, `{g.job}`)",
-                f"≤ {SYNCS_PER_FLUSH:.1f}", [syncs_cell(c, g.job, t, info[t]["image"]) for t in cols])
+    judged.add_goals(c, info, GOALS14, 1, "… its fdatasyncs per guest flush (cachefs's own counters, `{job}`)")
     rows, tally = judged.rows, judged.tally()
     return ["## Targets (issue 14: allocating writes, write-through modes)", "",
             "Ratios of medians (MB/s, the same ratio as IOPS) from this run, fresh images, each cachefs qcow2 "
@@ -202,17 +206,11 @@ def issue24_section(res: dict, c: Cells) -> list[str]:
     if not cols:
         return []
     judged = Judged(cols)
-    add = judged.add
-
-    for g in GOALS24:
-        add(g.label, f"≥ {g.want:.2f}× {g.ref}", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
-        if g.job.startswith("alloc-flush"):
-            add(f"… its fdatasyncs per guest flush (`{g.job}`)", f"≤ {SYNCS_PER_FLUSH:.1f}",
-                [syncs_cell(c, g.job, t, info[t]["image"]) for t in cols])
+    judged.add_goals(c, info, GOALS24, 2, "… its fdatasyncs per guest flush (`{job}`)")
     for j, job in c.jobs.items():
         if job["direct"] and c.status(j, "host") == "ok":
             g = Goal(f"raw image: `{j}`", j, "host", RAW_VS_HOST, "raw")
-            add(g.label, f"≥ {RAW_VS_HOST:.1f}× host", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
+            judged.add(g.label, f"≥ {RAW_VS_HOST:.1f}× host", [goal_cell(c, g, t, info[t]["image"]) for t in cols])
     rows, tally = judged.rows, judged.tally()
     return ["## Targets (issue 24: past the /dev/fuse ceiling)", "",
             "Ratios of medians from this run. qcow2 rows judge the cachefs targets serving a qcow2 image; "
